@@ -1,0 +1,170 @@
+"""Hardware profiles: one validated YAML file per device, every number with its unit and source.
+
+A profile is data, not a class per device (STYLE 2). Units are in the field names, SI only
+(STYLE 3): bytes, seconds, FLOP/s, hertz, watts. A decimal TFLOP/s is 1e12.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from simulator.errors import UserError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
+
+DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+
+Fraction = Field(gt=0.0, le=1.0)
+
+
+class Achievable(BaseModel):
+    """Fractions of peak that real kernels reach on this device, each in (0, 1]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bandwidth: float = Fraction  # of hbm_bytes_per_s, by a streaming kernel
+    matmul: float = Fraction  # of peak_flops_per_s, by a large GEMM
+    attention: float = Fraction  # of peak_flops_per_s, by a fused attention kernel
+
+
+class HardwareProfile(BaseModel):
+    """One device. `sources` holds a citation for every number; `estimates` lists the numbers
+    that no primary source confirms (they are used, but flagged)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: Literal["gpu", "cpu"] = "gpu"
+    aliases: list[str] = []
+    sm_count: PositiveInt  # streaming multiprocessors (NVIDIA), compute units (AMD), cores (CPU)
+    sram_bytes_per_sm: PositiveInt  # shared memory (SMEM/LDS) per SM usable by one kernel; a core's L2 on a CPU
+    l2_bytes: PositiveInt
+    memory_bytes: PositiveInt  # device memory (HBM/GDDR) capacity
+    hbm_bytes_per_s: PositiveFloat  # peak device-memory bandwidth
+    peak_flops_per_s: dict[str, PositiveFloat]  # dense, by dtype; tensor-core figures where they exist
+    clock_hz: PositiveFloat  # boost clock
+    tdp_w: PositiveFloat
+    interconnect_bytes_per_s: PositiveFloat  # per-GPU link bandwidth (NVLink, Infinity Fabric, else PCIe)
+    launch_overhead_s: PositiveFloat  # fixed cost of one kernel launch
+    achievable: Achievable
+    sources: dict[str, str]
+    estimates: list[str] = []
+    calibration: dict | None = None  # written by `simulator calibrate`: date, device, fit residuals
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HardwareProfile:
+        unknown = sorted(set(self.peak_flops_per_s) - set(DTYPES))
+        if unknown:
+            raise ValueError(f"peak_flops_per_s: unknown dtype {unknown[0]!r}; known: {', '.join(DTYPES)}")
+        for needed in ("fp32", "fp16"):
+            if needed not in self.peak_flops_per_s:
+                raise ValueError(f"peak_flops_per_s.{needed} is missing")
+        flops = self.peak_flops_per_s
+        if "fp8" in flops and flops["fp8"] < flops["fp16"]:
+            raise ValueError("peak_flops_per_s.fp8 is below fp16; an fp8 path is never slower")
+        if self.sram_bytes_per_sm * self.sm_count > self.memory_bytes:
+            raise ValueError("sram_bytes_per_sm x sm_count exceeds memory_bytes")
+        numbers = set(_number_paths(self))
+        for path in sorted(numbers):
+            if not any(path == key or path.startswith(key + ".") for key in self.sources):
+                raise ValueError(f"sources: no source for {path}")
+        for key in self.sources:
+            if not any(n == key or n.startswith(key + ".") for n in numbers):
+                raise ValueError(f"sources: {key!r} names no number in the profile")
+        for key in self.estimates:
+            if not any(n == key or n.startswith(key + ".") for n in numbers):
+                raise ValueError(f"estimates: {key!r} names no number in the profile")
+        return self
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak dense FLOP/s for `dtype`; bf16 falls back to fp16 where only one is listed."""
+        if dtype in self.peak_flops_per_s:
+            return self.peak_flops_per_s[dtype]
+        if dtype == "bf16":
+            return self.peak_flops_per_s["fp16"]
+        raise UserError(f"{self.name} has no peak FLOP/s for {dtype}; it lists {', '.join(self.peak_flops_per_s)}")
+
+    @property
+    def sram_bytes_total(self) -> int:
+        return self.sram_bytes_per_sm * self.sm_count
+
+    def ridge_flops_per_byte(self, dtype: str = "fp16") -> float:
+        """Arithmetic intensity where achievable compute equals achievable bandwidth (roofline ridge)."""
+        return (self.peak_flops(dtype) * self.achievable.matmul) / (self.hbm_bytes_per_s * self.achievable.bandwidth)
+
+
+def _number_paths(profile: HardwareProfile) -> list[str]:
+    paths = []
+    for field in type(profile).model_fields:
+        value = getattr(profile, field)
+        if field == "calibration":
+            continue
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            paths.append(field)
+        elif isinstance(value, dict) and field not in ("sources",):
+            paths.extend(f"{field}.{k}" for k in value)
+        elif isinstance(value, BaseModel):
+            paths.extend(f"{field}.{k}" for k in type(value).model_fields)
+    return paths
+
+
+def _normalise(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def profile_from_file(path: Path) -> HardwareProfile:
+    """Load and validate one YAML file; every failure is a one-line UserError naming file and field."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{path}:{line} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a profile is a YAML mapping of fields, got {type(data).__name__}")
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(profile)"
+        msg = first["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise UserError(f"{path}: field {field}: {msg}{more}") from None
+
+
+def shipped_profiles(directory: Path = PROFILE_DIR) -> dict[str, HardwareProfile]:
+    """All profiles in `directory`, by name, in file order."""
+    return {p.name: p for p in (profile_from_file(f) for f in sorted(directory.glob("*.yaml")))}
+
+
+def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> HardwareProfile:
+    """Resolve a device name, an alias (`a100`, `h100`) or a path to a user's own YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.exists():
+            raise UserError(f"{name_or_path}: no such profile file")
+        return profile_from_file(candidate)
+    profiles = shipped_profiles(directory)
+    index: dict[str, HardwareProfile] = {}
+    for profile in profiles.values():
+        for key in (profile.name, *profile.aliases):
+            index[_normalise(key)] = profile
+    wanted = _normalise(name_or_path)
+    if wanted in index:
+        return index[wanted]
+    names = list(profiles)
+    close = difflib.get_close_matches(name_or_path.upper(), [n.upper() for n in names] + [a.upper() for p in profiles.values() for a in p.aliases], n=1, cutoff=0.4)
+    hint = f"; closest: {close[0].lower()}" if close else ""
+    raise UserError(f"unknown GPU {name_or_path!r}{hint}; known: {', '.join(names)} (or a path to a YAML profile)")

@@ -1,0 +1,137 @@
+"""Model specs: the shape of a decoder-only transformer, shared by the simulator and the executor.
+
+One config type, two consumers: the cost model prices a `ModelSpec`, the reference executor
+builds a real network from the same object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+
+from simulator.errors import UserError
+
+
+class ModelSpec(BaseModel):
+    """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    d_model: PositiveInt
+    n_layers: PositiveInt
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt
+    d_ff: PositiveInt
+    vocab_size: PositiveInt
+    max_seq_len: PositiveInt = 4096
+    tied_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelSpec:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        return self
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_kv(self) -> int:
+        """Width of one of K or V for one token: n_kv_heads x d_head."""
+        return self.n_kv_heads * self.d_head
+
+    @property
+    def params_per_layer(self) -> int:
+        attn = self.d_model * (self.d_model + 2 * self.d_kv) + self.d_model * self.d_model  # Wqkv, Wo
+        mlp = 3 * self.d_model * self.d_ff  # SwiGLU: W1, W3 up, W2 down
+        norms = 2 * self.d_model
+        return attn + mlp + norms
+
+    @property
+    def n_params(self) -> int:
+        embed = self.vocab_size * self.d_model
+        head = 0 if self.tied_embeddings else self.vocab_size * self.d_model
+        return self.n_layers * self.params_per_layer + embed + head + self.d_model
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV-cache bytes one token occupies across all layers: 2 (K, V) x layers x n_kv_heads x d_head."""
+        return 2 * self.n_layers * self.d_kv * dtype_bytes
+
+
+def _spec(name, d_model, n_layers, n_heads, n_kv_heads, d_ff, vocab, max_len, source, **kw) -> ModelSpec:
+    return ModelSpec(
+        name=name, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        d_ff=d_ff, vocab_size=vocab, max_seq_len=max_len, source=source, **kw,
+    )  # fmt: skip
+
+
+# Sizes from each model's published HuggingFace config.json.
+BUILTIN_MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        _spec("llama-2-7b", 4096, 32, 32, 32, 11008, 32000, 4096, "meta-llama/Llama-2-7b-hf config.json"),
+        _spec("llama-2-13b", 5120, 40, 40, 40, 13824, 32000, 4096, "meta-llama/Llama-2-13b-hf config.json"),
+        _spec("llama-2-70b", 8192, 80, 64, 8, 28672, 32000, 4096, "meta-llama/Llama-2-70b-hf config.json"),
+        _spec("llama-3-8b", 4096, 32, 32, 8, 14336, 128256, 8192, "meta-llama/Meta-Llama-3-8B config.json", rope_theta=500000.0),
+        _spec("llama-3-70b", 8192, 80, 64, 8, 28672, 128256, 8192, "meta-llama/Meta-Llama-3-70B config.json", rope_theta=500000.0),
+        _spec("mistral-7b", 4096, 32, 32, 8, 14336, 32000, 32768, "mistralai/Mistral-7B-v0.1 config.json"),
+        _spec("llama-68m", 768, 2, 12, 12, 3072, 32000, 2048, "JackFram/llama-68m config.json (SpecInfer draft)"),
+        _spec("tinyllama-1.1b", 2048, 22, 32, 4, 5632, 32000, 2048, "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json"),
+        _spec("llama-3.2-1b", 2048, 16, 32, 8, 8192, 128256, 131072, "meta-llama/Llama-3.2-1B config.json", tied_embeddings=True, rope_theta=500000.0),
+    )
+}  # fmt: skip
+
+
+def spec_from_hf_config(path: Path, name: str | None = None) -> ModelSpec:
+    """Read a local HuggingFace `config.json` (Llama/Mistral field names)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise UserError(f"{path}: field {missing[0]} is missing; a Llama-style config.json needs {', '.join(required)}")
+    try:
+        return ModelSpec(
+            name=name or cfg.get("_name_or_path") or Path(path).parent.name or "custom",
+            d_model=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            d_ff=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            source=str(path),
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise UserError(f"{path}: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def load_model(name_or_path: str) -> ModelSpec:
+    """A built-in model by name, or a path to a HuggingFace `config.json`."""
+    if name_or_path.endswith(".json") or Path(name_or_path).is_file():
+        if not Path(name_or_path).is_file():
+            raise UserError(f"{name_or_path}: no such config file")
+        return spec_from_hf_config(Path(name_or_path))
+    key = name_or_path.lower()
+    if key in BUILTIN_MODELS:
+        return BUILTIN_MODELS[key]
+    close = difflib.get_close_matches(key, list(BUILTIN_MODELS), n=1, cutoff=0.4)
+    hint = f"; closest: {close[0]}" if close else ""
+    raise UserError(f"unknown model {name_or_path!r}{hint}; known: {', '.join(BUILTIN_MODELS)} (or a path to a config.json)")
