@@ -165,6 +165,11 @@ def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> HardwarePr
     if wanted in index:
         return index[wanted]
     names = list(profiles)
-    close = difflib.get_close_matches(name_or_path.upper(), [n.upper() for n in names] + [a.upper() for p in profiles.values() for a in p.aliases], n=1, cutoff=0.4)
+    close = difflib.get_close_matches(
+        name_or_path.upper(),
+        [n.upper() for n in names] + [a.upper() for p in profiles.values() for a in p.aliases],
+        n=1,
+        cutoff=0.4,
+    )
     hint = f"; closest: {close[0].lower()}" if close else ""
     raise UserError(f"unknown GPU {name_or_path!r}{hint}; known: {', '.join(names)} (or a path to a YAML profile)")

@@ -134,4 +134,6 @@ def load_model(name_or_path: str) -> ModelSpec:
         return BUILTIN_MODELS[key]
     close = difflib.get_close_matches(key, list(BUILTIN_MODELS), n=1, cutoff=0.4)
     hint = f"; closest: {close[0]}" if close else ""
-    raise UserError(f"unknown model {name_or_path!r}{hint}; known: {', '.join(BUILTIN_MODELS)} (or a path to a config.json)")
+    raise UserError(
+        f"unknown model {name_or_path!r}{hint}; known: {', '.join(BUILTIN_MODELS)} (or a path to a config.json)"
+    )

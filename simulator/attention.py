@@ -1,0 +1,162 @@
+"""Attention cost: standard (materialised S, P) vs FlashAttention, in the notation of Dao et al.
+
+Shapes: batch B, heads H, sequence N (queries and keys), head dimension d, SRAM of M elements.
+FlashAttention (Dao et al. 2022, Alg. 1) tiles Q into Tr = ceil(N/Br) row blocks and K, V into
+Tc = ceil(N/Bc) column blocks with Bc = ceil(M/4d), Br = min(Bc, d).
+
+HBM bytes are counted exactly from the loop order, per (batch, head):
+  FA1 (Alg. 1, K/V outer): K, V read once; for every visited (j, i) block pair Q_i, O_i, l_i, m_i
+      are read and O_i, l_i, m_i written; O, l, m are initialised in HBM first.
+  FA2 (Q outer): Q_i read once and O_i, L_i (logsumexp) written once; K_j, V_j read for every
+      visited (i, j) pair.
+  Causal: a block pair is visited unless every key in K_j lies after every query in Q_i.
+Q, K, V, O are `dtype`; the softmax statistics l, m, L are fp32 (4 bytes).
+FLOPs follow flash-attention's benchmark convention: forward 4 B H N^2 d, halved when causal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from simulator.errors import UserError
+from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.roofline import KernelCost, elementwise, roofline_time_s
+
+STAT_BYTES = 4  # fp32 softmax statistics (l, m, L)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """FlashAttention block sizes for one head dimension and SRAM size (elements)."""
+
+    br: int  # query rows per block
+    bc: int  # key/value rows per block
+    bc_paper: int  # ceil(M / 4d) before the working set was made to fit
+    sram_elements: int  # M
+
+    def working_set_elements(self, d: int) -> int:
+        """SRAM held while one block pair is processed: K_j, V_j [Bc, d]; Q_i, O_i [Br, d];
+        S_ij / P_ij [Br, Bc] (P overwrites S); l_i, m_i [Br]."""
+        return 2 * self.bc * d + 2 * self.br * d + self.br * self.bc + 2 * self.br
+
+
+@lru_cache(maxsize=4096)
+def flash_tiles(d: int, sram_elements: int) -> Tiles:
+    """Block sizes of Alg. 1: Bc = ceil(M/4d), Br = min(Bc, d).
+
+    The paper's ceil can overshoot M and its count leaves out the S tile, so starting from the
+    paper's Bc we shrink Bc until the whole working set of one block pair fits in M elements.
+    """
+    if d < 1 or sram_elements < 1:
+        raise UserError(f"head dimension ({d}) and SRAM size ({sram_elements} elements) must be positive")
+    bc_paper = math.ceil(sram_elements / (4 * d))
+    bc = bc_paper
+    while bc >= 1:
+        tiles = Tiles(min(bc, d), bc, bc_paper, sram_elements)
+        if tiles.working_set_elements(d) <= sram_elements:
+            return tiles
+        bc -= 1
+    raise UserError(f"SRAM of {sram_elements} elements cannot hold one FlashAttention block at head dimension {d}")
+
+
+def tiles_for(hw: HardwareProfile, d: int, dtype: str = "fp16") -> Tiles:
+    """Tiles sized from the shared memory of one SM, counted in elements of `dtype`."""
+    return flash_tiles(d, hw.sram_bytes_per_sm // DTYPE_BYTES[dtype])
+
+
+def _blocks(n: int, size: int) -> np.ndarray:
+    """Start index of each block of `size` rows over n rows."""
+    return np.arange(0, n, size, dtype=np.int64)
+
+
+def flash_hbm_bytes(n: int, d: int, br: int, bc: int, causal: bool, dtype: str = "fp16", order: str = "fa2") -> dict:
+    """Exact HBM bytes {'read', 'written'} of one (batch, head) of the FlashAttention forward."""
+    e = DTYPE_BYTES[dtype]
+    q_starts, k_starts = _blocks(n, br), _blocks(n, bc)
+    q_last = np.minimum(q_starts + br, n) - 1  # last query row of each Q block
+    if order == "fa2":
+        if causal:  # K/V rows visited by Q block i: every K block that starts at or before its last row
+            kv_rows = np.minimum((q_last // bc + 1) * bc, n)
+        else:
+            kv_rows = np.full(len(q_starts), n)
+        read = e * n * d + e * 2 * d * int(kv_rows.sum())
+        written = e * n * d + STAT_BYTES * n
+    elif order == "fa1":
+        if causal:  # Q rows visited by K block j: every Q block whose last row is at or after its first key
+            q_rows = n - (k_starts // br) * br
+        else:
+            q_rows = np.full(len(k_starts), n)
+        visited_q_rows = int(q_rows.sum())
+        read = e * 2 * n * d + visited_q_rows * (e * 2 * d + STAT_BYTES * 2)  # K, V; then Q_i, O_i, l_i, m_i
+        written = (e * n * d + STAT_BYTES * 2 * n) + visited_q_rows * (e * d + STAT_BYTES * 2)  # init; O_i, l_i, m_i
+    else:
+        raise UserError(f"unknown FlashAttention loop order {order!r}; known: fa1, fa2")
+    return {"read": int(read), "written": int(written)}
+
+
+def standard_hbm_bytes(n: int, d: int, dtype: str = "fp16") -> dict:
+    """Standard attention (FA paper Alg. 0), one (batch, head): S = QK^T written, read for softmax,
+    P written, read with V for O. Causal masking is applied inside the softmax pass on the full S."""
+    e = DTYPE_BYTES[dtype]
+    read = e * (2 * n * d + n * n + n * n + n * d)  # Q, K; S; P, V
+    written = e * (n * n + n * n + n * d)  # S; P; O
+    return {"read": read, "written": written}
+
+
+def attention_flops(b: int, h: int, n: int, d: int, causal: bool) -> float:
+    """Forward FLOPs, benchmark convention: 4 B H N^2 d (QK^T and PV), halved when causal."""
+    flops = 4.0 * b * h * n * n * d
+    return flops / 2 if causal else flops
+
+
+def flash_attention(
+    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16", order: str = "fa2"
+) -> KernelCost:
+    """One fused FlashAttention forward kernel: FLOPs at the attention fraction, exact HBM bytes."""
+    tiles = tiles_for(hw, d, dtype)
+    per_head = flash_hbm_bytes(n, d, tiles.br, tiles.bc, causal, dtype, order)
+    hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
+    flops = attention_flops(b, h, n, d, causal)
+    time_s = roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention)
+    return KernelCost(f"flash-{order}", flops, hbm_bytes, time_s)
+
+
+def standard_attention(
+    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16"
+) -> KernelCost:
+    """Three kernels: S = QK^T (batched GEMM), P = softmax(S) (elementwise), O = PV (batched GEMM).
+    The full N x N product is computed even when causal; the FLOPs reported follow the convention."""
+    e = DTYPE_BYTES[dtype]
+    gemm_flops = 2.0 * b * h * n * n * d
+    qk = roofline_time_s(gemm_flops, e * b * h * (2 * n * d + n * n), hw, dtype, hw.achievable.matmul)
+    softmax = elementwise(b * h * n * n, hw, dtype, reads=1, writes=1, flops_per_element=5.0).time_s
+    pv = roofline_time_s(gemm_flops, e * b * h * (n * n + n * d + n * d), hw, dtype, hw.achievable.matmul)
+    per_head = standard_hbm_bytes(n, d, dtype)
+    hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
+    return KernelCost("standard", attention_flops(b, h, n, d, causal), hbm_bytes, qk + softmax + pv, launches=3)
+
+
+def attention_summary(b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool, dtype: str = "fp16") -> dict:
+    """Everything `plan` prints about attention at one shape: tiles, SRAM working set, bytes, time."""
+    tiles = tiles_for(hw, d, dtype)
+    e = DTYPE_BYTES[dtype]
+    std = standard_attention(b, h, n, d, hw, causal, dtype)
+    fa1 = flash_attention(b, h, n, d, hw, causal, dtype, "fa1")
+    fa2 = flash_attention(b, h, n, d, hw, causal, dtype, "fa2")
+    return {
+        "shape": {"batch": b, "heads": h, "seqlen": n, "head_dim": d, "causal": causal, "dtype": dtype},
+        "sram_bytes": hw.sram_bytes_per_sm,
+        "block_rows_br": tiles.br,
+        "block_cols_bc": tiles.bc,
+        "block_cols_bc_paper": tiles.bc_paper,
+        "sram_working_set_bytes": tiles.working_set_elements(d) * e,
+        "flops": fa2.flops,
+        "standard": {"hbm_bytes": std.hbm_bytes, "time_s": std.time_s},
+        "flash_fa1": {"hbm_bytes": fa1.hbm_bytes, "time_s": fa1.time_s},
+        "flash_fa2": {"hbm_bytes": fa2.hbm_bytes, "time_s": fa2.time_s},
+        "hbm_bytes_ratio_standard_over_fa2": std.hbm_bytes / fa2.hbm_bytes,
+    }

@@ -1,0 +1,75 @@
+"""Roofline time of one kernel on a profile: the slower of compute and memory, plus launch overhead.
+
+    t = max(F / (P_peak * f_compute), Q / (BW_peak * f_bw)) + n_launch * t_launch
+
+F in FLOPs, Q in HBM bytes moved (read + written), P_peak in FLOP/s, BW_peak in bytes/s; the
+fractions f are the profile's achievable fractions of peak (Williams et al. 2009, "Roofline").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.hardware import DTYPE_BYTES, HardwareProfile
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """FLOPs, HBM bytes and predicted seconds of one kernel (or a sum of kernels)."""
+
+    name: str
+    flops: float
+    hbm_bytes: float
+    time_s: float
+    launches: int = 1
+
+    def __add__(self, other: KernelCost) -> KernelCost:
+        return KernelCost(
+            self.name if self.name == other.name else f"{self.name}+{other.name}",
+            self.flops + other.flops,
+            self.hbm_bytes + other.hbm_bytes,
+            self.time_s + other.time_s,
+            self.launches + other.launches,
+        )
+
+    def scaled(self, n: int, name: str | None = None) -> KernelCost:
+        """The same kernel run `n` times (e.g. once per layer)."""
+        return KernelCost(name or self.name, n * self.flops, n * self.hbm_bytes, n * self.time_s, n * self.launches)
+
+    @property
+    def intensity_flops_per_byte(self) -> float:
+        return self.flops / self.hbm_bytes if self.hbm_bytes else float("inf")
+
+
+def roofline_time_s(
+    flops: float, hbm_bytes: float, hw: HardwareProfile, dtype: str, compute_fraction: float, launches: int = 1
+) -> float:
+    compute_s = flops / (hw.peak_flops(dtype) * compute_fraction)
+    memory_s = hbm_bytes / (hw.hbm_bytes_per_s * hw.achievable.bandwidth)
+    return max(compute_s, memory_s) + launches * hw.launch_overhead_s
+
+
+def gemm(m: int, n: int, k: int, hw: HardwareProfile, dtype: str = "fp16", name: str = "gemm") -> KernelCost:
+    """[m, k] @ [k, n] -> [m, n]: 2mnk FLOPs; A, B read once and C written once from/to HBM."""
+    e = DTYPE_BYTES[dtype]
+    flops = 2.0 * m * n * k
+    hbm_bytes = float(e * (m * k + k * n + m * n))
+    return KernelCost(name, flops, hbm_bytes, roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.matmul))
+
+
+def elementwise(
+    n_elements: int,
+    hw: HardwareProfile,
+    dtype: str = "fp16",
+    reads: int = 1,
+    writes: int = 1,
+    flops_per_element: float = 1.0,
+    name: str = "elementwise",
+) -> KernelCost:
+    """A memory-bound kernel over `n_elements`: `reads` input and `writes` output tensors of that size."""
+    e = DTYPE_BYTES[dtype]
+    flops = flops_per_element * n_elements
+    hbm_bytes = float(e * n_elements * (reads + writes))
+    # Elementwise work runs on the vector units, not tensor cores: fp32 peak is its ceiling.
+    compute_fraction = hw.achievable.matmul * hw.peak_flops("fp32") / hw.peak_flops(dtype)
+    return KernelCost(name, flops, hbm_bytes, roofline_time_s(flops, hbm_bytes, hw, dtype, compute_fraction))
