@@ -1,0 +1,1 @@
+"""Reference executor: runs on the local device what the simulator predicts, so it can be checked."""

@@ -1,0 +1,33 @@
+"""`python -m reference {specdec,attention,bench}`: argument parsing only; the work is in library modules."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simulator.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reference", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(
+        dest="bench", required=True
+    )
+    from reference import cli_attention, cli_specdec
+
+    cli_specdec.add_parsers(sub, bench)
+    cli_attention.add_parsers(sub, bench)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
