@@ -1,0 +1,76 @@
+"""`python -m simulator`: argument parsing only; every figure printed comes from library calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from simulator import plan as plan_lib
+from simulator.errors import UserError
+from simulator.hardware import load_profile, shipped_profiles
+from simulator.models import load_model
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    hw = load_profile(args.gpu)
+    target, draft = load_model(args.model), load_model(args.draft)
+    result = plan_lib.build_plan(
+        hw, target, draft, args.alpha, args.gamma, args.batch, args.prompt_len, args.output_len, args.dtype
+    )
+    print(json.dumps(result, indent=2) if args.json else plan_lib.format_plan(result))
+    return 0
+
+
+def _run_profiles(args: argparse.Namespace) -> int:
+    rows = plan_lib.profiles_table(shipped_profiles())
+    print(json.dumps(rows, indent=2) if args.json else plan_lib.format_profiles(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator",
+        description="Predict LLM decoding performance (speculative decoding, FlashAttention) on a GPU.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "plan",
+        help="decoding of one model on one GPU, with and without speculative decoding",
+        description="Predict prefill time, autoregressive tokens/s, speculative decoding over gamma "
+        "(expected tokens per step, tokens/s, speedup, recommended gamma) and FlashAttention tiling "
+        "at the prompt length, from the GPU profile and the cost model.",
+    )
+    p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias (see `profiles`), or a path to a YAML profile (default: %(default)s)")
+    p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or path to a HuggingFace config.json (default: %(default)s)")
+    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=plan_lib.DEFAULT_ALPHA, help="acceptance rate in [0, 1] (default: %(default)s, an assumption; measure yours with `python -m reference specdec`)")
+    p.add_argument("--gamma", type=int, default=None, help="draft tokens per step to report on (default: the recommended one); the table spans 0..max(8, gamma)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=256, help="generated tokens (default: %(default)s)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8"], help="weight and activation dtype (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
+    p.set_defaults(run=_run_plan)
+
+    p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(run=_run_profiles)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
