@@ -149,7 +149,7 @@ def build_plan(
 
 
 def _si(value: float, unit: str) -> str:
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u"), (1e-9, "n")):
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "u"), (1e-9, "n")):
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
     return f"{value:.3g} {unit}"
@@ -222,7 +222,7 @@ def format_profiles(rows: list[dict]) -> str:
     out = [head]
     for r in rows:
         out.append(
-            f"{r['name']:<16} {','.join(r['aliases'])[:22]:<22} {r['sm_count']:>4} {r['sram_bytes_per_sm'] // 1024:>5} KiB "
+            f"{r['name']:<16} {','.join(r['aliases'][:2])[:22]:<22} {r['sm_count']:>4} {r['sram_bytes_per_sm'] // 1024:>5} KiB "
             f"{r['memory_bytes'] / 2**30:>5.0f} GiB {_si(r['hbm_bytes_per_s'], 'B/s'):>11} {_si(r['peak_flops_per_s'], 'FLOP/s'):>13} "
             f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}"
         )
