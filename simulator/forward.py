@@ -6,17 +6,45 @@ prefill) reads every weight once and the KV cache of every sequence (DESIGN: fac
 T = batch x query_tokens tokens, a weight GEMM does 2 T k n FLOPs on k n weights: its intensity is
 about T FLOP/byte in fp16, so the pass turns from memory- to compute-bound once T passes the
 profile's ridge point.
+
+Tensor parallelism over `tp` GPUs (Megatron-LM, Shoeybi et al. 2019): the QKV and MLP-up GEMMs
+split their output columns, O and MLP-down their input rows, attention splits heads (KV heads are
+replicated when there are fewer than `tp`), the LM head splits the vocabulary; each layer ends its
+attention and its MLP with an all-reduce of the [T, d_model] activations over the interconnect.
+Times are per GPU; all GPUs of the group run in lockstep.
 """
 
 from __future__ import annotations
 
+from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
 from simulator.roofline import KernelCost, elementwise, gemm, roofline_time_s
 
 
+def all_reduce(n_bytes: float, hw: HardwareProfile, tp: int, name: str = "all_reduce") -> KernelCost:
+    """Ring all-reduce of `n_bytes` over `tp` GPUs: each GPU sends and receives 2 (tp-1)/tp of the
+    buffer (Patarasuk & Yuan 2009) at half the profile's total link bandwidth per direction."""
+    if tp == 1:
+        return KernelCost(name, 0.0, 0.0, 0.0, launches=0)
+    per_direction_bytes_per_s = hw.interconnect_bytes_per_s / 2 * hw.achievable.bandwidth
+    moved = 2.0 * (tp - 1) / tp * n_bytes
+    return KernelCost(name, 0.0, 0.0, moved / per_direction_bytes_per_s + hw.launch_overhead_s)
+
+
+def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
+    """KV heads each GPU holds: split when there are at least `tp`, else one replicated head."""
+    return max(1, model.n_kv_heads // tp)
+
+
 def attention_decode(
-    model: ModelSpec, hw: HardwareProfile, batch: int, context_len: int, query_tokens: int, dtype: str = "fp16"
+    model: ModelSpec,
+    hw: HardwareProfile,
+    batch: int,
+    context_len: int,
+    query_tokens: int,
+    dtype: str = "fp16",
+    tp: int = 1,
 ) -> KernelCost:
     """Attention of `query_tokens` new tokens per sequence over the cache plus themselves, one layer.
 
@@ -26,32 +54,46 @@ def attention_decode(
     e = DTYPE_BYTES[dtype]
     keys = context_len + query_tokens
     tokens = batch * query_tokens
-    kv_read = 2 * batch * keys * model.d_kv * e
-    kv_write = 2 * tokens * model.d_kv * e
-    q_o = 2 * tokens * model.d_model * e
+    d_kv = kv_heads_per_gpu(model, tp) * model.d_head
+    heads = model.n_heads // tp
+    kv_read = 2 * batch * keys * d_kv * e
+    kv_write = 2 * tokens * d_kv * e
+    q_o = 2 * tokens * heads * model.d_head * e
     hbm_bytes = float(kv_read + kv_write + q_o)
-    flops = 4.0 * batch * model.n_heads * query_tokens * keys * model.d_head
+    flops = 4.0 * batch * heads * query_tokens * keys * model.d_head
     return KernelCost(
         "attention", flops, hbm_bytes, roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention)
     )
 
 
 def layer_costs(
-    model: ModelSpec, hw: HardwareProfile, batch: int, context_len: int, query_tokens: int, dtype: str = "fp16"
+    model: ModelSpec,
+    hw: HardwareProfile,
+    batch: int,
+    context_len: int,
+    query_tokens: int,
+    dtype: str = "fp16",
+    tp: int = 1,
 ) -> list[KernelCost]:
-    """The kernels of one decoder layer (RMSNorm, QKV, RoPE, attention, O, RMSNorm, SwiGLU MLP)."""
+    """The kernels of one decoder layer on one GPU of a `tp`-way group (RMSNorm, QKV, RoPE,
+    attention, O, all-reduce, RMSNorm, SwiGLU MLP, all-reduce)."""
     t = batch * query_tokens
     d, d_ff = model.d_model, model.d_ff
+    d_q = model.n_heads // tp * model.d_head  # this GPU's query heads
+    d_kv = kv_heads_per_gpu(model, tp) * model.d_head
+    activations = t * d * DTYPE_BYTES[dtype]
     return [
         elementwise(t * d, hw, dtype, reads=2, writes=2, flops_per_element=4, name="norm"),  # residual add + RMSNorm
-        gemm(t, d + 2 * model.d_kv, d, hw, dtype, name="qkv"),
-        elementwise(t * (d + model.d_kv), hw, dtype, flops_per_element=3, name="rope"),
-        attention_decode(model, hw, batch, context_len, query_tokens, dtype),
-        gemm(t, d, d, hw, dtype, name="o_proj"),
+        gemm(t, d_q + 2 * d_kv, d, hw, dtype, name="qkv"),
+        elementwise(t * (d_q + d_kv), hw, dtype, flops_per_element=3, name="rope"),
+        attention_decode(model, hw, batch, context_len, query_tokens, dtype, tp),
+        gemm(t, d, d_q, hw, dtype, name="o_proj"),
+        all_reduce(activations, hw, tp),
         elementwise(t * d, hw, dtype, reads=2, writes=2, flops_per_element=4, name="norm"),
-        gemm(t, 2 * d_ff, d, hw, dtype, name="mlp_up"),  # W1 and W3 fused
-        elementwise(t * d_ff, hw, dtype, reads=2, writes=1, flops_per_element=5, name="swiglu"),
-        gemm(t, d, d_ff, hw, dtype, name="mlp_down"),
+        gemm(t, 2 * d_ff // tp, d, hw, dtype, name="mlp_up"),  # W1 and W3 fused
+        elementwise(t * d_ff // tp, hw, dtype, reads=2, writes=1, flops_per_element=5, name="swiglu"),
+        gemm(t, d, d_ff // tp, hw, dtype, name="mlp_down"),
+        all_reduce(activations, hw, tp),
     ]
 
 
@@ -63,22 +105,25 @@ def forward(
     query_tokens: int,
     dtype: str = "fp16",
     logits_tokens: int | None = None,
+    tp: int = 1,
 ) -> dict[str, KernelCost]:
-    """Cost of one forward pass, by kernel name, summed over layers, plus 'total'.
+    """Cost of one forward pass on each GPU of a `tp`-way group, by kernel name, summed over
+    layers, plus 'total'.
 
     `logits_tokens`: tokens that go through the LM head (default all query tokens; a prefill
     needs only the last token of each sequence)."""
+    check_tp(model, tp)
     t = batch * query_tokens
     logits_tokens = t if logits_tokens is None else logits_tokens
     by_name: dict[str, KernelCost] = {}
-    for k in layer_costs(model, hw, batch, context_len, query_tokens, dtype):
+    for k in layer_costs(model, hw, batch, context_len, query_tokens, dtype, tp):
         scaled = k.scaled(model.n_layers)
         by_name[k.name] = by_name[k.name] + scaled if k.name in by_name else scaled
     by_name["embed"] = elementwise(t * model.d_model, hw, dtype, reads=1, writes=1, flops_per_element=0, name="embed")
     by_name["final_norm"] = elementwise(
         logits_tokens * model.d_model, hw, dtype, flops_per_element=4, name="final_norm"
     )
-    by_name["lm_head"] = gemm(logits_tokens, model.vocab_size, model.d_model, hw, dtype, name="lm_head")
+    by_name["lm_head"] = gemm(logits_tokens, -(-model.vocab_size // tp), model.d_model, hw, dtype, name="lm_head")
     total = None
     for k in by_name.values():
         total = k if total is None else total + k
@@ -86,17 +131,36 @@ def forward(
     return by_name
 
 
+def check_tp(model: ModelSpec, tp: int) -> None:
+    if tp < 1 or model.n_heads % tp or model.d_ff % tp:
+        raise UserError(f"tensor-parallel degree {tp} must be >= 1 and divide {model.name}'s {model.n_heads} heads and d_ff {model.d_ff}")
+
+
 def step_time_s(
-    model: ModelSpec, hw: HardwareProfile, batch: int, context_len: int, query_tokens: int = 1, dtype: str = "fp16"
+    model: ModelSpec,
+    hw: HardwareProfile,
+    batch: int,
+    context_len: int,
+    query_tokens: int = 1,
+    dtype: str = "fp16",
+    tp: int = 1,
 ) -> float:
     """Seconds of one decode step (query_tokens = 1) or verify pass (query_tokens = gamma + 1)."""
-    return forward(model, hw, batch, context_len, query_tokens, dtype)["total"].time_s
+    return forward(model, hw, batch, context_len, query_tokens, dtype, tp=tp)["total"].time_s
 
 
-def prefill_time_s(model: ModelSpec, hw: HardwareProfile, batch: int, prompt_len: int, dtype: str = "fp16") -> float:
+def prefill_time_s(
+    model: ModelSpec, hw: HardwareProfile, batch: int, prompt_len: int, dtype: str = "fp16", tp: int = 1
+) -> float:
     """Seconds to process the prompts of `batch` sequences of `prompt_len` tokens (time to first token)."""
-    return forward(model, hw, batch, 0, prompt_len, dtype, logits_tokens=batch)["total"].time_s
+    return forward(model, hw, batch, 0, prompt_len, dtype, logits_tokens=batch, tp=tp)["total"].time_s
 
 
-def weight_bytes(model: ModelSpec, dtype: str = "fp16") -> int:
-    return model.n_params * DTYPE_BYTES[dtype]
+def weight_bytes(model: ModelSpec, dtype: str = "fp16", tp: int = 1) -> int:
+    """Weight bytes held by each GPU of a `tp`-way group (the embedding table is split too)."""
+    return -(-model.n_params * DTYPE_BYTES[dtype] // tp)
+
+
+def kv_bytes_per_token(model: ModelSpec, dtype: str = "fp16", tp: int = 1) -> int:
+    """KV-cache bytes one token occupies on each GPU of a `tp`-way group."""
+    return 2 * model.n_layers * kv_heads_per_gpu(model, tp) * model.d_head * DTYPE_BYTES[dtype]

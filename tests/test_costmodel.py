@@ -284,3 +284,37 @@ def test_forward_total_is_sum_of_parts(model, batch, ctx):
     # every GEMM weight is read once; the embedding table is gathered (T rows), the norm gains are tiny
     gemm_weights = model.n_params - model.vocab_size * model.d_model * (not model.tied_embeddings) - (2 * model.n_layers + 1) * model.d_model
     assert total.hbm_bytes >= 2 * gemm_weights
+
+
+# --- tensor parallelism ---------------------------------------------------------------------
+
+
+@settings(max_examples=30)
+@given(batch=st.integers(1, 64), ctx=st.integers(0, 4096), tp=st.sampled_from([2, 4, 8]))
+def test_tensor_parallel_never_beats_linear_scaling_and_pays_for_all_reduce(batch, ctx, tp):
+    from simulator.forward import all_reduce
+
+    m = BUILTIN_MODELS["llama-3-70b"]
+    h100 = load_profile("h100")
+    one, many = step_time_s(m, h100, batch, ctx, 1), step_time_s(m, h100, batch, ctx, 1, tp=tp)
+    assert many >= one / tp * 0.999  # launch overheads are not divided, so never better than 1/tp
+    parts = forward(m, h100, batch, ctx, 1, tp=tp)
+    per_layer = all_reduce(batch * m.d_model * 2, h100, tp).time_s
+    assert parts["all_reduce"].time_s == pytest.approx(2 * m.n_layers * per_layer)
+    slow_link = h100.model_copy(update={"interconnect_bytes_per_s": h100.interconnect_bytes_per_s / 100})
+    assert step_time_s(m, slow_link, batch, ctx, 1, tp=tp) > many
+
+
+def test_tensor_parallel_splits_weights_and_kv():
+    from simulator.forward import kv_bytes_per_token, weight_bytes
+
+    m = BUILTIN_MODELS["llama-3-70b"]  # 8 KV heads
+    assert weight_bytes(m, "fp16", tp=4) == pytest.approx(m.n_params * 2 / 4, abs=1)
+    assert kv_bytes_per_token(m, "fp16", tp=4) * 4 == m.kv_bytes_per_token(2)
+    assert kv_bytes_per_token(m, "fp16", tp=16) == kv_bytes_per_token(m, "fp16", tp=8)  # KV heads replicate past 8
+    assert forward(m, A100, 1, 100, 1, tp=1)["total"].time_s == step_time_s(m, A100, 1, 100, 1)
+
+
+def test_tensor_parallel_degree_must_divide_heads():
+    with pytest.raises(UserError, match="tensor-parallel degree 3"):
+        step_time_s(BUILTIN_MODELS["llama-2-7b"], A100, 1, 10, 1, tp=3)
