@@ -1,0 +1,122 @@
+"""Plots a person would rather look at than read. matplotlib with the Agg backend (no screen)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from simulator.batching import speculative_speedup, verify_roofline_points  # noqa: E402
+from simulator.errors import UserError  # noqa: E402
+from simulator.hardware import HardwareProfile  # noqa: E402
+from simulator.models import ModelSpec  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write the plot: {exc.strerror}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_speedup_over_gamma_and_alpha(
+    path: Path,
+    hw: HardwareProfile,
+    target: ModelSpec,
+    draft: ModelSpec | None,
+    context_len: int,
+    batch: int = 1,
+    alphas: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9),
+    gamma_max: int = 12,
+    draft_layers_fraction: float | None = None,
+) -> Path:
+    """Predicted speedup over gamma, one line per alpha, at one batch size."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    gammas = list(range(gamma_max + 1))
+    for alpha in alphas:
+        s = [speculative_speedup(target, draft, hw, alpha, g, batch, context_len, draft_layers_fraction=draft_layers_fraction) for g in gammas]
+        best = max(range(len(s)), key=s.__getitem__)
+        (line,) = ax.plot(gammas, s, marker="o", ms=3, label=f"alpha = {alpha:g}")
+        ax.plot([best], [s[best]], marker="*", ms=12, color=line.get_color())
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    draft_name = f"{target.name} layer skip {draft_layers_fraction:g}" if draft_layers_fraction else (draft.name if draft else "none")
+    ax.set(xlabel="gamma (draft tokens per step)", ylabel="speedup over autoregressive",
+           title=f"{target.name} on {hw.name}, draft {draft_name}, batch {batch}")  # fmt: skip
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_verify_roofline(
+    path: Path,
+    hw: HardwareProfile,
+    target: ModelSpec,
+    draft: ModelSpec | None,
+    alpha: float,
+    context_len: int,
+    gammas: tuple[int, ...] = (1, 2, 4, 8),
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    dtype: str = "fp16",
+) -> Path:
+    """Left: the roofline with the verify pass at each batch x (gamma + 1). Right: speedup over
+    batch for each gamma: where the pass leaves the memory roof, speculation stops paying."""
+    fig, (ax_roof, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    peak = hw.peak_flops(dtype) * hw.achievable.matmul
+    bw = hw.hbm_bytes_per_s * hw.achievable.bandwidth
+    ridge = peak / bw
+    xs = [ridge / 100, ridge, ridge * 100]
+    ax_roof.loglog(xs, [min(peak, x * bw) for x in xs], color="black", lw=1.5, label="achievable roof")
+    ax_roof.axvline(ridge, color="grey", ls=":", lw=0.8)
+    for g in (0, *gammas):
+        pts = verify_roofline_points(target, hw, g, list(batches), context_len, dtype)
+        ax_roof.loglog([p["intensity_flops_per_byte"] for p in pts], [p["flops_per_s"] for p in pts], marker="o", ms=3,
+                       label="decode step" if g == 0 else f"verify, gamma = {g}")  # fmt: skip
+        if g:
+            s = [speculative_speedup(target, draft, hw, alpha, g, b, context_len, dtype) for b in batches]
+            ax_speed.semilogx(batches, s, marker="o", ms=3, label=f"gamma = {g}")
+    ax_roof.set(xlabel="arithmetic intensity (FLOP/byte)", ylabel="achieved FLOP/s",
+                title=f"Verify pass of {target.name} on {hw.name} (ridge {ridge:.0f} FLOP/B)")  # fmt: skip
+    ax_roof.legend(fontsize=7)
+    ax_speed.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax_speed.set(xlabel="batch size", ylabel="speedup over autoregressive",
+                 title=f"alpha = {alpha:g}, draft {draft.name if draft else 'none'}, context {context_len}")  # fmt: skip
+    ax_speed.legend(fontsize=8)
+    for ax in (ax_roof, ax_speed):
+        ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_pareto(path: Path, candidates: list[dict], x_key: str, y_key: str, title: str) -> Path:
+    """Throughput vs p99 latency of the simulated candidates, the Pareto front joined and marked.
+    Each candidate is a dict with `label`, `x_key` (higher is better) and `y_key` (lower is better)."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    ok = [c for c in candidates if c.get("meets_slo")]
+    miss = [c for c in candidates if not c.get("meets_slo")]
+    ax.scatter([c[x_key] for c in miss], [c[y_key] for c in miss], c="lightgrey", s=18, label="misses SLO")
+    ax.scatter([c[x_key] for c in ok], [c[y_key] for c in ok], c="tab:blue", s=18, label="meets SLO")
+    front = pareto_front(candidates, x_key, y_key)
+    ax.plot([c[x_key] for c in front], [c[y_key] for c in front], color="tab:red", marker="*", ms=10, lw=1, label="Pareto front")
+    for c in front:
+        ax.annotate(c["label"], (c[x_key], c[y_key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel=x_key.replace("_", " "), ylabel=y_key.replace("_", " "), title=title)
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def pareto_front(candidates: list[dict], x_key: str, y_key: str) -> list[dict]:
+    """Candidates no other beats on both axes (higher x, lower y), sorted by x."""
+    front = [
+        c for c in candidates
+        if not any(o[x_key] >= c[x_key] and o[y_key] <= c[y_key] and (o[x_key] > c[x_key] or o[y_key] < c[y_key]) for o in candidates)
+    ]  # fmt: skip
+    return sorted(front, key=lambda c: c[x_key])
