@@ -12,6 +12,16 @@ HBM bytes are counted exactly from the loop order, per (batch, head):
   Causal: a block pair is visited unless every key in K_j lies after every query in Q_i.
 Q, K, V, O are `dtype`; the softmax statistics l, m, L are fp32 (4 bytes).
 FLOPs follow flash-attention's benchmark convention: forward 4 B H N^2 d, halved when causal.
+
+Backward (recomputation, no stored P; K/V outer in both orders, dQ accumulated in an fp32 buffer
+that is zeroed first and cast to `dtype` last):
+  FA2 (Dao 2023, Alg. 2): D = rowsum(dO o O) first (read O, dO; write D); per visited pair read
+      Q_i, dO_i, L_i, D_i and read/write dQ_i; K_j, V_j read and dK_j, dV_j written once.
+  FA1 (Dao et al. 2022, Alg. 4): as FA2 but D_i is formed on chip, so per visited pair O_i, l_i, m_i
+      are read instead of L_i, D_i, and there is no D pass.
+Split-KV decode (Flash-Decoding): n_q query rows against n_kv cached keys; the K/V blocks are dealt
+  out to splits, each split reads Q and its K/V rows once and writes an fp32 partial O_s and
+  logsumexp LSE_s; a second kernel reads every partial and writes O. One split writes O directly.
 """
 
 from __future__ import annotations
@@ -107,6 +117,55 @@ def standard_hbm_bytes(n: int, d: int, dtype: str = "fp16") -> dict:
     return {"read": read, "written": written}
 
 
+def _visited_q_rows(n: int, br: int, bc: int, causal: bool) -> int:
+    """Q rows visited, summed over K blocks (K/V outer): every Q block whose last row is at or
+    after the K block's first key when causal, all n rows otherwise."""
+    k_starts = _blocks(n, bc)
+    q_rows = n - (k_starts // br) * br if causal else np.full(len(k_starts), n)
+    return int(q_rows.sum())
+
+
+def flash_backward_hbm_bytes(
+    n: int, d: int, br: int, bc: int, causal: bool, dtype: str = "fp16", order: str = "fa2"
+) -> dict:
+    """Exact HBM bytes {'read', 'written'} of one (batch, head) of the FlashAttention backward."""
+    e = DTYPE_BYTES[dtype]
+    rows = _visited_q_rows(n, br, bc, causal)
+    dq_acc = STAT_BYTES * d  # one fp32 row of the dQ accumulator
+    if order == "fa2":
+        pre_read, pre_written = e * 2 * n * d, STAT_BYTES * n  # D = rowsum(dO o O)
+        per_row_read = e * 2 * d + dq_acc + STAT_BYTES * 2  # Q_i, dO_i; dQ_i; L_i, D_i
+    elif order == "fa1":
+        pre_read, pre_written = 0, 0
+        per_row_read = e * 3 * d + dq_acc + STAT_BYTES * 2  # Q_i, O_i, dO_i; dQ_i; l_i, m_i
+    else:
+        raise UserError(f"unknown FlashAttention loop order {order!r}; known: fa1, fa2")
+    read = pre_read + e * 2 * n * d + rows * per_row_read + dq_acc * n  # ...; K, V; pairs; dQ cast
+    written = pre_written + dq_acc * n + rows * dq_acc + e * 2 * n * d + e * n * d  # zero dQ; pairs; dK, dV; dQ
+    return {"read": int(read), "written": int(written)}
+
+
+def split_kv(n_kv: int, bc: int, num_splits: int) -> tuple[int, int]:
+    """(splits used, keys per split): ceil(n_kv/Bc) K/V blocks dealt out in runs of
+    ceil(blocks/num_splits), so no split is empty and every split but the last holds whole blocks."""
+    if n_kv < 1 or bc < 1 or num_splits < 1:
+        raise UserError(f"KV length ({n_kv}), block size ({bc}) and splits ({num_splits}) must be positive")
+    blocks = math.ceil(n_kv / bc)
+    keys_per_split = math.ceil(blocks / num_splits) * bc
+    return math.ceil(n_kv / keys_per_split), keys_per_split
+
+
+def flash_decoding_hbm_bytes(n_q: int, n_kv: int, d: int, bc: int, num_splits: int, dtype: str = "fp16") -> dict:
+    """Exact HBM bytes {'read', 'written'} of one (batch, head) of split-KV decode attention."""
+    e = DTYPE_BYTES[dtype]
+    s, _ = split_kv(n_kv, bc, num_splits)
+    read = s * e * n_q * d + e * 2 * n_kv * d  # Q once per split; K, V once
+    if s == 1:
+        return {"read": int(read), "written": int(e * n_q * d)}
+    partial = STAT_BYTES * s * n_q * (d + 1)  # fp32 O_s [n_q, d] and LSE_s [n_q] per split
+    return {"read": int(read + partial), "written": int(partial + e * n_q * d)}
+
+
 def attention_flops(b: int, h: int, n: int, d: int, causal: bool) -> float:
     """Forward FLOPs, benchmark convention: 4 B H N^2 d (QK^T and PV), halved when causal."""
     flops = 4.0 * b * h * n * n * d
@@ -138,6 +197,20 @@ def standard_attention(
     per_head = standard_hbm_bytes(n, d, dtype)
     hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
     return KernelCost("standard", attention_flops(b, h, n, d, causal), hbm_bytes, qk + softmax + pv, launches=3)
+
+
+def flash_decoding(
+    b: int, h: int, n_q: int, n_kv: int, d: int, hw: HardwareProfile, num_splits: int, dtype: str = "fp16"
+) -> KernelCost:
+    """Split-KV decode: a split kernel and, with more than one split, a merge kernel.
+    FLOPs 4 B H n_q n_kv d (QK^T and PV over every cached key)."""
+    tiles = tiles_for(hw, d, dtype)
+    per_head = flash_decoding_hbm_bytes(n_q, n_kv, d, tiles.bc, num_splits, dtype)
+    hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
+    flops = 4.0 * b * h * n_q * n_kv * d
+    launches = 1 if split_kv(n_kv, tiles.bc, num_splits)[0] == 1 else 2
+    time_s = roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention, launches)
+    return KernelCost("flash-decoding", flops, hbm_bytes, time_s, launches)
 
 
 def attention_summary(b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool, dtype: str = "fp16") -> dict:
