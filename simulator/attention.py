@@ -34,7 +34,7 @@ import numpy as np
 
 from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
-from simulator.roofline import KernelCost, elementwise, roofline_time_s
+from simulator.roofline import KernelCost, elementwise, fused_time_s, roofline_time_s
 
 STAT_BYTES = 4  # fp32 softmax statistics (l, m, L)
 
@@ -172,16 +172,49 @@ def attention_flops(b: int, h: int, n: int, d: int, causal: bool) -> float:
     return flops / 2 if causal else flops
 
 
+def _flash_program_max(n: int, d: int, br: int, dtype: str) -> tuple[float, float]:
+    """FLOPs and bytes of the largest program: one Q block of Br rows against all N keys (the
+    last block when causal). Both loop orders are priced so: FA1's released kernels also split
+    work below (batch, head) -- the FA2 paper's Fig. 4 has FA1 at 110 TFLOP/s on an A100 with
+    B x H = 32 heads, more than 32 programs on 108 SMs could reach."""
+    e = DTYPE_BYTES[dtype]
+    rows = min(br, n)
+    return 4.0 * rows * n * d, float(e * (2 * rows * d + 2 * n * d) + STAT_BYTES * rows)
+
+
 def flash_attention(
     b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16", order: str = "fa2"
 ) -> KernelCost:
-    """One fused FlashAttention forward kernel: FLOPs at the attention fraction, exact HBM bytes."""
+    """One fused FlashAttention forward kernel: exact HBM bytes of the loop order; time from
+    `fused_time_s` (FLOPs at the attention fraction; compulsory bytes Q, K, V, O once; re-reads
+    from L2; the largest program bounded by one SM's share)."""
     tiles = tiles_for(hw, d, dtype)
     per_head = flash_hbm_bytes(n, d, tiles.br, tiles.bc, causal, dtype, order)
     hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
     flops = attention_flops(b, h, n, d, causal)
-    time_s = roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention)
+    compulsory = float(b * h * (4 * n * d * DTYPE_BYTES[dtype] + STAT_BYTES * n))
+    max_flops, max_bytes = _flash_program_max(n, d, tiles.br, dtype)
+    time_s = fused_time_s(flops, compulsory, hbm_bytes, max_flops, max_bytes, hw, dtype, hw.achievable.attention)
     return KernelCost(f"flash-{order}", flops, hbm_bytes, time_s)
+
+
+def flash_attention_backward(
+    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16", order: str = "fa2"
+) -> KernelCost:
+    """FlashAttention backward with recomputation: FLOPs 2.5x the forward (five N^2 d matmuls
+    against two), exact HBM bytes of the loop order; K/V outer, one program per K block."""
+    tiles = tiles_for(hw, d, dtype)
+    per_head = flash_backward_hbm_bytes(n, d, tiles.br, tiles.bc, causal, dtype, order)
+    hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
+    flops = 2.5 * attention_flops(b, h, n, d, causal)
+    e = DTYPE_BYTES[dtype]
+    compulsory = float(b * h * (8 * n * d * e + 2 * STAT_BYTES * n))  # Q K V O dO in; dQ dK dV out; L, D
+    cols = min(tiles.bc, n)  # the largest program: one K/V block against all N queries
+    max_flops = 10.0 * cols * n * d
+    max_bytes = float(e * 4 * cols * d + n * (e * 2 * d + STAT_BYTES * (2 + 2 * d)))
+    launches = 3 if order == "fa2" else 2  # D pass (FA2), main kernel, dQ cast
+    time_s = fused_time_s(flops, compulsory, hbm_bytes, max_flops, max_bytes, hw, dtype, hw.achievable.attention, launches)
+    return KernelCost(f"flash-{order}-bwd", flops, hbm_bytes, time_s, launches)
 
 
 def standard_attention(
@@ -199,18 +232,79 @@ def standard_attention(
     return KernelCost("standard", attention_flops(b, h, n, d, causal), hbm_bytes, qk + softmax + pv, launches=3)
 
 
+def standard_attention_backward(
+    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16"
+) -> KernelCost:
+    """Unfused backward from the stored P: dV = P^T dO, dP = dO V^T, dS = P o (dP - rowsum(dP o P))
+    (elementwise over N^2, reading P and dP, writing dS), dQ = dS K, dK = dS^T Q."""
+    e = DTYPE_BYTES[dtype]
+    gemm_flops = 2.0 * b * h * n * n * d
+    square, thin = e * b * h * n * n, e * b * h * n * d
+    dv = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
+    dp = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
+    ds = elementwise(b * h * n * n, hw, dtype, reads=2, writes=1, flops_per_element=4.0).time_s
+    dq = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
+    dk = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
+    hbm_bytes = float(4 * (square + 2 * thin) + 3 * square)
+    flops = 2.5 * attention_flops(b, h, n, d, causal)
+    return KernelCost("standard-bwd", flops, hbm_bytes, dv + dp + ds + dq + dk, launches=5)
+
+
+def decode_splits(b: int, h_kv: int, n_kv: int, bc: int, sm_count: int, max_splits: int = 128) -> int:
+    """Splits of the KV sequence so that about two programs run per SM, no more than there are K/V
+    blocks and no more than `max_splits` (Flash-Decoding's aim: fill the GPU at small batch)."""
+    wanted = -(-2 * sm_count // (b * h_kv))
+    return max(1, min(wanted, -(-n_kv // bc), max_splits))
+
+
 def flash_decoding(
-    b: int, h: int, n_q: int, n_kv: int, d: int, hw: HardwareProfile, num_splits: int, dtype: str = "fp16"
+    b: int,
+    h: int,
+    n_q: int,
+    n_kv: int,
+    d: int,
+    hw: HardwareProfile,
+    num_splits: int | None,
+    dtype: str = "fp16",
+    h_kv: int | None = None,
 ) -> KernelCost:
     """Split-KV decode: a split kernel and, with more than one split, a merge kernel.
-    FLOPs 4 B H n_q n_kv d (QK^T and PV over every cached key)."""
+    FLOPs 4 B H n_q n_kv d (QK^T and PV over every cached key).
+
+    With grouped-query attention (`h_kv` < `h`) the H / h_kv query heads that share a KV head are
+    processed as the rows of one program, so K and V are read once per KV head. `num_splits=None`
+    chooses the splits with `decode_splits`."""
+    h_kv = h if h_kv is None else h_kv
+    if h % h_kv:
+        raise UserError(f"query heads ({h}) must be a multiple of KV heads ({h_kv})")
+    rows = n_q * (h // h_kv)  # query rows per program
     tiles = tiles_for(hw, d, dtype)
-    per_head = flash_decoding_hbm_bytes(n_q, n_kv, d, tiles.bc, num_splits, dtype)
-    hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
+    splits = decode_splits(b, h_kv, n_kv, tiles.bc, hw.sm_count) if num_splits is None else num_splits
+    s, per_split_kv = split_kv(n_kv, tiles.bc, splits)
+    per_split_kv = min(per_split_kv, n_kv)
+    per_head = flash_decoding_hbm_bytes(rows, n_kv, d, tiles.bc, splits, dtype)
+    hbm_bytes = float(b * h_kv * (per_head["read"] + per_head["written"]))
     flops = 4.0 * b * h * n_q * n_kv * d
-    launches = 1 if split_kv(n_kv, tiles.bc, num_splits)[0] == 1 else 2
-    time_s = roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention, launches)
+    e = DTYPE_BYTES[dtype]
+    compulsory = float(b * h_kv * 2 * n_kv * d * e + b * h * n_q * d * 2 * e)
+    max_flops = 4.0 * rows * per_split_kv * d
+    max_bytes = float(e * (2 * per_split_kv * d + 2 * rows * d) + STAT_BYTES * rows * (d + 1))
+    launches = 1 if s == 1 else 2
+    time_s = fused_time_s(flops, compulsory, hbm_bytes, max_flops, max_bytes, hw, dtype, hw.achievable.attention, launches)
     return KernelCost("flash-decoding", flops, hbm_bytes, time_s, launches)
+
+
+def standard_decode(b: int, h: int, h_kv: int, n_kv: int, d: int, hw: HardwareProfile, dtype: str = "fp16") -> KernelCost:
+    """Unfused decode attention as eager PyTorch runs it: K, V expanded to every query head
+    (a copy), scores, softmax, and the weighted sum, each a kernel."""
+    e = DTYPE_BYTES[dtype]
+    kv = b * h * n_kv * d
+    expand = elementwise(2 * kv, hw, dtype, reads=1, writes=1, flops_per_element=0).time_s if h != h_kv else 0.0
+    scores = roofline_time_s(2.0 * b * h * n_kv * d, e * (kv + b * h * n_kv), hw, dtype, hw.achievable.matmul)
+    softmax = elementwise(b * h * n_kv, hw, dtype, flops_per_element=5.0).time_s
+    weighted = roofline_time_s(2.0 * b * h * n_kv * d, e * (kv + b * h * n_kv), hw, dtype, hw.achievable.matmul)
+    hbm_bytes = float(e * (2 * kv + 4 * b * h * n_kv))
+    return KernelCost("standard-decode", 4.0 * b * h * n_kv * d, hbm_bytes, expand + scores + softmax + weighted, 4)
 
 
 def attention_summary(b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool, dtype: str = "fp16") -> dict:

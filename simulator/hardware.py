@@ -47,6 +47,7 @@ class HardwareProfile(BaseModel):
     l2_bytes: PositiveInt
     memory_bytes: PositiveInt  # device memory (HBM/GDDR) capacity
     hbm_bytes_per_s: PositiveFloat  # peak device-memory bandwidth
+    l2_bytes_per_s: PositiveFloat | None = None  # peak L2 read bandwidth; absent: re-reads priced at HBM speed
     peak_flops_per_s: dict[str, PositiveFloat]  # dense, by dtype; tensor-core figures where they exist
     clock_hz: PositiveFloat  # boost clock
     tdp_w: PositiveFloat

@@ -15,7 +15,7 @@ from simulator.hardware import HardwareProfile  # noqa: E402
 from simulator.models import ModelSpec  # noqa: E402
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def plot_speedup_over_gamma_and_alpha(
            title=f"{target.name} on {hw.name}, draft {draft_name}, batch {batch}")  # fmt: skip
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_verify_roofline(
@@ -91,7 +91,7 @@ def plot_verify_roofline(
     ax_speed.legend(fontsize=8)
     for ax in (ax_roof, ax_speed):
         ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pareto(path: Path, candidates: list[dict], x_key: str, y_key: str, title: str) -> Path:
@@ -110,7 +110,7 @@ def plot_pareto(path: Path, candidates: list[dict], x_key: str, y_key: str, titl
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pareto_front(candidates: list[dict], x_key: str, y_key: str) -> list[dict]:
