@@ -28,6 +28,20 @@ def _run_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulator import validate as val
+
+    print(f"validate: reading {args.data} and fitting the A100 profile (about a minute on 2 cores)...", file=sys.stderr)
+    result = val.validate(Path(args.data), calibrate=not args.no_calibrate, per_series=args.per_series)
+    if args.plot:
+        val.plot_validation(result, Path(args.plot))
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    print(json.dumps(public, indent=2) if args.json else val.format_validation(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m simulator",
@@ -53,6 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8"], help="weight and activation dtype (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
     p.set_defaults(run=_run_plan)
+
+    from simulator.validate import DEFAULT_DATA_DIR
+
+    p = sub.add_parser(
+        "validate",
+        help="predict the published and measured GPU data and report the error",
+        description="Predict every point in DATA/published and DATA/measured from the GPU profiles; fit the A100 "
+        "profile's achievable fractions, launch overhead and one efficiency per kernel implementation on every "
+        "third point of each series, and report MAPE, median and worst error per source and kernel on the rest.",
+    )
+    p.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="data directory (default: ../shared/data beside the repository)")
+    p.add_argument("--no-calibrate", action="store_true", help="report the shipped profiles' error without fitting")
+    p.add_argument("--per-series", type=int, default=None, help="keep at most this many points of each series (quick run)")
+    p.add_argument("--plot", default=None, help="write a predicted-vs-measured scatter plot (PNG) here")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_run_validate)
 
     p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures")
     p.add_argument("--json", action="store_true", help="print as JSON")
