@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_run_validate)
 
+    from simulator import simulate
+
+    bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(dest="benchmark", required=True)
+    simulate.add_parsers(sub, bench)
+
     p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(run=_run_profiles)

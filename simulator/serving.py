@@ -1,0 +1,951 @@
+"""Serving simulation: a continuous-batching engine with speculative decoding, under a request
+stream, as SimPy processes.
+
+The engine (vLLM's design): requests wait in a FIFO queue; at each step boundary the scheduler
+admits the head while a batch slot, the token budget and KV-cache blocks allow; a running
+request holds blocks of `block_tokens` tokens of target and draft KV cache. A speculative step
+runs gamma draft passes over every running request, then one target verify pass over
+batch x (gamma + 1) tokens; each request keeps its accepted drafts plus one token from the
+target. The blocks that the lookahead (gamma + 1 KV entries) needs are reserved before the step
+and the unused ones released after it. When growth does not fit, the latest-admitted requests
+are preempted: their blocks are freed and they return to the head of the queue, to be
+recomputed (their prompt and the tokens generated so far prefilled again).
+
+Speed: a step's time comes from `PassCost`, the cost model of `forward()` regrouped into a part
+memoised by token count and a closed-form attention part. Between scheduling events (an
+arrival that could join, a request finishing, the cache running out) every step is a decode
+step over the same batch, so the engine plans such a span of steps at once with numpy and
+waits once; `max_span_steps=1` plans every step on its own (the slow reference; a test holds
+the two to the same result, random acceptance draws included).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import numpy as np
+import simpy
+from pydantic import BaseModel, ConfigDict
+
+from simulator.errors import UserError
+from simulator.forward import check_tp, kv_bytes_per_token, kv_heads_per_gpu, layer_costs, weight_bytes
+from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.models import ModelSpec
+from simulator.roofline import elementwise, gemm
+from simulator.workload import Request, request_source
+
+# Engine defaults from vLLM (vllm/config.py): CacheConfig.block_size = 16 tokens,
+# gpu_memory_utilization = 0.9 of device memory for weights and KV cache, and the V0
+# scheduler's watermark of 1% of blocks kept free at admission to avoid immediate preemption.
+BLOCK_TOKENS = 16
+MEMORY_UTILIZATION = 0.9
+WATERMARK_FRACTION = 0.01
+DEFAULT_MAX_BATCH = 256  # vLLM SchedulerConfig.max_num_seqs
+DEFAULT_MAX_BATCHED_TOKENS = 8192  # an assumption: tokens one step may carry (vLLM's is per deployment)
+SPAN_ELEMENTS_MAX = 1 << 18  # bound on steps x batch drawn at once in a speculative span
+
+# ---------------------------------------------------------------------------------------------
+# Step time: forward() regrouped for speed
+
+
+class PassCost:
+    """Seconds of one forward pass of `model` over a batch of sequences, sequence i bringing q_i
+    new tokens on top of ctx_i cached ones, from four aggregates:
+
+        T = sum q_i                 tokens through every weight GEMM and elementwise kernel
+        K = sum (ctx_i + q_i)       keys: positions whose K and V each attention layer reads
+        P = sum q_i (ctx_i + q_i)   query-key pairs: attention FLOPs are 4 H d_head P
+        L                           tokens through the LM head
+
+    This is `forward()` regrouped: every kernel but attention depends on T (or L) alone and is
+    memoised per count; attention is one roofline kernel per layer, in closed form. For a
+    uniform batch (q_i = q, ctx_i = ctx) it equals `forward(...)["total"].time_s` (a test holds
+    it to 1e-9); a mixed batch (prefill chunks beside decodes) sums each sequence's bytes and FLOPs
+    into the one attention launch, as a varlen kernel does. Times are per GPU of a `tp`-way
+    tensor-parallel group, as in forward()."""
+
+    def __init__(self, model: ModelSpec, hw: HardwareProfile, dtype: str = "fp16", tp: int = 1):
+        check_tp(model, tp)
+        e = DTYPE_BYTES[dtype]
+        self.model, self.hw, self.dtype, self.tp = model, hw, dtype, tp
+        self.n_layers = model.n_layers
+        heads = model.n_heads // tp  # this GPU's query heads
+        d_kv = kv_heads_per_gpu(model, tp) * model.d_head  # this GPU's K (or V) width
+        self.flops_per_pair = 4.0 * heads * model.d_head  # QK^T and PV, 2 FLOPs per MAC
+        self.bytes_per_key = 2.0 * d_kv * e  # K and V of one cached or new position, read
+        self.bytes_per_token = 2.0 * (d_kv + heads * model.d_head) * e  # new K, V written; Q read, O written
+        self.attention_flops_per_s = hw.peak_flops(dtype) * hw.achievable.attention
+        self.hbm_bytes_per_s = hw.hbm_bytes_per_s * hw.achievable.bandwidth
+        self.launch_s = hw.launch_overhead_s
+        self._dense_s: dict[int, float] = {}
+        self._head_s: dict[int, float] = {}
+
+    def dense_s(self, tokens: int) -> float:
+        """Every kernel of every layer except attention, plus the embedding, for `tokens` tokens."""
+        t = self._dense_s.get(tokens)
+        if t is None:
+            kernels = layer_costs(self.model, self.hw, tokens, 0, 1, self.dtype, self.tp)  # depend on batch x query only
+            per_layer_s = sum(k.time_s for k in kernels if k.name != "attention")
+            embed_s = elementwise(tokens * self.model.d_model, self.hw, self.dtype, reads=1, writes=1, flops_per_element=0).time_s
+            t = self._dense_s[tokens] = self.n_layers * per_layer_s + embed_s
+        return t
+
+    def head_s(self, logits_tokens: int) -> float:
+        """Final RMSNorm and the LM-head GEMM [L, d] @ [d, vocab]; none when no token needs logits
+        (a prefill chunk that does not end its prompt)."""
+        if logits_tokens == 0:
+            return 0.0
+        t = self._head_s.get(logits_tokens)
+        if t is None:
+            d = self.model.d_model
+            norm = elementwise(logits_tokens * d, self.hw, self.dtype, flops_per_element=4)
+            head = gemm(logits_tokens, -(-self.model.vocab_size // self.tp), d, self.hw, self.dtype)
+            t = self._head_s[logits_tokens] = norm.time_s + head.time_s
+        return t
+
+    def attention_s(self, tokens, keys, pairs):
+        """All layers' attention; `keys` and `pairs` may be numpy arrays (one value per step)."""
+        compute_s = self.flops_per_pair * pairs / self.attention_flops_per_s
+        memory_s = (self.bytes_per_key * keys + self.bytes_per_token * tokens) / self.hbm_bytes_per_s
+        return self.n_layers * (np.maximum(compute_s, memory_s) + self.launch_s)
+
+    def pass_s(self, tokens: int, keys, pairs, logits_tokens: int):
+        return self.dense_s(tokens) + self.attention_s(tokens, keys, pairs) + self.head_s(logits_tokens)
+
+    def uniform_s(self, batch: int, query_tokens: int, context_sum, logits_tokens: int | None = None):
+        """`batch` sequences of `query_tokens` new tokens each, cached contexts summing to `context_sum`."""
+        tokens = batch * query_tokens
+        keys = context_sum + tokens
+        logits = tokens if logits_tokens is None else logits_tokens
+        return self.pass_s(tokens, keys, query_tokens * keys, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Acceptance: how many of gamma drafts the target keeps
+
+
+class AcceptanceModel(BaseModel):
+    """Law of the number n in [0, gamma] of draft tokens accepted in one verify pass; the pass
+    emits n + 1 tokens (the accepted drafts and the target's correction or bonus token).
+
+    - 'iid': every position accepted with probability `alpha` given those before were
+      (Leviathan et al. 2023): P(n = k) = alpha^k (1 - alpha) for k < gamma, P(n = gamma) = alpha^gamma.
+    - 'positional': position i accepted with probability `alphas[i]` given those before were.
+    - 'empirical': `counts[k]` = how often k drafts were accepted in a measurement with
+      gamma_m = len(counts) - 1 drafts per step; with fewer drafts, n = min(n_m, gamma)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["iid", "positional", "empirical"] = "iid"
+    alpha: float = 0.7
+    alphas: list[float] = []
+    counts: list[float] = []
+
+    def check(self, gamma: int) -> AcceptanceModel:
+        if gamma < 0:
+            raise UserError(f"--gamma must be >= 0, got {gamma}")
+        if self.kind == "iid" and not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        if self.kind == "positional":
+            if any(not 0.0 <= a <= 1.0 for a in self.alphas):
+                raise UserError(f"every per-position alpha must lie in [0, 1], got {self.alphas}")
+            if len(self.alphas) < gamma:
+                raise UserError(f"--alpha gives {len(self.alphas)} per-position rates but --gamma is {gamma}; give one per draft position")
+        if self.kind == "empirical":
+            if not self.counts or any(c < 0 or not math.isfinite(c) for c in self.counts) or sum(self.counts) <= 0:
+                raise UserError("accepted-length counts must be finite, >= 0 and not all zero")
+            if len(self.counts) - 1 < gamma:
+                raise UserError(f"the accepted-length counts were measured with gamma {len(self.counts) - 1}; --gamma {gamma} would need longer drafts")
+        return self
+
+    def pmf(self, gamma: int) -> np.ndarray:
+        """[gamma + 1] probabilities of accepting 0..gamma drafts."""
+        if self.kind == "empirical":
+            counts = np.asarray(self.counts, dtype=float)
+            pmf = np.append(counts[:gamma], counts[gamma:].sum())  # n = min(n_m, gamma)
+            return pmf / pmf.sum()
+        rates = np.full(gamma, self.alpha) if self.kind == "iid" else np.asarray(self.alphas[:gamma], dtype=float)
+        survive = np.concatenate([[1.0], np.cumprod(rates)])  # P(n >= k), k = 0..gamma
+        return survive - np.append(survive[1:], 0.0)
+
+    def mean_tokens(self, gamma: int) -> float:
+        """E[n + 1]: for 'iid' equal to (1 - alpha^(gamma+1)) / (1 - alpha) (Leviathan eq. 1)."""
+        return float(np.dot(self.pmf(gamma), np.arange(1, gamma + 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-size metrics
+
+
+class LatencySummary:
+    """Count, mean, extremes and quantiles of a stream of durations, in fixed memory: a histogram
+    of log-spaced bins 1% wide from 1 us to 1e6 s, so quantiles are within 0.5% (relative) of the
+    exact order statistic above 1 us; values below 1 us fall in one bin, reported as the minimum."""
+
+    LO_S, HI_S, GROWTH = 1e-6, 1e6, 1.01
+    N_BINS = math.ceil(math.log(HI_S / LO_S) / math.log(GROWTH)) + 2  # [below LO, ..., above HI]
+
+    BUFFER = 4096  # values held before they are binned in bulk
+
+    def __init__(self):
+        self.counts = np.zeros(self.N_BINS, dtype=np.int64)
+        self.count = 0
+        self.total_s = 0.0
+        self.min_s = math.inf
+        self.max_s = -math.inf
+        self._buffer = np.empty(self.BUFFER)
+        self._buffered = 0
+
+    def add(self, values_s: np.ndarray) -> None:
+        m = values_s.size
+        if self._buffered + m > self.BUFFER:
+            self._flush()
+        if m > self.BUFFER:
+            self._bin(values_s)
+        else:
+            self._buffer[self._buffered : self._buffered + m] = values_s
+            self._buffered += m
+
+    def _flush(self) -> None:
+        self._bin(self._buffer[: self._buffered])
+        self._buffered = 0
+
+    def _bin(self, values_s: np.ndarray) -> None:
+        if values_s.size == 0:
+            return
+        scaled = np.maximum(values_s, self.LO_S * 0.5) / self.LO_S
+        bins = np.clip(np.floor(np.log(scaled) / math.log(self.GROWTH)).astype(np.int64) + 1, 0, self.N_BINS - 1)
+        self.counts += np.bincount(bins, minlength=self.N_BINS)
+        self.count += values_s.size
+        self.total_s += float(values_s.sum())
+        self.min_s = min(self.min_s, float(values_s.min()))
+        self.max_s = max(self.max_s, float(values_s.max()))
+
+    def quantile(self, q: float) -> float:
+        """Nearest-rank q-quantile: the centre of the bin holding rank ceil(q n)."""
+        self._flush()
+        if self.count == 0:
+            return math.nan
+        rank = max(1, math.ceil(q * self.count))
+        b = int(np.searchsorted(np.cumsum(self.counts), rank))
+        if b == 0:
+            return self.min_s
+        value = self.LO_S * self.GROWTH ** (b - 0.5)
+        return min(max(value, self.min_s), self.max_s)
+
+    def summary(self) -> dict:
+        self._flush()
+        if self.count == 0:
+            return {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
+        return {
+            "count": self.count,
+            "mean": self.total_s / self.count,
+            "p50": self.quantile(0.50),
+            "p90": self.quantile(0.90),
+            "p99": self.quantile(0.99),
+            "max": self.max_s,
+        }
+
+
+class Timeline:
+    """Engine state over time in at most N_BUCKETS equal buckets: time-weighted sums of busy time,
+    running sequences and KV blocks, output tokens, and the peak of KV blocks, per bucket. When time
+    outgrows the buckets, neighbours merge and the width doubles, so memory stays fixed. A step is
+    booked to the bucket where it starts."""
+
+    N_BUCKETS = 128
+    BUFFER = 4096  # steps held before they are booked in bulk
+
+    def __init__(self, width_s: float = 1e-3):
+        self._rows = np.empty((5, self.BUFFER))  # start_s, dt_s, sequences, kv_blocks, tokens
+        self._buffered = 0
+        self.width_s = width_s
+        self.busy_s = np.zeros(self.N_BUCKETS)
+        self.sequence_s = np.zeros(self.N_BUCKETS)  # sequences x seconds
+        self.kv_block_s = np.zeros(self.N_BUCKETS)  # blocks x seconds
+        self.output_tokens = np.zeros(self.N_BUCKETS)
+        self.kv_peak_blocks = np.zeros(self.N_BUCKETS)
+
+    def _merge(self) -> None:
+        for name in ("busy_s", "sequence_s", "kv_block_s", "output_tokens"):
+            arr = getattr(self, name)
+            setattr(self, name, np.concatenate([arr.reshape(-1, 2).sum(axis=1), np.zeros(self.N_BUCKETS // 2)]))
+        peak = self.kv_peak_blocks.reshape(-1, 2).max(axis=1)
+        self.kv_peak_blocks = np.concatenate([peak, np.zeros(self.N_BUCKETS // 2)])
+        self.width_s *= 2.0
+
+    def add(self, start_s: np.ndarray, dt_s: np.ndarray, sequences: float, kv_blocks: np.ndarray, tokens: np.ndarray) -> None:
+        """Book steps starting at `start_s` (non-decreasing), lasting `dt_s`."""
+        m = start_s.size
+        if self._buffered + m > self.BUFFER:
+            self.flush()
+        if m > self.BUFFER:
+            self._book(start_s, dt_s, np.full(m, float(sequences)), kv_blocks, tokens)
+            return
+        b, rows = self._buffered, self._rows
+        rows[0, b : b + m] = start_s
+        rows[1, b : b + m] = dt_s
+        rows[2, b : b + m] = sequences
+        rows[3, b : b + m] = kv_blocks
+        rows[4, b : b + m] = tokens
+        self._buffered += m
+
+    def flush(self) -> None:
+        if self._buffered:
+            self._book(*self._rows[:, : self._buffered])
+            self._buffered = 0
+
+    def _book(self, start_s, dt_s, sequences, kv_blocks, tokens) -> None:
+        while start_s[-1] >= self.N_BUCKETS * self.width_s:
+            self._merge()
+        idx = (start_s / self.width_s).astype(np.int64)
+        n = self.N_BUCKETS
+        self.busy_s += np.bincount(idx, dt_s, minlength=n)
+        self.sequence_s += np.bincount(idx, dt_s * sequences, minlength=n)  # sequences: one per step
+        self.kv_block_s += np.bincount(idx, dt_s * kv_blocks, minlength=n)
+        self.output_tokens += np.bincount(idx, tokens, minlength=n)
+        np.maximum.at(self.kv_peak_blocks, idx, kv_blocks)
+
+    def summary(self, capacity_blocks: int, end_s: float) -> dict:
+        self.flush()
+        used = max(1, min(self.N_BUCKETS, math.ceil(end_s / self.width_s)))
+        w = self.width_s
+        busy = self.busy_s[:used]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            batch = np.where(busy > 0, self.sequence_s[:used] / busy, 0.0)
+        return {
+            "bucket_s": w,
+            "start_s": (np.arange(used) * w).tolist(),
+            "batch_mean": batch.tolist(),
+            "kv_used_fraction_mean": (self.kv_block_s[:used] / w / capacity_blocks).tolist(),
+            "kv_used_fraction_peak": (self.kv_peak_blocks[:used] / capacity_blocks).tolist(),
+            "output_tokens_per_s": (self.output_tokens[:used] / w).tolist(),
+            "busy_fraction": np.minimum(busy / w, 1.0).tolist(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and KV-cache capacity
+
+
+class ServingConfig(BaseModel):
+    """The engine: batching limits, speculation, KV-cache layout, SLOs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch: int = DEFAULT_MAX_BATCH  # sequences running at once
+    max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS  # prefill tokens one step may add (with chunking: all tokens)
+    chunked_prefill: bool = False  # split prompts into chunks that share steps with decodes
+    gamma: int = 4  # draft tokens per speculative step; 0 or no draft: plain decoding
+    spec_off_above_batch: int | None = None  # plain decoding while more sequences than this run
+    block_tokens: int = BLOCK_TOKENS
+    memory_utilization: float = MEMORY_UTILIZATION
+    watermark_fraction: float = WATERMARK_FRACTION
+    dtype: str = "fp16"
+    tp: int = 1  # tensor-parallel GPUs the target (and, where its heads divide, the draft) is split over
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    max_span_steps: int = 1 << 20  # decode steps planned at once; 1 plans every step alone (the reference)
+    check_invariants: bool = False  # assert KV and request accounting after every step (tests)
+
+    def check(self) -> ServingConfig:
+        if self.max_batch < 1:
+            raise UserError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.max_batched_tokens < 1:
+            raise UserError(f"--max-batched-tokens must be >= 1, got {self.max_batched_tokens}")
+        if self.gamma < 0:
+            raise UserError(f"--gamma must be >= 0, got {self.gamma}")
+        if self.spec_off_above_batch is not None and self.spec_off_above_batch < 0:
+            raise UserError(f"--spec-off-above-batch must be >= 0, got {self.spec_off_above_batch}")
+        if self.tp < 1:
+            raise UserError(f"--tp must be >= 1, got {self.tp}")
+        if self.block_tokens < 1:
+            raise UserError(f"block_tokens must be >= 1, got {self.block_tokens}")
+        if not 0.0 < self.memory_utilization <= 1.0:
+            raise UserError(f"memory_utilization must lie in (0, 1], got {self.memory_utilization}")
+        for flag, value in (("--slo-ttft", self.slo_ttft_s), ("--slo-tpot", self.slo_tpot_s)):
+            if value is not None and not value > 0:
+                raise UserError(f"{flag} must be a number of seconds > 0, got {value}")
+        if self.max_span_steps < 1:
+            raise UserError(f"max_span_steps must be >= 1, got {self.max_span_steps}")
+        return self
+
+
+def draft_tp(draft: ModelSpec, tp: int) -> int:
+    """The draft is split like the target when its heads and d_ff allow, else replicated on every GPU."""
+    return tp if draft.n_heads % tp == 0 and draft.d_ff % tp == 0 else 1
+
+
+def check_pair(target: ModelSpec, draft: ModelSpec | None) -> None:
+    if draft is not None and draft.vocab_size != target.vocab_size:
+        raise UserError(
+            f"draft {draft.name} has vocabulary {draft.vocab_size}, target {target.name} has {target.vocab_size}; "
+            "speculative decoding needs one vocabulary"
+        )
+
+
+def kv_cache_blocks(hw: HardwareProfile, target: ModelSpec, draft: ModelSpec | None, cfg: ServingConfig) -> tuple[int, int]:
+    """(blocks, bytes per block per GPU): device memory x utilization, less target and draft
+    weights, in blocks of `block_tokens` tokens of target plus draft KV cache, per GPU of the
+    tensor-parallel group. A UserError says by how much the weights miss when they do not fit."""
+    check_tp(target, cfg.tp)
+    models = [(target, cfg.tp)] + ([(draft, draft_tp(draft, cfg.tp))] if draft is not None else [])
+    usable_bytes = hw.memory_bytes * cfg.memory_utilization
+    weights = sum(weight_bytes(m, cfg.dtype, tp) for m, tp in models)
+    names = " + ".join(m.name for m, _ in models)
+    per_gpu = f" per GPU over --tp {cfg.tp}" if cfg.tp > 1 else ""
+    if weights > usable_bytes:
+        raise UserError(
+            f"{names} weights need {weights / 1e9:.1f} GB{per_gpu} in {cfg.dtype} but {hw.name} has {usable_bytes / 1e9:.1f} GB usable "
+            f"({cfg.memory_utilization:.0%} of {hw.memory_bytes / 1e9:.1f} GB): short by {(weights - usable_bytes) / 1e9:.1f} GB "
+            "(more GPUs with --tp, a smaller --dtype such as fp8, or a GPU with more memory would help)"
+        )
+    bytes_per_block = cfg.block_tokens * sum(kv_bytes_per_token(m, cfg.dtype, tp) for m, tp in models)
+    blocks = int((usable_bytes - weights) // bytes_per_block)
+    if blocks < 1:
+        raise UserError(
+            f"{names} weights leave {(usable_bytes - weights) / 1e6:.1f} MB of {hw.name} for the KV cache; "
+            f"one block of {cfg.block_tokens} tokens needs {bytes_per_block / 1e6:.1f} MB: short by {(bytes_per_block - usable_bytes + weights) / 1e6:.1f} MB"
+        )
+    return blocks, bytes_per_block
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+class _Running:
+    """Requests in the batch, one column per field, rows [0, n) live (compacted on removal)."""
+
+    INT = ("rid", "prompt", "output", "generated", "ctx", "target", "prefilled", "blocks", "order")
+    FLOAT = ("arrival_s", "admit_s", "first_s")
+
+    def __init__(self, capacity: int):
+        for name in self.INT:
+            setattr(self, name, np.zeros(capacity, dtype=np.int64))
+        for name in self.FLOAT:
+            setattr(self, name, np.zeros(capacity))
+        self.n = 0
+
+    def keep(self, mask: np.ndarray) -> None:
+        m = int(mask.sum())
+        for name in self.INT + self.FLOAT:
+            arr = getattr(self, name)
+            arr[:m] = arr[: self.n][mask]
+        self.n = m
+
+
+class Engine:
+    """State and scheduler of one serving engine; `engine_process` drives it in simulated time.
+
+    KV blocks are a `simpy.Container` of free blocks: admission and lookahead reservation take
+    from it, completion, preemption and release put back."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        hw: HardwareProfile,
+        target: ModelSpec,
+        draft: ModelSpec | None,
+        acceptance: AcceptanceModel,
+        cfg: ServingConfig,
+        rng: np.random.Generator,
+        on_progress: Callable[[int], None] | None = None,
+    ):
+        cfg.check()
+        self.env, self.cfg, self.target, self.rng = env, cfg, target, rng
+        self.draft = draft if cfg.gamma > 0 else None
+        self.gamma = cfg.gamma if self.draft is not None else 0
+        check_pair(target, self.draft)
+        self.target_cost = PassCost(target, hw, cfg.dtype, cfg.tp)
+        self.draft_cost = PassCost(self.draft, hw, cfg.dtype, draft_tp(self.draft, cfg.tp)) if self.draft is not None else None
+        if self.gamma:
+            acceptance.check(self.gamma)
+            pmf = acceptance.pmf(self.gamma)
+            self.accept_cdf = np.cumsum(pmf)
+            self.accept_cdf[-1] = 1.0
+            self.mean_tokens = acceptance.mean_tokens(self.gamma)
+        self.n_blocks, self.bytes_per_block = kv_cache_blocks(hw, target, self.draft, cfg)
+        self.bs = cfg.block_tokens
+        self.watermark_blocks = int(cfg.watermark_fraction * self.n_blocks)
+        self.kv = simpy.Container(env, capacity=self.n_blocks, init=self.n_blocks)  # free blocks
+
+        self.waiting: deque[tuple] = deque()  # (rid, arrival_s, prompt, output, generated, first_s, admit_s)
+        self.arrival = env.event()  # succeeds when a request joins the queue; renewed by the engine loop
+        self.no_more_requests = env.event()
+        self.run = _Running(cfg.max_batch)
+        self._admissions = 0
+        self._on_progress = on_progress
+
+        self.arrived = 0
+        self.completed = 0
+        self.rejected: dict[str, dict] = {}
+        self.preemptions = 0
+        self.steps = 0
+        self.spec_steps = 0
+        self.spec_request_steps = 0  # sum over speculative steps of the requests verified
+        self.spec_tokens = 0  # tokens those verifications emitted
+        self.busy_s = 0.0
+        self.output_tokens = 0
+        self.prompt_tokens = 0
+        self.good = 0
+        self.kv_peak_blocks = 0
+        self.batch_peak = 0
+        self.end_s = 0.0
+        self.ttft = LatencySummary()
+        self.tpot = LatencySummary()
+        self.e2e = LatencySummary()
+        self.queue = LatencySummary()
+        self.timeline = Timeline()
+
+    # --- arrivals ----------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Called at the request's arrival: reject it with a reason, or queue it for the engine."""
+        self.arrived += 1
+        reason = self._rejection(request)
+        if reason is not None:
+            entry = self.rejected.setdefault(reason, {"count": 0, "first_ids": []})
+            entry["count"] += 1
+            if len(entry["first_ids"]) < 10:
+                entry["first_ids"].append(request.rid)
+            if self._on_progress:
+                self._on_progress(1)
+        else:
+            self.waiting.append((request.rid, request.arrival_s, request.prompt_tokens, request.output_tokens, 0, math.nan, math.nan))
+            if not self.arrival.triggered:
+                self.arrival.succeed()
+
+    def _rejection(self, r: Request) -> str | None:
+        if r.prompt_tokens + r.output_tokens > self.target.max_seq_len:
+            return "longer_than_max_seq_len"
+        if not self.cfg.chunked_prefill and r.prompt_tokens > self.cfg.max_batched_tokens:
+            return "prompt_exceeds_max_batched_tokens"
+        lookahead = self.gamma + 1
+        if _ceil_div(r.prompt_tokens + r.output_tokens - 1 + lookahead, self.bs) > self.n_blocks - self.watermark_blocks:
+            return "larger_than_kv_cache"
+        return None
+
+    @property
+    def idle(self) -> bool:
+        return self.run.n == 0 and not self.waiting
+
+    # --- KV blocks ---------------------------------------------------------------------------
+
+    def _take_blocks(self, n: int) -> None:
+        if n > 0:
+            ev = self.kv.get(n)
+            assert ev.triggered, "KV blocks taken beyond the free ones"
+
+    def _give_blocks(self, n: int) -> None:
+        if n > 0:
+            ev = self.kv.put(n)
+            assert ev.triggered, "KV blocks returned beyond capacity"
+
+    def _fits(self, entry: tuple) -> bool:
+        need = _ceil_div(entry[2] + entry[4], self.bs)  # prompt + generated, recomputed at admission
+        return need <= self.kv.level - self.watermark_blocks
+
+    def _admit(self, entry: tuple, now: float) -> int:
+        rid, arrival_s, prompt, output, generated, first_s, admit_s = entry
+        R, i = self.run, self.run.n
+        target = prompt + generated
+        blocks = _ceil_div(target, self.bs)
+        self._take_blocks(blocks)
+        R.rid[i], R.arrival_s[i], R.prompt[i], R.output[i], R.generated[i] = rid, arrival_s, prompt, output, generated
+        R.first_s[i], R.admit_s[i] = first_s, now if math.isnan(admit_s) else admit_s
+        R.target[i], R.prefilled[i], R.ctx[i], R.blocks[i] = target, 0, 0, blocks
+        R.order[i] = self._admissions
+        self._admissions += 1
+        R.n += 1
+        return i
+
+    def _reserve(self, query_tokens: int) -> None:
+        """Blocks for every decoding request's next `query_tokens` KV entries; while they do not
+        fit, preempt the latest-admitted request (recompute: it frees all its blocks and goes back
+        to the head of the queue)."""
+        R, bs = self.run, self.bs
+        while True:
+            n = R.n
+            need = (R.ctx[:n] + (query_tokens + bs - 1)) // bs - R.blocks[:n]
+            if self.cfg.chunked_prefill:  # mid-prefill requests hold their prompt's blocks already
+                need[R.prefilled[:n] < R.target[:n]] = 0
+            np.maximum(need, 0, out=need)
+            total = int(need.sum())
+            if total <= self.kv.level:
+                break
+            victim = int(R.order[:n].argmax())
+            self._give_blocks(int(R.blocks[victim]))
+            self.waiting.appendleft(
+                (int(R.rid[victim]), float(R.arrival_s[victim]), int(R.prompt[victim]), int(R.output[victim]),
+                 int(R.generated[victim]), float(R.first_s[victim]), float(R.admit_s[victim]))
+            )  # fmt: skip
+            mask = np.ones(n, dtype=bool)
+            mask[victim] = False
+            R.keep(mask)
+            self.preemptions += 1
+        self._take_blocks(total)
+        R.blocks[:n] += need
+
+    def _speculating(self) -> bool:
+        off = self.cfg.spec_off_above_batch
+        return self.gamma > 0 and (off is None or self.run.n <= off)
+
+    # --- planning ----------------------------------------------------------------------------
+
+    def plan(self, now: float) -> tuple[np.ndarray, bool]:
+        """Schedule the next step, or a span of decode steps over an unchanging batch.
+        Returns the end offset (s) of each step and whether an arrival may cut the span short."""
+        self._start_s = now
+        R, cfg = self.run, self.cfg
+        q = self.gamma + 1 if self._speculating() else 1
+        preempted_before = self.preemptions
+        chunks: list[tuple[int, int]] = []  # (row, prompt tokens this step)
+        if cfg.chunked_prefill:
+            self._reserve(q)
+            n = R.n
+            decoding = R.prefilled[:n] >= R.target[:n]
+            budget = cfg.max_batched_tokens - int(decoding.sum()) * q
+            for i in sorted(np.flatnonzero(~decoding).tolist(), key=lambda i: R.order[i]):
+                if budget <= 0:
+                    break
+                c = min(int(R.target[i] - R.prefilled[i]), budget)
+                chunks.append((i, c))
+                budget -= c
+            while self.waiting and budget > 0 and R.n < cfg.max_batch and self._fits(self.waiting[0]):
+                i = self._admit(self.waiting.popleft(), now)
+                c = min(int(R.target[i]), budget)
+                chunks.append((i, c))
+                budget -= c
+            open_to_arrivals = not self.waiting and R.n < cfg.max_batch and budget > 0
+        else:
+            tokens = 0
+            while self.waiting and R.n < cfg.max_batch and self._fits(self.waiting[0]):
+                head = self.waiting[0]
+                if chunks and tokens + head[2] + head[4] > cfg.max_batched_tokens:
+                    break
+                i = self._admit(self.waiting.popleft(), now)
+                chunks.append((i, int(R.target[i])))
+                tokens += int(R.target[i])
+            if not chunks:
+                self._reserve(q)
+            open_to_arrivals = not self.waiting and R.n < cfg.max_batch
+        n = R.n
+        if chunks or not (R.prefilled[:n] >= R.target[:n]).all():  # prefills to run, or starved of budget
+            return self._plan_mixed(q, chunks), False
+        # After a preemption the next step boundary may differ: the preempted request heads the
+        # queue and may fit again once this step releases its lookahead, and a batch shrunk below
+        # the speculation limit changes the next step's kind. Such a plan runs one step.
+        steady = self.preemptions == preempted_before
+        return self._plan_span(q, self.cfg.max_span_steps if steady else 1), open_to_arrivals
+
+    def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> np.ndarray:
+        """One step of prefill chunks, beside a decode (or speculative) step of every decoding
+        request when prefill is chunked; without chunking, decoding requests sit this step out."""
+        R, n = self.run, self.run.n
+        decoding = np.zeros(n, dtype=bool)
+        if self.cfg.chunked_prefill:
+            decoding = R.prefilled[:n] >= R.target[:n]
+        rows = np.array([i for i, _ in chunks], dtype=np.int64)
+        sizes = np.array([c for _, c in chunks], dtype=np.int64)
+        done_before = R.prefilled[rows]
+        finishing = int((done_before + sizes >= R.target[rows]).sum())  # chunks that end a prefill emit a token
+        n_dec = int(decoding.sum())
+        ctx_dec = int(R.ctx[:n][decoding].sum())
+        chunk_tokens = int(sizes.sum())
+        chunk_keys = int((done_before + sizes).sum())
+        chunk_pairs = int((sizes * (done_before + sizes)).sum())
+        dec_keys = ctx_dec + n_dec * q
+        step_s = self.target_cost.pass_s(
+            n_dec * q + chunk_tokens, dec_keys + chunk_keys, q * dec_keys + chunk_pairs, n_dec * q + finishing
+        )
+        if self.draft_cost is not None:  # the draft reads the same prompts and keeps its own KV cache
+            passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps its cache in step
+            for j in range(passes):
+                keys = ctx_dec + n_dec * (j + 1)
+                if j == 0:
+                    step_s += self.draft_cost.pass_s(n_dec + chunk_tokens, keys + chunk_keys, keys + chunk_pairs, n_dec + finishing)
+                elif n_dec:
+                    step_s += self.draft_cost.pass_s(n_dec, keys, keys, n_dec)
+        self._kind = "mixed"
+        self._mixed = (q, decoding, rows, sizes, float(step_s))
+        return np.array([float(step_s)])
+
+    def _plan_span(self, q: int, max_steps: int) -> np.ndarray:
+        """Decode steps over the whole batch until the first step in which a request finishes,
+        the cache would overflow, or `max_steps`: [k] step end offsets (s)."""
+        R, n, bs = self.run, self.run.n, self.bs
+        ctx = R.ctx[:n]
+        remaining = R.output[:n] - R.generated[:n]
+        min_remaining = int(remaining.min())
+        if q > 1:
+            # enough steps to reach the first finish unless acceptance runs far below its mean
+            k_max = min(min_remaining, math.ceil(1.25 * min_remaining / self.mean_tokens) + 2,
+                        max_steps, max(1, SPAN_ELEMENTS_MAX // n))  # fmt: skip
+            self._rng_state = self.rng.bit_generator.state
+            emitted = np.searchsorted(self.accept_cdf, self.rng.random((k_max, n)), side="right") + 1  # [k, n] in 1..gamma+1
+            cum = emitted.cumsum(axis=0)  # [k, n] tokens generated in the span after each step
+            finishes = (cum >= remaining).any(axis=1)
+            last = int(finishes.argmax())
+            k = last + 1 if finishes[last] else k_max
+            before = cum[:k] - emitted[:k]  # [k, n] tokens generated in the span before each step
+            reserved = ((ctx + (q + bs - 1) + before) // bs).sum(axis=1)  # [k] blocks held during each step
+            tokens = emitted[:k].sum(axis=1)
+            if reserved[-1] > self.n_blocks:  # step 0 fits (reserved before planning): stop before the first that does not
+                k = int((reserved > self.n_blocks).argmax())
+                before, reserved, tokens = before[:k], reserved[:k], tokens[:k]
+            elif finishes[last]:  # the last step ends requests: count only the tokens they still needed
+                tokens[-1] -= int(np.maximum(cum[last] - remaining, 0).sum())
+            ctx_sum = int(ctx.sum()) + before.sum(axis=1)
+        else:
+            k = min(min_remaining, max_steps)
+            steps = np.arange(k)
+            # blocks held in step s: sum_i ceil((ctx_i + s + 1) / bs); request i's count grows by one
+            # at each s >= 1 with (ctx_i + s) % bs == 0, so tally requests by -ctx_i mod bs.
+            grow_at = np.bincount((-ctx) % bs, minlength=bs)
+            reserved = int(((ctx + bs) // bs).sum()) + np.concatenate(([0], grow_at[steps[1:] % bs].cumsum()))
+            if reserved[-1] > self.n_blocks:
+                k = int((reserved > self.n_blocks).argmax())
+                reserved, steps = reserved[:k], steps[:k]
+            tokens = np.full(k, n)
+            ctx_sum = int(ctx.sum()) + n * steps
+            cum = None
+        step_s = self.target_cost.uniform_s(n, q, ctx_sum)
+        if self.draft_cost is not None:
+            passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps the draft's cache in step
+            # draft pass j reads contexts ctx_i + j: [k, passes] -> [k]
+            step_s = step_s + self.draft_cost.uniform_s(n, 1, ctx_sum[:, None] + n * np.arange(passes)).sum(axis=1)
+        ends_s = step_s.cumsum()
+        self._kind = "span"
+        self._span = (q, cum, reserved, tokens, step_s, ends_s)
+        return ends_s
+
+    # --- committing --------------------------------------------------------------------------
+
+    def commit(self, steps_done: int, now: float) -> None:
+        """Apply the first `steps_done` planned steps, which ended at `now`."""
+        if self._kind == "mixed":
+            self._commit_mixed()
+        else:
+            R, n, k = self.run, self.run.n, steps_done
+            q, cum, reserved, tokens, step_s, ends_s = self._span
+            if q > 1:
+                self.rng.bit_generator.state = self._rng_state
+                self.rng.bit_generator.advance(k * n)  # as if only these steps' draws were made
+                gained = np.minimum(cum[k - 1], R.output[:n] - R.generated[:n])
+                self.spec_steps += k
+                self.spec_request_steps += k * n
+                self.spec_tokens += int(tokens[:k].sum())
+            else:
+                gained = k
+            R.generated[:n] += gained
+            R.ctx[:n] += gained
+            self._book(step_s[:k], ends_s[:k], n, reserved[:k], tokens[:k])
+        self._release_and_finish(now)
+        if self.cfg.check_invariants:
+            self._check()
+
+    def _commit_mixed(self) -> None:
+        q, decoding, rows, sizes, step_s = self._mixed
+        R, n = self.run, self.run.n
+        held = self.n_blocks - self.kv.level
+        tokens = 0
+        n_dec = int(decoding.sum())
+        if n_dec:
+            remaining = R.output[:n][decoding] - R.generated[:n][decoding]
+            if q > 1:
+                accepted = np.searchsorted(self.accept_cdf, self.rng.random(n_dec), side="right")
+                gained = np.minimum(accepted + 1, remaining)
+                self.spec_steps += 1
+                self.spec_request_steps += n_dec
+                self.spec_tokens += int(gained.sum())
+            else:
+                gained = 1
+            R.generated[:n][decoding] += gained
+            R.ctx[:n][decoding] += gained
+            tokens += int(np.sum(gained)) if q > 1 else n_dec
+        R.prefilled[rows] += sizes
+        done = rows[R.prefilled[rows] >= R.target[rows]]
+        if done.size:
+            R.ctx[done] = R.target[done]
+            R.generated[done] += 1
+            first = done[np.isnan(R.first_s[done])]
+            R.first_s[first] = self._start_s + step_s
+            tokens += done.size
+        one = np.array([step_s])
+        self._book(one, one, n, np.array([held]), np.array([tokens]))
+
+    def _book(self, step_s: np.ndarray, ends_s: np.ndarray, sequences: int, reserved: np.ndarray, tokens: np.ndarray) -> None:
+        """Steps that ran: `ends_s` offsets from the plan's start, `reserved` blocks held in each."""
+        self.timeline.add(self._start_s + ends_s - step_s, step_s, sequences, reserved, tokens)
+        self.steps += step_s.size
+        self.busy_s += float(ends_s[-1])
+        self.output_tokens += int(tokens.sum())
+        self.kv_peak_blocks = max(self.kv_peak_blocks, int(reserved[-1]))  # reservations only grow within a plan
+        self.batch_peak = max(self.batch_peak, sequences)
+
+    def _release_and_finish(self, now: float) -> None:
+        """Give back lookahead blocks no KV entry uses; retire finished requests."""
+        R, n, bs = self.run, self.run.n, self.bs
+        decoding = R.prefilled[:n] >= R.target[:n]
+        used = (R.ctx[:n] + (bs - 1)) // bs
+        finished = R.generated[:n] >= R.output[:n]
+        if not decoding.all():  # mid-prefill requests keep their prompt's blocks
+            used = np.where(decoding, used, R.blocks[:n])
+            finished &= decoding
+        freed = int(R.blocks[:n].sum()) - int(used.sum())  # < 0 when a span outgrew its first step's reservation
+        R.blocks[:n] = used
+        if finished.any():
+            freed += int(used[finished].sum())
+            self._retire(np.flatnonzero(finished), now)
+            R.keep(~finished)
+        if freed > 0:
+            self._give_blocks(freed)
+        elif freed < 0:
+            self._take_blocks(-freed)
+
+    def _retire(self, f: np.ndarray, now: float) -> None:
+        """Latency and goodput of the finished rows `f`."""
+        R = self.run
+        arrival, first, output = R.arrival_s[f], R.first_s[f], R.output[f]
+        ttft = first - arrival
+        multi = output > 1
+        tpot = (now - first[multi]) / (output[multi] - 1)
+        self.ttft.add(ttft)
+        self.e2e.add(now - arrival)
+        self.tpot.add(tpot)
+        self.queue.add(R.admit_s[f] - arrival)
+        good = np.ones(f.size, dtype=bool)
+        if self.cfg.slo_ttft_s is not None:
+            good &= ttft <= self.cfg.slo_ttft_s
+        if self.cfg.slo_tpot_s is not None:
+            good[multi] &= tpot <= self.cfg.slo_tpot_s
+        self.good += int(good.sum())
+        self.prompt_tokens += int(R.prompt[f].sum())
+        self.completed += f.size
+        self.end_s = now
+        if self._on_progress:
+            self._on_progress(f.size)
+
+    def _check(self) -> None:
+        R, n = self.run, self.run.n
+        held = int(R.blocks[:n].sum())
+        assert held == self.n_blocks - self.kv.level, "blocks held by requests differ from the cache's count"
+        assert 0 <= self.kv.level <= self.n_blocks
+        assert self.kv_peak_blocks <= self.n_blocks, "KV use exceeded capacity"
+        assert np.all(R.blocks[:n] >= _ceil_div(np.where(R.prefilled[:n] >= R.target[:n], R.ctx[:n], R.target[:n]), self.bs))
+        assert np.all(R.generated[:n] < R.output[:n])
+        rejected = sum(v["count"] for v in self.rejected.values())
+        assert self.arrived == self.completed + rejected + len(self.waiting) + n, "a request went missing"
+
+    # --- report ------------------------------------------------------------------------------
+
+    def report(self) -> dict:
+        self.timeline.flush()
+        duration_s = self.end_s
+        rejected = sum(v["count"] for v in self.rejected.values())
+        per_s = (lambda x: x / duration_s) if duration_s > 0 else (lambda x: 0.0)
+        return {
+            "requests": {
+                "arrived": self.arrived,
+                "completed": self.completed,
+                "rejected": rejected,
+                "rejected_by_reason": self.rejected,
+                "preemptions": self.preemptions,
+            },
+            "duration_s": duration_s,
+            "latency_s": {
+                "ttft": self.ttft.summary(),
+                "tpot": self.tpot.summary(),
+                "e2e": self.e2e.summary(),
+                "queue": self.queue.summary(),
+            },
+            "throughput": {
+                "output_tokens_per_s": per_s(self.output_tokens),
+                "total_tokens_per_s": per_s(self.output_tokens + self.prompt_tokens),
+                "requests_per_s": per_s(self.completed),
+            },
+            "goodput": {
+                "slo_ttft_s": self.cfg.slo_ttft_s,
+                "slo_tpot_s": self.cfg.slo_tpot_s,
+                "requests_per_s": per_s(self.good),
+                "fraction_of_completed": self.good / self.completed if self.completed else 0.0,
+            },
+            "gpu_busy_fraction": self.busy_s / duration_s if duration_s > 0 else 0.0,
+            "batch": {"mean": self._mean_batch(), "max": self.batch_peak},
+            "kv_cache": {
+                "capacity_blocks": self.n_blocks,
+                "block_tokens": self.bs,
+                "bytes_per_block": self.bytes_per_block,
+                "capacity_tokens": self.n_blocks * self.bs,
+                "peak_used_blocks": self.kv_peak_blocks,
+                "peak_used_fraction": self.kv_peak_blocks / self.n_blocks,
+                "mean_used_fraction": float(self.timeline.kv_block_s.sum()) / duration_s / self.n_blocks if duration_s > 0 else 0.0,
+            },
+            "engine": {
+                "steps": self.steps,
+                "speculative_steps": self.spec_steps,
+                "tokens_per_verify": self.spec_tokens / self.spec_request_steps if self.spec_request_steps else None,
+                "expected_tokens_per_verify": self.mean_tokens if self.gamma else None,
+                "output_tokens": self.output_tokens,
+            },
+            "timeline": self.timeline.summary(self.n_blocks, duration_s),
+        }
+
+    def _mean_batch(self) -> float:
+        return float(self.timeline.sequence_s.sum() / self.busy_s) if self.busy_s > 0 else 0.0
+
+
+def engine_process(env: simpy.Environment, engine: Engine):
+    """SimPy process: the engine loop. Each turn schedules one step, or a span of decode steps
+    over an unchanging batch, and waits out its duration; an arrival that could join a running
+    span cuts it at the end of the step in progress."""
+    while True:
+        if engine.arrival.triggered:
+            engine.arrival = env.event()
+        if engine.idle:
+            if engine.no_more_requests.triggered:
+                return
+            yield engine.arrival | engine.no_more_requests
+            continue
+        ends_s, open_to_arrivals = engine.plan(env.now)
+        start_s, total_s = env.now, float(ends_s[-1])
+        steps_done = ends_s.size
+        if open_to_arrivals and steps_done > 1:
+            yield env.timeout(total_s) | engine.arrival
+            elapsed_s = env.now - start_s
+            if elapsed_s < total_s:  # an arrival: finish the step in progress, then reschedule
+                steps_done = int(np.searchsorted(ends_s, elapsed_s, side="left")) + 1
+                yield env.timeout(float(ends_s[steps_done - 1]) - elapsed_s)
+        else:
+            yield env.timeout(total_s)
+        engine.commit(steps_done, env.now)
+
+
+def simulate_serving(
+    hw: HardwareProfile,
+    target: ModelSpec,
+    draft: ModelSpec | None,
+    acceptance: AcceptanceModel,
+    cfg: ServingConfig,
+    requests: Iterator[Request],
+    rng: np.random.Generator,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Run one engine over `requests` until every request has completed or been rejected."""
+    env = simpy.Environment()
+    engine = Engine(env, hw, target, draft, acceptance, cfg, rng, on_progress)
+    env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed))
+    env.process(engine_process(env, engine))
+    env.run()
+    rejected = sum(v["count"] for v in engine.rejected.values())
+    if engine.completed + rejected != engine.arrived:  # pragma: no cover - an engine bug, not bad input
+        raise RuntimeError(f"{engine.arrived - engine.completed - rejected} requests neither completed nor rejected")
+    return engine.report()

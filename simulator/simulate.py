@@ -1,0 +1,437 @@
+"""`simulate`: a serving engine under a request stream, with and without speculative decoding.
+
+`simulate(...)` runs the same workload (same seed, same requests) through an engine that
+speculates with the draft and through one that decodes without it, and returns one report dict;
+`format_report`, `write_csv` and `write_plot` render it. `add_parsers` registers the CLI commands
+`simulate` and `bench simulate`; everything they print comes from these functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from simulator import plan as plan_lib
+from simulator.errors import UserError
+from simulator.hardware import HardwareProfile, load_profile
+from simulator.models import ModelSpec, load_model
+from simulator.serving import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BATCHED_TOKENS,
+    AcceptanceModel,
+    ServingConfig,
+    check_pair,
+    draft_tp,
+    kv_cache_blocks,
+    simulate_serving,
+)
+from simulator.units import parse_duration_s
+from simulator.workload import Trace, WorkloadSpec, load_trace, make_stream, request_count
+
+DEFAULT_GAMMA = 4
+DEFAULT_REQUESTS = 1000
+BENCH_REQUESTS = 100_000  # the speed target: 100k requests of Llama-2-7B on an A100 with speculation
+RUNS = ("speculative", "autoregressive")
+
+
+def parse_alpha(text: str) -> AcceptanceModel:
+    """'0.7' -> i.i.d. acceptance; '0.9,0.8,0.7,0.6' -> one rate per draft position."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--alpha takes a number in [0, 1] or a comma-separated list of them, got {text!r}") from None
+    if not values:
+        raise UserError(f"--alpha takes a number in [0, 1] or a comma-separated list of them, got {text!r}")
+    if len(values) == 1:
+        return AcceptanceModel(kind="iid", alpha=values[0])
+    return AcceptanceModel(kind="positional", alphas=values)
+
+
+def load_acceptance(path: str | Path) -> AcceptanceModel:
+    """An acceptance measurement in JSON: {"accepted_length_counts": [c_0, ..., c_gamma]} (how often
+    0..gamma drafts were accepted; a bare list means the same), {"alpha_per_position": [...]} or
+    {"alpha": a}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    if isinstance(data, list):
+        data = {"accepted_length_counts": data}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object with accepted_length_counts, alpha_per_position or alpha")
+    try:
+        if data.get("accepted_length_counts") is not None:
+            return AcceptanceModel(kind="empirical", counts=[float(c) for c in data["accepted_length_counts"]])
+        if data.get("alpha_per_position"):
+            return AcceptanceModel(kind="positional", alphas=[float(a) for a in data["alpha_per_position"]])
+        if data.get("alpha") is not None:
+            return AcceptanceModel(kind="iid", alpha=float(data["alpha"]))
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: acceptance values must be numbers") from None
+    raise UserError(f"{path}: none of accepted_length_counts, alpha_per_position, alpha found")
+
+
+def simulate(
+    hw: HardwareProfile,
+    target: ModelSpec,
+    draft: ModelSpec,
+    acceptance: AcceptanceModel,
+    serving: ServingConfig,
+    workload: WorkloadSpec,
+    seed: int = 0,
+    progress=None,
+    runs: tuple[str, ...] = RUNS,
+    trace: Trace | None = None,
+) -> dict:
+    """Run `workload` through the engine with speculation ('speculative') and without it
+    ('autoregressive': no draft in memory, one token per step), from one seed.
+    `progress(n)` is called as requests complete or are rejected; `trace`: the workload's trace, if
+    already loaded."""
+    serving.check()
+    workload.check()
+    acceptance.check(serving.gamma)
+    if workload.arrival == "trace" and trace is None:
+        trace = load_trace(workload.trace_path, workload.requests)
+    configs = {
+        "speculative": (draft, serving),
+        "autoregressive": (None, serving.model_copy(update={"gamma": 0, "spec_off_above_batch": None})),
+    }
+    workload_seed, acceptance_seed = np.random.SeedSequence(seed).spawn(2)
+    reports = {}
+    for name in runs:
+        run_draft, run_cfg = configs[name]
+        requests = make_stream(workload, np.random.default_rng(workload_seed), trace)
+        reports[name] = simulate_serving(
+            hw, target, run_draft, acceptance, run_cfg, requests, np.random.default_rng(acceptance_seed), progress
+        )
+    report = {
+        "config": {
+            "gpu": hw.name,
+            "model": target.name,
+            "draft": draft.name,
+            "dtype": serving.dtype,
+            "tp": serving.tp,
+            "draft_tp": draft_tp(draft, serving.tp),
+            "gamma": serving.gamma,
+            "acceptance": acceptance.model_dump(),
+            "workload": workload.model_dump(),
+            "requests": request_count(workload, trace),
+            "max_batch": serving.max_batch,
+            "max_batched_tokens": serving.max_batched_tokens,
+            "chunked_prefill": serving.chunked_prefill,
+            "spec_off_above_batch": serving.spec_off_above_batch,
+            "block_tokens": serving.block_tokens,
+            "memory_utilization": serving.memory_utilization,
+            "slo_ttft_s": serving.slo_ttft_s,
+            "slo_tpot_s": serving.slo_tpot_s,
+            "seed": seed,
+        },
+        **reports,
+    }
+    if set(RUNS) <= set(reports):
+        report["comparison"] = _compare(reports["speculative"], reports["autoregressive"])
+    return report
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def _compare(spec: dict, base: dict) -> dict:
+    """Speculative over autoregressive: above 1 means speculation gives more (throughput) or takes longer (latency)."""
+    lat_s, lat_b = spec["latency_s"], base["latency_s"]
+    return {
+        "output_tokens_per_s_ratio": _ratio(spec["throughput"]["output_tokens_per_s"], base["throughput"]["output_tokens_per_s"]),
+        "goodput_ratio": _ratio(spec["goodput"]["requests_per_s"], base["goodput"]["requests_per_s"]),
+        "tpot_mean_ratio": _ratio(lat_s["tpot"]["mean"], lat_b["tpot"]["mean"]),
+        "ttft_p99_ratio": _ratio(lat_s["ttft"]["p99"], lat_b["ttft"]["p99"]),
+        "e2e_mean_ratio": _ratio(lat_s["e2e"]["mean"], lat_b["e2e"]["mean"]),
+        "e2e_p99_ratio": _ratio(lat_s["e2e"]["p99"], lat_b["e2e"]["p99"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def format_report(report: dict) -> str:
+    c = report["config"]
+    w = c["workload"]
+    runs = [r for r in RUNS if r in report]
+    acc = c["acceptance"]
+    alpha = {"iid": f"alpha {acc['alpha']:g}", "positional": f"alpha_i {acc['alphas']}", "empirical": "measured accepted lengths"}[acc["kind"]]
+    if w["arrival"] == "trace":
+        stream = f"{c['requests']} requests replayed from {w['trace_path']}"
+    else:
+        kind = "Poisson" if w["arrival"] == "poisson" else f"gamma-process (burstiness {w['burstiness']:g})"
+        stream = f"{c['requests']} {kind} requests at {w['rate_per_s']:g}/s, prompt {w['prompt_tokens']}, output {w['output_tokens']} tokens ({w['lengths']})"
+    first = report[runs[0]]["kv_cache"]
+    slo = [f"TTFT <= {_ms(c['slo_ttft_s'])} ms" if c["slo_ttft_s"] else "", f"TPOT <= {_ms(c['slo_tpot_s'])} ms" if c["slo_tpot_s"] else ""]
+    lines = [
+        f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), draft {c['draft']}, gamma {c['gamma']}, {alpha}",
+        f"{stream}; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
+        + (", chunked prefill" if c["chunked_prefill"] else "")
+        + (f", speculation off above batch {c['spec_off_above_batch']}" if c["spec_off_above_batch"] is not None else ""),
+        f"KV cache ({runs[0]}): {first['capacity_blocks']} blocks x {first['block_tokens']} tokens = {first['capacity_tokens']} tokens",
+        "SLO: " + (" and ".join(x for x in slo if x) or "none (goodput counts every completed request)"),
+    ]
+    table: list[tuple[str, list[str]]] = []
+
+    def row(label, get):
+        table.append((label, [get(report[r]) for r in runs]))
+
+    for key, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "end-to-end"), ("queue", "queueing")):
+        row(f"{label} mean / p50 / p90 / p99 (ms)", lambda r, k=key: " / ".join(_ms(r["latency_s"][k][s]) for s in ("mean", "p50", "p90", "p99")))
+    row("output tokens/s", lambda r: f"{r['throughput']['output_tokens_per_s']:.1f}")
+    row("requests/s", lambda r: f"{r['throughput']['requests_per_s']:.3f}")
+    row("goodput requests/s (in SLO)", lambda r: f"{r['goodput']['requests_per_s']:.3f}")
+    row("completed / rejected", lambda r: f"{r['requests']['completed']} / {r['requests']['rejected']}")
+    row("preemptions", lambda r: str(r["requests"]["preemptions"]))
+    row("GPU busy", lambda r: f"{r['gpu_busy_fraction']:.1%}")
+    row("batch mean / max", lambda r: f"{r['batch']['mean']:.1f} / {r['batch']['max']}")
+    row("KV cache used mean / peak", lambda r: f"{r['kv_cache']['mean_used_fraction']:.1%} / {r['kv_cache']['peak_used_fraction']:.1%}")
+    row("engine steps", lambda r: str(r["engine"]["steps"]))
+    row("tokens per verify (expected)", lambda r: "-" if r["engine"]["tokens_per_verify"] is None
+        else f"{r['engine']['tokens_per_verify']:.2f} ({r['engine']['expected_tokens_per_verify']:.2f})")  # fmt: skip
+    label_w = max(len(label) for label, _ in table) + 2
+    col_w = [max(len(runs[j]), *(len(cells[j]) for _, cells in table)) + 3 for j in range(len(runs))]
+    lines += ["", " " * label_w + "".join(f"{name:>{w}}" for name, w in zip(runs, col_w, strict=True))]
+    lines += [f"{label:<{label_w}}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells, col_w, strict=True)) for label, cells in table]
+    for reason_run in runs:
+        for reason, info in report[reason_run]["requests"]["rejected_by_reason"].items():
+            lines.append(f"  {reason_run}: {info['count']} rejected, {reason} (first ids {info['first_ids']})")
+    if "comparison" in report:
+        cmp = report["comparison"]
+        tps = cmp["output_tokens_per_s_ratio"]
+        tpot = cmp["tpot_mean_ratio"]
+        lines += [
+            "",
+            f"speculation: output tokens/s x{tps:.3f}" if tps is not None else "speculation: no output",
+            f"             mean TPOT x{tpot:.3f}, mean end-to-end x{cmp['e2e_mean_ratio']:.3f}" if tpot is not None else "",
+        ]
+    return "\n".join(lines).rstrip()
+
+
+def csv_rows(report: dict) -> list[dict]:
+    """One row per run, every summary figure a column."""
+    rows = []
+    for name in (r for r in RUNS if r in report):
+        r = report[name]
+        row = {
+            "run": name,
+            "requests_arrived": r["requests"]["arrived"],
+            "requests_completed": r["requests"]["completed"],
+            "requests_rejected": r["requests"]["rejected"],
+            "preemptions": r["requests"]["preemptions"],
+            "duration_s": r["duration_s"],
+        }
+        for metric, summary in r["latency_s"].items():
+            for stat in ("mean", "p50", "p90", "p99", "max"):
+                row[f"{metric}_{stat}_s"] = summary[stat]
+        row.update(
+            output_tokens_per_s=r["throughput"]["output_tokens_per_s"],
+            requests_per_s=r["throughput"]["requests_per_s"],
+            goodput_requests_per_s=r["goodput"]["requests_per_s"],
+            gpu_busy_fraction=r["gpu_busy_fraction"],
+            batch_mean=r["batch"]["mean"],
+            batch_max=r["batch"]["max"],
+            kv_capacity_blocks=r["kv_cache"]["capacity_blocks"],
+            kv_peak_used_fraction=r["kv_cache"]["peak_used_fraction"],
+            kv_mean_used_fraction=r["kv_cache"]["mean_used_fraction"],
+            engine_steps=r["engine"]["steps"],
+            tokens_per_verify=r["engine"]["tokens_per_verify"],
+        )
+        rows.append(row)
+    return rows
+
+
+def write_csv(report: dict, path: str | Path) -> None:
+    rows = csv_rows(report)
+    try:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+def write_plot(report: dict, path: str | Path) -> None:
+    """Latency percentiles of each run, and throughput, batch and KV use over time."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    runs = [r for r in RUNS if r in report]
+    fig = Figure(figsize=(11, 7), constrained_layout=True)
+    axes = fig.subplots(2, 2)
+    ax = axes[0, 0]
+    labels = [f"{m} {s}" for m in ("ttft", "tpot", "e2e") for s in ("p50", "p90", "p99")]
+    width = 0.8 / len(runs)
+    for j, name in enumerate(runs):
+        lat = report[name]["latency_s"]
+        values = [(lat[m][s] or math.nan) * 1e3 for m in ("ttft", "tpot", "e2e") for s in ("p50", "p90", "p99")]
+        ax.bar(np.arange(len(labels)) + j * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(labels)) + width * (len(runs) - 1) / 2, labels, rotation=45, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (ms)")
+    ax.legend()
+    for ax, key, ylabel in (
+        (axes[0, 1], "output_tokens_per_s", "output tokens/s"),
+        (axes[1, 0], "batch_mean", "running sequences (mean while busy)"),
+        (axes[1, 1], "kv_used_fraction_mean", "KV cache used (fraction)"),
+    ):
+        for name in runs:
+            tl = report[name]["timeline"]
+            ax.step(tl["start_s"], tl[key], where="post", label=name)
+        ax.set_xlabel("simulated time (s)")
+        ax.set_ylabel(ylabel)
+    axes[0, 1].legend()
+    c = report["config"]
+    fig.suptitle(f"{c['model']} on {c['gpu']}, draft {c['draft']}, gamma {c['gamma']}")
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
+    except ValueError as exc:  # an unknown image extension
+        raise UserError(f"{path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI glue
+
+
+def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> None:
+    p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias, or a path to a YAML profile (default: %(default)s)")
+    p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or HuggingFace config.json (default: %(default)s)")
+    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json (default: %(default)s)")
+    p.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per speculative step (default: %(default)s)")
+    p.add_argument("--alpha", default=None, help=f"acceptance rate in [0, 1], or comma-separated rates per draft position (default: {plan_lib.DEFAULT_ALPHA}, an assumption)")
+    p.add_argument("--acceptance", metavar="FILE", default=None, help="JSON of measured accepted lengths ({\"accepted_length_counts\": [...]}); overrides --alpha")
+    p.add_argument("--rate", type=float, default=8.0, help="mean arrival rate, requests per second (default: %(default)s)")
+    p.add_argument("--requests", type=int, default=requests_default, help=f"requests to simulate (default: {requests_default or DEFAULT_REQUESTS}; with --trace: every row)")
+    p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson", help="arrival process (default: %(default)s)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma-process shape: 1 is Poisson, below 1 burstier (default: %(default)s)")
+    p.add_argument("--trace", metavar="FILE", default=None, help="replay a CSV or JSONL trace of arrival_time_s, prompt_tokens, output_tokens")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=256, help="output tokens per request (default: %(default)s)")
+    p.add_argument("--lengths", choices=["fixed", "uniform"], default="fixed", help="prompt and output lengths: all equal, or uniform with those means (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="sequences running at once (default: %(default)s)")
+    p.add_argument("--max-batched-tokens", type=int, default=DEFAULT_MAX_BATCHED_TOKENS, help="prefill tokens per step; with --chunked-prefill all tokens per step (default: %(default)s)")
+    p.add_argument("--chunked-prefill", action="store_true", help="split prompts into chunks that share steps with decodes")
+    p.add_argument("--spec-off-above-batch", type=int, default=None, help="decode without speculation while more sequences than this run")
+    p.add_argument("--slo-ttft", default=None, help="goodput SLO on time to first token: 2s, 500ms, or a bare number of seconds")
+    p.add_argument("--slo-tpot", default=None, help="goodput SLO on time per output token: 50ms, or a bare number of seconds")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp8"], help="weight, activation and KV dtype (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine; the draft is split alike where its heads allow (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and acceptance draws (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """(hw, target, draft, acceptance, serving, workload) from parsed options; UserError on bad input."""
+    hw = load_profile(args.gpu)
+    target, draft = load_model(args.model), load_model(args.draft)
+    if args.acceptance:
+        acceptance = load_acceptance(args.acceptance)
+    else:
+        acceptance = parse_alpha(args.alpha if args.alpha is not None else str(plan_lib.DEFAULT_ALPHA))
+    serving = ServingConfig(
+        max_batch=args.max_batch,
+        max_batched_tokens=args.max_batched_tokens,
+        chunked_prefill=args.chunked_prefill,
+        gamma=args.gamma,
+        spec_off_above_batch=args.spec_off_above_batch,
+        dtype=args.dtype,
+        tp=args.tp,
+        slo_ttft_s=None if args.slo_ttft is None else parse_duration_s(args.slo_ttft, "--slo-ttft"),
+        slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),
+    ).check()
+    if args.trace:
+        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests)
+    else:
+        workload = WorkloadSpec(
+            arrival=args.arrival,
+            rate_per_s=args.rate,
+            burstiness=args.burstiness,
+            requests=args.requests if args.requests is not None else DEFAULT_REQUESTS,
+            prompt_tokens=args.prompt_len,
+            output_tokens=args.output_len,
+            lengths=args.lengths,
+        )
+    workload.check()
+    acceptance.check(serving.gamma)
+    check_pair(target, draft)
+    kv_cache_blocks(hw, target, draft if serving.gamma > 0 else None, serving)  # fits, or says by how much
+    return hw, target, draft, acceptance, serving, workload
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, mininterval=0.5, leave=False)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    hw, target, draft, acceptance, serving, workload = config_from_args(args)
+    trace = load_trace(workload.trace_path, workload.requests) if workload.arrival == "trace" else None
+    with _progress_bar(len(RUNS) * request_count(workload, trace), "simulate") as bar:
+        report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, progress=bar.update, trace=trace)
+    if args.csv:
+        write_csv(report, args.csv)
+    if args.plot:
+        write_plot(report, args.plot)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Wall-clock speed of the simulator: simulated requests and engine steps per second, per run."""
+    hw, target, draft, acceptance, serving, workload = config_from_args(args)
+    print(f"bench simulate: {target.name} on {hw.name}, draft {draft.name}, gamma {serving.gamma}, "
+          f"{workload.requests if workload.arrival != 'trace' else 'trace'} requests")  # fmt: skip
+    print(f"{'run':<16}{'wall s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
+    for name in RUNS:
+        t0 = time.perf_counter()
+        report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, runs=(name,))
+        wall_s = time.perf_counter() - t0
+        r = report[name]
+        done = r["requests"]["completed"] + r["requests"]["rejected"]
+        steps = r["engine"]["steps"]
+        print(f"{name:<16}{wall_s:>10.2f}{done:>10}{steps:>14}{done / wall_s:>13.0f}{steps / wall_s:>12.0f}")
+    return 0
+
+
+def add_parsers(sub, bench) -> None:
+    """Register `simulate` on the command subparsers `sub` and on the benchmark subparsers `bench`."""
+    p = sub.add_parser(
+        "simulate",
+        help="a serving engine under a request stream, with and without speculative decoding",
+        description="Simulate continuous batching with speculative decoding under Poisson, bursty or traced "
+        "arrivals: TTFT, TPOT and end-to-end latency (mean, p50, p90, p99), throughput, goodput under an SLO, "
+        "KV-cache use and batch size over time, GPU busy fraction; the same run without speculation beside it.",
+    )
+    _add_options(p, None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON (keys documented in the README)")
+    p.add_argument("--csv", metavar="FILE", default=None, help="write one row of summary figures per run to FILE")
+    p.add_argument("--plot", metavar="FILE", default=None, help="write a figure of latency percentiles and throughput, batch and KV use over time (.png, .pdf, .svg)")
+    p.set_defaults(run=run_simulate)
+
+    b = bench.add_parser(
+        "simulate",
+        help="simulator speed: simulated requests/s and engine steps/s",
+        description=f"Time the serving simulation (default {BENCH_REQUESTS} requests) with and without speculation.",
+    )
+    _add_options(b, BENCH_REQUESTS)
+    b.set_defaults(run=run_bench)

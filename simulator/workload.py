@@ -1,0 +1,223 @@
+"""Request streams for the serving simulation: Poisson arrivals, bursty gamma-process arrivals,
+and replay of a trace file (CSV or JSONL of arrival time, prompt length, output length).
+
+A stream is an iterator of `Request`s in arrival order; `request_source` is the SimPy process
+that releases them into an engine at their arrival times. Random streams are drawn in chunks
+from one numpy Generator, so a seed fixes the whole workload.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from simulator.errors import UserError
+
+TRACE_COLUMNS = ("arrival_time_s", "prompt_tokens", "output_tokens")
+CHUNK = 4096  # requests drawn per numpy call
+
+
+class Request(NamedTuple):
+    rid: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+class WorkloadSpec(BaseModel):
+    """Where requests come from. `arrival`: 'poisson' (exponential gaps at `rate_per_s`),
+    'gamma' (gamma-distributed gaps with mean 1 / rate_per_s and shape `burstiness`), or
+    'trace' (rows of `trace_path`). Random streams draw prompt and output lengths as `lengths`
+    says: 'fixed' (every request the same) or 'uniform' (integers on [1, 2 n - 1], mean n)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arrival: Literal["poisson", "gamma", "trace"] = "poisson"
+    rate_per_s: float = 8.0
+    burstiness: float = 1.0
+    requests: int | None = 1000  # None: every row of the trace
+    prompt_tokens: int = 512
+    output_tokens: int = 256
+    lengths: Literal["fixed", "uniform"] = "fixed"
+    trace_path: str | None = None
+
+    def check(self) -> WorkloadSpec:
+        """Raise a UserError naming the option that is out of range; return self."""
+        if self.arrival == "trace":
+            if not self.trace_path:
+                raise UserError("arrival 'trace' needs a trace file (--trace FILE)")
+        else:
+            if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
+                raise UserError(f"--rate must be a finite number of requests per second > 0, got {self.rate_per_s}")
+            if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
+                raise UserError(f"--burstiness must be > 0 (1 is Poisson, below 1 burstier), got {self.burstiness}")
+            if self.prompt_tokens < 1:
+                raise UserError(f"--prompt-len must be >= 1, got {self.prompt_tokens}")
+            if self.output_tokens < 1:
+                raise UserError(f"--output-len must be >= 1, got {self.output_tokens}")
+            if self.requests is None:
+                raise UserError("--requests is needed for a random arrival process")
+        if self.requests is not None and self.requests < 1:
+            raise UserError(f"--requests must be >= 1, got {self.requests}")
+        return self
+
+
+def _lengths(rng: np.random.Generator, mean_tokens: int, kind: str, n: int) -> np.ndarray:
+    if kind == "fixed" or mean_tokens == 1:
+        return np.full(n, mean_tokens, dtype=np.int64)
+    return rng.integers(1, 2 * mean_tokens, size=n, endpoint=False)  # uniform on [1, 2 mean - 1]
+
+
+def random_stream(spec: WorkloadSpec, rng: np.random.Generator) -> Iterator[Request]:
+    """Poisson or gamma-process arrivals from time 0.
+
+    Gamma gaps: shape k = burstiness, scale 1 / (rate k), so the mean gap is 1 / rate and the
+    squared coefficient of variation is 1 / k; k = 1 is Poisson, k < 1 clusters arrivals
+    (the convention of vLLM's `benchmark_serving.py --burstiness`)."""
+    spec.check()
+    t_s, rid = 0.0, 0
+    while rid < spec.requests:
+        n = min(CHUNK, spec.requests - rid)
+        if spec.arrival == "poisson":
+            gaps_s = rng.exponential(1.0 / spec.rate_per_s, size=n)
+        else:
+            gaps_s = rng.gamma(spec.burstiness, 1.0 / (spec.rate_per_s * spec.burstiness), size=n)
+        arrivals_s = t_s + np.cumsum(gaps_s)
+        prompts = _lengths(rng, spec.prompt_tokens, spec.lengths, n)
+        outputs = _lengths(rng, spec.output_tokens, spec.lengths, n)
+        for a, p, o in zip(arrivals_s.tolist(), prompts.tolist(), outputs.tolist(), strict=True):
+            yield Request(rid, a, p, o)
+            rid += 1
+        t_s = float(arrivals_s[-1])
+
+
+class Trace(NamedTuple):
+    arrival_s: np.ndarray  # [n] float64, non-decreasing
+    prompt_tokens: np.ndarray  # [n] int64 >= 1
+    output_tokens: np.ndarray  # [n] int64 >= 1
+
+
+def _whole(value: object, column: str, where: str) -> int:
+    if isinstance(value, bool):
+        raise UserError(f"{where}: {column} must be a whole number >= 1, got {value!r}")
+    try:
+        number = float(value)  # accepts "512", "512.0", 512
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {column} must be a whole number >= 1, got {value!r}") from None
+    if not math.isfinite(number) or number != int(number) or number < 1:
+        raise UserError(f"{where}: {column} must be a whole number >= 1, got {value!r}")
+    return int(number)
+
+
+def _time(value: object, where: str) -> float:
+    if isinstance(value, bool):
+        raise UserError(f"{where}: arrival_time_s must be a number of seconds >= 0, got {value!r}")
+    try:
+        t_s = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: arrival_time_s must be a number of seconds >= 0, got {value!r}") from None
+    if not math.isfinite(t_s) or t_s < 0:
+        raise UserError(f"{where}: arrival_time_s must be a number of seconds >= 0, got {value!r}")
+    return t_s
+
+
+def _trace_rows(path: Path, text: str) -> Iterator[tuple[int, object, object, object]]:
+    """(line number, arrival, prompt, output) of every data row; malformed rows raise UserError."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        lines = text.splitlines()
+        header_at = next((i for i, line in enumerate(lines) if line.strip()), None)
+        if header_at is None:
+            raise UserError(f"{path}: empty trace; a CSV trace needs the header {','.join(TRACE_COLUMNS)}")
+        header = [h.strip() for h in next(csv.reader([lines[header_at]]))]
+        missing = [c for c in TRACE_COLUMNS if c not in header]
+        if missing:
+            raise UserError(
+                f"{path}:{header_at + 1}: header lacks {', '.join(missing)}; a CSV trace needs the columns {','.join(TRACE_COLUMNS)}"
+            )
+        cols = [header.index(c) for c in TRACE_COLUMNS]
+        for i in range(header_at + 1, len(lines)):
+            if not lines[i].strip():
+                continue
+            fields = next(csv.reader([lines[i]]))
+            if len(fields) != len(header):
+                raise UserError(f"{path}:{i + 1}: {len(fields)} fields, the header has {len(header)}")
+            yield (i + 1, *(fields[c].strip() for c in cols))
+    elif suffix in (".jsonl", ".ndjson"):
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{i + 1}: malformed JSON: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{i + 1}: a JSONL row is an object with keys {', '.join(TRACE_COLUMNS)}")
+            missing = [c for c in TRACE_COLUMNS if c not in row]
+            if missing:
+                raise UserError(f"{path}:{i + 1}: missing {', '.join(missing)}")
+            yield (i + 1, *(row[c] for c in TRACE_COLUMNS))
+    else:
+        raise UserError(f"{path}: a trace is a .csv or .jsonl file, got {suffix or 'no extension'!r}")
+
+
+def load_trace(path: str | Path, limit: int | None = None) -> Trace:
+    """Read and check a trace; at most `limit` rows. Every malformed row is a UserError that names
+    the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    arrivals, prompts, outputs = [], [], []
+    previous_s = 0.0
+    for line, t, p, o in _trace_rows(path, text):
+        where = f"{path}:{line}"
+        t_s = _time(t, where)
+        if t_s < previous_s:
+            raise UserError(f"{where}: arrival_time_s {t_s:g} is earlier than the row before ({previous_s:g}); sort the trace by arrival time")
+        arrivals.append(t_s)
+        prompts.append(_whole(p, "prompt_tokens", where))
+        outputs.append(_whole(o, "output_tokens", where))
+        previous_s = t_s
+        if limit is not None and len(arrivals) >= limit:
+            break
+    if not arrivals:
+        raise UserError(f"{path}: the trace has no rows")
+    return Trace(np.asarray(arrivals), np.asarray(prompts, dtype=np.int64), np.asarray(outputs, dtype=np.int64))
+
+
+def trace_stream(trace: Trace) -> Iterator[Request]:
+    for rid, (a, p, o) in enumerate(
+        zip(trace.arrival_s.tolist(), trace.prompt_tokens.tolist(), trace.output_tokens.tolist(), strict=True)
+    ):
+        yield Request(rid, a, p, o)
+
+
+def request_count(spec: WorkloadSpec, trace: Trace | None) -> int:
+    return len(trace.arrival_s) if trace is not None else int(spec.requests)
+
+
+def make_stream(spec: WorkloadSpec, rng: np.random.Generator, trace: Trace | None = None) -> Iterator[Request]:
+    """The requests of `spec`: a trace (already loaded, so both runs of a comparison share it) or a random process."""
+    if spec.arrival == "trace":
+        if trace is None:
+            trace = load_trace(spec.trace_path, spec.requests)
+        return trace_stream(trace)
+    return random_stream(spec, rng)
+
+
+def request_source(env, requests: Iterator[Request], submit: Callable[[Request], None], done: Callable[[], None]):
+    """SimPy process: hand each request to `submit` at its arrival time, then call `done`."""
+    for request in requests:
+        if request.arrival_s > env.now:
+            yield env.timeout(request.arrival_s - env.now)
+        submit(request)
+    done()
