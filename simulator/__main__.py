@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=_run_validate)
 
-    from simulator import simulate
+    from simulator import calibration, simulate
 
+    calibration.add_parsers(sub)
     bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(dest="benchmark", required=True)
     simulate.add_parsers(sub, bench)
 
