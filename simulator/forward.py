@@ -27,6 +27,8 @@ def all_reduce(n_bytes: float, hw: HardwareProfile, tp: int, name: str = "all_re
     buffer (Patarasuk & Yuan 2009) at half the profile's total link bandwidth per direction."""
     if tp == 1:
         return KernelCost(name, 0.0, 0.0, 0.0, launches=0)
+    if hw.interconnect_bytes_per_s is None:
+        raise UserError(f"{hw.name} has no interconnect bandwidth: tensor parallelism needs one")
     per_direction_bytes_per_s = hw.interconnect_bytes_per_s / 2 * hw.achievable.bandwidth
     moved = 2.0 * (tp - 1) / tp * n_bytes
     return KernelCost(name, 0.0, 0.0, moved / per_direction_bytes_per_s + hw.launch_overhead_s)
@@ -127,7 +129,9 @@ def forward(
     total = None
     for k in by_name.values():
         total = k if total is None else total + k
-    by_name["total"] = KernelCost("total", total.flops, total.hbm_bytes, total.time_s, total.launches)
+    # an eager executor pays the fixed overhead for each of the several operators one kernel stands for
+    eager_s = (hw.ops_per_kernel - 1.0) * total.launches * hw.launch_overhead_s
+    by_name["total"] = KernelCost("total", total.flops, total.hbm_bytes, total.time_s + eager_s, total.launches)
     return by_name
 
 

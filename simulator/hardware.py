@@ -50,9 +50,10 @@ class HardwareProfile(BaseModel):
     l2_bytes_per_s: PositiveFloat | None = None  # peak L2 read bandwidth; absent: re-reads priced at HBM speed
     peak_flops_per_s: dict[str, PositiveFloat]  # dense, by dtype; tensor-core figures where they exist
     clock_hz: PositiveFloat  # boost clock
-    tdp_w: PositiveFloat
-    interconnect_bytes_per_s: PositiveFloat  # per-GPU link bandwidth (NVLink, Infinity Fabric, else PCIe)
+    tdp_w: PositiveFloat | None = None  # required for a GPU
+    interconnect_bytes_per_s: PositiveFloat | None = None  # per-GPU link (NVLink, Infinity Fabric, else PCIe); required for a GPU
     launch_overhead_s: PositiveFloat  # fixed cost of one kernel launch
+    ops_per_kernel: float = Field(default=1.0, ge=1.0)  # operators an executor issues per cost-model kernel (1: fused kernels; an eager executor issues several)
     achievable: Achievable
     sources: dict[str, str]
     estimates: list[str] = []
@@ -63,6 +64,10 @@ class HardwareProfile(BaseModel):
         unknown = sorted(set(self.peak_flops_per_s) - set(DTYPES))
         if unknown:
             raise ValueError(f"peak_flops_per_s: unknown dtype {unknown[0]!r}; known: {', '.join(DTYPES)}")
+        if self.kind == "gpu":
+            for needed in ("tdp_w", "interconnect_bytes_per_s"):
+                if getattr(self, needed) is None:
+                    raise ValueError(f"{needed} is required for a GPU")
         for needed in ("fp32", "fp16"):
             if needed not in self.peak_flops_per_s:
                 raise ValueError(f"peak_flops_per_s.{needed} is missing")
@@ -104,9 +109,9 @@ def _number_paths(profile: HardwareProfile) -> list[str]:
     paths = []
     for field in type(profile).model_fields:
         value = getattr(profile, field)
-        if field == "calibration":
-            continue
-        if isinstance(value, bool):
+        if field == "calibration" or field not in profile.model_fields_set:
+            continue  # a default is a definition, not a fact to cite
+        if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, (int, float)):
             paths.append(field)

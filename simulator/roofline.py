@@ -41,11 +41,21 @@ class KernelCost:
         return self.flops / self.hbm_bytes if self.hbm_bytes else float("inf")
 
 
+def memory_bytes_per_s(hw: HardwareProfile, n_bytes: float) -> float:
+    """Achievable bandwidth for a kernel moving `n_bytes`. On a CPU a kernel whose data fit in the
+    last-level cache (`l2_bytes`) runs from it when the profile has its bandwidth: an executor runs
+    the same weights step after step, and CPU caches are large next to small models. On a GPU,
+    whose L2 is small next to what decoding streams, every byte counts at HBM speed."""
+    if hw.kind == "cpu" and hw.l2_bytes_per_s and n_bytes <= hw.l2_bytes:
+        return hw.l2_bytes_per_s * hw.achievable.bandwidth
+    return hw.hbm_bytes_per_s * hw.achievable.bandwidth
+
+
 def roofline_time_s(
     flops: float, hbm_bytes: float, hw: HardwareProfile, dtype: str, compute_fraction: float, launches: int = 1
 ) -> float:
     compute_s = flops / (hw.peak_flops(dtype) * compute_fraction)
-    memory_s = hbm_bytes / (hw.hbm_bytes_per_s * hw.achievable.bandwidth)
+    memory_s = hbm_bytes / memory_bytes_per_s(hw, hbm_bytes)
     return max(compute_s, memory_s) + launches * hw.launch_overhead_s
 
 
