@@ -11,14 +11,40 @@ from simulator.errors import UserError
 from simulator.hardware import load_profile, shipped_profiles
 from simulator.models import load_model
 
+SEARCH_OPTIONS = ("rate", "slo_ttft_p99", "slo_tpot_p99", "max_gpus", "requests", "seed", "plot_dir")
+
 
 def _run_plan(args: argparse.Namespace) -> int:
+    if any(getattr(args, name) is not None for name in SEARCH_OPTIONS):
+        return _run_plan_search(args)
     hw = load_profile(args.gpu)
-    target, draft = load_model(args.model), load_model(args.draft)
+    target, draft = load_model(args.model), load_model(args.draft or plan_lib.DEFAULT_DRAFT)
+    batch = 1 if args.batch is None else args.batch
     result = plan_lib.build_plan(
-        hw, target, draft, args.alpha, args.gamma, args.batch, args.prompt_len, args.output_len, args.dtype
+        hw, target, draft, args.alpha, args.gamma, batch, args.prompt_len, args.output_len, args.dtype
     )
     print(json.dumps(result, indent=2) if args.json else plan_lib.format_plan(result))
+    return 0
+
+
+def _run_plan_search(args: argparse.Namespace) -> int:
+    from simulator import capacity
+
+    query = capacity.build_query(
+        args.gpu, args.model, args.rate, args.slo_ttft_p99, args.slo_tpot_p99, args.prompt_len, args.output_len,
+        args.max_gpus, args.alpha, args.dtype, args.requests, args.seed,
+    )  # fmt: skip
+    drafts = None if args.draft is None else [capacity.NO_DRAFT, args.draft]
+    report = capacity.search(
+        query,
+        drafts=drafts,
+        gammas=capacity.GAMMAS if args.gamma is None else (args.gamma,),
+        max_batches=capacity.MAX_BATCHES if args.batch is None else (args.batch,),
+    )
+    report["plots"] = capacity.write_plots(report, query, args.plot_dir or capacity.DEFAULT_PLOT_DIR, drafts)
+    print(json.dumps(report, indent=2) if args.json else capacity.format_search(report))
+    if report["recommendation"] is None:
+        raise UserError(report["verdict"])
     return 0
 
 
@@ -51,20 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "plan",
-        help="decoding of one model on one GPU, with and without speculative decoding",
+        help="decoding of one model on one GPU; with --rate and an SLO, the fewest GPUs that meet it",
         description="Predict prefill time, autoregressive tokens/s, speculative decoding over gamma "
         "(expected tokens per step, tokens/s, speedup, recommended gamma) and FlashAttention tiling "
-        "at the prompt length, from the GPU profile and the cost model.",
+        "at the prompt length, from the GPU profile and the cost model. With --rate and --slo-ttft-p99 "
+        "and/or --slo-tpot-p99: search replicas x tensor parallelism, draft, gamma and max batch, "
+        "screen with the cost model, simulate the survivors in parallel, and recommend the fewest GPUs "
+        "that meet the SLO (exit code 2 with the binding constraint when none does).",
     )
     p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias (see `profiles`), or a path to a YAML profile (default: %(default)s)")
     p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or path to a HuggingFace config.json (default: %(default)s)")
-    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json (default: %(default)s)")
+    p.add_argument("--draft", default=None, help=f"draft model name or config.json (default: {plan_lib.DEFAULT_DRAFT}; in a search: every compatible draft and layer-skip, or none and this one)")
     p.add_argument("--alpha", type=float, default=plan_lib.DEFAULT_ALPHA, help="acceptance rate in [0, 1] (default: %(default)s, an assumption; measure yours with `python -m reference specdec`)")
-    p.add_argument("--gamma", type=int, default=None, help="draft tokens per step to report on (default: the recommended one); the table spans 0..max(8, gamma)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--gamma", type=int, default=None, help="draft tokens per step to report on (default: the recommended one); the table spans 0..max(8, gamma); in a search: try only this gamma")
+    p.add_argument("--batch", type=int, default=None, help="sequences decoded together (default: 1); in a search: try only this max batch")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=256, help="generated tokens (default: %(default)s)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8"], help="weight and activation dtype (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=None, help="search: mean Poisson arrival rate, requests per second")
+    p.add_argument("--slo-ttft-p99", default=None, help="search: p99 time to first token, e.g. 2s, 500ms, or a bare number of seconds")
+    p.add_argument("--slo-tpot-p99", default=None, help="search: p99 time per output token, e.g. 50ms or 0.05")
+    p.add_argument("--max-gpus", type=int, default=None, help="search: most GPUs to consider (default: 16)")
+    p.add_argument("--requests", type=int, default=None, help="search: requests simulated per replica (default: 500)")
+    p.add_argument("--seed", type=int, default=None, help="search: seed of arrivals and acceptance draws (default: 0)")
+    p.add_argument("--plot-dir", default=None, help="search: directory for the three plots (default: capacity_plots)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
     p.set_defaults(run=_run_plan)
 
