@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simulator.errors import UserError
+from simulator.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,15 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_specdec.add_parsers(sub, bench)
     cli_attention.add_parsers(sub, bench)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args) or 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

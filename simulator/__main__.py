@@ -7,7 +7,7 @@ import json
 import sys
 
 from simulator import plan as plan_lib
-from simulator.errors import UserError
+from simulator.errors import UserError, run_command
 from simulator.hardware import load_profile, shipped_profiles
 from simulator.models import load_model
 
@@ -133,15 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 2
+    return run_command(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

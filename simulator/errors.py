@@ -6,3 +6,18 @@ class UserError(ValueError):
 
     The message is a single line that says what is wrong and, where it helps, what would be right.
     """
+
+
+def run_command(args) -> int:
+    """Run a parsed command (`args.run(args)`): a `UserError` or Ctrl-C becomes one line on stderr
+    and exit code 2, never a traceback."""
+    import sys
+
+    try:
+        return args.run(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
