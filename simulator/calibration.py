@@ -1,5 +1,425 @@
-"""Calibration of a profile on the local device and comparison on held-out configurations."""
+"""Calibrate a profile on the local device, then compare predictions with measurements on
+configurations the calibration did not use.
+
+`calibrate` measures through the reference executor (GEMMs over shapes, a large copy for memory
+bandwidth, elementwise kernels for per-op overhead, naive and fused attention, forward passes of
+the executor's transformer at several batch sizes and contexts), fits the profile's achievable
+fractions and launch overhead by least squares on log(predicted / measured) (scipy), and writes a
+profile in the `hardware_profiles/` format with the fit residuals, the date and the device.
+`compare` measures a held-out suite (other attention shapes, other forward and decode steps,
+speculative decoding with the trained pair at several gamma) and predicts each from the profile.
+torch is imported only inside the functions that measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from simulator import attention as att
+from simulator.errors import UserError
+from simulator.forward import step_time_s
+from simulator.hardware import HardwareProfile, load_profile
+from simulator.models import ModelSpec
+from simulator.roofline import elementwise, gemm
+from simulator.speculative import expected_tokens
+
+# The calibration suite; `compare` uses none of these configurations.
+CALIB_GEMMS = [(m, n, k) for m in (1, 16, 128, 512) for n, k in ((256, 256), (1024, 1024), (2048, 512))]
+CALIB_ELEMENTWISE = [1, 1_000, 100_000, 1_000_000, 8_000_000]
+CALIB_ATTENTION = [(1, 4, 128, 64), (1, 4, 512, 64), (2, 4, 1024, 32)]
+CALIB_FORWARD = [(1, 64, 1), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
+COMPARE_ATTENTION = [(1, 8, 256, 64), (1, 2, 2048, 64), (4, 4, 384, 32)]
+COMPARE_FORWARD = [(2, 128, 1), (1, 512, 1), (16, 64, 1), (1, 200, 5), (1, 0, 256)]
+COMPARE_GAMMAS = [1, 2, 4]
+QUICK = {"gemms": CALIB_GEMMS[:3] + CALIB_GEMMS[-2:], "elementwise": CALIB_ELEMENTWISE[:3], "attention": CALIB_ATTENTION[:1],
+         "forward": CALIB_FORWARD[:2], "compare_attention": COMPARE_ATTENTION[:1], "compare_forward": COMPARE_FORWARD[:2],
+         "gammas": [2]}  # fmt: skip
+FITTED = ("bandwidth", "matmul", "attention", "launch_overhead_s")
+DTYPE = "fp32"  # the executor's models run in fp32 on a CPU
+
+
+# --- prediction of one measurement ------------------------------------------------------------
+
+
+def predict_s(m: dict, hw: HardwareProfile) -> float:
+    kind = m["kind"]
+    if kind == "gemm":
+        return gemm(m["m"], m["n"], m["k"], hw, m["dtype"]).time_s
+    if kind == "elementwise":
+        return elementwise(m["n"], hw, m["dtype"], reads=2, writes=1).time_s
+    if kind in ("attention-naive", "attention-fused"):
+        args = (m["batch"], m["heads"], m["seqlen"], m["head_dim"], hw, True, m["dtype"])
+        return (att.standard_attention(*args) if kind == "attention-naive" else att.flash_attention(*args)).time_s
+    if kind == "forward":
+        spec = ModelSpec.model_validate(m["model"])
+        return step_time_s(spec, hw, m["batch"], m["context"], m["query_tokens"], m["dtype"])
+    raise ValueError(f"unknown measurement kind {kind!r}")
+
+
+def group_of(m: dict) -> str:
+    if m["kind"] == "forward":
+        return "forward (prefill)" if m["context"] == 0 else "forward (decode/verify)"
+    return {"attention-naive": "attention", "attention-fused": "attention"}.get(m["kind"], m["kind"])
+
+
+def with_params(hw: HardwareProfile, params: dict) -> HardwareProfile:
+    achievable = hw.achievable.model_copy(update={k: params[k] for k in ("bandwidth", "matmul", "attention")})
+    return hw.model_copy(update={"achievable": achievable, "launch_overhead_s": params["launch_overhead_s"]})
+
+
+def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[HardwareProfile, dict]:
+    """Fit the achievable fractions and launch overhead; every group weighs the same."""
+    from scipy.optimize import least_squares
+
+    measured = np.array([m["measured_s"] for m in measurements])
+    sizes: dict[str, int] = defaultdict(int)
+    for m in measurements:
+        sizes[group_of(m)] += 1
+    weights = np.array([1.0 / math.sqrt(sizes[group_of(m)]) for m in measurements])
+
+    def params_of(x) -> dict:
+        return {"bandwidth": x[0], "matmul": x[1], "attention": x[2], "launch_overhead_s": x[3] * 1e-6}
+
+    def residuals(x):
+        fitted = with_params(hw, params_of(x))
+        return weights * np.log(np.array([predict_s(m, fitted) for m in measurements]) / measured)
+
+    x0 = [0.8, 0.8, 0.5, 10.0]
+    result = least_squares(residuals, x0, bounds=([0.01, 0.01, 0.01, 0.01], [1.0, 1.0, 1.0, 10_000.0]), x_scale="jac", loss="soft_l1", f_scale=0.2)
+    params = params_of(result.x)
+    fitted = with_params(hw, params)
+    return fitted, {"params": params, "residuals": residual_summary(measurements, fitted)}
+
+
+def residual_summary(measurements: list[dict], hw: HardwareProfile) -> dict:
+    """Per group: points, mean and worst absolute percentage error of prediction vs measurement."""
+    errors: dict[str, list[float]] = defaultdict(list)
+    for m in measurements:
+        errors[group_of(m)].append(abs(predict_s(m, hw) / m["measured_s"] - 1.0))
+    return {g: {"n": len(e), "mape": float(np.mean(e)), "worst_ape": float(np.max(e))} for g, e in errors.items()}
+
+
+# --- calibrate ----------------------------------------------------------------------------------
+
+
+def _check_writable(path: Path) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file name for the profile")
+    if not directory.is_dir():
+        raise UserError(f"{path}: cannot write: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UserError(f"{path}: cannot write: directory {directory} is not writable")
+
+
+def write_profile_atomically(data: dict, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves no half file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("# Calibrated on the local device by `python -m simulator calibrate`.\n")
+            yaml.safe_dump(data, f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op threads; returns the previous count. One thread by default: on a shared
+    machine two threads contend with other work and single timings swing by 10x."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return previous
+
+
+def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dict, list[dict]]:
+    """Run the calibration microbenchmarks through the executor; returns (device facts, measurements)."""
+    from reference import microbench as mb
+    from reference.train import DRAFT_SPEC, TARGET_SPEC
+
+    device = mb.local_device()
+    suite = QUICK if quick else {"gemms": CALIB_GEMMS, "elementwise": CALIB_ELEMENTWISE, "attention": CALIB_ATTENTION, "forward": CALIB_FORWARD}
+    facts = {"device": device, "device_name": mb.device_name(device), **(mb.cpu_facts() if device == "cpu" else {})}
+    log("calibrate: memory bandwidth (copy)")
+    llc = facts.get("llc_bytes")
+    # memory: a copy whose source and destination together overflow the last-level cache
+    facts["copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(min(2 << 30, max(256 << 20, llc or 0)), device, repeats)
+    if device == "cpu" and llc:  # last-level cache: a copy that fits in it several times over
+        facts["cache_copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(min(llc // 8, 64 << 20), device, 4 * repeats)
+    log(f"calibrate: {len(suite['gemms'])} GEMM shapes (fp32, fp16)")
+    measurements = mb.gemm(suite["gemms"], DTYPE, device, repeats)
+    fp16 = mb.gemm([(512, 1024, 1024)], "fp16" if device == "cuda" else "bf16", device, repeats)[0]
+    facts["fp16_gemm_flops_per_s"] = 2.0 * 512 * 1024 * 1024 / fp16["measured_s"]
+    log(f"calibrate: {len(suite['elementwise'])} elementwise sizes")
+    measurements += mb.elementwise(suite["elementwise"], DTYPE, device, repeats)
+    log(f"calibrate: {len(suite['attention'])} attention shapes (naive and fused)")
+    measurements += mb.attention(suite["attention"], DTYPE, device, repeats)
+    log(f"calibrate: {len(suite['forward'])} forward passes x 2 models")
+    for spec in (TARGET_SPEC, DRAFT_SPEC):
+        measurements += mb.forward_steps(spec, suite["forward"], DTYPE, device, repeats)
+    return facts, measurements
+
+
+def initial_profile(facts: dict, measurements: list[dict]) -> tuple[dict, list[str]]:
+    """Profile fields from what was measured and read; returns (fields, the fields that are estimates)."""
+    best_gemm = max(2.0 * m["m"] * m["n"] * m["k"] / m["measured_s"] for m in measurements if m["kind"] == "gemm")
+    estimates = []
+
+    def read(key: str, fallback: float, name: str):
+        if facts.get(key):
+            return facts[key]
+        estimates.append(name)
+        return fallback
+
+    fields = {
+        "name": f"local-{facts['device']}",
+        "kind": "cpu" if facts["device"] == "cpu" else "gpu",
+        "aliases": [],
+        "sm_count": int(facts.get("threads") or 1),
+        "sram_bytes_per_sm": int(read("l2_bytes_per_core", 1 << 20, "sram_bytes_per_sm")),
+        "l2_bytes": int(read("llc_bytes", 32 << 20, "l2_bytes")),
+        "memory_bytes": int(read("memory_bytes", 16 << 30, "memory_bytes")),
+        "hbm_bytes_per_s": float(facts["copy_bytes_per_s"]),
+        **({"l2_bytes_per_s": float(facts["cache_copy_bytes_per_s"])} if facts.get("cache_copy_bytes_per_s") else {}),
+        "peak_flops_per_s": {"fp32": float(best_gemm), "fp16": float(max(facts["fp16_gemm_flops_per_s"], 1.0))},
+        "clock_hz": float(read("clock_hz", 2.0e9, "clock_hz")),
+    }
+    return fields, estimates
+
+
+def ops_per_kernel(measurements: list[dict]) -> float:
+    """Torch operators the executor dispatches per cost-model kernel, median over the forward passes."""
+    from simulator.forward import forward
+
+    ratios = []
+    for m in measurements:
+        if m["kind"] == "forward":
+            spec = ModelSpec.model_validate(m["model"])
+            ratios.append(m["ops"] / forward(spec, _ANY_PROFILE(), m["batch"], m["context"], m["query_tokens"], m["dtype"])["total"].launches)
+    return max(1.0, float(np.median(ratios)))
+
+
+def _ANY_PROFILE() -> HardwareProfile:  # launch counts do not depend on the device
+    return load_profile("a100")
+
+
+def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threads: int = 1) -> dict:
+    """Measure, fit and write a profile to `out`; returns the written data."""
+    _check_writable(out)
+    previous = set_threads(threads)
+    try:
+        facts, measurements = measure_calibration_suite(quick, repeats, log)
+    finally:
+        set_threads(previous)
+    fields, estimates = initial_profile(facts, measurements)
+    today = datetime.date.today().isoformat()
+    how = f"measured by `simulator calibrate` on {today} on {facts['device_name']}"
+    sources = {
+        "sm_count": f"{how}: torch intra-op threads",
+        "sram_bytes_per_sm": f"{how}: L2 cache per core (/sys/devices/system/cpu)",
+        "l2_bytes": f"{how}: last-level cache (/sys/devices/system/cpu)",
+        "memory_bytes": f"{how}: MemTotal (/proc/meminfo)",
+        "hbm_bytes_per_s": f"{how}: median of a large copy (read + write)",
+        "l2_bytes_per_s": f"{how}: median of a copy that fits in the last-level cache (read + write)",
+        "peak_flops_per_s.fp32": f"{how}: best fp32 GEMM of the suite",
+        "peak_flops_per_s.fp16": f"{how}: a 512x1024x1024 GEMM in half precision",
+        "clock_hz": f"{how}: cpu MHz (/proc/cpuinfo)",
+        "launch_overhead_s": f"{how}: least-squares fit",
+        "ops_per_kernel": f"{how}: torch operators dispatched per forward pass over the cost model's kernels (median)",
+        "achievable.bandwidth": f"{how}: least-squares fit",
+        "achievable.matmul": f"{how}: least-squares fit",
+        "achievable.attention": f"{how}: least-squares fit",
+    }
+    sources = {k: v for k, v in sources.items() if k.split(".")[0] in fields or k.split(".")[0] in ("launch_overhead_s", "ops_per_kernel", "achievable")}
+    seed = HardwareProfile.model_validate({**fields, "launch_overhead_s": 1e-5, "ops_per_kernel": ops_per_kernel(measurements), "sources": sources, "estimates": estimates,
+                                           "achievable": {"bandwidth": 0.8, "matmul": 0.8, "attention": 0.5}})  # fmt: skip
+    log("calibrate: fitting (scipy least squares)")
+    fitted, fit = fit_profile(seed, measurements)
+    calibration = {"date": today, "device": facts["device_name"], "torch_threads": facts.get("threads"),
+                   "measurements": len(measurements), "fit_residuals": fit["residuals"]}  # fmt: skip
+    data = fitted.model_dump(mode="json", exclude_none=True) | {"calibration": calibration}
+    HardwareProfile.model_validate(data)  # what is written loads everywhere a shipped profile does
+    write_profile_atomically(data, out)
+    return data
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+
+def check_same_device(hw: HardwareProfile, local_name: str) -> None:
+    device = (hw.calibration or {}).get("device")
+    if device is None:
+        raise UserError(f"{hw.name} was not calibrated on a device (no `calibration.device`); `compare` needs a profile from `calibrate` on this machine")
+    if device != local_name:
+        raise UserError(f"the profile was calibrated on {device!r} but this device is {local_name!r}; calibrate here first")
+
+
+def predict_specdec(target: ModelSpec, draft: ModelSpec, hw: HardwareProfile, alpha: float, gamma: int, batch: int, context_len: int) -> dict:
+    """Autoregressive and speculative tokens/s from the cost model, for a measured alpha."""
+    t_target = step_time_s(target, hw, batch, context_len, 1, DTYPE)
+    t_draft = step_time_s(draft, hw, batch, context_len, 1, DTYPE)
+    t_verify = step_time_s(target, hw, batch, context_len, gamma + 1, DTYPE)
+    return {"autoregressive_tokens_per_s": batch / t_target,
+            "tokens_per_s": batch * expected_tokens(alpha, gamma) / (gamma * t_draft + t_verify)}  # fmt: skip
+
+
+def compare(hw: HardwareProfile, quick: bool = False, repeats: int = 5, log=print) -> dict:
+    """Measure and predict the held-out suite, with the thread count the profile was calibrated with."""
+    previous = set_threads(int((hw.calibration or {}).get("torch_threads") or 1))
+    try:
+        return _compare(hw, quick, repeats, log)
+    finally:
+        set_threads(previous)
+
+
+def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
+    from reference import microbench as mb
+    from reference.model import WEIGHTS_DIR, load_weights
+    from reference.train import DRAFT_SPEC, TARGET_SPEC
+
+    device = mb.local_device()
+    check_same_device(hw, mb.device_name(device))
+    shapes = QUICK["compare_attention"] if quick else COMPARE_ATTENTION
+    forwards = QUICK["compare_forward"] if quick else COMPARE_FORWARD
+    log(f"compare: {len(shapes)} attention shapes, {len(forwards)} forward passes x 2 models")
+    measurements = mb.attention(shapes, DTYPE, device, repeats)
+    for spec in (TARGET_SPEC, DRAFT_SPEC):
+        measurements += mb.forward_steps(spec, forwards, DTYPE, device, repeats)
+    rows = []
+    for m in measurements:
+        config = {k: v for k, v in m.items() if k not in ("measured_s", "model")}
+        if m["kind"] == "forward":
+            config["model"] = m["model"]["name"]
+        rows.append({"group": group_of(m), "config": config, "predicted_s": predict_s(m, hw), "measured_s": m["measured_s"]})
+    pair = (load_weights(WEIGHTS_DIR / "target.pt", device), load_weights(WEIGHTS_DIR / "draft.pt", device))
+    rows += _compare_specdec(hw, QUICK["gammas"] if quick else COMPARE_GAMMAS, repeats, device, log, pair)
+    for r in rows:
+        r["error"] = r["predicted_s"] / r["measured_s"] - 1.0
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["group"]].append(abs(r["error"]))
+    summary = {g: {"n": len(e), "mape": float(np.mean(e)), "median_ape": float(np.median(e))} for g, e in groups.items()}
+    return {"profile": hw.name, "device": (hw.calibration or {}).get("device"), "rows": rows, "groups": summary}
+
+
+def _compare_specdec(hw, gammas, repeats, device, log, pair) -> list[dict]:
+    """Speculative decoding with the trained pair: measured tokens/s (reference executor) against
+    the cost model's, with the alpha measured in the same run (the simulator predicts time, not alpha).
+    Times are compared as seconds per generated token."""
+    import torch
+
+    from reference.drafts import ModelDraft
+    from reference.sampling import Sampling
+    from reference.specdec import measure_specdec
+
+    log(f"compare: speculative decoding with the trained pair at gamma {gammas}")
+    target, draft_model = pair
+    target_spec, draft_spec = target.spec, draft_model.spec
+    prompt_len, new_tokens = 64, 64
+    prompt = torch.randint(0, target_spec.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    result = measure_specdec(target, ModelDraft(draft_model), prompt, new_tokens, gammas, Sampling(temperature=1.0), seed=0, repeats=repeats)
+    context = prompt_len + new_tokens // 2
+    rows = []
+    for r in result.rows:
+        pred = predict_specdec(target_spec, draft_spec, hw, result.alpha, r.gamma, 1, context)
+        rows.append({"group": "speculative decoding", "config": {"gamma": r.gamma, "alpha": result.alpha, "prompt": prompt_len, "new_tokens": new_tokens},
+                     "predicted_s": 1.0 / pred["tokens_per_s"], "measured_s": 1.0 / r.tokens_per_s})  # fmt: skip
+    pred = predict_specdec(target_spec, draft_spec, hw, result.alpha, 0, 1, context)
+    rows.append({"group": "speculative decoding", "config": {"gamma": 0, "autoregressive": True},
+                 "predicted_s": 1.0 / pred["autoregressive_tokens_per_s"], "measured_s": 1.0 / result.autoregressive_tokens_per_s})  # fmt: skip
+    return rows
+
+
+def format_compare(result: dict) -> str:
+    lines = [f"profile {result['profile']} (calibrated on {result['device']})", f"{'group':<24} {'config':<58} {'predicted':>11} {'measured':>11} {'error':>8}"]
+    for r in result["rows"]:
+        cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("dtype", "ops"))
+        lines.append(f"{r['group']:<24} {cfg[:58]:<58} {r['predicted_s'] * 1e3:>9.3f}ms {r['measured_s'] * 1e3:>9.3f}ms {r['error']:>+7.1%}")
+    lines.append("")
+    for g, s in result["groups"].items():
+        lines.append(f"{g:<24} n={s['n']:<3} MAPE {s['mape']:.1%}  median {s['median_ape']:.1%}")
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict, path: Path) -> Path:
+    from simulator.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(6.0, 5.6))
+    by_group = defaultdict(list)
+    for r in result["rows"]:
+        by_group[r["group"]].append(r)
+    for g, rows in by_group.items():
+        ax.scatter([r["measured_s"] for r in rows], [r["predicted_s"] for r in rows], s=18, label=f"{g} (MAPE {result['groups'][g]['mape']:.0%})")
+    values = [v for r in result["rows"] for v in (r["measured_s"], r["predicted_s"])]
+    lo, hi = min(values) / 1.5, max(values) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, label="y = x")
+    ax.set(xscale="log", yscale="log", xlabel="measured (s)", ylabel="predicted (s)", title=f"Held-out configurations on {result['device']}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return save_figure(fig, path)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    data = calibrate(Path(args.out), quick=args.quick, repeats=args.repeats, log=_log, threads=args.threads)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        a = data["achievable"]
+        print(f"wrote {args.out}: {data['name']} ({data['calibration']['device']})")
+        print(f"  copy bandwidth {data['hbm_bytes_per_s'] / 1e9:.2f} GB/s, best fp32 GEMM {data['peak_flops_per_s']['fp32'] / 1e9:.1f} GFLOP/s")
+        print(f"  fitted: bandwidth {a['bandwidth']:.3f}, matmul {a['matmul']:.3f}, attention {a['attention']:.3f}, "
+              f"launch overhead {data['launch_overhead_s'] * 1e6:.2f} us")  # fmt: skip
+        for g, r in data["calibration"]["fit_residuals"].items():
+            print(f"  {g:<24} n={r['n']:<3} MAPE {r['mape']:.1%}  worst {r['worst_ape']:.1%}")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    hw = load_profile(args.gpu)
+    result = compare(hw, quick=args.quick, repeats=args.repeats, log=_log)
+    if args.plot:
+        plot_compare(result, Path(args.plot))
+    print(json.dumps(result, indent=2) if args.json else format_compare(result))
+    return 0
 
 
 def add_parsers(sub) -> None:
     """Register `calibrate` and `compare` on the argparse subparsers `sub`."""
+    p = sub.add_parser("calibrate", help="fit a profile of the local device from microbenchmarks",
+                       description=__doc__.split("\n\n")[1])  # fmt: skip
+    p.add_argument("--out", required=True, help="where to write the profile YAML")
+    p.add_argument("--quick", action="store_true", help="a few shapes only (seconds, for tests)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement; the median is used (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads to calibrate with; `compare` uses the same (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the written profile as JSON")
+    p.set_defaults(run=_run_calibrate)
+    p = sub.add_parser("compare", help="predicted vs measured on held-out configurations of the local device")
+    p.add_argument("--gpu", required=True, help="a profile written by `calibrate` on this device")
+    p.add_argument("--quick", action="store_true", help="a few configurations only (for tests)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default: %(default)s)")
+    p.add_argument("--plot", default=None, help="write a predicted-vs-measured scatter plot (PNG, log axes) here")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_run_compare)
