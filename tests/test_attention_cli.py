@@ -15,13 +15,7 @@ from reference.cli_attention import fit_exponent, fit_growth_exponent
 SMALL = ["attention", "--seqlen", "40", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--no-triton"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is faster and steadier on a shared two-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(argv, capsys):
