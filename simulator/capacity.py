@@ -22,6 +22,7 @@ the same, so cost is compared to two significant figures and ties go to the larg
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import sys
@@ -345,13 +346,8 @@ def screen(
         def carries(b: int) -> bool:
             return b * tokens_per_step / step_s(b) * (1.0 - prefill_share) >= need
 
-        lo, hi = 1, c.max_batch  # carries(max_batch) holds; bisect for the smallest
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if carries(mid):
-                hi = mid
-            else:
-                lo = mid + 1
+        # carries(max_batch) holds and carries is monotone: the smallest batch that carries the load
+        lo = 1 + bisect.bisect_left(range(1, c.max_batch + 1), True, key=carries)
         expected_batch = lo
         tpot_s = step_s(lo) / (tokens_per_step * (1.0 - prefill_share))
         ratios["tpot"] = tpot_s / query.slo_tpot_p99_s

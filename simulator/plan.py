@@ -3,6 +3,8 @@ and how FlashAttention tiles there. A library function that returns data; `forma
 
 from __future__ import annotations
 
+import bisect
+
 from simulator.attention import attention_summary
 from simulator.errors import UserError
 from simulator.forward import forward, prefill_time_s, step_time_s, weight_bytes
@@ -47,14 +49,7 @@ def memory_bound_until_tokens(model: ModelSpec, hw: HardwareProfile, dtype: str 
 
     if not compute_bound(limit):
         return limit
-    lo, hi = 1, limit  # bisection: compute_bound is monotone in t
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if compute_bound(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    return 1 + bisect.bisect_left(range(1, limit + 1), True, key=compute_bound)  # compute_bound is monotone in t
 
 
 def build_plan(
