@@ -73,11 +73,6 @@ def group_of(m: dict) -> str:
     return {"attention-naive": "attention", "attention-fused": "attention"}.get(m["kind"], m["kind"])
 
 
-def with_params(hw: HardwareProfile, params: dict) -> HardwareProfile:
-    achievable = hw.achievable.model_copy(update={k: params[k] for k in ("bandwidth", "matmul", "attention")})
-    return hw.model_copy(update={"achievable": achievable, "launch_overhead_s": params["launch_overhead_s"]})
-
-
 def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[HardwareProfile, dict]:
     """Fit the achievable fractions and launch overhead; every group weighs the same."""
     from scipy.optimize import least_squares
@@ -92,13 +87,13 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
         return {"bandwidth": x[0], "matmul": x[1], "attention": x[2], "launch_overhead_s": x[3] * 1e-6}
 
     def residuals(x):
-        fitted = with_params(hw, params_of(x))
+        fitted = hw.with_fit(params_of(x))
         return weights * np.log(np.array([predict_s(m, fitted) for m in measurements]) / measured)
 
     x0 = [0.8, 0.8, 0.5, 10.0]
     result = least_squares(residuals, x0, bounds=([0.01, 0.01, 0.01, 0.01], [1.0, 1.0, 1.0, 10_000.0]), x_scale="jac", loss="soft_l1", f_scale=0.2)
     params = params_of(result.x)
-    fitted = with_params(hw, params)
+    fitted = hw.with_fit(params)
     return fitted, {"params": params, "residuals": residual_summary(measurements, fitted)}
 
 

@@ -166,5 +166,6 @@ def weight_bytes(model: ModelSpec, dtype: str = "fp16", tp: int = 1) -> int:
 
 
 def kv_bytes_per_token(model: ModelSpec, dtype: str = "fp16", tp: int = 1) -> int:
-    """KV-cache bytes one token occupies on each GPU of a `tp`-way group."""
-    return 2 * model.n_layers * kv_heads_per_gpu(model, tp) * model.d_head * DTYPE_BYTES[dtype]
+    """KV-cache bytes one token occupies on each GPU of a `tp`-way group: this GPU's share of the
+    model's KV heads."""
+    return model.kv_bytes_per_token(DTYPE_BYTES[dtype]) * kv_heads_per_gpu(model, tp) // model.n_kv_heads

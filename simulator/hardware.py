@@ -96,6 +96,12 @@ class HardwareProfile(BaseModel):
             return self.peak_flops_per_s["fp16"]
         raise UserError(f"{self.name} has no peak FLOP/s for {dtype}; it lists {', '.join(self.peak_flops_per_s)}")
 
+    def with_fit(self, params: dict) -> HardwareProfile:
+        """This profile with fitted achievable fractions (`bandwidth`, `matmul`, `attention`) and
+        `launch_overhead_s` taken from `params`."""
+        achievable = self.achievable.model_copy(update={k: params[k] for k in ("bandwidth", "matmul", "attention")})
+        return self.model_copy(update={"achievable": achievable, "launch_overhead_s": params["launch_overhead_s"]})
+
     @property
     def sram_bytes_total(self) -> int:
         return self.sram_bytes_per_sm * self.sm_count

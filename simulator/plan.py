@@ -7,7 +7,7 @@ import bisect
 
 from simulator.attention import attention_summary
 from simulator.errors import UserError
-from simulator.forward import forward, prefill_time_s, step_time_s, weight_bytes
+from simulator.forward import forward, kv_bytes_per_token, prefill_time_s, step_time_s, weight_bytes
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
 from simulator.speculative import SpecDecResult, SpecDecRow, expected_tokens, walltime_improvement
@@ -108,7 +108,7 @@ def build_plan(
     ttft_s = prefill_time_s(target, hw, batch, prompt_len, dtype)
     decode_s = output_len / (chosen.tokens_per_s / batch)
     memory = weight_bytes(target, dtype) + weight_bytes(draft, dtype)
-    kv = batch * (prompt_len + output_len) * (target.kv_bytes_per_token(DTYPE_BYTES[dtype]) + draft.kv_bytes_per_token(DTYPE_BYTES[dtype]))
+    kv = batch * (prompt_len + output_len) * (kv_bytes_per_token(target, dtype) + kv_bytes_per_token(draft, dtype))
     return {
         "gpu": {
             "name": hw.name,

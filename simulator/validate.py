@@ -179,11 +179,6 @@ def load_points(data_dir: Path = DEFAULT_DATA_DIR, per_series: int | None = None
 FITTED_FRACTIONS = ("bandwidth", "matmul", "attention")
 
 
-def apply_fit(hw: HardwareProfile, params: dict) -> HardwareProfile:
-    achievable = hw.achievable.model_copy(update={k: params[k] for k in FITTED_FRACTIONS})
-    return hw.model_copy(update={"achievable": achievable, "launch_overhead_s": params["launch_overhead_s"]})
-
-
 def _with_efficiency(hw: HardwareProfile, efficiency: float) -> HardwareProfile:
     """The profile as seen by one kernel implementation: its attention and matmul fractions
     scaled by that implementation's efficiency (never above 1)."""
@@ -217,7 +212,7 @@ def fit(points: list[Point], profiles: dict[str, HardwareProfile]) -> dict:
 
     def residuals(x):
         params, eff = unpack(x)
-        fitted = {name: apply_fit(hw, params) for name, hw in profiles.items()}
+        fitted = {name: hw.with_fit(params) for name, hw in profiles.items()}
         return weights * np.log(predict_all(calib, fitted, eff) / measured)
 
     x0 = [base.achievable.bandwidth, base.achievable.matmul, base.achievable.attention, base.launch_overhead_s * 1e6] + [1.0] * len(impls)
@@ -250,7 +245,7 @@ def validate(data_dir: Path = DEFAULT_DATA_DIR, calibrate: bool = True, per_seri
     result = {"data_dir": str(data_dir), "points": len(points), "calibration_rule": f"every {CALIBRATION_EVERY}rd point of each series"}
     if calibrate:
         fitted = fit(points, profiles)
-        profiles = {name: apply_fit(hw, fitted["params"]) for name, hw in profiles.items()}
+        profiles = {name: hw.with_fit(fitted["params"]) for name, hw in profiles.items()}
         after = predict_all(points, profiles, fitted["efficiency"])
         result["fit"] = fitted
     else:
