@@ -31,8 +31,8 @@ def add_parsers(sub, bench) -> None:
     _common(b)
     b.add_argument("--gammas", default=BENCH_GAMMAS, help=f"comma-separated gammas (default {BENCH_GAMMAS})")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
-    b.add_argument("--sequences", type=int, default=4,
-                   help="sequences (seeds seed, seed+1, ...) generated one after another per timed run (default 4)")  # fmt: skip
+    b.add_argument("--sequences", type=int, default=8,
+                   help="sequences (seeds seed, seed+1, ...) generated one after another per timed run (default 8)")  # fmt: skip
     b.set_defaults(run=run_bench, batch=1)
 
 
@@ -118,7 +118,7 @@ def run_bench(args) -> int:
     )
     for row in result.rows:
         v = verify_pass_ratio(target, prompt, context, row.gamma, args.repeats)
-        with_v = expected_tokens(result.alpha, row.gamma) / (row.gamma * result.c + v)
+        with_v = expected_tokens(result.alpha, row.gamma) / (row.gamma * row.c + v)
         print(
             f"  gamma {row.gamma}: v {v:.3f}  formula with v {with_v:.3f}  measured / that {row.speedup / with_v:.3f}"
         )
@@ -131,13 +131,15 @@ def format_result(r: SpecDecResult) -> str:
         f"target {r.target}  draft {r.draft}  device {r.device}",
         f"autoregressive   {r.autoregressive_tokens_per_s:10.1f} tokens/s",
         f"alpha            {r.alpha:10.3f}   per draft position: {per_pos}",
-        f"c (draft/target) {r.c:10.3f}",
-        "",
-        f"{'gamma':>5} {'tokens/step':>12} {'tokens/s':>10} {'speedup':>8} {'formula':>8} {'ratio':>6}",
+        f"c (draft/target) {r.c:10.3f}   the draft timed inside the runs (per gamma below)",
     ]
+    if r.c_isolated is not None:
+        lines.append(f"c isolated       {r.c_isolated:10.3f}   the draft decoding on its own (warm caches)")
+    lines += ["", f"{'gamma':>5} {'c':>6} {'tokens/step':>12} {'tokens/s':>10} {'speedup':>8} {'formula':>8} {'ratio':>6}"]
     for row in r.rows:
+        c = "" if row.c is None else f"{row.c:.3f}"
         lines.append(
-            f"{row.gamma:5d} {row.expected_tokens_per_step:12.2f} {row.tokens_per_s:10.1f} "
+            f"{row.gamma:5d} {c:>6} {row.expected_tokens_per_step:12.2f} {row.tokens_per_s:10.1f} "
             f"{row.speedup:8.3f} {row.speedup_formula:8.3f} {row.speedup / row.speedup_formula:6.3f}"
         )
     return "\n".join(lines)

@@ -35,6 +35,7 @@ class ModelDraft:
         self.vocab_size = model.spec.vocab_size
         self.cache = None
         self.pending = 2
+        self._back = None  # offsets -pending .. -1 of the tokens fed first, kept between steps
 
     def start(self, prompt: torch.Tensor, max_len: int) -> None:
         """prompt [B, P]: prefill all but its last two tokens."""
@@ -50,8 +51,9 @@ class ModelDraft:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, S] (row b valid up to lengths[b]), w [B, gamma] uniforms ->
         draft tokens [B, gamma] and the warped distributions q [B, gamma, V] they were drawn from."""
-        idx = lengths[:, None] - self.pending + torch.arange(self.pending, device=tokens.device)
-        x = tokens.gather(1, idx)  # [B, pending]
+        if self._back is None or len(self._back) != self.pending:
+            self._back = torch.arange(-self.pending, 0, device=tokens.device)
+        x = tokens.gather(1, lengths[:, None] + self._back)  # [B, pending]: each row's last `pending` tokens
         drafted, qs = [], []
         for i in range(gamma):
             logits = self.model(x, self.cache, self.layers)[:, -1]  # [B, V]

@@ -88,22 +88,23 @@ def verify(
     draft_tokens [B, gamma]; u [B, gamma], v [B]: uniform draws in [0, 1).
     Returns n_accepted [B] in 0..gamma and next_token [B]."""
     B, gamma = draft_tokens.shape
-    rows = torch.arange(B, device=p.device)
+    at_d = draft_tokens[..., None]
     # p_i(d_i) and q_i(d_i): [B, gamma]
-    p_d = p[:, :gamma].gather(-1, draft_tokens[..., None])[..., 0]
-    q_d = q.gather(-1, draft_tokens[..., None])[..., 0]
+    p_d = p[:, :gamma].gather(-1, at_d)[..., 0]
+    q_d = q.gather(-1, at_d)[..., 0]
     # accept d_i with probability min(1, p_i(d_i) / q_i(d_i)):  u_i < p/q  <=>  u_i q < p  (q_i(d_i) > 0: d_i ~ q_i)
     accepted = u * q_d < p_d
     # n = length of the run of acceptances from the start; later positions are discarded
     n = accepted.cumprod(-1).sum(-1)  # [B] int64
     # the next token comes from position n: on a rejection (n < gamma) from the residual
-    # norm(max(0, p_n - q_n)); after gamma acceptances from p_gamma, the bonus token. Padding q with a
-    # zero row at position gamma makes both one formula: max(0, p_gamma - 0) = p_gamma.
-    q_pad = torch.cat((q, q.new_zeros(B, 1, q.shape[-1])), dim=1)  # [B, gamma+1, V]
-    p_n = p[rows, n]  # [B, V]
-    residual = (p_n - q_pad[rows, n]).clamp_min(0)
-    # a rejection means p_n(d) < q_n(d), so some x has p_n(x) > q_n(x) and the mass is > 0
-    # (in exact arithmetic; float rounding can leave 0, and then p_n itself is the limit)
-    mass = residual.sum(-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass, p_n)
-    return n, sample(residual, v)
+    # norm(max(0, p_n - q_n)); after gamma acceptances from p_gamma, the bonus token. Residuals at
+    # every draft position, then p_gamma itself, make both one gather: [B, gamma+1, V].
+    residuals = torch.cat(((p[:, :gamma] - q).clamp_min(0), p[:, gamma:]), dim=1)
+    at_n = n[:, None, None].expand(B, 1, p.shape[-1])
+    residual = residuals.gather(1, at_n)[:, 0]  # [B, V], not normalised: the draw is scaled instead
+    # inverse CDF of norm(residual): the smallest x with v * mass < cdf(x), as in `sample`
+    cdf = residual.cumsum(-1)
+    token = torch.searchsorted(cdf, v[:, None].to(cdf.dtype) * cdf[:, -1:], right=True)[:, 0]
+    # a rejection means p_n(d) < q_n(d), so some x has p_n(x) > q_n(x) and the mass is > 0; float
+    # rounding can leave none (p_n = q_n but for rounding), and then the token is p_n's most likely
+    return n, torch.where(token < p.shape[-1], token, p.gather(1, at_n)[:, 0].argmax(-1))

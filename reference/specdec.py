@@ -8,6 +8,7 @@ Statistics are kept as tensors per step and reduced once at the end.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from reference.drafts import ModelDraft, NgramDraft
 from reference.model import Transformer
 from reference.sampling import Sampling, acceptance_probability, fixed_token_probs, sample, verify, warp
-from reference.timing import measure
+from reference.timing import Stopwatch, measure, measure_interleaved
 from simulator.errors import UserError
 from simulator.speculative import SpecDecResult, SpecDecRow, walltime_improvement
 
@@ -75,10 +76,18 @@ class SpecRun:
 
 @torch.inference_mode()
 def speculative_generate(
-    target: Transformer, draft: Draft, prompt: torch.Tensor, max_new_tokens: int, gamma: int, s: Sampling, draw: Draw
+    target: Transformer,
+    draft: Draft,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    gamma: int,
+    s: Sampling,
+    draw: Draw,
+    stopwatch: Stopwatch | None = None,
 ) -> SpecRun:
     """prompt [B, P] -> `SpecRun` with tokens [B, P + max_new_tokens], distributed exactly as
     `autoregressive_generate` with the target (and equal to it token for token when greedy).
+    A `stopwatch`, if given, times the draft's proposals where they run, between target passes.
 
     Invariant per row b, holding lengths[b] tokens: the target cache holds all but the last one."""
     B, P = prompt.shape
@@ -92,29 +101,36 @@ def speculative_generate(
     if P > 1:
         target(prompt[:, :-1], cache)
     draft.start(prompt, room)
-    history = []  # per step (beta [B, gamma], n [B], active [B]): statistics, reduced after the loop
-    ahead = torch.arange(gamma + 1, device=dev)
+    history = []  # per step (p, q, n, lengths before the step)
+    ahead = torch.arange(gamma, device=dev)
+    last = prompt[:, -1:]  # [B, 1]: each row's last token, the one the target cache lacks
     while True:
         u = draw(2 * gamma + 1)  # [B, 2 gamma + 1]: gamma for drafting, gamma for accepting, 1 for the last token
+        if stopwatch is not None:
+            stopwatch.start()
         d, q = draft.propose(buf, lengths, gamma, s, u[:, :gamma])  # [B, gamma], [B, gamma, V]
+        if stopwatch is not None:
+            stopwatch.stop()
         if q is None:
             q = fixed_token_probs(d, V, target.embed.weight.dtype)
-        x = torch.cat((buf.gather(1, lengths[:, None] - 1), d), dim=1)  # [B, gamma+1]: last token, drafts
-        p = warp(target(x, cache), s)  # [B, gamma+1, V]: one target pass scores every draft position
+        p = warp(target(torch.cat((last, d), dim=1), cache), s)  # [B, gamma+1, V]: one pass scores every draft
         n, nxt = verify(p, q, d, u[:, gamma : 2 * gamma], u[:, 2 * gamma])
-        history.append((acceptance_probability(p[:, :gamma], q), n, lengths < total))
-        # emit d_1..d_n then the next token, at positions lengths .. lengths + n; beyond that is scratch
-        out = torch.where(ahead < n[:, None], torch.cat((d, d[:, :1]), dim=1), nxt[:, None])
-        buf.scatter_(1, lengths[:, None] + ahead, out)
-        lengths = torch.clamp_max(lengths + n + 1, total)  # finished rows step in place
-        shortest, longest = torch.stack(lengths.aminmax()).tolist()  # the host sync of the step
+        history.append((p, q, n, lengths))  # statistics are reduced after the loop, off the critical path
+        # emit d_1..d_n then the next token at position lengths + n (overwriting d_n+1); past it is scratch
+        buf.scatter_(1, lengths[:, None] + ahead, d)
+        last = nxt[:, None]
+        buf.scatter_(1, (lengths + n)[:, None], last)
+        lengths = (lengths + n + 1).clamp_max(total)  # finished rows step in place (their `last` is scratch)
+        per_row = lengths.tolist()  # the host sync of the step
+        shortest, longest = min(per_row), max(per_row)
         cache.rollback(lengths - 1, longest - 1)  # drop the target's entries of rejected drafts, per row
         draft.rollback(lengths, longest)
         if shortest == total:
             break
     # statistics of the rows still active at each step: draft position i was looked at iff n >= i
-    beta, n, active = (torch.stack(h) for h in zip(*history, strict=True))  # [steps, B, gamma], [steps, B] x 2
-    reached = (ahead[:gamma] <= n[..., None]) & active[..., None]
+    p, q, n, before = (torch.stack(h) for h in zip(*history, strict=True))  # [steps, B, ...]
+    beta, active = acceptance_probability(p[..., :gamma, :], q), before < total  # [steps, B, gamma], [steps, B]
+    reached = (ahead <= n[..., None]) & active[..., None]
     beta_sum = (beta.double() * reached).sum((0, 1))
     n_hist = torch.zeros(gamma + 1, dtype=torch.long, device=dev).index_add_(0, n[active], torch.ones_like(n[active]))
     return SpecRun(buf[:, :total], len(history), beta_sum.cpu(), n_hist.cpu())
@@ -136,12 +152,9 @@ def check_pair(target: Transformer, draft: Draft, prompt: list[int], gamma: int,
     s.check()
 
 
-def draft_step_time_s(
-    draft: Draft, prompt: torch.Tensor, max_new_tokens: int, s: Sampling, seed: int, repeats: int
-) -> float:
-    """Time of one draft step, the numerator of Leviathan's c: a decode step of the draft network
-    (autoregressive, like the target's step it is divided by), or for the n-gram draft one lookup
-    over a history as long as the generation."""
+def isolated_draft_step(draft: Draft, prompt: torch.Tensor, max_new_tokens: int, s: Sampling, seed: int):
+    """(function, steps): `steps` draft steps with nothing else between them: the draft network
+    decoding on its own, or for the n-gram draft lookups over a history as long as the generation."""
     B, P = prompt.shape
     if isinstance(draft, ModelDraft):
 
@@ -150,11 +163,16 @@ def draft_step_time_s(
                 draft.model, prompt, max_new_tokens, s, seeded_draws(B, seed, prompt.device), draft.layers
             )
 
-        return measure(run, repeats).median_s / max_new_tokens
+        return run, max_new_tokens
     history = prompt.repeat(1, -(-(P + max_new_tokens) // P))  # [B, >= P + max_new]: the prompt, repeated
     lengths = torch.full((B,), history.shape[1], dtype=torch.long, device=prompt.device)
     w = seeded_draws(B, seed, prompt.device)(1)
-    return measure(lambda: draft.propose(history, lengths, 1, s, w), 20 * repeats).median_s
+
+    def lookups():
+        for _ in range(max_new_tokens):
+            draft.propose(history, lengths, 1, s, w)
+
+    return lookups, max_new_tokens
 
 
 @torch.inference_mode()
@@ -191,14 +209,20 @@ def measure_specdec(
     repeats: int = 5,
     sequences: int = 1,
 ) -> SpecDecResult:
-    """Medians of `repeats` timed runs of the autoregressive target, of the draft, and of speculative
-    decoding at each gamma. One run generates `sequences` continuations of the prompt one after the
-    other, with seeds seed, seed + 1, ...: every repeat does the same work, and alpha and the tokens
-    per step average over several sequences.
+    """Medians of `repeats` timed rounds; each round runs the autoregressive target, the draft alone,
+    and speculative decoding at each gamma, in turns, so a shared machine's drifts fall on all alike.
+    One run generates `sequences` continuations of the prompt one after the other, with seeds
+    seed, seed + 1, ...: every repeat does the same work, and alpha and the tokens per step average
+    over several sequences.
 
-    alpha is E[beta] over the draft positions the verifier reached, pooled over all gammas;
-    c = draft step time / target step time; the formula column is Leviathan's walltime improvement
-    (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)) from those two measured numbers."""
+    alpha is E[beta] over the draft positions the verifier reached, pooled over all gammas.
+    c is Leviathan's cost ratio, the draft's time per step over the target's time per token, with
+    the draft timed where it runs: a stopwatch around its proposals inside the speculative runs,
+    per gamma (row.c) and pooled (c). A draft step right after a target pass is slower than one in
+    a loop of its own, whose caches stay warm; that tight-loop ratio is kept as `c_isolated`. The
+    formula column is Leviathan's walltime improvement (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1))
+    from alpha and the row's c: what the algorithm gains if the verifier, the bookkeeping and a pass
+    over gamma + 1 tokens instead of 1 cost nothing extra."""
     B, dev = prompt.shape[0], prompt.device
     new_tokens = sequences * B * max_new_tokens
     seeds = range(seed, seed + sequences)
@@ -207,20 +231,27 @@ def measure_specdec(
         for k in seeds:
             autoregressive_generate(target, prompt, max_new_tokens, s, seeded_draws(B, k, dev))
 
-    ar_s = measure(autoregressive, repeats).median_s
-    c = draft_step_time_s(draft, prompt, max_new_tokens, s, seed, repeats) / (ar_s / sequences / max_new_tokens)
-
+    isolated, isolated_steps = isolated_draft_step(draft, prompt, max_new_tokens, s, seed)
     runs: dict[int, list[SpecRun]] = {}
-    times: dict[int, float] = {}
-    for gamma in gammas:
+    draft_s: dict[int, list[float]] = {gamma: [] for gamma in gammas}  # per round: seconds per draft step
 
-        def speculative(gamma=gamma):
+    def speculative(gamma: int):
+        def run():
+            watch = Stopwatch(dev)
             runs[gamma] = [
-                speculative_generate(target, draft, prompt, max_new_tokens, gamma, s, seeded_draws(B, k, dev))
+                speculative_generate(target, draft, prompt, max_new_tokens, gamma, s, seeded_draws(B, k, dev), watch)
                 for k in seeds
             ]
+            draft_s[gamma].append(watch.seconds / (gamma * sum(r.steps for r in runs[gamma])))
 
-        times[gamma] = measure(speculative, repeats).median_s
+        return run
+
+    fns = {"autoregressive": autoregressive, "draft": isolated} | {g: speculative(g) for g in gammas}
+    timings = measure_interleaved(fns, repeats)
+    step_s = timings["autoregressive"].median_s / (sequences * max_new_tokens)
+    row_c = {g: statistics.median(draft_s[g][-repeats:]) / step_s for g in gammas}  # the timed rounds'
+    draft_steps = {g: g * sum(r.steps for r in runs[g]) for g in gammas}
+    c = sum(row_c[g] * draft_steps[g] for g in gammas) / sum(draft_steps.values())
     g_max = max(gammas)
     beta, reached = torch.zeros(g_max, dtype=torch.float64), torch.zeros(g_max, dtype=torch.long)
     for gamma, rs in runs.items():
@@ -230,17 +261,20 @@ def measure_specdec(
     alpha = float(beta.sum() / reached.sum())
     # positions no step reached (all earlier drafts never accepted together) have no estimate: left off
     alpha_per_position = [float(b / n) for b, n in zip(beta, reached, strict=True) if n]
-    ar_tps = new_tokens / ar_s
-    rows = [
-        SpecDecRow(
-            gamma=gamma,
-            expected_tokens_per_step=float(sum(r.tokens_per_step for r in runs[gamma]) / sequences),
-            tokens_per_s=new_tokens / times[gamma],
-            speedup=(new_tokens / times[gamma]) / ar_tps,
-            speedup_formula=walltime_improvement(alpha, gamma, c),
+    ar_tps = new_tokens / timings["autoregressive"].median_s
+    rows = []
+    for gamma in gammas:
+        tps = new_tokens / timings[gamma].median_s
+        rows.append(
+            SpecDecRow(
+                gamma=gamma,
+                expected_tokens_per_step=float(sum(r.tokens_per_step for r in runs[gamma]) / sequences),
+                tokens_per_s=tps,
+                speedup=tps / ar_tps,
+                speedup_formula=walltime_improvement(alpha, gamma, row_c[gamma]),
+                c=row_c[gamma],
+            )
         )
-        for gamma in gammas
-    ]
     return SpecDecResult(
         kind="measured",
         device=str(dev),
@@ -249,6 +283,7 @@ def measure_specdec(
         alpha=alpha,
         alpha_per_position=alpha_per_position,
         c=c,
+        c_isolated=timings["draft"].median_s / isolated_steps / step_s,
         autoregressive_tokens_per_s=ar_tps,
         rows=rows,
         best_gamma=max(rows, key=lambda r: r.speedup).gamma,

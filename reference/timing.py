@@ -41,3 +41,60 @@ def measure(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timi
         _sync()
         samples.append(time.perf_counter() - start)
     return Timing(statistics.median(samples), tuple(samples))
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Like `measure` for several functions at once, run in turns (a, b, c, a, b, c, ...), so that a
+    shared machine's drifts over the minutes of a benchmark fall on every function alike and
+    ratios of the medians compare like with like."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(x), tuple(x)) for name, x in samples.items()}
+
+
+class Stopwatch:
+    """Total time of bracketed sections of a loop that keeps running: start() ... stop(), repeated.
+
+    On CUDA the brackets are events, read once at the end, so timing adds no host sync to the loop;
+    elsewhere the host clock, since CPU work is done when the call returns."""
+
+    def __init__(self, device: str | object = "cpu"):
+        import torch
+
+        self._cuda = torch.device(device).type == "cuda"
+        self._events: list = []
+        self._host_s = 0.0
+        self._started = 0.0
+
+    def start(self) -> None:
+        if self._cuda:
+            import torch
+
+            self._events.append(torch.cuda.Event(enable_timing=True))
+            self._events[-1].record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._cuda:
+            import torch
+
+            self._events.append(torch.cuda.Event(enable_timing=True))
+            self._events[-1].record()
+        else:
+            self._host_s += time.perf_counter() - self._started
+
+    @property
+    def seconds(self) -> float:
+        if not self._cuda:
+            return self._host_s
+        _sync()
+        pairs = zip(self._events[::2], self._events[1::2], strict=True)
+        return sum(a.elapsed_time(b) for a, b in pairs) / 1e3

@@ -73,7 +73,8 @@ class SpecDecRow(BaseModel):
     expected_tokens_per_step: float  # mean tokens emitted per target pass
     tokens_per_s: float
     speedup: float  # tokens_per_s over autoregressive tokens_per_s
-    speedup_formula: float  # Leviathan's walltime improvement from alpha and c
+    speedup_formula: float  # Leviathan's walltime improvement from alpha and c (this row's c where given)
+    c: float | None = None  # measured: the cost ratio at this gamma, the draft timed inside the runs
 
 
 class SpecDecResult(BaseModel):
@@ -86,7 +87,8 @@ class SpecDecResult(BaseModel):
     draft: str
     alpha: float
     alpha_per_position: list[float] | None = None
-    c: float  # draft step time / target step time
+    c: float  # draft step time / target step time (measured: pooled over the rows' c)
+    c_isolated: float | None = None  # measured: the draft's step timed in a loop of its own, no target between
     autoregressive_tokens_per_s: float
     rows: list[SpecDecRow]
     best_gamma: int

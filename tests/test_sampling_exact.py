@@ -151,9 +151,9 @@ MUTANTS = {
         mutate_verify("accepted = u * q_d < p_d", "accepted = torch.ones_like(p_d, dtype=torch.bool)"),
         draft_step,
     ),
-    "unnormalised_residual": (mutate_verify("residual / mass", "residual"), draft_step),
+    "unnormalised_residual": (mutate_verify("v[:, None].to(cdf.dtype) * cdf[:, -1:]", "v[:, None].to(cdf.dtype)"), draft_step),
     "bonus_from_wrong_position": (
-        mutate_verify("p_n = p[rows, n]", "p_n = torch.cat((p[:, :gamma], p[:, gamma - 1 : gamma]), 1)[rows, n]"),
+        mutate_verify("p[:, gamma:]), dim=1)", "p[:, gamma - 1 : gamma]), dim=1)"),
         draft_step,
     ),
     "draft_probs_before_warping": (verify, draft_step_prewarp),

@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import textwrap
+import time
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from reference.drafts import ModelDraft, NgramDraft
 from reference.model import WEIGHTS_DIR, Transformer, load_weights, save_weights
 from reference.sampling import Sampling, warp
 from reference.specdec import autoregressive_generate, seeded_draws, speculative_generate
+from reference.timing import Stopwatch, measure_interleaved
 from simulator.models import ModelSpec
 from simulator.speculative import SpecDecResult, walltime_improvement
 
@@ -258,8 +260,40 @@ def test_json_output_is_the_simulators_schema(weight_files, capsys):
     result = SpecDecResult.model_validate(json.loads(capsys.readouterr().out))
     assert result.kind == "measured" and result.target == "toy-target" and result.draft == "toy-draft"
     assert 0 <= result.alpha <= 1 and result.c > 0 and 1 <= len(result.alpha_per_position) <= 3
+    assert result.c_isolated > 0
     (row,) = result.rows
-    assert row.gamma == 3 and row.speedup_formula == pytest.approx(walltime_improvement(result.alpha, 3, result.c))
+    assert row.gamma == 3 and row.c == pytest.approx(result.c)  # one gamma: the pooled c is that row's
+    assert row.speedup_formula == pytest.approx(walltime_improvement(result.alpha, 3, row.c))
+
+
+def test_the_draft_is_timed_inside_the_runs(pair):
+    """The stopwatch brackets exactly the draft's proposals: one start and one stop per step, and
+    its total is part of the run's time."""
+    target, draft = pair
+    calls = []
+
+    class Recording(Stopwatch):
+        def start(self):
+            calls.append("start")
+            super().start()
+
+        def stop(self):
+            calls.append("stop")
+            super().stop()
+
+    watch = Recording()
+    began = time.perf_counter()
+    run = speculative_generate(target, ModelDraft(draft), PROMPTS, 20, 3, Sampling(), seeded_draws(3, 0), watch)
+    elapsed = time.perf_counter() - began
+    assert calls == ["start", "stop"] * run.steps
+    assert 0 < watch.seconds < elapsed
+
+
+def test_interleaved_measurement_takes_turns():
+    order = []
+    timings = measure_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=3)
+    assert order == ["a", "b"] * 4  # one warm-up round, then three timed ones
+    assert set(timings) == {"a", "b"} and all(len(t.samples_s) == 3 for t in timings.values())
 
 
 def test_bench_prints_the_check(weight_files, capsys):
