@@ -59,7 +59,7 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     from simulator import validate as val
 
-    print(f"validate: reading {args.data} and fitting the A100 profile (about a minute on 2 cores)...", file=sys.stderr)
+    print(f"validate: reading {args.data} and fitting the A100 profile (a few seconds)...", file=sys.stderr)
     result = val.validate(Path(args.data), calibrate=not args.no_calibrate, per_series=args.per_series)
     if args.plot:
         val.plot_validation(result, Path(args.plot))

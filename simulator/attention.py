@@ -217,37 +217,129 @@ def flash_attention_backward(
     return KernelCost(f"flash-{order}-bwd", flops, hbm_bytes, time_s, launches)
 
 
-def standard_attention(
-    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16"
-) -> KernelCost:
-    """Three kernels: S = QK^T (batched GEMM), P = softmax(S) (elementwise), O = PV (batched GEMM).
-    The full N x N product is computed even when causal; the FLOPs reported follow the convention."""
+@dataclass(frozen=True)
+class UnfusedPasses:
+    """What an eager (unfused) attention does to the N x N score matrix besides the two GEMMs.
+
+    Every pass below is one kernel that reads and/or writes the whole [B, H, N, N] matrix in HBM
+    (elements of `dtype`, e bytes; a dropout keep-mask is one byte per element). The default is
+    FlashAttention paper Alg. 0: S = QK^T written, softmax reads S and writes P, PV reads P, with
+    scaling folded into the GEMM and any causal mask applied inside the softmax pass.
+
+    - `scale`: S * softmax_scale as its own pass (r e, w e); backward the same.
+    - `mask`: "fill" -- S.masked_fill_(mask, -inf) (r e, w e), backward grad.masked_fill (r e, w e);
+      "add" -- S + M with an additive [N, N] mask built every call in fp32 (torch.full, torch.triu,
+      .to(dtype): 4 + 4 + 4 + 4 + e bytes per mask element, once, not per head) then added
+      (r e, w e; the broadcast mask is re-read from L2), backward the identity (no kernel).
+    - `dropout`: native dropout (r e; w e and a 1-byte keep-mask); backward r e + 1, w e.
+    Backward always has dP = dO V^T (w e), dV = P^T dO (r e), the softmax backward
+    dS = P o (dP - rowsum(dP o P)) (r 2e, w e), dQ = dS K and dK = dS^T Q (r e each).
+    """
+
+    scale: bool = False
+    mask: str = "none"  # "none" | "fill" | "add"
+    dropout: bool = False
+
+    def __post_init__(self):
+        if self.mask not in ("none", "fill", "add"):
+            raise UserError(f"unknown mask pass {self.mask!r}; known: none, fill, add")
+
+    def elementwise_passes(self, e: int, backward: bool = False) -> list[tuple[str, float, float]]:
+        """(name, bytes read, bytes written) per element of one [N, N] matrix, GEMMs excluded."""
+        mask_pass = {"none": [], "fill": [("mask", e, e)], "add": [] if backward else [("mask", e, e)]}[self.mask]
+        scale_pass = [("scale", e, e)] if self.scale else []
+        if not backward:
+            dropout = [("dropout", e, e + 1)] if self.dropout else []
+            return [*scale_pass, *mask_pass, ("softmax", e, e), *dropout]
+        dropout = [("dropout", e + 1, e)] if self.dropout else []
+        return [*dropout, ("softmax", 2 * e, e), *mask_pass, *scale_pass]
+
+    def gemm_nn_bytes(self, e: int, backward: bool = False) -> list[tuple[float, float]]:
+        """(read, written) bytes per [N, N] element of each GEMM: S = QK^T, O = PV; backward
+        dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q."""
+        return [(0, e), (e, 0), (e, 0), (e, 0)] if backward else [(0, e), (e, 0)]
+
+    def mask_build_bytes_per_element(self, e: int, backward: bool = False) -> tuple[float, float]:
+        """(read, written) HBM bytes per element of the one [N, N] additive mask built per forward
+        call: torch.full (w 4), torch.triu (r 4, w 4), .to(dtype) (r 4, w e)."""
+        return (0.0, 0.0) if backward or self.mask != "add" else (4 + 4, 4 + 4 + e)
+
+    def launches(self, backward: bool = False) -> int:
+        build = 3 if self.mask == "add" and not backward else 0
+        return len(self.gemm_nn_bytes(2, backward)) + len(self.elementwise_passes(2, backward)) + build
+
+
+DEFAULT_PASSES = UnfusedPasses()
+
+
+def unfused_forward_peak_bytes(b: int, h: int, n: int, dtype: str = "fp16", passes: UnfusedPasses = DEFAULT_PASSES) -> float:
+    """Device memory the [B, H, N, N] tensors of one eager forward hold at once (bytes), as a Python
+    function written S = ...; P = softmax(S); P_drop = dropout(P); O = P_drop V keeps them: S stays
+    referenced until the call returns, P is made while S lives, and dropout adds P_drop and its
+    1-byte keep-mask while S and P live. A masked_fill_ or scale in place adds nothing."""
     e = DTYPE_BYTES[dtype]
+    square = b * h * n * n  # elements of one [B, H, N, N] matrix
+    return float(square * (2 * e + (e + 1 if passes.dropout else 0)))
+
+
+def _unfused_cost(
+    b: int, h: int, n: int, d: int, hw: HardwareProfile, dtype: str, passes: UnfusedPasses, backward: bool
+) -> tuple[float, float]:
+    """(seconds, HBM bytes) of the unfused passes: GEMMs at the matmul fraction over the [N, N]
+    matrix plus their thin operands, each elementwise pass a memory-bound kernel."""
+    e = DTYPE_BYTES[dtype]
+    square = b * h * n * n  # elements of one [B, H, N, N] matrix
+    thin = e * b * h * n * d  # bytes of one [B, H, N, d] tensor
     gemm_flops = 2.0 * b * h * n * n * d
-    qk = roofline_time_s(gemm_flops, e * b * h * (2 * n * d + n * n), hw, dtype, hw.achievable.matmul)
-    softmax = elementwise(b * h * n * n, hw, dtype, reads=1, writes=1, flops_per_element=5.0).time_s
-    pv = roofline_time_s(gemm_flops, e * b * h * (n * n + n * d + n * d), hw, dtype, hw.achievable.matmul)
-    per_head = standard_hbm_bytes(n, d, dtype)
-    hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
-    return KernelCost("standard", attention_flops(b, h, n, d, causal), hbm_bytes, qk + softmax + pv, launches=3)
+    time_s, hbm_bytes = 0.0, 0.0
+    for read, written in passes.gemm_nn_bytes(e, backward):
+        gemm_bytes = (read + written) * square + 2 * thin  # the N x N operand or result; two thin tensors
+        time_s += roofline_time_s(gemm_flops, gemm_bytes, hw, dtype, hw.achievable.matmul)
+        hbm_bytes += gemm_bytes
+    for _, read, written in passes.elementwise_passes(e, backward):
+        time_s += elementwise(square, hw, dtype, reads=read / e, writes=written / e, flops_per_element=5.0).time_s
+        hbm_bytes += (read + written) * square
+    build_read, build_written = passes.mask_build_bytes_per_element(e, backward)
+    if build_read or build_written:  # three kernels over one [N, N] mask, priced as one pass plus two launches
+        time_s += elementwise(n * n, hw, dtype, reads=build_read / e, writes=build_written / e, flops_per_element=0).time_s
+        time_s += 2 * hw.launch_overhead_s
+        hbm_bytes += (build_read + build_written) * n * n
+    return time_s, hbm_bytes
+
+
+def standard_attention(
+    b: int,
+    h: int,
+    n: int,
+    d: int,
+    hw: HardwareProfile,
+    causal: bool = False,
+    dtype: str = "fp16",
+    passes: UnfusedPasses = DEFAULT_PASSES,
+) -> KernelCost:
+    """Unfused forward: S = QK^T (batched GEMM), the elementwise passes of `passes` over [N, N]
+    (by default only P = softmax(S)), O = PV (batched GEMM). The full N x N product is computed
+    even when causal; the FLOPs reported follow the convention."""
+    time_s, hbm_bytes = _unfused_cost(b, h, n, d, hw, dtype, passes, backward=False)
+    return KernelCost("standard", attention_flops(b, h, n, d, causal), hbm_bytes, time_s, passes.launches())
 
 
 def standard_attention_backward(
-    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16"
+    b: int,
+    h: int,
+    n: int,
+    d: int,
+    hw: HardwareProfile,
+    causal: bool = False,
+    dtype: str = "fp16",
+    passes: UnfusedPasses = DEFAULT_PASSES,
 ) -> KernelCost:
-    """Unfused backward from the stored P: dV = P^T dO, dP = dO V^T, dS = P o (dP - rowsum(dP o P))
-    (elementwise over N^2, reading P and dP, writing dS), dQ = dS K, dK = dS^T Q."""
-    e = DTYPE_BYTES[dtype]
-    gemm_flops = 2.0 * b * h * n * n * d
-    square, thin = e * b * h * n * n, e * b * h * n * d
-    dv = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
-    dp = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
-    ds = elementwise(b * h * n * n, hw, dtype, reads=2, writes=1, flops_per_element=4.0).time_s
-    dq = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
-    dk = roofline_time_s(gemm_flops, square + 2 * thin, hw, dtype, hw.achievable.matmul)
-    hbm_bytes = float(4 * (square + 2 * thin) + 3 * square)
+    """Unfused backward from the stored P: dV = P^T dO, dP = dO V^T, the backward of each
+    elementwise pass of `passes` in reverse order (the softmax backward
+    dS = P o (dP - rowsum(dP o P)) reads P and dP and writes dS), dQ = dS K, dK = dS^T Q."""
+    time_s, hbm_bytes = _unfused_cost(b, h, n, d, hw, dtype, passes, backward=True)
     flops = 2.5 * attention_flops(b, h, n, d, causal)
-    return KernelCost("standard-bwd", flops, hbm_bytes, dv + dp + ds + dq + dk, launches=5)
+    return KernelCost("standard-bwd", flops, hbm_bytes, time_s, passes.launches(backward=True))
 
 
 def decode_splits(b: int, h_kv: int, n_kv: int, bc: int, sm_count: int, max_splits: int = 128) -> int:
@@ -292,6 +384,39 @@ def flash_decoding(
     launches = 1 if s == 1 else 2
     time_s = fused_time_s(flops, compulsory, hbm_bytes, max_flops, max_bytes, hw, dtype, hw.achievable.attention, launches)
     return KernelCost("flash-decoding", flops, hbm_bytes, time_s, launches)
+
+
+def programs_per_sm(programs: int, sm_count: int) -> int:
+    """Rounds of equal programs on `sm_count` SMs: the busiest SM runs ceil(programs / SMs) of
+    them, however many it holds at once (they share its tensor cores and its memory port)."""
+    if programs < 1 or sm_count < 1:
+        raise UserError(f"programs ({programs}) and SMs ({sm_count}) must be positive")
+    return -(-programs // sm_count)
+
+
+def flash_forward_decode(
+    b: int, h: int, h_kv: int, n_q: int, n_kv: int, d: int, hw: HardwareProfile, dtype: str = "fp16"
+) -> KernelCost:
+    """FlashAttention-2's forward kernel applied to a decode step (no split of the keys), as the
+    Flash-Decoding blog's FA2 baseline runs it (Dao 2023, Sec. 3.2: parallel over batch, heads and
+    query blocks only). One program per (batch, query head, block of Br query rows): its n_q rows
+    are padded to the Br-row tile the tensor cores multiply, so it does 4 Br n_kv d FLOPs and reads
+    its KV head's K, V [n_kv, d] whole; query heads that share a KV head read it again (from L2).
+    With B H ceil(n_q/Br) programs on the SMs, the busiest SM runs `programs_per_sm` of them."""
+    if h % h_kv:
+        raise UserError(f"query heads ({h}) must be a multiple of KV heads ({h_kv})")
+    e = DTYPE_BYTES[dtype]
+    tiles = tiles_for(hw, d, dtype)
+    q_blocks = -(-n_q // tiles.br)
+    programs = b * h * q_blocks
+    program_flops = 4.0 * tiles.br * n_kv * d  # padded [Br, n_kv] scores and [Br, d] output
+    program_bytes = float(e * (2 * n_kv * d + 2 * min(tiles.br, n_q) * d) + STAT_BYTES * min(tiles.br, n_q))
+    rounds = programs_per_sm(programs, hw.sm_count)
+    compulsory = float(e * (b * h_kv * 2 * n_kv * d + b * h * n_q * d * 2))  # K, V once; Q in, O out
+    time_s = fused_time_s(programs * program_flops, compulsory, programs * program_bytes, rounds * program_flops,
+                          rounds * program_bytes, hw, dtype, hw.achievable.attention)  # fmt: skip
+    flops = 4.0 * b * h * n_q * n_kv * d  # useful FLOPs, as benchmarks count them
+    return KernelCost("flash-fa2-decode", flops, programs * program_bytes, time_s)
 
 
 def standard_decode(b: int, h: int, h_kv: int, n_kv: int, d: int, hw: HardwareProfile, dtype: str = "fp16") -> KernelCost:
