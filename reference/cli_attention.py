@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from reference.timing import torch_threads
 from simulator.attention import (
     Tiles,
     flash_backward_hbm_bytes,
@@ -95,22 +96,6 @@ def _triton_interpreter(device: str):
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
-
-
-@contextmanager
-def _torch_threads(threads: int):
-    """torch's intra-op thread count for one run (0 keeps torch's own), restored afterwards."""
-    import torch
-
-    if threads < 0:
-        raise UserError(f"threads must be 0 (torch's default) or positive, got {threads}")
-    saved = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _triton_module(device: str):
@@ -514,7 +499,7 @@ def _run_attention(args) -> int:
     if args.repeats < 1:
         raise UserError(f"repeats must be positive, got {args.repeats}")
     sram_bytes, br, bc, source = _resolve_tiles(args)
-    with _torch_threads(args.threads):
+    with torch_threads(args.threads):
         result = compare_attention(
             q, k, v, args.causal,
             sram_bytes=sram_bytes, br=br, bc=bc, tiles_source=source,
@@ -530,7 +515,7 @@ def _run_bench(args) -> int:
     if args.sram_bytes is not None and args.sram_bytes < 1:
         raise UserError(f"SRAM size must be positive, got {args.sram_bytes} bytes")
     sram_bytes = args.sram_bytes if args.sram_bytes is not None else load_profile(args.gpu).sram_bytes_per_sm
-    with _torch_threads(args.threads):
+    with torch_threads(args.threads):
         result = bench_attention(args.seqlens, args.head_dim, args.dtype, sram_bytes, args.repeats)
     result["threads"] = args.threads
     plot_bench(result, args.out)

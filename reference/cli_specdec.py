@@ -10,6 +10,7 @@ from reference.drafts import ModelDraft, NgramDraft
 from reference.model import WEIGHTS_DIR, load_weights
 from reference.sampling import Sampling
 from reference.specdec import check_pair, measure_specdec, seeded_draws, speculative_generate, verify_pass_ratio
+from reference.timing import torch_threads
 from simulator.errors import UserError
 from simulator.speculative import SpecDecResult, expected_tokens
 
@@ -52,6 +53,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=str(WEIGHTS_DIR / "target.pt"), help="target weights file")
     p.add_argument("--draft-model", default=str(WEIGHTS_DIR / "draft.pt"), help="weights of --draft model")
     p.add_argument("--json", action="store_true", help="print the SpecDecResult as JSON")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: steady timings on a shared machine; 0: torch's default)")  # fmt: skip
 
 
 def _setup(args, gammas: list[int]):
@@ -79,6 +82,11 @@ def _setup(args, gammas: list[int]):
 
 
 def run_specdec(args) -> int:
+    with torch_threads(args.threads):
+        return _run_specdec(args)
+
+
+def _run_specdec(args) -> int:
     target, draft, prompt, s = _setup(args, [args.gamma])
     result = measure_specdec(target, draft, prompt, args.max_new_tokens, [args.gamma], s, args.seed, args.repeats)
     if args.json:
@@ -93,6 +101,11 @@ def run_specdec(args) -> int:
 
 
 def run_bench(args) -> int:
+    with torch_threads(args.threads):
+        return _run_bench(args)
+
+
+def _run_bench(args) -> int:
     try:
         gammas = sorted({int(g) for g in args.gammas.split(",")})
     except ValueError:

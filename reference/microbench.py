@@ -7,8 +7,10 @@ profile to them and predicts them back.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -16,10 +18,23 @@ import torch.nn.functional as F
 
 from reference.attention import naive_attention
 from reference.model import Transformer
-from reference.timing import measure
+from reference.timing import Timing
+from reference.timing import measure as measure_repeats
 from simulator.models import ModelSpec
 
 TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+MIN_TOTAL_S = 0.05  # a short kernel is repeated until its samples span this many seconds
+
+
+def measure(fn, repeats: int) -> Timing:
+    """Median of at least `repeats` timed runs, and of enough more for a short kernel that its runs
+    span MIN_TOTAL_S (at most 50x `repeats`): on a shared machine one run of 100 us is noise."""
+    start = time.perf_counter()
+    fn()
+    once_s = time.perf_counter() - start
+    return measure_repeats(fn, min(50 * repeats, max(repeats, math.ceil(MIN_TOTAL_S / max(once_s, 1e-7)))))
 
 
 def local_device() -> str:
@@ -114,6 +129,74 @@ def elementwise(sizes: list[int], dtype: str, device: str, repeats: int) -> list
     return out
 
 
+def first_touch_bytes_per_s(n_bytes: int, device: str, repeats: int) -> float | None:
+    """Bytes per second at which freshly allocated memory is first written, beyond writing memory
+    already mapped: allocating and filling a tensor of `n_bytes` against filling an existing one.
+    On a CPU an allocation this large gets new pages from the OS, each faulted in on its first
+    write. None on CUDA (its caching allocator reuses memory) or when no extra time shows."""
+    if device != "cpu":
+        return None
+    n = n_bytes // 4
+    mapped = torch.empty(n)
+    fresh_s = measure(lambda: torch.empty(n).fill_(1.0), repeats).median_s
+    extra_s = fresh_s - measure(lambda: mapped.fill_(1.0), repeats).median_s
+    return n * 4 / extra_s if extra_s > 0 else None
+
+
+def softmax_s_per_element(rows: int, cols: int, device: str, repeats: int) -> float:
+    """Seconds per element of a row softmax (max, exp, sum, scale) over a block that stays in cache,
+    as a fused attention kernel computes it on each score tile."""
+    x = torch.randn(rows, cols, device=device)
+    y = torch.empty_like(x)
+    t = measure(lambda: torch.softmax(x, -1, out=y), 10 * repeats)
+    return t.median_s / (rows * cols)
+
+
+def sdpa_program_s(device: str, repeats: int, programs: int = 64) -> float:
+    """Fixed seconds per (batch, head) program of scaled_dot_product_attention, with an additive
+    mask as the executor's cached attention passes one: one query over 64 keys of d = 64 for
+    `programs` programs against one program, per extra program."""
+
+    def run(b: int) -> float:
+        q, k, v = torch.randn(b, 1, 1, 64, device=device), torch.randn(b, 1, 64, 64, device=device), torch.randn(b, 1, 64, 64, device=device)
+        mask = torch.zeros(b, 1, 1, 64, device=device)
+        return measure(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats).median_s
+
+    return max(0.0, (run(programs) - run(1)) / (programs - 1))
+
+
+@torch.inference_mode()
+def eager_op_s(flush_bytes: int, device: str, repeats: int) -> tuple[float, float]:
+    """Seconds per dispatched torch operator of the executor's own forward pass, with its data
+    negligible: a 4-layer `Transformer` of width 16 decoding one token, (hot) as it is, and (cold)
+    with a stream over `flush_bytes` before every layer, as a model whose layer weights overflow
+    the core's cache streams them, the stream's own time taken off. Returns (hot, cold)."""
+    spec = ModelSpec(name="op-probe", d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=32, vocab_size=16,
+                     max_seq_len=16, source="reference.microbench.eager_op_s")  # fmt: skip
+    model = Transformer(spec).to(device).eval()
+    cache, tokens = model.new_cache(1, 9), torch.zeros(1, 1, dtype=torch.long, device=device)
+    lengths = torch.full((1,), 8, dtype=torch.long, device=device)
+    streams = [torch.ones(1, device=device)]
+
+    def step():
+        cache.rollback(lengths, 8)
+        model(tokens, cache)
+
+    def stream(module, args) -> None:
+        streams[0].sum()
+
+    hooks = [block.register_forward_pre_hook(stream) for block in model.layers]
+    try:
+        ops = count_ops(step)
+        hot_s = measure(step, repeats).median_s
+        streams[0] = torch.ones(flush_bytes // 4, device=device)
+        cold_s = measure(step, repeats).median_s - measure(lambda: [streams[0].sum() for _ in model.layers], repeats).median_s
+    finally:
+        for h in hooks:
+            h.remove()
+    return hot_s / ops, max(hot_s, cold_s) / ops
+
+
 def copy_bandwidth_bytes_per_s(n_bytes: int, device: str, repeats: int) -> float:
     """Bytes moved per second by a large copy (one read and one write of every byte)."""
     x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
@@ -125,6 +208,12 @@ def copy_bandwidth_bytes_per_s(n_bytes: int, device: str, repeats: int) -> float
 def attention(shapes: list[tuple[int, int, int, int]], dtype: str, device: str, repeats: int) -> list[dict]:
     """Naive attention (S and P materialised) and the fused kernel torch ships
     (scaled_dot_product_attention), causal, for each (B, H, N, d)."""
+    if device == "cpu":
+        # glibc raises its mmap threshold to the size of a freed mapped chunk, up to 32 MiB
+        # (mallopt(3)); below it, freed memory is reused instead of faulted in afresh. Raise it to
+        # the top first, as any long-running process soon has: otherwise whether naive attention's
+        # S and P land on fresh pages depends on what this process allocated before (2x swings).
+        torch.empty((32 << 20) // 4 - 4096).fill_(0.0)
     out = []
     for b, h, n, d in shapes:
         q, k, v = (torch.randn(b, h, n, d, dtype=TORCH_DTYPE[dtype], device=device) for _ in range(3))
@@ -147,11 +236,65 @@ def forward_steps(spec: ModelSpec, configs: list[tuple[int, int, int]], dtype: s
         cache = model.new_cache(batch, context + query)
         tokens = torch.randint(0, spec.vocab_size, (batch, query), device=device)
 
-        def step(cache=cache, tokens=tokens, context=context):
-            cache.lengths.fill_(context)
+        lengths = torch.full((batch,), context, dtype=torch.long, device=device)
+
+        def step(cache=cache, tokens=tokens, context=context, lengths=lengths):
+            cache.rollback(lengths, context)  # every repeat attends over exactly `context` cached tokens
             model(tokens, cache)
 
         t = measure(step, repeats)
         out.append({"kind": "forward", "model": spec.model_dump(), "batch": batch, "context": context,
                     "query_tokens": query, "dtype": dtype, "measured_s": t.median_s, "ops": count_ops(step)})  # fmt: skip
     return out
+
+
+def specdec(target: Transformer, draft: Transformer, prompt_len: int, new_tokens: int, gammas: list[int], seed: int,
+            repeats: int) -> list[dict]:  # fmt: skip
+    """Speculative decoding of `draft` -> `target` (temperature 1) at each gamma, and autoregressive
+    decoding of the target, on one random prompt: seconds per generated token (median of `repeats`),
+    the measured tokens per target pass and alpha."""
+    from reference.drafts import ModelDraft
+    from reference.sampling import Sampling
+    from reference.specdec import measure_specdec
+
+    device = target.embed.weight.device
+    prompt = torch.randint(0, target.spec.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    result = measure_specdec(target, ModelDraft(draft), prompt.to(device), new_tokens, gammas, Sampling(temperature=1.0),
+                             seed=seed, repeats=repeats)  # fmt: skip
+    run = {"prompt": prompt_len, "new_tokens": new_tokens, "alpha": result.alpha, "target": target.spec.model_dump(), "draft": draft.spec.model_dump()}
+    out = [{"kind": "specdec", "gamma": r.gamma, **run, "tokens_per_step": r.expected_tokens_per_step,
+            "measured_s": 1.0 / r.tokens_per_s} for r in result.rows]  # fmt: skip
+    out.append({"kind": "autoregressive", "gamma": 0, **run, "measured_s": 1.0 / result.autoregressive_tokens_per_s})
+    return out
+
+
+def layer_op_s_per_element(tokens: int, device: str, repeats: int) -> dict[str, float]:
+    """Seconds per element of the executor's per-layer operators that run on the vector units at
+    below memory speed (reference.model.Block), each as the executor calls it, over `tokens` rows
+    of a width-256 layer with 2 KV heads of 64:
+    - `scatter`: writing K (a strided view) into the cache at expanded int64 positions (scatter_);
+    - `silu`: SiLU of the gate (an exp per element);
+    - `rope`: the complex product of Q and K's pairs with e^(i pos theta), per complex element;
+    - `rms_norm`: nn.RMSNorm over the [tokens, 256] activations;
+    - `mask`: building the additive attention mask [1, 1, tokens, tokens] from positions, per entry."""
+    heads, kv_heads, dh = 4, 2, 64
+    qkv = torch.randn(1, tokens, heads + 2 * kv_heads, dh, device=device)
+    k = qkv[:, :, heads:heads + kv_heads].transpose(1, 2)
+    cache = torch.zeros(1, kv_heads, tokens, dh, device=device)
+    index = torch.arange(tokens, device=device)[None, None, :, None].expand(1, kv_heads, tokens, dh)
+    gate = torch.randn(tokens, 768, device=device)
+    cis = torch.view_as_complex(torch.randn(1, tokens, 1, dh // 2, 2, device=device))
+    pairs = qkv[:, :, : heads + kv_heads]
+    norm, x = torch.nn.RMSNorm(256, eps=1e-5).to(device), torch.randn(1, tokens, 256, device=device)
+    pos, keys = torch.arange(tokens, device=device)[None], torch.arange(tokens, device=device)
+
+    def rope():
+        xc = torch.view_as_complex(pairs.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * cis).flatten(-2)
+
+    with torch.inference_mode():
+        return {"scatter": measure(lambda: cache.scatter_(2, index, k), repeats).median_s / k.numel(),
+                "silu": measure(lambda: F.silu(gate), repeats).median_s / gate.numel(),
+                "rope": measure(rope, repeats).median_s / (pairs.numel() // 2),
+                "rms_norm": measure(lambda: norm(x), repeats).median_s / x.numel(),
+                "mask": measure(lambda: torch.where(keys <= pos[:, :, None], 0.0, float("-inf"))[:, None].to(x.dtype), repeats).median_s / tokens**2}  # fmt: skip

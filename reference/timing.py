@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -98,3 +99,21 @@ class Stopwatch:
         _sync()
         pairs = zip(self._events[::2], self._events[1::2], strict=True)
         return sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count for one run (0 keeps torch's own), restored afterwards."""
+    import torch
+
+    from simulator.errors import UserError
+
+    if threads < 0:
+        raise UserError(f"threads must be 0 (torch's default) or positive, got {threads}")
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -1,13 +1,16 @@
 """Calibrate a profile on the local device, then compare predictions with measurements on
 configurations the calibration did not use.
 
-`calibrate` measures through the reference executor (GEMMs over shapes, a large copy for memory
-bandwidth, elementwise kernels for per-op overhead, naive and fused attention, forward passes of
-the executor's transformer at several batch sizes and contexts), fits the profile's achievable
-fractions and launch overhead by least squares on log(predicted / measured) (scipy), and writes a
-profile in the `hardware_profiles/` format with the fit residuals, the date and the device.
+`calibrate` measures through the reference executor (GEMMs over shapes, copies for memory and
+cache bandwidth, elementwise kernels, naive attention and torch's SDPA, forward passes of the
+executor's transformer at several batch sizes and contexts, on a CPU also the executor's own costs:
+per-operator, per attention program, softmax per score, first touch of fresh pages, and speculative
+and autoregressive generation with the trained pair), fits the profile's achievable fractions and
+launch overhead by robust least squares on log(predicted / measured) (scipy), and writes a profile
+in the `hardware_profiles/` format with the fit residuals, the date and the device.
 `compare` measures a held-out suite (other attention shapes, other forward and decode steps,
-speculative decoding with the trained pair at several gamma) and predicts each from the profile.
+speculative decoding with the trained pair at other gammas on another prompt) and predicts each
+from the profile (simulator.eager for what only the executor runs).
 torch is imported only inside the functions that measure.
 """
 
@@ -27,24 +30,26 @@ import numpy as np
 import yaml
 
 from simulator import attention as att
+from simulator import eager
 from simulator.errors import UserError
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec
 from simulator.roofline import elementwise, gemm
-from simulator.speculative import expected_tokens
 
-# The calibration suite; `compare` uses none of these configurations.
+# The calibration suite; `compare` uses none of these configurations (`held_out_overlap` checks).
 CALIB_GEMMS = [(m, n, k) for m in (1, 16, 128, 512) for n, k in ((256, 256), (1024, 1024), (2048, 512))]
 CALIB_ELEMENTWISE = [1, 1_000, 100_000, 1_000_000, 8_000_000]
 CALIB_ATTENTION = [(1, 4, 128, 64), (1, 4, 512, 64), (2, 4, 1024, 32)]
 CALIB_FORWARD = [(1, 64, 1), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
+CALIB_SPECDEC = {"prompt": 32, "new_tokens": 96, "gammas": [3, 5, 6], "seed": 1}  # trained pair, temperature 1
 COMPARE_ATTENTION = [(1, 8, 256, 64), (1, 2, 2048, 64), (4, 4, 384, 32)]
 COMPARE_FORWARD = [(2, 128, 1), (1, 512, 1), (16, 64, 1), (1, 200, 5), (1, 0, 256)]
-COMPARE_GAMMAS = [1, 2, 4]
+COMPARE_SPECDEC = {"prompt": 64, "new_tokens": 64, "gammas": [1, 2, 4], "seed": 0}
 QUICK = {"gemms": CALIB_GEMMS[:3] + CALIB_GEMMS[-2:], "elementwise": CALIB_ELEMENTWISE[:3], "attention": CALIB_ATTENTION[:1],
-         "forward": CALIB_FORWARD[:2], "compare_attention": COMPARE_ATTENTION[:1], "compare_forward": COMPARE_FORWARD[:2],
-         "gammas": [2]}  # fmt: skip
+         "forward": CALIB_FORWARD[:2], "specdec": {**CALIB_SPECDEC, "new_tokens": 24, "gammas": [3]},
+         "compare_attention": COMPARE_ATTENTION[:1], "compare_forward": COMPARE_FORWARD[:2],
+         "compare_specdec": {**COMPARE_SPECDEC, "new_tokens": 16, "gammas": [2]}}  # fmt: skip
 FITTED = ("bandwidth", "matmul", "attention", "launch_overhead_s")
 DTYPE = "fp32"  # the executor's models run in fp32 on a CPU
 
@@ -59,12 +64,33 @@ def predict_s(m: dict, hw: HardwareProfile) -> float:
     if kind == "elementwise":
         return elementwise(m["n"], hw, m["dtype"], reads=2, writes=1).time_s
     if kind in ("attention-naive", "attention-fused"):
-        args = (m["batch"], m["heads"], m["seqlen"], m["head_dim"], hw, True, m["dtype"])
-        return (att.standard_attention(*args) if kind == "attention-naive" else att.flash_attention(*args)).time_s
+        return attention_time_s(kind, m["batch"], m["heads"], m["seqlen"], m["head_dim"], hw, m["dtype"])
     if kind == "forward":
         spec = ModelSpec.model_validate(m["model"])
         return step_time_s(spec, hw, m["batch"], m["context"], m["query_tokens"], m["dtype"])
     raise ValueError(f"unknown measurement kind {kind!r}")
+
+
+def attention_time_s(kind: str, b: int, h: int, n: int, d: int, hw: HardwareProfile, dtype: str) -> float:
+    """Causal attention as the executor's microbenchmark runs it: `attention-naive` is
+    reference.attention.naive_attention, `attention-fused` torch's scaled_dot_product_attention. On a
+    CPU both are priced pass for pass as torch runs them (simulator.eager); on a GPU the naive one
+    is standard attention and SDPA is a FlashAttention kernel (simulator.attention)."""
+    if hw.kind == "cpu":
+        cost = eager.naive_attention_executor if kind == "attention-naive" else eager.sdpa_cpu
+        return cost(b, h, n, n, d, hw, True, dtype).time_s
+    gpu_cost = att.standard_attention if kind == "attention-naive" else att.flash_attention
+    return gpu_cost(b, h, n, d, hw, True, dtype).time_s
+
+
+def held_out_overlap() -> dict[str, list]:
+    """Configurations that both the calibration suite and the held-out `compare` suite contain
+    (empty lists: the two are disjoint, as they must be)."""
+    spec = [g for g in COMPARE_SPECDEC["gammas"] if g in CALIB_SPECDEC["gammas"]]
+    same_run = (CALIB_SPECDEC["prompt"], CALIB_SPECDEC["new_tokens"]) == (COMPARE_SPECDEC["prompt"], COMPARE_SPECDEC["new_tokens"])
+    return {"attention": sorted(set(CALIB_ATTENTION) & set(COMPARE_ATTENTION)),
+            "forward": sorted(set(CALIB_FORWARD) & set(COMPARE_FORWARD)),
+            "speculative decoding (gamma)": spec, "autoregressive (prompt, new tokens)": [COMPARE_SPECDEC["prompt"]] if same_run else []}  # fmt: skip
 
 
 def group_of(m: dict) -> str:
@@ -73,28 +99,107 @@ def group_of(m: dict) -> str:
     return {"attention-naive": "attention", "attention-fused": "attention"}.get(m["kind"], m["kind"])
 
 
+EXECUTOR_FACTS = ("first_touch_bytes_per_s", "softmax_s_per_element", "sdpa_program_s", "op_s_hot", "op_s_cold",
+                  "scatter_s_per_element", "silu_s_per_element", "rope_s_per_element",
+                  "rms_norm_s_per_element", "mask_s_per_element")
+LOOP_KINDS = ("specdec", "autoregressive")  # whole generation loops: fitted after the kernels, by `fit_loop_overheads`
+
+
 def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[HardwareProfile, dict]:
-    """Fit the achievable fractions and launch overhead; every group weighs the same."""
+    """Fit in two stages, each by robust least squares on log(predicted / measured):
+    1. the achievable fractions (and a launch overhead) to the kernel microbenchmarks (GEMMs,
+       elementwise, attention), every group weighing the same;
+    2. unless the per-operator cost of the executor's forward pass was measured (a CPU:
+       `calibration.executor.op_s_hot/op_s_cold`, which then replace it in simulator.forward), with
+       those fractions fixed, the per-operator overhead `launch_overhead_s` to the forward passes,
+       whose operators are counted (`ops_per_kernel`).
+    The forward passes' residuals are reported either way."""
     from scipy.optimize import least_squares
 
-    measured = np.array([m["measured_s"] for m in measurements])
-    sizes: dict[str, int] = defaultdict(int)
+    kernels = [m for m in measurements if m["kind"] not in LOOP_KINDS and m["kind"] != "forward"]
+    forwards = [m for m in measurements if m["kind"] == "forward"]
+
+    def residuals_of(ms: list[dict], params_of):
+        measured = np.array([m["measured_s"] for m in ms])
+        sizes: dict[str, int] = defaultdict(int)
+        for m in ms:
+            sizes[group_of(m)] += 1
+        weights = np.array([1.0 / math.sqrt(sizes[group_of(m)]) for m in ms])
+        return lambda x: weights * np.log(np.array([predict_s(m, with_fit(hw, params_of(x))) for m in ms]) / measured)
+
+    def kernel_params(x) -> dict:
+        return {"bandwidth": x[0], "matmul": x[1], "attention": x[2], "launch_overhead_s": x[3] * 1e-6, "fresh_fraction": x[4]}
+
+    robust = {"x_scale": "jac", "loss": "soft_l1", "f_scale": 0.2}
+    stage1 = least_squares(residuals_of(kernels, kernel_params), [0.8, 0.8, 0.5, 10.0, 0.5],
+                           bounds=([0.01, 0.01, 0.01, 0.01, 0.0], [1.0, 1.0, 1.0, 10_000.0, 2.0]), **robust)  # fmt: skip
+    params = kernel_params(stage1.x)
+    if forwards and not eager.ExecutorFacts.of(hw).op_s_hot:
+
+        def forward_params(x) -> dict:
+            return params | {"launch_overhead_s": x[0] * 1e-6}
+
+        stage2 = least_squares(residuals_of(forwards, forward_params), [params["launch_overhead_s"] * 1e6], bounds=([0.01], [10_000.0]), **robust)
+        params = forward_params(stage2.x)
+    fitted = with_fit(hw, params)
+    return fitted, {"params": params, "residuals": residual_summary(kernels + forwards, fitted)}
+
+
+def with_fit(hw: HardwareProfile, params: dict) -> HardwareProfile:
+    """The profile's fitted fields (HardwareProfile.with_fit) and the executor's fitted fresh-page
+    fraction (`calibration.executor.fresh_fraction`, simulator.eager)."""
+    calibration = hw.calibration or {}
+    executor = calibration.get("executor", {}) | {"fresh_fraction": float(params["fresh_fraction"])}
+    return hw.with_fit(params).model_copy(update={"calibration": calibration | {"executor": executor}})
+
+
+def _pair(m: dict) -> tuple[ModelSpec, ModelSpec]:
+    return ModelSpec.model_validate(m["target"]), ModelSpec.model_validate(m["draft"])
+
+
+def fit_loop_overheads(hw: HardwareProfile, measurements: list[dict]) -> dict:
+    """The generation loops' own seconds besides their forward passes, from the calibration runs:
+    per speculative step o(gamma) = step time - gamma t_draft - t_verify, with the step time from
+    the measured seconds per token and tokens per step (prefills taken off), fitted as
+    o_step + gamma o_draft by least squares over the calibration gammas (o_draft = 0 from a single
+    gamma); per autoregressive token, the measured seconds per decode step minus the predicted one.
+    Clipped at 0: the loop's work cannot take negative time."""
+    gammas, per_step = [], []
+    out = {}
     for m in measurements:
-        sizes[group_of(m)] += 1
-    weights = np.array([1.0 / math.sqrt(sizes[group_of(m)]) for m in measurements])
+        if m["kind"] not in LOOP_KINDS:
+            continue
+        p, n = m["prompt"], m["new_tokens"]
+        context, (target, draft) = p + n // 2, _pair(m)
+        if m["kind"] == "specdec":
+            g = m["gamma"]
+            step_s = (m["measured_s"] * n - eager.specdec_prefill_s(target, draft, hw, p, DTYPE)) * m["tokens_per_step"] / n
+            gammas.append(g)
+            per_step.append(step_s - g * step_time_s(draft, hw, 1, context, 1, DTYPE) - step_time_s(target, hw, 1, context, g + 1, DTYPE))
+        elif m["kind"] == "autoregressive":
+            decode_s = (m["measured_s"] * n - step_time_s(target, hw, 1, 0, p, DTYPE)) / (n - 1)
+            out["per_token"] = max(0.0, float(decode_s - step_time_s(target, hw, 1, context, 1, DTYPE)))
+    if len(set(gammas)) > 1:
+        (o_step, o_draft), *_ = np.linalg.lstsq(np.column_stack([np.ones(len(gammas)), gammas]), np.array(per_step), rcond=None)
+    else:
+        o_step, o_draft = float(np.mean(per_step)), 0.0
+    return out | {"per_step": max(0.0, float(o_step)), "per_draft_token": max(0.0, float(o_draft))}
 
-    def params_of(x) -> dict:
-        return {"bandwidth": x[0], "matmul": x[1], "attention": x[2], "launch_overhead_s": x[3] * 1e-6}
 
-    def residuals(x):
-        fitted = hw.with_fit(params_of(x))
-        return weights * np.log(np.array([predict_s(m, fitted) for m in measurements]) / measured)
+def loop_residuals(hw: HardwareProfile, measurements: list[dict]) -> dict:
+    """Mean and worst absolute percentage error of the loops' predicted seconds per token (with
+    each run's measured alpha) on the calibration runs."""
+    errors = [abs(predict_loop_s(m, hw) / m["measured_s"] - 1.0) for m in measurements if m["kind"] in LOOP_KINDS]
+    return {"speculative decoding": {"n": len(errors), "mape": float(np.mean(errors)), "worst_ape": float(np.max(errors))}} if errors else {}
 
-    x0 = [0.8, 0.8, 0.5, 10.0]
-    result = least_squares(residuals, x0, bounds=([0.01, 0.01, 0.01, 0.01], [1.0, 1.0, 1.0, 10_000.0]), x_scale="jac", loss="soft_l1", f_scale=0.2)
-    params = params_of(result.x)
-    fitted = hw.with_fit(params)
-    return fitted, {"params": params, "residuals": residual_summary(measurements, fitted)}
+
+def predict_loop_s(m: dict, hw: HardwareProfile) -> float:
+    """Seconds per generated token of one generation run (`specdec` or `autoregressive`), with the
+    run's measured alpha (the simulator predicts time, not alpha)."""
+    target, draft = _pair(m)
+    if m["kind"] == "autoregressive":
+        return eager.autoregressive_s_per_token(target, hw, m["prompt"], m["new_tokens"], DTYPE)
+    return eager.speculative_s_per_token(target, draft, hw, m["alpha"], m["gamma"], m["prompt"], m["new_tokens"], DTYPE)
 
 
 def residual_summary(measurements: list[dict], hw: HardwareProfile) -> dict:
@@ -146,17 +251,26 @@ def set_threads(threads: int) -> int:
 def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dict, list[dict]]:
     """Run the calibration microbenchmarks through the executor; returns (device facts, measurements)."""
     from reference import microbench as mb
+    from reference.model import WEIGHTS_DIR, load_weights
     from reference.train import DRAFT_SPEC, TARGET_SPEC
 
     device = mb.local_device()
-    suite = QUICK if quick else {"gemms": CALIB_GEMMS, "elementwise": CALIB_ELEMENTWISE, "attention": CALIB_ATTENTION, "forward": CALIB_FORWARD}
+    suite = QUICK if quick else {"gemms": CALIB_GEMMS, "elementwise": CALIB_ELEMENTWISE, "attention": CALIB_ATTENTION,
+                                 "forward": CALIB_FORWARD, "specdec": CALIB_SPECDEC}  # fmt: skip
     facts = {"device": device, "device_name": mb.device_name(device), **(mb.cpu_facts() if device == "cpu" else {})}
     log("calibrate: memory bandwidth (copy)")
     llc = facts.get("llc_bytes")
     # memory: a copy whose source and destination together overflow the last-level cache
     facts["copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(min(2 << 30, max(256 << 20, llc or 0)), device, repeats)
-    if device == "cpu" and llc:  # last-level cache: a copy that fits in it several times over
-        facts["cache_copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(min(llc // 8, 64 << 20), device, 4 * repeats)
+    if device == "cpu" and llc:
+        # last-level cache: copies from past the core's L2 upwards, doubling; the cache holds what
+        # one core can use of it up to the largest copy still at 3/4 of the first one's speed
+        size = min(llc // 8, 4 * (facts.get("l2_bytes_per_core") or 1 << 20))
+        facts["cache_copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(size, device, 4 * repeats)
+        facts["effective_llc_bytes"] = 2 * size
+        while 4 * size <= llc and mb.copy_bandwidth_bytes_per_s(2 * size, device, repeats) >= 0.75 * facts["cache_copy_bytes_per_s"]:
+            size *= 2
+            facts["effective_llc_bytes"] = 2 * size
     log(f"calibrate: {len(suite['gemms'])} GEMM shapes (fp32, fp16)")
     measurements = mb.gemm(suite["gemms"], DTYPE, device, repeats)
     fp16 = mb.gemm([(512, 1024, 1024)], "fp16" if device == "cuda" else "bf16", device, repeats)[0]
@@ -168,6 +282,19 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
     log(f"calibrate: {len(suite['forward'])} forward passes x 2 models")
     for spec in (TARGET_SPEC, DRAFT_SPEC):
         measurements += mb.forward_steps(spec, suite["forward"], DTYPE, device, repeats)
+    log("calibrate: first touch of fresh pages, softmax over a cached tile")
+    facts["first_touch_bytes_per_s"] = mb.first_touch_bytes_per_s(2 * eager.MMAP_THRESHOLD_BYTES, device, repeats)
+    facts["softmax_s_per_element"] = mb.softmax_s_per_element(64, eager.SDPA_CPU_KV_SPLIT, device, repeats)
+    facts["sdpa_program_s"] = mb.sdpa_program_s(device, repeats)
+    layer_ops = mb.layer_op_s_per_element(128, device, repeats)
+    facts |= {f"{op}_s_per_element": layer_ops[op] for op in ("scatter", "silu", "rope", "rms_norm", "mask")}
+    if device == "cpu":
+        log("calibrate: per-operator cost of the executor's forward pass, cache warm and cold")
+        facts["op_s_hot"], facts["op_s_cold"] = mb.eager_op_s(3 * (facts.get("l2_bytes_per_core") or 1 << 20) // 2, device, repeats)
+    sd = suite["specdec"]
+    log(f"calibrate: speculative decoding with the trained pair at gamma {sd['gammas']} (prompt {sd['prompt']}, {sd['new_tokens']} tokens)")
+    target, draft = (load_weights(WEIGHTS_DIR / name, device) for name in ("target.pt", "draft.pt"))
+    measurements += mb.specdec(target, draft, sd["prompt"], sd["new_tokens"], sd["gammas"], sd["seed"], repeats)
     return facts, measurements
 
 
@@ -188,7 +315,7 @@ def initial_profile(facts: dict, measurements: list[dict]) -> tuple[dict, list[s
         "aliases": [],
         "sm_count": int(facts.get("threads") or 1),
         "sram_bytes_per_sm": int(read("l2_bytes_per_core", 1 << 20, "sram_bytes_per_sm")),
-        "l2_bytes": int(read("llc_bytes", 32 << 20, "l2_bytes")),
+        "l2_bytes": int(facts.get("effective_llc_bytes") or read("llc_bytes", 32 << 20, "l2_bytes")),
         "memory_bytes": int(read("memory_bytes", 16 << 30, "memory_bytes")),
         "hbm_bytes_per_s": float(facts["copy_bytes_per_s"]),
         **({"l2_bytes_per_s": float(facts["cache_copy_bytes_per_s"])} if facts.get("cache_copy_bytes_per_s") else {}),
@@ -210,6 +337,10 @@ def ops_per_kernel(measurements: list[dict]) -> float:
     return max(1.0, float(np.median(ratios)))
 
 
+def suite_of(quick: bool) -> dict:
+    return QUICK if quick else {"specdec": CALIB_SPECDEC}
+
+
 def _ANY_PROFILE() -> HardwareProfile:  # launch counts do not depend on the device
     return load_profile("a100")
 
@@ -228,10 +359,11 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
     sources = {
         "sm_count": f"{how}: torch intra-op threads",
         "sram_bytes_per_sm": f"{how}: L2 cache per core (/sys/devices/system/cpu)",
-        "l2_bytes": f"{how}: last-level cache (/sys/devices/system/cpu)",
+        "l2_bytes": f"{how}: " + ("bytes (source + destination) of the largest copy at 3/4 of in-cache speed, within the last-level cache "
+                                  "of /sys/devices/system/cpu" if facts.get("effective_llc_bytes") else "last-level cache (/sys/devices/system/cpu)"),
         "memory_bytes": f"{how}: MemTotal (/proc/meminfo)",
         "hbm_bytes_per_s": f"{how}: median of a large copy (read + write)",
-        "l2_bytes_per_s": f"{how}: median of a copy that fits in the last-level cache (read + write)",
+        "l2_bytes_per_s": f"{how}: median of a copy of 4x the core's L2, inside the last-level cache (read + write)",
         "peak_flops_per_s.fp32": f"{how}: best fp32 GEMM of the suite",
         "peak_flops_per_s.fp16": f"{how}: a 512x1024x1024 GEMM in half precision",
         "clock_hz": f"{how}: cpu MHz (/proc/cpuinfo)",
@@ -242,12 +374,29 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
         "achievable.attention": f"{how}: least-squares fit",
     }
     sources = {k: v for k, v in sources.items() if k.split(".")[0] in fields or k.split(".")[0] in ("launch_overhead_s", "ops_per_kernel", "achievable")}
+    executor = {key: facts[key] for key in EXECUTOR_FACTS if facts.get(key)}
+    executor["sources"] = {
+        "first_touch_bytes_per_s": f"{how}: filling a fresh 64 MiB tensor, minus filling a mapped one",
+        "softmax_s_per_element": f"{how}: median softmax over a cached 64 x {eager.SDPA_CPU_KV_SPLIT} tile",
+        "sdpa_program_s": f"{how}: scaled_dot_product_attention over 64 (batch, head) programs against 1, per extra program",
+        **{f"{op}_s_per_element": f"{how}: median {what} over 128 tokens of a width-256 layer, per element" for op, what in
+           (("scatter", "scatter_ of K into a KV cache"), ("silu", "SiLU of a 768-wide gate"), ("rope", "RoPE complex product of Q and K"),
+            ("rms_norm", "RMSNorm of the activations"), ("mask", "additive causal mask built from positions"))},
+        "op_s_hot": f"{how}: forward pass of a 4-layer width-16 executor model over its dispatched operators",
+        "op_s_cold": f"{how}: the same with 1.5x a core's L2 streamed before every layer, the stream's time taken off",
+        "fresh_fraction": f"{how}: least-squares fit to the naive attention runs",
+        "loop_overhead_s": f"{how}: speculative and autoregressive generation with the trained pair (prompt "
+                           f"{suite_of(quick)['specdec']['prompt']}, gamma {suite_of(quick)['specdec']['gammas']}) minus the fitted forward passes",
+    }  # fmt: skip
     seed = HardwareProfile.model_validate({**fields, "launch_overhead_s": 1e-5, "ops_per_kernel": ops_per_kernel(measurements), "sources": sources, "estimates": estimates,
-                                           "achievable": {"bandwidth": 0.8, "matmul": 0.8, "attention": 0.5}})  # fmt: skip
+                                           "achievable": {"bandwidth": 0.8, "matmul": 0.8, "attention": 0.5},
+                                           "calibration": {"executor": executor}})  # fmt: skip
     log("calibrate: fitting (scipy least squares)")
     fitted, fit = fit_profile(seed, measurements)
-    calibration = {"date": today, "device": facts["device_name"], "torch_threads": facts.get("threads"),
-                   "measurements": len(measurements), "fit_residuals": fit["residuals"]}  # fmt: skip
+    executor = fitted.calibration["executor"]
+    executor["loop_overhead_s"] = fit_loop_overheads(fitted, measurements)
+    calibration = {"date": today, "device": facts["device_name"], "torch_threads": facts.get("threads"), "measurements": len(measurements),
+                   "fit_residuals": fit["residuals"] | loop_residuals(fitted, measurements), "executor": executor}  # fmt: skip
     data = fitted.model_dump(mode="json", exclude_none=True) | {"calibration": calibration}
     HardwareProfile.model_validate(data)  # what is written loads everywhere a shipped profile does
     write_profile_atomically(data, out)
@@ -263,15 +412,6 @@ def check_same_device(hw: HardwareProfile, local_name: str) -> None:
         raise UserError(f"{hw.name} was not calibrated on a device (no `calibration.device`); `compare` needs a profile from `calibrate` on this machine")
     if device != local_name:
         raise UserError(f"the profile was calibrated on {device!r} but this device is {local_name!r}; calibrate here first")
-
-
-def predict_specdec(target: ModelSpec, draft: ModelSpec, hw: HardwareProfile, alpha: float, gamma: int, batch: int, context_len: int) -> dict:
-    """Autoregressive and speculative tokens/s from the cost model, for a measured alpha."""
-    t_target = step_time_s(target, hw, batch, context_len, 1, DTYPE)
-    t_draft = step_time_s(draft, hw, batch, context_len, 1, DTYPE)
-    t_verify = step_time_s(target, hw, batch, context_len, gamma + 1, DTYPE)
-    return {"autoregressive_tokens_per_s": batch / t_target,
-            "tokens_per_s": batch * expected_tokens(alpha, gamma) / (gamma * t_draft + t_verify)}  # fmt: skip
 
 
 def compare(hw: HardwareProfile, quick: bool = False, repeats: int = 5, log=print) -> dict:
@@ -302,8 +442,15 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
         if m["kind"] == "forward":
             config["model"] = m["model"]["name"]
         rows.append({"group": group_of(m), "config": config, "predicted_s": predict_s(m, hw), "measured_s": m["measured_s"]})
-    pair = (load_weights(WEIGHTS_DIR / "target.pt", device), load_weights(WEIGHTS_DIR / "draft.pt", device))
-    rows += _compare_specdec(hw, QUICK["gammas"] if quick else COMPARE_GAMMAS, repeats, device, log, pair)
+    sd = QUICK["compare_specdec"] if quick else COMPARE_SPECDEC
+    log(f"compare: speculative decoding with the trained pair at gamma {sd['gammas']} (prompt {sd['prompt']}, {sd['new_tokens']} tokens)")
+    target, draft = (load_weights(WEIGHTS_DIR / name, device) for name in ("target.pt", "draft.pt"))
+    for m in mb.specdec(target, draft, sd["prompt"], sd["new_tokens"], sd["gammas"], sd["seed"], repeats):
+        # seconds per generated token; the simulator predicts time, so it takes the run's measured alpha
+        config = {"gamma": m["gamma"], "alpha": round(m["alpha"], 4), "prompt": m["prompt"], "new_tokens": m["new_tokens"]}
+        if m["kind"] == "autoregressive":
+            config = {"gamma": 0, "autoregressive": True, "prompt": m["prompt"], "new_tokens": m["new_tokens"]}
+        rows.append({"group": "speculative decoding", "config": config, "predicted_s": predict_loop_s(m, hw), "measured_s": m["measured_s"]})
     for r in rows:
         r["error"] = r["predicted_s"] / r["measured_s"] - 1.0
     groups = defaultdict(list)
@@ -311,34 +458,6 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
         groups[r["group"]].append(abs(r["error"]))
     summary = {g: {"n": len(e), "mape": float(np.mean(e)), "median_ape": float(np.median(e))} for g, e in groups.items()}
     return {"profile": hw.name, "device": (hw.calibration or {}).get("device"), "rows": rows, "groups": summary}
-
-
-def _compare_specdec(hw, gammas, repeats, device, log, pair) -> list[dict]:
-    """Speculative decoding with the trained pair: measured tokens/s (reference executor) against
-    the cost model's, with the alpha measured in the same run (the simulator predicts time, not alpha).
-    Times are compared as seconds per generated token."""
-    import torch
-
-    from reference.drafts import ModelDraft
-    from reference.sampling import Sampling
-    from reference.specdec import measure_specdec
-
-    log(f"compare: speculative decoding with the trained pair at gamma {gammas}")
-    target, draft_model = pair
-    target_spec, draft_spec = target.spec, draft_model.spec
-    prompt_len, new_tokens = 64, 64
-    prompt = torch.randint(0, target_spec.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
-    result = measure_specdec(target, ModelDraft(draft_model), prompt, new_tokens, gammas, Sampling(temperature=1.0), seed=0, repeats=repeats)
-    context = prompt_len + new_tokens // 2
-    rows = []
-    for r in result.rows:
-        pred = predict_specdec(target_spec, draft_spec, hw, result.alpha, r.gamma, 1, context)
-        rows.append({"group": "speculative decoding", "config": {"gamma": r.gamma, "alpha": result.alpha, "prompt": prompt_len, "new_tokens": new_tokens},
-                     "predicted_s": 1.0 / pred["tokens_per_s"], "measured_s": 1.0 / r.tokens_per_s})  # fmt: skip
-    pred = predict_specdec(target_spec, draft_spec, hw, result.alpha, 0, 1, context)
-    rows.append({"group": "speculative decoding", "config": {"gamma": 0, "autoregressive": True},
-                 "predicted_s": 1.0 / pred["autoregressive_tokens_per_s"], "measured_s": 1.0 / result.autoregressive_tokens_per_s})  # fmt: skip
-    return rows
 
 
 def format_compare(result: dict) -> str:

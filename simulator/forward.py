@@ -16,6 +16,9 @@ Times are per GPU; all GPUs of the group run in lockstep.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from simulator.eager import ExecutorFacts, sdpa_cpu_q_split
 from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
@@ -63,9 +66,14 @@ def attention_decode(
     q_o = 2 * tokens * heads * model.d_head * e
     hbm_bytes = float(kv_read + kv_write + q_o)
     flops = 4.0 * batch * heads * query_tokens * keys * model.d_head
-    return KernelCost(
-        "attention", flops, hbm_bytes, roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention)
-    )
+    time_s = roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention)
+    # a CPU profile calibrated with torch's fused kernel (simulator.eager): the softmax over every
+    # score tile (max, exp, sum) costs more than its FLOPs on the vector units, and every
+    # (sequence, head, query block) program has a fixed cost; both priced at their measured rates
+    facts = ExecutorFacts.of(hw)
+    time_s += batch * heads * query_tokens * keys * facts.softmax_s_per_element
+    time_s += batch * heads * -(-query_tokens // sdpa_cpu_q_split(query_tokens)) * facts.sdpa_program_s
+    return KernelCost("attention", flops, hbm_bytes, time_s)
 
 
 def layer_costs(
@@ -84,16 +92,27 @@ def layer_costs(
     d_q = model.n_heads // tp * model.d_head  # this GPU's query heads
     d_kv = kv_heads_per_gpu(model, tp) * model.d_head
     activations = t * d * DTYPE_BYTES[dtype]
+    facts = ExecutorFacts.of(hw)
+    rope = elementwise(t * (d_q + d_kv), hw, dtype, flops_per_element=3, name="rope")
+    swiglu = elementwise(t * d_ff // tp, hw, dtype, reads=2, writes=1, flops_per_element=5, name="swiglu")
+    attention = attention_decode(model, hw, batch, context_len, query_tokens, dtype, tp)
+    # a CPU calibrated with the executor (simulator.eager): RoPE's complex product, SiLU's exp and
+    # the scatter of the new K and V into the cache run below memory speed, at their measured rates
+    rope = replace(rope, time_s=max(rope.time_s, t * (d_q + d_kv) // 2 * facts.rope_s_per_element + hw.launch_overhead_s))
+    swiglu = replace(swiglu, time_s=swiglu.time_s + t * d_ff // tp * facts.silu_s_per_element)
+    attention = replace(attention, time_s=attention.time_s + 2 * t * d_kv * facts.scatter_s_per_element)
+    norm = elementwise(t * d, hw, dtype, reads=2, writes=2, flops_per_element=4, name="norm")  # residual add + RMSNorm
+    norm = replace(norm, time_s=norm.time_s + t * d * facts.rms_norm_s_per_element)
     return [
-        elementwise(t * d, hw, dtype, reads=2, writes=2, flops_per_element=4, name="norm"),  # residual add + RMSNorm
+        norm,
         gemm(t, d_q + 2 * d_kv, d, hw, dtype, name="qkv"),
-        elementwise(t * (d_q + d_kv), hw, dtype, flops_per_element=3, name="rope"),
-        attention_decode(model, hw, batch, context_len, query_tokens, dtype, tp),
+        rope,
+        attention,
         gemm(t, d, d_q, hw, dtype, name="o_proj"),
         all_reduce(activations, hw, tp),
-        elementwise(t * d, hw, dtype, reads=2, writes=2, flops_per_element=4, name="norm"),
+        norm,
         gemm(t, 2 * d_ff // tp, d, hw, dtype, name="mlp_up"),  # W1 and W3 fused
-        elementwise(t * d_ff // tp, hw, dtype, reads=2, writes=1, flops_per_element=5, name="swiglu"),
+        swiglu,
         gemm(t, d, d_ff // tp, hw, dtype, name="mlp_down"),
         all_reduce(activations, hw, tp),
     ]
@@ -122,6 +141,9 @@ def forward(
         scaled = k.scaled(model.n_layers)
         by_name[k.name] = by_name[k.name] + scaled if k.name in by_name else scaled
     by_name["embed"] = elementwise(t * model.d_model, hw, dtype, reads=1, writes=1, flops_per_element=0, name="embed")
+    # the executor's additive mask [B, 1, T, context + T], built once per pass (0 without a measured rate)
+    mask_s = t * (context_len + query_tokens) * ExecutorFacts.of(hw).mask_s_per_element
+    by_name["embed"] = replace(by_name["embed"], time_s=by_name["embed"].time_s + mask_s)
     by_name["final_norm"] = elementwise(
         logits_tokens * model.d_model, hw, dtype, flops_per_element=4, name="final_norm"
     )
@@ -131,6 +153,16 @@ def forward(
         total = k if total is None else total + k
     # an eager executor pays the fixed overhead for each of the several operators one kernel stands for
     eager_s = (hw.ops_per_kernel - 1.0) * total.launches * hw.launch_overhead_s
+    facts = ExecutorFacts.of(hw)
+    if facts.op_s_hot and facts.op_s_cold:
+        # a CPU calibrated with the executor: each operator costs what it was measured to cost in
+        # the executor's forward pass, warm, plus the cold penalty in proportion to the share of a
+        # core's cache (`sram_bytes_per_sm` on a CPU) each layer's weight stream evicts (all of it
+        # once a layer's weights overflow it)
+        layer_bytes = -(-model.params_per_layer * DTYPE_BYTES[dtype] // tp)
+        evicted = min(1.0, layer_bytes / hw.sram_bytes_per_sm)
+        op_s = facts.op_s_hot + evicted * (facts.op_s_cold - facts.op_s_hot)
+        eager_s = hw.ops_per_kernel * total.launches * op_s - total.launches * hw.launch_overhead_s
     by_name["total"] = KernelCost("total", total.flops, total.hbm_bytes, total.time_s + eager_s, total.launches)
     return by_name
 

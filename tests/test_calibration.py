@@ -27,6 +27,10 @@ def test_calibrated_profile_loads_like_a_shipped_one(calibrated):
     assert 0 < hw.achievable.matmul <= 1 and hw.launch_overhead_s > 0 and hw.ops_per_kernel >= 1
     for group in hw.calibration["fit_residuals"].values():
         assert group["n"] >= 1 and math.isfinite(group["mape"])
+    executor = hw.calibration["executor"]
+    assert {"softmax_s_per_element", "op_s_hot", "op_s_cold", "loop_overhead_s", "fresh_fraction"} <= set(executor)
+    assert executor["op_s_cold"] >= executor["op_s_hot"] > 0 and set(executor["sources"]) <= set(executor)
+    assert "speculative decoding" in hw.calibration["fit_residuals"]
     assert main(["plan", "--gpu", str(calibrated), "--model", "llama-68m", "--draft", "llama-68m", "--dtype", "fp32"]) == 0
 
 
@@ -81,3 +85,109 @@ def test_interrupt_while_writing_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         calibration.write_profile_atomically({"name": "x"}, tmp_path / "p.yaml")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the held-out suite, the executor's kernels and loops, without measuring -------------------
+
+
+def cpu_profile(**executor):
+    """A100 numbers relabelled as a CPU (caches, per-op costs), with the given executor facts."""
+    hw = load_profile("a100")
+    return hw.model_copy(update={"kind": "cpu", "sram_bytes_per_sm": 2 << 20, "calibration": {"executor": executor}})
+
+
+def test_calibration_and_held_out_suites_are_disjoint(monkeypatch):
+    assert all(not overlap for overlap in calibration.held_out_overlap().values())
+    monkeypatch.setattr(calibration, "COMPARE_ATTENTION", [*calibration.COMPARE_ATTENTION, calibration.CALIB_ATTENTION[0]])
+    monkeypatch.setattr(calibration, "COMPARE_SPECDEC", {**calibration.COMPARE_SPECDEC, "gammas": [calibration.CALIB_SPECDEC["gammas"][0]]})
+    overlap = calibration.held_out_overlap()
+    assert overlap["attention"] == [calibration.CALIB_ATTENTION[0]] and overlap["speculative decoding (gamma)"]
+
+
+def test_naive_attention_prices_every_pass_the_executor_makes():
+    from simulator import attention as att
+    from simulator import eager
+
+    hw = cpu_profile()
+    b, h, n, d, e = 2, 4, 256, 64, 4
+    cost = eager.naive_attention_executor(b, h, n, n, d, hw, causal=True, dtype="fp32")
+    thin, square, mask = e * b * h * n * d, e * b * h * n * n, n * n
+    # Q scaled (r+w), QK^T (Q, K in, S out), mask built, masked_fill (S r+w, mask), softmax (S in, P out), PV (P, V in, O out)
+    assert cost.hbm_bytes == 2 * thin + (2 * thin + square) + mask + (2 * square + mask) + 2 * square + (square + 2 * thin)
+    assert cost.launches == 10 and cost.time_s > att.standard_attention(b, h, n, d, hw, True, "fp32").time_s
+    # fresh pages: always from the largest mmap threshold up, the fitted fraction below it
+    big_n = 2048  # S of 2 x 4 x 2048^2 fp32 = 128 MiB
+    plain = eager.naive_attention_executor(b, h, big_n, big_n, d, hw, True, "fp32").time_s
+    touched = eager.naive_attention_executor(b, h, big_n, big_n, d, cpu_profile(first_touch_bytes_per_s=4e9), True, "fp32").time_s
+    assert touched - plain == pytest.approx(2 * e * b * h * big_n**2 / 4e9)
+    small = [eager.naive_attention_executor(b, h, n, n, d, cpu_profile(first_touch_bytes_per_s=4e9, fresh_fraction=f), True, "fp32").time_s
+             for f in (0.0, 0.5)]  # fmt: skip
+    assert small[1] - small[0] == pytest.approx(0.5 * (2 * square + mask) / 4e9)  # S, P and the mask
+
+
+def test_torch_cpu_flash_kernel_visits_whole_key_blocks():
+    from simulator import eager
+
+    assert eager.sdpa_cpu_blocks(256, 256, causal=True) == (64, 256 * 256)  # one key block: causality saves nothing
+    # query blocks of 256; block m visits keys up to m + 256 rounded up to a block of 512
+    visited = sum(min(2048, -(-(m + 256) // 512) * 512) for m in range(0, 2048, 256))
+    assert eager.sdpa_cpu_blocks(2048, 2048, causal=True) == (256, 256 * visited) and visited == 10240
+    assert eager.sdpa_cpu_blocks(2048, 2048, causal=False)[1] == 2048 * 2048
+
+
+def test_forward_prices_measured_operators_colder_as_layers_fill_the_cache():
+    from reference.train import DRAFT_SPEC, TARGET_SPEC  # target layers 3 MiB fp32, draft 1 MiB: around a 2 MiB L2
+    from simulator.forward import forward
+
+    def step_s(spec, **facts):
+        return calibration.step_time_s(spec, cpu_profile(**facts), 1, 64, 1, "fp32")
+
+    hot, cold = {"op_s_hot": 2e-6, "op_s_cold": 5e-6}, {"op_s_hot": 2e-6, "op_s_cold": 9e-6}
+    for spec, evicted in ((TARGET_SPEC, 1.0), (DRAFT_SPEC, spec_layer_bytes(DRAFT_SPEC) / (2 << 20))):
+        ops = cpu_profile().ops_per_kernel * forward(spec, cpu_profile(), 1, 64, 1, "fp32")["total"].launches
+        assert step_s(spec, **cold) - step_s(spec, **hot) == pytest.approx(ops * evicted * 4e-6)
+    assert 0 < spec_layer_bytes(DRAFT_SPEC) < 2 << 20 < spec_layer_bytes(TARGET_SPEC)
+
+
+def spec_layer_bytes(spec) -> int:
+    return 4 * spec.params_per_layer
+
+
+def test_loop_overheads_are_recovered_from_runs_they_generated():
+    from reference.train import DRAFT_SPEC, TARGET_SPEC
+    from simulator.speculative import expected_tokens
+
+    truth = {"per_token": 7e-5, "per_step": 3e-4, "per_draft_token": 5e-5}
+    known = cpu_profile(loop_overhead_s=truth)
+    pair = {"target": TARGET_SPEC.model_dump(), "draft": DRAFT_SPEC.model_dump(), "prompt": 32, "new_tokens": 96, "alpha": 0.7}
+    runs = [{"kind": "specdec", "gamma": g, **pair, "tokens_per_step": expected_tokens(0.7, g)} for g in (3, 5, 6)]
+    runs.append({"kind": "autoregressive", "gamma": 0, **pair})
+    for m in runs:
+        m["measured_s"] = calibration.predict_loop_s(m, known)
+    fitted = calibration.fit_loop_overheads(cpu_profile(), runs)
+    assert fitted == pytest.approx(truth, rel=1e-6)
+    # and a prediction without them is faster: the overheads enter the held-out prediction
+    assert calibration.predict_loop_s(runs[0], cpu_profile()) < runs[0]["measured_s"]
+
+
+def test_measured_layer_op_rates_price_the_executor_prefill():
+    """The per-element rates of the executor's slow operators add exactly their priced seconds to a
+    prefill (scatter of K and V, SiLU, RMSNorm, the mask; RoPE no faster than its rate), and a
+    profile without them prices none."""
+    from simulator.forward import forward
+    from simulator.hardware import load_profile
+    from simulator.models import ModelSpec
+
+    spec = ModelSpec(name="t", d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=768, vocab_size=256,
+                     max_seq_len=512, source="test")  # fmt: skip
+    hw = load_profile("a100")
+    rates = {"scatter_s_per_element": 1e-9, "silu_s_per_element": 2e-9, "rms_norm_s_per_element": 3e-9, "mask_s_per_element": 4e-9}
+    priced = hw.model_copy(update={"calibration": {"executor": rates}})
+    t = 128
+    base, with_rates = forward(spec, hw, 1, 0, t, "fp32"), forward(spec, priced, 1, 0, t, "fp32")
+    extra = spec.n_layers * (2 * t * 128 * 1e-9 + t * 768 * 2e-9 + 2 * t * 256 * 3e-9) + t * t * 4e-9
+    assert with_rates["total"].time_s - base["total"].time_s == pytest.approx(extra, rel=1e-9)
+    assert with_rates["total"].launches == base["total"].launches
+    slow_rope = hw.model_copy(update={"calibration": {"executor": {"rope_s_per_element": 1e-6}}})
+    assert forward(spec, slow_rope, 1, 0, t, "fp32")["rope"].time_s == pytest.approx(
+        spec.n_layers * (t * (256 + 128) // 2 * 1e-6 + hw.launch_overhead_s))

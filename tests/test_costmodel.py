@@ -22,7 +22,7 @@ from simulator.errors import UserError
 from simulator.forward import forward, prefill_time_s, step_time_s
 from simulator.hardware import load_profile
 from simulator.models import BUILTIN_MODELS, ModelSpec
-from simulator.roofline import elementwise, gemm
+from simulator.roofline import elementwise, gemm, memory_bytes_per_s
 from simulator.speculative import (
     acceptance_rate,
     best_gamma,
@@ -334,3 +334,83 @@ def test_tensor_parallel_splits_weights_and_kv():
 def test_tensor_parallel_degree_must_divide_heads():
     with pytest.raises(UserError, match="tensor-parallel degree 3"):
         step_time_s(BUILTIN_MODELS["llama-2-7b"], A100, 1, 10, 1, tp=3)
+
+
+# --- unfused (eager) attention: the passes over the N x N matrix ---------------------------
+
+
+def test_default_unfused_passes_are_algorithm_0_and_match_the_counted_bytes():
+    from simulator.attention import standard_attention_backward
+
+    b, h, n, d = 2, 3, 256, 64
+    fwd = standard_attention(b, h, n, d, A100)
+    assert fwd.launches == 3  # QK^T, softmax, PV
+    per_head = standard_hbm_bytes(n, d)
+    assert fwd.hbm_bytes == b * h * (per_head["read"] + per_head["written"])
+    bwd = standard_attention_backward(b, h, n, d, A100)
+    e, square, thin = 2, b * h * n * n, b * h * n * d
+    assert bwd.launches == 5  # dP, dV, softmax backward, dQ, dK
+    assert bwd.hbm_bytes == 7 * e * square + 8 * e * thin
+
+
+def test_mask_and_dropout_passes_add_their_exact_bytes_and_kernels():
+    from simulator.attention import UnfusedPasses, standard_attention_backward
+
+    b, h, n, d, e = 2, 3, 256, 64, 2
+    square = b * h * n * n
+    base_f, base_b = standard_attention(b, h, n, d, A100), standard_attention_backward(b, h, n, d, A100)
+    passes = UnfusedPasses(mask="fill", dropout=True)
+    fwd = standard_attention(b, h, n, d, A100, passes=passes)
+    bwd = standard_attention_backward(b, h, n, d, A100, passes=passes)
+    assert fwd.hbm_bytes - base_f.hbm_bytes == square * (2 * e + 2 * e + 1)  # masked_fill_ r/w; dropout r, w, keep-mask
+    assert bwd.hbm_bytes - base_b.hbm_bytes == square * (2 * e + 2 * e + 1)  # fill backward r/w; dropout backward
+    assert (fwd.launches, bwd.launches) == (5, 7)
+    assert fwd.time_s > base_f.time_s and bwd.time_s > base_b.time_s
+    added = UnfusedPasses(mask="add")  # the additive mask: one pass per head, built once per call, free backward
+    fwd_add = standard_attention(b, h, n, d, A100, True, passes=added)
+    assert fwd_add.hbm_bytes - base_f.hbm_bytes == square * 2 * e + n * n * (8 + 8 + e)
+    assert fwd_add.launches == 3 + 1 + 3
+    assert standard_attention_backward(b, h, n, d, A100, passes=added).hbm_bytes == base_b.hbm_bytes
+
+
+def test_unknown_mask_pass_is_refused():
+    from simulator.attention import UnfusedPasses
+
+    with pytest.raises(UserError, match="unknown mask pass"):
+        UnfusedPasses(mask="bias")
+
+
+# --- few programs: the busiest SM sets the time ----------------------------------------------
+
+
+@given(programs=st.integers(1, 100_000), sms=st.integers(1, 200))
+def test_programs_per_sm_is_the_busiest_sms_share(programs, sms):
+    from simulator.attention import programs_per_sm
+
+    rounds = programs_per_sm(programs, sms)
+    assert (rounds - 1) * sms < programs <= rounds * sms
+
+
+def test_fa2_decode_pads_queries_to_a_tile_and_fills_the_sms_in_rounds():
+    from simulator.attention import flash_forward_decode, tiles_for
+
+    t = lambda b, n_q=1: flash_forward_decode(b, 8, 1, n_q, 65536, 128, A100).time_s - A100.launch_overhead_s  # noqa: E731
+    # 48 and 96 programs (8 query heads each reading their KV head) fit in one round on 108 SMs
+    assert t(12) == pytest.approx(t(6), rel=1e-9)
+    assert t(14) == pytest.approx(2 * t(12), rel=1e-9)  # 112 programs: the busiest SM runs two
+    br = tiles_for(A100, 128).br
+    assert t(1, n_q=br) == pytest.approx(t(1, n_q=1), rel=1e-2)  # one query row costs a whole Br tile
+    # a second tile of rows is a second program per head: 56 programs become 112, two rounds
+    assert t(7, n_q=br + 1) == pytest.approx(2 * t(7, n_q=br), rel=1e-2)
+
+
+def test_gemm_on_a_cpu_pays_for_streaming_and_computing_in_turn():
+    gpu = load_profile("a100")
+    cpu = gpu.model_copy(update={"kind": "cpu"})
+    m, n, k = 16, 1024, 1024
+    g = gemm(m, n, k, gpu, "fp32")
+    compute_s = g.flops / (gpu.peak_flops("fp32") * gpu.achievable.matmul)
+    memory_s = g.hbm_bytes / (gpu.hbm_bytes_per_s * gpu.achievable.bandwidth)
+    assert g.time_s == pytest.approx(max(compute_s, memory_s) + gpu.launch_overhead_s)
+    cpu_memory_s = g.hbm_bytes / memory_bytes_per_s(cpu, g.hbm_bytes)  # from the last-level cache when it fits
+    assert gemm(m, n, k, cpu, "fp32").time_s == pytest.approx(compute_s + cpu_memory_s + gpu.launch_overhead_s)

@@ -243,6 +243,7 @@ def weight_files(tmp_path_factory, pair):
         (["--prompt", ""], "prompt is empty"),
         (["--draft-model", "{w}/other.pt"], "vocabulary"),
         (["--target", "{w}/absent.pt"], "no such weights file"),
+        (["--threads", "-1"], "threads must be"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(weight_files, capsys, args, message):

@@ -1,0 +1,212 @@
+"""What the reference executor's own kernels cost on a CPU profile, composed from the cost model's
+primitives (roofline GEMMs and memory passes). The kernels in simulator.attention model what a GPU
+library runs; these model, pass for pass, what `reference/` runs eagerly in torch on a CPU, so
+that `calibrate` and `compare` check the cost model against the executor that was really timed.
+
+Two facts of the local device enter besides the profile's fields, both measured by `calibrate`
+(reference/microbench.py) and kept in the profile's `calibration.executor` block:
+- `first_touch_bytes_per_s`: a tensor of 32 MiB or more is allocated from fresh pages of the OS,
+  and its first write faults every page in (glibc serves allocations above M_MMAP_THRESHOLD with
+  mmap and never raises that threshold past DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit systems:
+  mallopt(3)); naive attention writes S and P into such tensors on every call at long sequences.
+  Below that size freed memory is reused once the threshold has risen (the microbenchmark raises
+  it first). `fresh_fraction`, the share of the S, P and mask bytes below that size priced at the
+  first-touch rate too, is fitted by `calibrate` to its naive-attention runs: it stands for what
+  the pass model leaves out at those sizes (masked_fill over a broadcast mask, for one, runs below
+  copy bandwidth), not for measured page faults;
+- `softmax_s_per_element`: a row softmax (max, exp, sum, scale) over a tile that stays in cache,
+  as torch's fused CPU attention kernel computes it on every score tile;
+- `sdpa_program_s`: the fixed cost of one (batch, head, query block) program of that kernel;
+- `scatter_s_per_element`, `silu_s_per_element`, `rope_s_per_element`, `rms_norm_s_per_element`,
+  `mask_s_per_element`: the forward pass's operators that run below memory speed, as the executor
+  calls them (writing K and V into the cache with scatter_, SiLU of the gate, RoPE as a complex
+  product, RMSNorm as torch decomposes it, the additive mask built from positions), per element
+  (per complex element for RoPE, per mask entry); simulator.forward prices those passes no faster;
+- `op_s_hot`, `op_s_cold`: seconds per dispatched operator of the executor's forward pass, with
+  the core's cache warm, and cold as every layer finds it when the layers' weights overflow it
+  (simulator.forward prices a forward pass's operators with them).
+A profile without them (every GPU profile) prices none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.models import ModelSpec
+from simulator.roofline import KernelCost, memory_bytes_per_s, roofline_time_s
+
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (mallopt(3))
+# torch's CPU flash-attention kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp):
+# query blocks of 256 rows from N_q >= 768, of 64 from N_q >= 192, else 32; key blocks of 512.
+SDPA_CPU_KV_SPLIT = 512
+
+
+@dataclass(frozen=True)
+class ExecutorFacts:
+    """Measured facts of the local device that only the eager executor's kernels need."""
+
+    first_touch_bytes_per_s: float | None = None
+    fresh_fraction: float = 0.0
+    softmax_s_per_element: float = 0.0
+    sdpa_program_s: float = 0.0
+    op_s_hot: float | None = None
+    op_s_cold: float | None = None
+    scatter_s_per_element: float = 0.0
+    silu_s_per_element: float = 0.0
+    rope_s_per_element: float = 0.0
+    rms_norm_s_per_element: float = 0.0
+    mask_s_per_element: float = 0.0
+
+    @classmethod
+    def of(cls, hw: HardwareProfile) -> ExecutorFacts:
+        facts = (hw.calibration or {}).get("executor") or {}
+        return cls(facts.get("first_touch_bytes_per_s"), facts.get("fresh_fraction") or 0.0, facts.get("softmax_s_per_element") or 0.0,
+                   facts.get("sdpa_program_s") or 0.0, facts.get("op_s_hot"), facts.get("op_s_cold"),
+                   facts.get("scatter_s_per_element") or 0.0, facts.get("silu_s_per_element") or 0.0, facts.get("rope_s_per_element") or 0.0,
+                   facts.get("rms_norm_s_per_element") or 0.0, facts.get("mask_s_per_element") or 0.0)  # fmt: skip
+
+
+def _pass_s(n_bytes: float, hw: HardwareProfile) -> float:
+    """A memory pass over `n_bytes` (read + written) at the achievable bandwidth for that size."""
+    return n_bytes / memory_bytes_per_s(hw, n_bytes)
+
+
+def first_touch_s(n_bytes: float, hw: HardwareProfile) -> float:
+    """Faulting in the pages of a freshly allocated tensor of `n_bytes`: all of them from the largest
+    mmap threshold up, the fitted fresh fraction below it (0 without a measured rate)."""
+    facts = ExecutorFacts.of(hw)
+    if not facts.first_touch_bytes_per_s:
+        return 0.0
+    return n_bytes * (1.0 if n_bytes >= MMAP_THRESHOLD_BYTES else facts.fresh_fraction) / facts.first_touch_bytes_per_s
+
+
+def naive_attention_executor(
+    b: int, h: int, n_q: int, n_kv: int, d: int, hw: HardwareProfile, causal: bool, dtype: str = "fp32"
+) -> KernelCost:
+    """reference.attention.naive_attention as torch runs it eagerly; E = B H N_q N_kv scores:
+
+    1. Q * scale                   elementwise over B H N_q d (read, write)
+    2. S = (Q scale) K^T           batched GEMM, 2 E d FLOPs; writes S (E elements, fresh pages)
+    3. causal mask                 two aranges and a compare: N_q N_kv bools written (fresh pages)
+    4. S.masked_fill_(mask, -inf)  reads S and the mask, writes S
+    5. P = softmax(S)              reads S, writes P (E elements, fresh pages, while S is alive)
+    6. O = P V                     batched GEMM, 2 E d FLOPs; reads P and V, writes O
+    Steps 3 and 4 only when causal. Every pass is priced at the profile's roofline; the softmax
+    no faster than the measured in-cache softmax rate; fresh pages at the measured first-touch rate.
+    """
+    e = DTYPE_BYTES[dtype]
+    scores = b * h * n_q * n_kv
+    q_bytes, kv_bytes = e * b * h * n_q * d, e * b * h * n_kv * d
+    s_bytes, mask_bytes = e * scores, n_q * n_kv if causal else 0
+    gemm_flops = 2.0 * scores * d
+    scale_s = roofline_time_s(b * h * n_q * d, 2 * q_bytes, hw, "fp32", hw.achievable.matmul)
+    qk_s = roofline_time_s(gemm_flops, q_bytes + kv_bytes + s_bytes, hw, dtype, hw.achievable.matmul)
+    mask_s = 0.0
+    if causal:
+        mask_s = roofline_time_s(0.0, mask_bytes, hw, dtype, 1.0, launches=3)  # arange, arange, gt
+        mask_s += roofline_time_s(0.0, 2 * s_bytes + mask_bytes, hw, dtype, 1.0)  # masked_fill_
+    softmax_rate = ExecutorFacts.of(hw).softmax_s_per_element
+    softmax_s = max(_pass_s(2 * s_bytes, hw), scores * softmax_rate) + hw.launch_overhead_s
+    pv_s = roofline_time_s(gemm_flops, s_bytes + kv_bytes + q_bytes, hw, dtype, hw.achievable.matmul)
+    fresh_s = 2 * first_touch_s(s_bytes, hw) + first_touch_s(mask_bytes, hw)
+    # passes 1-6: Q r+w; Q, K, S; mask; S r+w, mask; S, P; P, V, O
+    hbm_bytes = float(2 * q_bytes + (q_bytes + kv_bytes + s_bytes) + 2 * mask_bytes + (2 if causal else 0) * s_bytes
+                      + 2 * s_bytes + (s_bytes + kv_bytes + q_bytes))  # fmt: skip
+    launches = 6 + (4 if causal else 0)
+    time_s = scale_s + qk_s + mask_s + softmax_s + pv_s + fresh_s
+    return KernelCost("naive-executor", 2 * gemm_flops, hbm_bytes, time_s, launches)
+
+
+def sdpa_cpu_q_split(n_q: int) -> int:
+    """Query rows per block of torch's CPU flash-attention kernel."""
+    return 256 if n_q >= 768 else 64 if n_q >= 192 else 32
+
+
+def sdpa_cpu_blocks(n_q: int, n_kv: int, causal: bool) -> tuple[int, int]:
+    """(query block rows, score elements computed) of torch's CPU flash-attention kernel for one
+    (batch, head): query blocks of q_split rows; each visits key blocks of 512 from 0 until it
+    passes its last causal key (top-left aligned), whole blocks, so causality saves little below
+    N = 512."""
+    q_split = sdpa_cpu_q_split(n_q)
+    scores = 0
+    for m in range(0, n_q, q_split):
+        rows = min(q_split, n_q - m)
+        num_keys = min(m + rows, n_kv) if causal else n_kv
+        visited = sum(min(SDPA_CPU_KV_SPLIT, n_kv - n) for n in range(0, num_keys, SDPA_CPU_KV_SPLIT))
+        scores += rows * visited
+    return q_split, scores
+
+
+def sdpa_cpu(
+    b: int, h: int, n_q: int, n_kv: int, d: int, hw: HardwareProfile, causal: bool, dtype: str = "fp32"
+) -> KernelCost:
+    """torch.nn.functional.scaled_dot_product_attention on a CPU: torch's fused flash kernel.
+    Per (batch, head, query block): QK^T of the block against each visited key block (GEMM), scale,
+    mask, running max, exp and sum over the score tile in cache, P V (GEMM); O written once.
+    GEMMs at the profile's `achievable.attention` fraction of peak, the score tiles at the measured
+    softmax rate (a roofline elementwise pass where none was measured), Q, K, V read and O written
+    at the roofline's memory speed, K and V once per query block; plus the measured fixed cost of
+    each (batch, head, query block) program."""
+    e = DTYPE_BYTES[dtype]
+    q_split, scores_per_head = sdpa_cpu_blocks(n_q, n_kv, causal)
+    scores = b * h * scores_per_head
+    flops = 4.0 * scores * d
+    q_blocks = -(-n_q // q_split)
+    hbm_bytes = float(e * b * h * d * (2 * n_q + 2 * n_kv * q_blocks))
+    gemm_s = flops / (hw.peak_flops(dtype) * hw.achievable.attention)
+    facts = ExecutorFacts.of(hw)
+    rate = facts.softmax_s_per_element
+    tile_s = scores * rate if rate else roofline_time_s(5.0 * scores, 0.0, hw, "fp32", hw.achievable.matmul, launches=0)
+    programs_s = b * h * q_blocks * facts.sdpa_program_s
+    time_s = max(gemm_s + tile_s, _pass_s(hbm_bytes, hw)) + programs_s + hw.launch_overhead_s
+    return KernelCost("sdpa-cpu", flops, hbm_bytes, time_s)
+
+
+# --- the executor's generation loops ----------------------------------------------------------
+
+
+def _overheads(hw: HardwareProfile) -> dict:
+    return ((hw.calibration or {}).get("executor") or {}).get("loop_overhead_s") or {}
+
+
+def speculative_s_per_token(
+    target: ModelSpec, draft: ModelSpec, hw: HardwareProfile, alpha: float, gamma: int, prompt: int, new_tokens: int,
+    dtype: str = "fp32",
+) -> float:  # fmt: skip
+    """Seconds per generated token of reference.specdec.speculative_generate with a model draft, batch 1:
+
+        t = [prefill_target(P - 1) + prefill_draft(P - 2) + steps (gamma t_draft + t_verify + o_step + gamma o_draft)] / n
+        steps = n / E[tokens per step],  E = (1 - alpha^(gamma+1)) / (1 - alpha)  (Leviathan et al. 2023)
+
+    t_draft: a draft decode step, t_verify: a target pass over gamma + 1 tokens, both at the middle
+    context P + n/2 (simulator.forward); o_step and o_draft: the loop's own work per step and per
+    drafted token (sampling, verification, cache bookkeeping), measured by `calibrate` on its own
+    configurations (`calibration.executor.loop_overhead_s`; 0 where not measured)."""
+    from simulator.forward import step_time_s
+    from simulator.speculative import expected_tokens
+
+    o = _overheads(hw)
+    context = prompt + new_tokens // 2
+    step_s = (gamma * step_time_s(draft, hw, 1, context, 1, dtype) + step_time_s(target, hw, 1, context, gamma + 1, dtype)
+              + o.get("per_step", 0.0) + gamma * o.get("per_draft_token", 0.0))  # fmt: skip
+    steps = new_tokens / expected_tokens(alpha, gamma)
+    return (specdec_prefill_s(target, draft, hw, prompt, dtype) + steps * step_s) / new_tokens
+
+
+def specdec_prefill_s(target: ModelSpec, draft: ModelSpec, hw: HardwareProfile, prompt: int, dtype: str = "fp32") -> float:
+    """The target prefills all but the last prompt token, the draft all but the last two (reference.specdec)."""
+    from simulator.forward import step_time_s
+
+    t_s = step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
+    return t_s + (step_time_s(draft, hw, 1, 0, prompt - 2, dtype) if prompt > 2 else 0.0)
+
+
+def autoregressive_s_per_token(target: ModelSpec, hw: HardwareProfile, prompt: int, new_tokens: int, dtype: str = "fp32") -> float:
+    """Seconds per generated token of reference.specdec.autoregressive_generate, batch 1: a prefill of
+    the prompt, then n - 1 decode steps at the middle context, each with the loop's measured
+    sampling overhead o_token (`calibration.executor.loop_overhead_s.per_token`)."""
+    from simulator.forward import step_time_s
+
+    step_s = step_time_s(target, hw, 1, prompt + new_tokens // 2, 1, dtype) + _overheads(hw).get("per_token", 0.0)
+    return (step_time_s(target, hw, 1, 0, prompt, dtype) + (new_tokens - 1) * step_s) / new_tokens
