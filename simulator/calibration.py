@@ -236,18 +236,6 @@ def write_profile_atomically(data: dict, path: Path) -> None:
         raise
 
 
-def set_threads(threads: int) -> int:
-    """Set torch's intra-op threads; returns the previous count. One thread by default: on a shared
-    machine two threads contend with other work and single timings swing by 10x."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-    return previous
-
-
 def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dict, list[dict]]:
     """Run the calibration microbenchmarks through the executor; returns (device facts, measurements)."""
     from reference import microbench as mb
@@ -347,12 +335,13 @@ def _ANY_PROFILE() -> HardwareProfile:  # launch counts do not depend on the dev
 
 def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threads: int = 1) -> dict:
     """Measure, fit and write a profile to `out`; returns the written data."""
+    from reference.timing import torch_threads
+
     _check_writable(out)
-    previous = set_threads(threads)
-    try:
+    if threads < 1:  # one thread by default: on a shared machine two contend with other work
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    with torch_threads(threads):
         facts, measurements = measure_calibration_suite(quick, repeats, log)
-    finally:
-        set_threads(previous)
     fields, estimates = initial_profile(facts, measurements)
     today = datetime.date.today().isoformat()
     how = f"measured by `simulator calibrate` on {today} on {facts['device_name']}"
@@ -416,11 +405,10 @@ def check_same_device(hw: HardwareProfile, local_name: str) -> None:
 
 def compare(hw: HardwareProfile, quick: bool = False, repeats: int = 5, log=print) -> dict:
     """Measure and predict the held-out suite, with the thread count the profile was calibrated with."""
-    previous = set_threads(int((hw.calibration or {}).get("torch_threads") or 1))
-    try:
+    from reference.timing import torch_threads
+
+    with torch_threads(int((hw.calibration or {}).get("torch_threads") or 1)):
         return _compare(hw, quick, repeats, log)
-    finally:
-        set_threads(previous)
 
 
 def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
