@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reference.linear import Linear
 from simulator.errors import UserError
 from simulator.models import ModelSpec
 
@@ -54,7 +55,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, d)
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
         self.norm = nn.RMSNorm(d, eps=spec.norm_eps)
-        self.head = None if spec.tied_embeddings else nn.Linear(d, spec.vocab_size, bias=False)
+        self.head = None if spec.tied_embeddings else Linear(d, spec.vocab_size)
         # RoPE angles (Su et al. 2021): theta_i = rope_theta^(-2i/d_head); [max_seq_len, d_head/2]
         inv_freq = spec.rope_theta ** (-torch.arange(0, spec.d_head, 2, dtype=torch.float64) / spec.d_head)
         angles = torch.outer(torch.arange(spec.max_seq_len, dtype=torch.float64), inv_freq)
@@ -124,11 +125,11 @@ class Block(nn.Module):
         self.n_heads, self.n_kv_heads, self.d_head = spec.n_heads, spec.n_kv_heads, spec.d_head
         d, d_kv = spec.d_model, spec.d_kv
         self.attn_norm = nn.RMSNorm(d, eps=spec.norm_eps)
-        self.wqkv = nn.Linear(d, d + 2 * d_kv, bias=False)
-        self.wo = nn.Linear(d, d, bias=False)
+        self.wqkv = Linear(d, d + 2 * d_kv)
+        self.wo = Linear(d, d)
         self.mlp_norm = nn.RMSNorm(d, eps=spec.norm_eps)
-        self.w13 = nn.Linear(d, 2 * spec.d_ff, bias=False)  # SwiGLU W1 and W3, fused
-        self.w2 = nn.Linear(spec.d_ff, d, bias=False)
+        self.w13 = Linear(d, 2 * spec.d_ff)  # SwiGLU W1 and W3, fused
+        self.w2 = Linear(spec.d_ff, d)
 
     def forward(self, x, cis, mask, kv) -> torch.Tensor:
         B, T, d = x.shape
