@@ -96,7 +96,6 @@ def count_ops(fn) -> int:
     one-time work (the executor's linear layers lay out their weight copies on first use)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    fn()
     class Counter(TorchDispatchMode):
         ops = 0
 
@@ -104,6 +103,7 @@ def count_ops(fn) -> int:
             Counter.ops += 1
             return func(*args, **(kwargs or {}))
 
+    fn()
     with Counter():
         fn()
     return Counter.ops
