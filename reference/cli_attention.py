@@ -209,14 +209,8 @@ def compare_attention(
             "impl": name,
             "fwd_ms": 1e3 * fwd_s,
             "peak_bytes": peak_memory_bytes(lambda: _no_grad(fn, q, k, v), device),
-            "max_err": (out.double() - ref_out).abs().max().item(),
-            "bound": bound,
+            **_accuracy(out, grads, ref_out, ref_grads, bound, grad_bounds),
         }
-        entry["agrees"] = entry["max_err"] <= bound
-        if backward:
-            errs = [(g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True)]
-            entry["grad_err_over_bound"] = max(e / gb for e, gb in zip(errs, grad_bounds, strict=True))
-            entry["agrees"] = entry["agrees"] and entry["grad_err_over_bound"] <= 1.0
         if counted is not None:
             entry.update(_bytes(counted, predicted, programs))
         return entry
@@ -289,6 +283,18 @@ def _bytes(counted, predicted: dict, programs: int) -> dict:
     return entry
 
 
+def _accuracy(out, grads, ref_out, ref_grads, bound, grad_bounds) -> dict:
+    """max_err and bound of the output against the fp64 reference, the worst gradient error over
+    its bound when `grads` were computed, and whether all are within their bounds."""
+    acc = {"max_err": (out.double() - ref_out).abs().max().item(), "bound": bound}
+    acc["agrees"] = acc["max_err"] <= bound
+    if grads is not None:
+        errs = [(g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True)]
+        acc["grad_err_over_bound"] = max(e / gb for e, gb in zip(errs, grad_bounds, strict=True))
+        acc["agrees"] = acc["agrees"] and acc["grad_err_over_bound"] <= 1.0
+    return acc
+
+
 def _triton_row(kernels, q, k, v, causal, br, bc, ref_out, ref_grads, bound, grad_bounds, do, backward) -> dict:
     import torch
 
@@ -309,14 +315,8 @@ def _triton_row(kernels, q, k, v, causal, br, bc, ref_out, ref_grads, bound, gra
         "impl": name,
         "fwd_ms": 1e3 * measure(lambda: _no_grad(fn, q, k, v), repeats=1, warmup=0).median_s,
         "peak_bytes": peak_memory_bytes(lambda: _no_grad(fn, q, k, v), "cuda") if q.is_cuda else None,
-        "max_err": (out.double() - ref_out).abs().max().item(),
-        "bound": bound,
+        **_accuracy(out, grads, ref_out, ref_grads, bound, grad_bounds),
     }
-    entry["agrees"] = entry["max_err"] <= bound
-    if backward:
-        errs = [(g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True)]
-        entry["grad_err_over_bound"] = max(e / gb for e, gb in zip(errs, grad_bounds, strict=True))
-        entry["agrees"] = entry["agrees"] and entry["grad_err_over_bound"] <= 1.0
     predicted = flash_hbm_bytes(n, d, block_m, block_n, causal, _dtype_name(q), "fa2")
     programs = q.shape[0] * q.shape[1]
     entry["predicted_read_bytes"] = programs * predicted["read"]
