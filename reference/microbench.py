@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -233,24 +234,26 @@ def attention(shapes: list[tuple[int, int, int, int]], dtype: str, device: str, 
 @torch.inference_mode()
 def forward_steps(spec: ModelSpec, configs: list[tuple[int, int, int]], dtype: str, device: str, repeats: int) -> list[dict]:
     """One forward pass of a randomly initialised `spec` for each (batch, context, query tokens):
-    query tokens appended to a KV cache already holding `context` tokens per row."""
+    query tokens appended to a KV cache already holding `context` tokens per row. The configurations
+    are timed in turns, `repeats` rounds of `measure` each, and each keeps the median of its rounds'
+    medians: a shared machine's drift over the seconds this takes falls on all of them alike."""
     torch.manual_seed(0)
     model = Transformer(spec).to(device=device, dtype=TORCH_DTYPE[dtype]).eval()
-    out = []
+    steps = []
     for batch, context, query in configs:
         cache = model.new_cache(batch, context + query)
         tokens = torch.randint(0, spec.vocab_size, (batch, query), device=device)
-
         lengths = torch.full((batch,), context, dtype=torch.long, device=device)
 
         def step(cache=cache, tokens=tokens, context=context, lengths=lengths):
             cache.rollback(lengths, context)  # every repeat attends over exactly `context` cached tokens
             model(tokens, cache)
 
-        t = measure(step, repeats)
-        out.append({"kind": "forward", "model": spec.model_dump(), "batch": batch, "context": context,
-                    "query_tokens": query, "dtype": dtype, "measured_s": t.median_s, "ops": count_ops(step)})  # fmt: skip
-    return out
+        steps.append(step)
+    rounds = [[measure(step, 1).median_s for step in steps] for _ in range(repeats)]
+    return [{"kind": "forward", "model": spec.model_dump(), "batch": batch, "context": context, "query_tokens": query,
+             "dtype": dtype, "measured_s": statistics.median(r[i] for r in rounds), "ops": count_ops(steps[i])}
+            for i, (batch, context, query) in enumerate(configs)]  # fmt: skip
 
 
 def specdec(target: Transformer, draft: Transformer, prompt_len: int, new_tokens: int, gammas: list[int], seed: int,

@@ -41,7 +41,7 @@ from simulator.roofline import elementwise, gemm
 CALIB_GEMMS = [(m, n, k) for m in (1, 16, 128, 512) for n, k in ((256, 256), (1024, 1024), (2048, 512))]
 CALIB_ELEMENTWISE = [1, 1_000, 100_000, 1_000_000, 8_000_000]
 CALIB_ATTENTION = [(1, 4, 128, 64), (1, 4, 512, 64), (2, 4, 1024, 32)]
-CALIB_FORWARD = [(1, 64, 1), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
+CALIB_FORWARD = [(1, 64, 1), (1, 128, 3), (1, 32, 7), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
 CALIB_SPECDEC = {"prompt": 32, "new_tokens": 96, "gammas": [3, 5, 6], "seed": 1}  # trained pair, temperature 1
 COMPARE_ATTENTION = [(1, 8, 256, 64), (1, 2, 2048, 64), (4, 4, 384, 32)]
 COMPARE_FORWARD = [(2, 128, 1), (1, 512, 1), (16, 64, 1), (1, 200, 5), (1, 0, 256)]
@@ -102,6 +102,7 @@ def group_of(m: dict) -> str:
 EXECUTOR_FACTS = ("first_touch_bytes_per_s", "softmax_s_per_element", "sdpa_program_s", "op_s_hot", "op_s_cold",
                   "scatter_s_per_element", "silu_s_per_element", "rope_s_per_element",
                   "rms_norm_s_per_element", "mask_s_per_element")
+EXECUTOR_FITTED = ("fresh_fraction", "gemv_weight_bytes_per_s", "gemm_weight_bytes_per_s")
 LOOP_KINDS = ("specdec", "autoregressive")  # whole generation loops: fitted after the kernels, by `fit_loop_overheads`
 
 
@@ -109,10 +110,12 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
     """Fit in two stages, each by robust least squares on log(predicted / measured):
     1. the achievable fractions (and a launch overhead) to the kernel microbenchmarks (GEMMs,
        elementwise, attention), every group weighing the same;
-    2. unless the per-operator cost of the executor's forward pass was measured (a CPU:
-       `calibration.executor.op_s_hot/op_s_cold`, which then replace it in simulator.forward), with
-       those fractions fixed, the per-operator overhead `launch_overhead_s` to the forward passes,
-       whose operators are counted (`ops_per_kernel`).
+    2. with those fixed, to the forward passes: where the per-operator cost of the executor's
+       forward pass was measured (a CPU: `calibration.executor.op_s_hot/op_s_cold`, which then
+       replace the launch overhead in simulator.forward), the rates at which the pass's weight GEMMs
+       get through their weights, one row and more (`gemv_weight_bytes_per_s`,
+       `gemm_weight_bytes_per_s`: simulator.eager.pass_gemm); elsewhere the per-operator overhead
+       `launch_overhead_s`, whose operators are counted (`ops_per_kernel`).
     The forward passes' residuals are reported either way."""
     from scipy.optimize import least_squares
 
@@ -134,7 +137,15 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
     stage1 = least_squares(residuals_of(kernels, kernel_params), [0.8, 0.8, 0.5, 10.0, 0.5],
                            bounds=([0.01, 0.01, 0.01, 0.01, 0.0], [1.0, 1.0, 1.0, 10_000.0, 2.0]), **robust)  # fmt: skip
     params = kernel_params(stage1.x)
-    if forwards and not eager.ExecutorFacts.of(hw).op_s_hot:
+    if forwards and eager.ExecutorFacts.of(hw).op_s_hot:
+
+        def rate_params(x) -> dict:  # log10 of bytes per second: rates from 10 MB/s to 10 TB/s
+            return params | {"gemv_weight_bytes_per_s": 10.0 ** x[0], "gemm_weight_bytes_per_s": 10.0 ** x[1]}
+
+        start = math.log10((hw.l2_bytes_per_s or hw.hbm_bytes_per_s) * params["bandwidth"])
+        stage2 = least_squares(residuals_of(forwards, rate_params), [start, start], bounds=([7.0, 7.0], [13.0, 13.0]), **robust)
+        params = rate_params(stage2.x)
+    elif forwards:
 
         def forward_params(x) -> dict:
             return params | {"launch_overhead_s": x[0] * 1e-6}
@@ -146,10 +157,11 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
 
 
 def with_fit(hw: HardwareProfile, params: dict) -> HardwareProfile:
-    """The profile's fitted fields (HardwareProfile.with_fit) and the executor's fitted fresh-page
-    fraction (`calibration.executor.fresh_fraction`, simulator.eager)."""
+    """The profile's fitted fields (HardwareProfile.with_fit) and the executor's fitted facts
+    (`calibration.executor`: the fresh-page fraction and, once fitted, the in-pass weight rates;
+    simulator.eager)."""
     calibration = hw.calibration or {}
-    executor = calibration.get("executor", {}) | {"fresh_fraction": float(params["fresh_fraction"])}
+    executor = calibration.get("executor", {}) | {k: float(params[k]) for k in EXECUTOR_FITTED if k in params}
     return hw.with_fit(params).model_copy(update={"calibration": calibration | {"executor": executor}})
 
 
@@ -374,6 +386,8 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
         "op_s_hot": f"{how}: forward pass of a 4-layer width-16 executor model over its dispatched operators",
         "op_s_cold": f"{how}: the same with 1.5x a core's L2 streamed before every layer, the stream's time taken off",
         "fresh_fraction": f"{how}: least-squares fit to the naive attention runs",
+        **{f"{kind}_weight_bytes_per_s": f"{how}: least-squares fit to the forward passes ({rows})"
+           for kind, rows in (("gemv", "one-row weight GEMMs"), ("gemm", "weight GEMMs of more rows"))},
         "loop_overhead_s": f"{how}: speculative and autoregressive generation with the trained pair (prompt "
                            f"{suite_of(quick)['specdec']['prompt']}, gamma {suite_of(quick)['specdec']['gammas']}) minus the fitted forward passes",
     }  # fmt: skip
@@ -494,6 +508,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         print(f"  copy bandwidth {data['hbm_bytes_per_s'] / 1e9:.2f} GB/s, best fp32 GEMM {data['peak_flops_per_s']['fp32'] / 1e9:.1f} GFLOP/s")
         print(f"  fitted: bandwidth {a['bandwidth']:.3f}, matmul {a['matmul']:.3f}, attention {a['attention']:.3f}, "
               f"launch overhead {data['launch_overhead_s'] * 1e6:.2f} us")  # fmt: skip
+        executor = data["calibration"]["executor"]
+        if executor.get("gemv_weight_bytes_per_s"):
+            print(f"  fitted in-pass weight rates: one row {executor['gemv_weight_bytes_per_s'] / 1e9:.1f} GB/s, "
+                  f"more rows {executor['gemm_weight_bytes_per_s'] / 1e9:.1f} GB/s")  # fmt: skip
         for g, r in data["calibration"]["fit_residuals"].items():
             print(f"  {g:<24} n={r['n']:<3} MAPE {r['mape']:.1%}  worst {r['worst_ape']:.1%}")
     return 0

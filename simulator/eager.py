@@ -24,17 +24,23 @@ Two facts of the local device enter besides the profile's fields, both measured 
   (per complex element for RoPE, per mask entry); simulator.forward prices those passes no faster;
 - `op_s_hot`, `op_s_cold`: seconds per dispatched operator of the executor's forward pass, with
   the core's cache warm, and cold as every layer finds it when the layers' weights overflow it
-  (simulator.forward prices a forward pass's operators with them).
+  (simulator.forward prices a forward pass's operators with them);
+- `gemv_weight_bytes_per_s`, `gemm_weight_bytes_per_s`: the rate at which the weight GEMMs of a
+  forward pass get through their weights, for one row (a matrix-vector kernel) and for more
+  (a GEMM kernel), fitted by `calibrate` to its forward passes. A weight GEMM timed alone, its
+  weights hot and nothing between calls, streams them at two to three times the rate it reaches in
+  a pass, where the operators between two GEMMs refill the core's cache that the last weight stream
+  emptied and the small-row GEMM kernels run well below the peak of large ones (`pass_gemm`).
 A profile without them (every GPU profile) prices none of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
-from simulator.roofline import KernelCost, memory_bytes_per_s, roofline_time_s
+from simulator.roofline import KernelCost, gemm, memory_bytes_per_s, roofline_time_s
 
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (mallopt(3))
 # torch's CPU flash-attention kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp):
@@ -57,6 +63,8 @@ class ExecutorFacts:
     rope_s_per_element: float = 0.0
     rms_norm_s_per_element: float = 0.0
     mask_s_per_element: float = 0.0
+    gemv_weight_bytes_per_s: float | None = None
+    gemm_weight_bytes_per_s: float | None = None
 
     @classmethod
     def of(cls, hw: HardwareProfile) -> ExecutorFacts:
@@ -64,12 +72,31 @@ class ExecutorFacts:
         return cls(facts.get("first_touch_bytes_per_s"), facts.get("fresh_fraction") or 0.0, facts.get("softmax_s_per_element") or 0.0,
                    facts.get("sdpa_program_s") or 0.0, facts.get("op_s_hot"), facts.get("op_s_cold"),
                    facts.get("scatter_s_per_element") or 0.0, facts.get("silu_s_per_element") or 0.0, facts.get("rope_s_per_element") or 0.0,
-                   facts.get("rms_norm_s_per_element") or 0.0, facts.get("mask_s_per_element") or 0.0)  # fmt: skip
+                   facts.get("rms_norm_s_per_element") or 0.0, facts.get("mask_s_per_element") or 0.0,
+                   facts.get("gemv_weight_bytes_per_s"), facts.get("gemm_weight_bytes_per_s"))  # fmt: skip
+
+    def weight_bytes_per_s(self, rows: int) -> float | None:
+        """The fitted in-pass weight rate of a GEMM over `rows` rows (None where not fitted)."""
+        return self.gemv_weight_bytes_per_s if rows == 1 else self.gemm_weight_bytes_per_s
 
 
 def _pass_s(n_bytes: float, hw: HardwareProfile) -> float:
     """A memory pass over `n_bytes` (read + written) at the achievable bandwidth for that size."""
     return n_bytes / memory_bytes_per_s(hw, n_bytes)
+
+
+def pass_gemm(m: int, n: int, k: int, hw: HardwareProfile, dtype: str = "fp16", name: str = "gemm") -> KernelCost:
+    """A weight GEMM [m, k] @ [k, n] inside a forward pass. On a CPU profile with the executor's
+    fitted in-pass weight rates, as `simulator.roofline.gemm` prices it (FLOPs and data in turn) but
+    with the k n weights at the rate of its kind (one row or more); elsewhere `gemm` itself."""
+    cost = gemm(m, n, k, hw, dtype, name)
+    rate = ExecutorFacts.of(hw).weight_bytes_per_s(m)
+    if hw.kind != "cpu" or not rate:
+        return cost
+    e = DTYPE_BYTES[dtype]
+    activations = float(e * (m * k + m * n))
+    time_s = cost.flops / (hw.peak_flops(dtype) * hw.achievable.matmul) + activations / memory_bytes_per_s(hw, activations)
+    return replace(cost, time_s=time_s + e * k * n / rate + hw.launch_overhead_s)
 
 
 def first_touch_s(n_bytes: float, hw: HardwareProfile) -> float:

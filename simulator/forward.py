@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from simulator.eager import ExecutorFacts, sdpa_cpu_q_split
+from simulator.eager import ExecutorFacts, pass_gemm, sdpa_cpu_q_split
 from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
-from simulator.roofline import KernelCost, elementwise, gemm, roofline_time_s
+from simulator.roofline import KernelCost, elementwise, roofline_time_s
 
 
 def all_reduce(n_bytes: float, hw: HardwareProfile, tp: int, name: str = "all_reduce") -> KernelCost:
@@ -105,15 +105,15 @@ def layer_costs(
     norm = replace(norm, time_s=norm.time_s + t * d * facts.rms_norm_s_per_element)
     return [
         norm,
-        gemm(t, d_q + 2 * d_kv, d, hw, dtype, name="qkv"),
+        pass_gemm(t, d_q + 2 * d_kv, d, hw, dtype, name="qkv"),
         rope,
         attention,
-        gemm(t, d, d_q, hw, dtype, name="o_proj"),
+        pass_gemm(t, d, d_q, hw, dtype, name="o_proj"),
         all_reduce(activations, hw, tp),
         norm,
-        gemm(t, 2 * d_ff // tp, d, hw, dtype, name="mlp_up"),  # W1 and W3 fused
+        pass_gemm(t, 2 * d_ff // tp, d, hw, dtype, name="mlp_up"),  # W1 and W3 fused
         swiglu,
-        gemm(t, d, d_ff // tp, hw, dtype, name="mlp_down"),
+        pass_gemm(t, d, d_ff // tp, hw, dtype, name="mlp_down"),
         all_reduce(activations, hw, tp),
     ]
 
@@ -147,7 +147,7 @@ def forward(
     by_name["final_norm"] = elementwise(
         logits_tokens * model.d_model, hw, dtype, flops_per_element=4, name="final_norm"
     )
-    by_name["lm_head"] = gemm(logits_tokens, -(-model.vocab_size // tp), model.d_model, hw, dtype, name="lm_head")
+    by_name["lm_head"] = pass_gemm(logits_tokens, -(-model.vocab_size // tp), model.d_model, hw, dtype, name="lm_head")
     total = None
     for k in by_name.values():
         total = k if total is None else total + k

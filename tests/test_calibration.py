@@ -30,6 +30,7 @@ def test_calibrated_profile_loads_like_a_shipped_one(calibrated):
     executor = hw.calibration["executor"]
     assert {"softmax_s_per_element", "op_s_hot", "op_s_cold", "loop_overhead_s", "fresh_fraction"} <= set(executor)
     assert executor["op_s_cold"] >= executor["op_s_hot"] > 0 and set(executor["sources"]) <= set(executor)
+    assert executor["gemv_weight_bytes_per_s"] > 0 and executor["gemm_weight_bytes_per_s"] > 0  # the quick suite has both kinds
     assert "speculative decoding" in hw.calibration["fit_residuals"]
     assert main(["plan", "--gpu", str(calibrated), "--model", "llama-68m", "--draft", "llama-68m", "--dtype", "fp32"]) == 0
 
@@ -147,6 +148,52 @@ def test_forward_prices_measured_operators_colder_as_layers_fill_the_cache():
         ops = cpu_profile().ops_per_kernel * forward(spec, cpu_profile(), 1, 64, 1, "fp32")["total"].launches
         assert step_s(spec, **cold) - step_s(spec, **hot) == pytest.approx(ops * evicted * 4e-6)
     assert 0 < spec_layer_bytes(DRAFT_SPEC) < 2 << 20 < spec_layer_bytes(TARGET_SPEC)
+
+
+def test_pass_gemms_stream_weights_at_the_fitted_rate_of_their_kind():
+    from reference.train import TARGET_SPEC
+    from simulator.eager import pass_gemm
+    from simulator.forward import forward
+    from simulator.roofline import gemm
+
+    gpu, plain = load_profile("a100"), cpu_profile(op_s_hot=2e-6, op_s_cold=2e-6)
+    rated = cpu_profile(op_s_hot=2e-6, op_s_cold=2e-6, gemv_weight_bytes_per_s=2e10, gemm_weight_bytes_per_s=5e9)
+    m, n, k = 3, 1536, 256
+    assert pass_gemm(m, n, k, gpu, "fp32") == gemm(m, n, k, gpu, "fp32") and pass_gemm(m, n, k, plain, "fp32") == gemm(m, n, k, plain, "fp32")
+    # one row and more rows differ only in the weights' rate: the rest is the CPU GEMM of roofline.gemm less its weight bytes
+    weights_s = {1: 4 * n * k / 2e10, m: 4 * n * k / 5e9}
+    for rows, w_s in weights_s.items():
+        free = cpu_profile(gemv_weight_bytes_per_s=1e30, gemm_weight_bytes_per_s=1e30)
+        assert pass_gemm(rows, n, k, rated, "fp32").time_s == pytest.approx(pass_gemm(rows, n, k, free, "fp32").time_s + w_s, rel=1e-12)
+    # a forward pass adds exactly its weight GEMMs' bytes at the rate (the embedding is a lookup)
+    for rows in (1, 4):
+        ideal = cpu_profile(op_s_hot=2e-6, op_s_cold=2e-6, gemv_weight_bytes_per_s=1e30, gemm_weight_bytes_per_s=1e30)
+        gemm_bytes = 4 * (TARGET_SPEC.n_params - TARGET_SPEC.vocab_size * TARGET_SPEC.d_model - (2 * TARGET_SPEC.n_layers + 1) * TARGET_SPEC.d_model)
+        extra = forward(TARGET_SPEC, rated, 1, 64, rows, "fp32")["total"].time_s - forward(TARGET_SPEC, ideal, 1, 64, rows, "fp32")["total"].time_s
+        assert extra == pytest.approx(gemm_bytes / (2e10 if rows == 1 else 5e9), rel=1e-9)
+
+
+def test_fit_recovers_the_in_pass_weight_rates_from_passes_they_generated():
+    from reference.train import DRAFT_SPEC, TARGET_SPEC
+
+    truth = {"gemv_weight_bytes_per_s": 2.2e10, "gemm_weight_bytes_per_s": 8.5e9}
+    facts = {"op_s_hot": 3e-6, "op_s_cold": 4e-6}
+    known = cpu_profile(**facts, **truth)
+    runs = [{"kind": "forward", "model": spec.model_dump(), "batch": b, "context": c, "query_tokens": q, "dtype": "fp32"}
+            for spec in (TARGET_SPEC, DRAFT_SPEC) for b, c, q in calibration.CALIB_FORWARD]  # fmt: skip
+    for m in runs:
+        m["measured_s"] = calibration.predict_s(m, known)
+    # the kernels' microbenchmarks fit the fractions first (stage 1): the calibration suite's, as `known` runs them
+    kernels = [{"kind": "elementwise", "n": n, "dtype": "fp32"} for n in calibration.CALIB_ELEMENTWISE]
+    kernels += [{"kind": "gemm", "m": m, "n": n, "k": k, "dtype": "fp32"} for m, n, k in calibration.CALIB_GEMMS]
+    kernels += [{"kind": kind, "batch": b, "heads": h, "seqlen": n, "head_dim": d, "dtype": "fp32"}
+                for b, h, n, d in calibration.CALIB_ATTENTION for kind in ("attention-naive", "attention-fused")]  # fmt: skip
+    for m in kernels:
+        m["measured_s"] = calibration.predict_s(m, known)
+    fitted, fit = calibration.fit_profile(cpu_profile(**facts), kernels + runs)
+    executor = fitted.calibration["executor"]
+    assert {k: executor[k] for k in truth} == pytest.approx(truth, rel=0.02)
+    assert fit["residuals"]["forward (decode/verify)"]["mape"] < 0.01
 
 
 def spec_layer_bytes(spec) -> int:
