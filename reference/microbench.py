@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from reference.attention import naive_attention
 from reference.linear import Linear
 from reference.model import Transformer
-from reference.timing import Timing
+from reference.timing import Timing, measure_interleaved
 from reference.timing import measure as measure_repeats
 from simulator.models import ModelSpec
 
@@ -209,6 +209,28 @@ def copy_bandwidth_bytes_per_s(n_bytes: int, device: str, repeats: int) -> float
     y = torch.empty_like(x)
     t = measure(lambda: y.copy_(x), repeats)
     return 2 * x.numel() * 4 / t.median_s
+
+
+def copy_bandwidths_in_turns(sizes: list[int], device: str, repeats: int) -> list[float]:
+    """Bytes moved per second by a copy of each of `sizes` bytes, the sizes timed in turns (each
+    sample copies long enough to span MIN_TOTAL_S / 5), medians of `repeats` samples: on a machine
+    whose last-level cache other tenants share, what a copy gets of it drifts, and the sizes are
+    compared with each other, so the drift falls on all of them alike."""
+    fns = {}
+    for n_bytes in sizes:
+        x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+        y = torch.empty_like(x)
+        start = time.perf_counter()
+        y.copy_(x)
+        calls = max(1, math.ceil(MIN_TOTAL_S / 5 / max(time.perf_counter() - start, 1e-7)))
+
+        def copies(x=x, y=y, calls=calls):
+            for _ in range(calls):
+                y.copy_(x)
+
+        fns[n_bytes] = (copies, 2 * x.numel() * 4 * calls)
+    timings = measure_interleaved({n: fn for n, (fn, _) in fns.items()}, repeats)
+    return [fns[n][1] / timings[n].median_s for n in sizes]
 
 
 def attention(shapes: list[tuple[int, int, int, int]], dtype: str, device: str, repeats: int) -> list[dict]:

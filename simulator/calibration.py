@@ -41,7 +41,7 @@ from simulator.roofline import elementwise, gemm
 CALIB_GEMMS = [(m, n, k) for m in (1, 16, 128, 512) for n, k in ((256, 256), (1024, 1024), (2048, 512))]
 CALIB_ELEMENTWISE = [1, 1_000, 100_000, 1_000_000, 8_000_000]
 CALIB_ATTENTION = [(1, 4, 128, 64), (1, 4, 512, 64), (2, 4, 1024, 32)]
-CALIB_FORWARD = [(1, 64, 1), (1, 128, 3), (1, 32, 7), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
+CALIB_FORWARD = [(1, 64, 1), (1, 128, 3), (1, 384, 1), (1, 32, 7), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
 CALIB_SPECDEC = {"prompt": 32, "new_tokens": 96, "gammas": [3, 5, 6], "seed": 1}  # trained pair, temperature 1
 COMPARE_ATTENTION = [(1, 8, 256, 64), (1, 2, 2048, 64), (4, 4, 384, 32)]
 COMPARE_FORWARD = [(2, 128, 1), (1, 512, 1), (16, 64, 1), (1, 200, 5), (1, 0, 256)]
@@ -52,6 +52,10 @@ QUICK = {"gemms": CALIB_GEMMS[:3] + CALIB_GEMMS[-2:], "elementwise": CALIB_ELEME
          "compare_specdec": {**COMPARE_SPECDEC, "new_tokens": 16, "gammas": [2]}}  # fmt: skip
 FITTED = ("bandwidth", "matmul", "attention", "launch_overhead_s")
 DTYPE = "fp32"  # the executor's models run in fp32 on a CPU
+KERNEL_ROUNDS = 3  # the kernel microbenchmarks run this many times over; each keeps its median
+# rounds of the forward passes per repeat, in turns: on a shared host a one-row pass's time drifts by
+# 20-30% between spells of a few seconds, so its median is taken over several spells
+FORWARD_ROUNDS = 3
 
 
 # --- prediction of one measurement ------------------------------------------------------------
@@ -102,7 +106,7 @@ def group_of(m: dict) -> str:
 EXECUTOR_FACTS = ("first_touch_bytes_per_s", "softmax_s_per_element", "sdpa_program_s", "op_s_hot", "op_s_cold",
                   "scatter_s_per_element", "silu_s_per_element", "rope_s_per_element",
                   "rms_norm_s_per_element", "mask_s_per_element")
-EXECUTOR_FITTED = ("fresh_fraction", "gemv_weight_bytes_per_s", "gemm_weight_bytes_per_s")
+EXECUTOR_FITTED = ("fresh_fraction", "gemv_weight_bytes_per_s", "gemm_weight_bytes_per_s", "pass_op_scale")
 LOOP_KINDS = ("specdec", "autoregressive")  # whole generation loops: fitted after the kernels, by `fit_loop_overheads`
 
 
@@ -112,9 +116,12 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
        elementwise, attention), every group weighing the same;
     2. with those fixed, to the forward passes: where the per-operator cost of the executor's
        forward pass was measured (a CPU: `calibration.executor.op_s_hot/op_s_cold`, which then
-       replace the launch overhead in simulator.forward), the rates at which the pass's weight GEMMs
-       get through their weights, one row and more (`gemv_weight_bytes_per_s`,
-       `gemm_weight_bytes_per_s`: simulator.eager.pass_gemm); elsewhere the per-operator overhead
+       replace the launch overhead in simulator.forward), to the decode and verify passes, the rates
+       at which the pass's weight GEMMs get through their weights, one row and more
+       (`gemv_weight_bytes_per_s`, `gemm_weight_bytes_per_s`: simulator.eager.pass_gemm), and
+       the scale of the measured per-operator costs inside them (`pass_op_scale`); a prefill's
+       GEMMs of hundreds of rows are compute-bound, priced by the fractions of stage 1 and no
+       guide to the rate of a few rows; elsewhere the per-operator overhead
        `launch_overhead_s`, whose operators are counted (`ops_per_kernel`).
     The forward passes' residuals are reported either way."""
     from scipy.optimize import least_squares
@@ -140,10 +147,11 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
     if forwards and eager.ExecutorFacts.of(hw).op_s_hot:
 
         def rate_params(x) -> dict:  # log10 of bytes per second: rates from 10 MB/s to 10 TB/s
-            return params | {"gemv_weight_bytes_per_s": 10.0 ** x[0], "gemm_weight_bytes_per_s": 10.0 ** x[1]}
+            return params | {"gemv_weight_bytes_per_s": 10.0 ** x[0], "gemm_weight_bytes_per_s": 10.0 ** x[1], "pass_op_scale": x[2]}
 
         start = math.log10((hw.l2_bytes_per_s or hw.hbm_bytes_per_s) * params["bandwidth"])
-        stage2 = least_squares(residuals_of(forwards, rate_params), [start, start], bounds=([7.0, 7.0], [13.0, 13.0]), **robust)
+        steps = [m for m in forwards if m["context"] > 0]  # decode and verify passes: a prefill's GEMMs are compute-bound
+        stage2 = least_squares(residuals_of(steps, rate_params), [start, start, 1.0], bounds=([7.0, 7.0, 0.5], [13.0, 13.0, 2.0]), **robust)
         params = rate_params(stage2.x)
     elif forwards:
 
@@ -261,27 +269,33 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
     log("calibrate: memory bandwidth (copy)")
     llc = facts.get("llc_bytes")
     # memory: a copy whose source and destination together overflow the last-level cache
-    facts["copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(min(2 << 30, max(256 << 20, llc or 0)), device, repeats)
+    big = min(2 << 30, max(256 << 20, llc or 0))
+    facts["copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(big, device, repeats)
     if device == "cpu" and llc:
-        # last-level cache: copies from past the core's L2 upwards, doubling; the cache holds what
-        # one core can use of it up to the largest copy still at 3/4 of the first one's speed
-        size = min(llc // 8, 4 * (facts.get("l2_bytes_per_core") or 1 << 20))
-        facts["cache_copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(size, device, 4 * repeats)
-        facts["effective_llc_bytes"] = 2 * size
-        while 4 * size <= llc and mb.copy_bandwidth_bytes_per_s(2 * size, device, repeats) >= 0.75 * facts["cache_copy_bytes_per_s"]:
-            size *= 2
-            facts["effective_llc_bytes"] = 2 * size
-    log(f"calibrate: {len(suite['gemms'])} GEMM shapes (fp32, fp16)")
-    measurements = mb.gemm(suite["gemms"], DTYPE, device, repeats)
-    fp16 = mb.gemm([(512, 1024, 1024)], "fp16" if device == "cuda" else "bf16", device, repeats)[0]
+        # last-level cache: copies from past the core's L2 upwards, doubling, timed in turns; the
+        # cache holds what one core can use of it up to the largest copy still at 3/4 of the first
+        # one's speed; the speeds, from a quarter of the first size up, and the large copy's, are the
+        # profile's copy speed by size
+        first = min(llc // 8, 4 * (facts.get("l2_bytes_per_core") or 1 << 20))
+        sizes = [first << i for i in range(max(1, (llc // (2 * first)).bit_length()))]  # copies of up to half the cache
+        ladder = [first // 4, first // 2, *sizes]
+        speeds = dict(zip(ladder, mb.copy_bandwidths_in_turns(ladder, device, 4 * repeats), strict=True))
+        facts["copy_bytes_per_s_by_size"] = {2 * n: speeds[n] for n in ladder} | {2 * big: facts["copy_bytes_per_s"]}
+        facts["cache_copy_bytes_per_s"] = speeds[first]
+        kept = next((i for i, n in enumerate(sizes) if speeds[n] < 0.75 * speeds[first]), len(sizes))
+        facts["effective_llc_bytes"] = 2 * sizes[kept - 1]
+    log(f"calibrate: {len(suite['gemms'])} fp32 GEMM shapes and one in half precision, {len(suite['elementwise'])} elementwise sizes, "
+        f"{len(suite['attention'])} attention shapes (naive and fused); {KERNEL_ROUNDS} rounds")
+    rounds = []
+    for _ in range(KERNEL_ROUNDS):  # a burst of other work on a shared machine spoils one round, not the median
+        rounds.append(mb.gemm(suite["gemms"], DTYPE, device, repeats) + mb.gemm([(512, 1024, 1024)], "fp16" if device == "cuda" else "bf16", device, repeats)
+                      + mb.elementwise(suite["elementwise"], DTYPE, device, repeats) + mb.attention(suite["attention"], DTYPE, device, repeats))  # fmt: skip
+    measurements = [m | {"measured_s": float(np.median([r[i]["measured_s"] for r in rounds]))} for i, m in enumerate(rounds[0])]
+    fp16 = measurements.pop(len(suite["gemms"]))
     facts["fp16_gemm_flops_per_s"] = 2.0 * 512 * 1024 * 1024 / fp16["measured_s"]
-    log(f"calibrate: {len(suite['elementwise'])} elementwise sizes")
-    measurements += mb.elementwise(suite["elementwise"], DTYPE, device, repeats)
-    log(f"calibrate: {len(suite['attention'])} attention shapes (naive and fused)")
-    measurements += mb.attention(suite["attention"], DTYPE, device, repeats)
     log(f"calibrate: {len(suite['forward'])} forward passes x 2 models")
     for spec in (TARGET_SPEC, DRAFT_SPEC):
-        measurements += mb.forward_steps(spec, suite["forward"], DTYPE, device, repeats)
+        measurements += mb.forward_steps(spec, suite["forward"], DTYPE, device, FORWARD_ROUNDS * repeats)
     log("calibrate: first touch of fresh pages, softmax over a cached tile")
     facts["first_touch_bytes_per_s"] = mb.first_touch_bytes_per_s(2 * eager.MMAP_THRESHOLD_BYTES, device, repeats)
     facts["softmax_s_per_element"] = mb.softmax_s_per_element(64, eager.SDPA_CPU_KV_SPLIT, device, repeats)
@@ -319,6 +333,8 @@ def initial_profile(facts: dict, measurements: list[dict]) -> tuple[dict, list[s
         "memory_bytes": int(read("memory_bytes", 16 << 30, "memory_bytes")),
         "hbm_bytes_per_s": float(facts["copy_bytes_per_s"]),
         **({"l2_bytes_per_s": float(facts["cache_copy_bytes_per_s"])} if facts.get("cache_copy_bytes_per_s") else {}),
+        **({"copy_bytes_per_s_by_size": {int(n): float(v) for n, v in facts["copy_bytes_per_s_by_size"].items()}}
+           if facts.get("copy_bytes_per_s_by_size") else {}),
         "peak_flops_per_s": {"fp32": float(best_gemm), "fp16": float(max(facts["fp16_gemm_flops_per_s"], 1.0))},
         "clock_hz": float(read("clock_hz", 2.0e9, "clock_hz")),
     }
@@ -365,6 +381,8 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
         "memory_bytes": f"{how}: MemTotal (/proc/meminfo)",
         "hbm_bytes_per_s": f"{how}: median of a large copy (read + write)",
         "l2_bytes_per_s": f"{how}: median of a copy of 4x the core's L2, inside the last-level cache (read + write)",
+        "copy_bytes_per_s_by_size": f"{how}: copies from a core's L2 to half the last-level cache, timed in turns, and the large copy "
+                                    "(bytes moved, read + write, per second; by bytes moved)",
         "peak_flops_per_s.fp32": f"{how}: best fp32 GEMM of the suite",
         "peak_flops_per_s.fp16": f"{how}: a 512x1024x1024 GEMM in half precision",
         "clock_hz": f"{how}: cpu MHz (/proc/cpuinfo)",
@@ -388,6 +406,7 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
         "fresh_fraction": f"{how}: least-squares fit to the naive attention runs",
         **{f"{kind}_weight_bytes_per_s": f"{how}: least-squares fit to the forward passes ({rows})"
            for kind, rows in (("gemv", "one-row weight GEMMs"), ("gemm", "weight GEMMs of more rows"))},
+        "pass_op_scale": f"{how}: least-squares fit to the decode and verify passes, over op_s_hot and op_s_cold",
         "loop_overhead_s": f"{how}: speculative and autoregressive generation with the trained pair (prompt "
                            f"{suite_of(quick)['specdec']['prompt']}, gamma {suite_of(quick)['specdec']['gammas']}) minus the fitted forward passes",
     }  # fmt: skip
@@ -437,7 +456,7 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
     log(f"compare: {len(shapes)} attention shapes, {len(forwards)} forward passes x 2 models")
     measurements = mb.attention(shapes, DTYPE, device, repeats)
     for spec in (TARGET_SPEC, DRAFT_SPEC):
-        measurements += mb.forward_steps(spec, forwards, DTYPE, device, repeats)
+        measurements += mb.forward_steps(spec, forwards, DTYPE, device, FORWARD_ROUNDS * repeats)
     rows = []
     for m in measurements:
         config = {k: v for k, v in m.items() if k not in ("measured_s", "model")}
@@ -511,7 +530,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         executor = data["calibration"]["executor"]
         if executor.get("gemv_weight_bytes_per_s"):
             print(f"  fitted in-pass weight rates: one row {executor['gemv_weight_bytes_per_s'] / 1e9:.1f} GB/s, "
-                  f"more rows {executor['gemm_weight_bytes_per_s'] / 1e9:.1f} GB/s")  # fmt: skip
+                  f"more rows {executor['gemm_weight_bytes_per_s'] / 1e9:.1f} GB/s; per-operator cost x {executor['pass_op_scale']:.2f}")  # fmt: skip
         for g, r in data["calibration"]["fit_residuals"].items():
             print(f"  {g:<24} n={r['n']:<3} MAPE {r['mape']:.1%}  worst {r['worst_ape']:.1%}")
     return 0

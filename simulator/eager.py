@@ -31,7 +31,10 @@ Two facts of the local device enter besides the profile's fields, both measured 
   other with nothing between them get through their weights about twice as fast as inside a pass,
   where the operators between two GEMMs refill the core's cache that the last weight stream emptied
   (measured on the trained target: 0.45 ms alone, 0.98 ms in a one-row pass); and the small-row
-  GEMM kernels run well below the peak of large ones (`pass_gemm`).
+  GEMM kernels run well below the peak of large ones (`pass_gemm`);
+- `pass_op_scale`: the per-operator costs above as the same fit finds them inside those passes,
+  over what their own microbenchmark measured (1: as measured). On a shared host a pass's speed
+  drifts by 20-30% between spells of a few seconds, and the two are timed seconds apart.
 A profile without them (every GPU profile) prices none of them.
 """
 
@@ -66,6 +69,7 @@ class ExecutorFacts:
     mask_s_per_element: float = 0.0
     gemv_weight_bytes_per_s: float | None = None
     gemm_weight_bytes_per_s: float | None = None
+    pass_op_scale: float = 1.0
 
     @classmethod
     def of(cls, hw: HardwareProfile) -> ExecutorFacts:
@@ -74,7 +78,7 @@ class ExecutorFacts:
                    facts.get("sdpa_program_s") or 0.0, facts.get("op_s_hot"), facts.get("op_s_cold"),
                    facts.get("scatter_s_per_element") or 0.0, facts.get("silu_s_per_element") or 0.0, facts.get("rope_s_per_element") or 0.0,
                    facts.get("rms_norm_s_per_element") or 0.0, facts.get("mask_s_per_element") or 0.0,
-                   facts.get("gemv_weight_bytes_per_s"), facts.get("gemm_weight_bytes_per_s"))  # fmt: skip
+                   facts.get("gemv_weight_bytes_per_s"), facts.get("gemm_weight_bytes_per_s"), facts.get("pass_op_scale") or 1.0)  # fmt: skip
 
     def weight_bytes_per_s(self, rows: int) -> float | None:
         """The fitted in-pass weight rate of a GEMM over `rows` rows (None where not fitted)."""

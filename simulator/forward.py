@@ -161,7 +161,7 @@ def forward(
         # once a layer's weights overflow it)
         layer_bytes = -(-model.params_per_layer * DTYPE_BYTES[dtype] // tp)
         evicted = min(1.0, layer_bytes / hw.sram_bytes_per_sm)
-        op_s = facts.op_s_hot + evicted * (facts.op_s_cold - facts.op_s_hot)
+        op_s = (facts.op_s_hot + evicted * (facts.op_s_cold - facts.op_s_hot)) * facts.pass_op_scale
         eager_s = hw.ops_per_kernel * total.launches * op_s - total.launches * hw.launch_overhead_s
     by_name["total"] = KernelCost("total", total.flops, total.hbm_bytes, total.time_s + eager_s, total.launches)
     return by_name

@@ -48,6 +48,9 @@ class HardwareProfile(BaseModel):
     memory_bytes: PositiveInt  # device memory (HBM/GDDR) capacity
     hbm_bytes_per_s: PositiveFloat  # peak device-memory bandwidth
     l2_bytes_per_s: PositiveFloat | None = None  # peak L2 read bandwidth; absent: re-reads priced at HBM speed
+    # a CPU's measured copy speed (bytes moved per second) by the bytes a copy moves (read + written),
+    # from inside the caches to main memory; absent: one speed inside the last-level cache, one past it
+    copy_bytes_per_s_by_size: dict[PositiveInt, PositiveFloat] | None = None
     peak_flops_per_s: dict[str, PositiveFloat]  # dense, by dtype; tensor-core figures where they exist
     clock_hz: PositiveFloat  # boost clock
     tdp_w: PositiveFloat | None = None  # required for a GPU

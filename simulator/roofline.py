@@ -9,6 +9,8 @@ A GEMM on a CPU adds the two terms instead (`gemm`).
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
 
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
@@ -43,10 +45,24 @@ class KernelCost:
 
 
 def memory_bytes_per_s(hw: HardwareProfile, n_bytes: float) -> float:
-    """Achievable bandwidth for a kernel moving `n_bytes`. On a CPU a kernel whose data fit in the
-    last-level cache (`l2_bytes`) runs from it when the profile has its bandwidth: an executor runs
-    the same weights step after step, and CPU caches are large next to small models. On a GPU,
-    whose L2 is small next to what decoding streams, every byte counts at HBM speed."""
+    """Achievable bandwidth for a kernel moving `n_bytes`. On a CPU whose copy speed was measured by
+    size (`copy_bytes_per_s_by_size`), that speed at `n_bytes`, interpolated linearly in log(size)
+    between the measured sizes and held at the end points beyond them: a cache that other tenants
+    share gives a kernel less of itself the more it moves, with no sharp edge. On a CPU without it,
+    a kernel whose data fit in the last-level cache (`l2_bytes`) runs from it when the profile has
+    its bandwidth: an executor runs the same weights step after step, and CPU caches are large next
+    to small models. On a GPU, whose L2 is small next to what decoding streams, every byte counts at
+    HBM speed."""
+    if hw.kind == "cpu" and hw.copy_bytes_per_s_by_size:
+        sizes = sorted(hw.copy_bytes_per_s_by_size)
+        speeds = [hw.copy_bytes_per_s_by_size[n] for n in sizes]
+        at = bisect.bisect_right(sizes, n_bytes)
+        if at == 0 or at == len(sizes):
+            speed = speeds[min(at, len(sizes) - 1)]
+        else:
+            w = math.log(n_bytes / sizes[at - 1]) / math.log(sizes[at] / sizes[at - 1])
+            speed = speeds[at - 1] + w * (speeds[at] - speeds[at - 1])
+        return speed * hw.achievable.bandwidth
     if hw.kind == "cpu" and hw.l2_bytes_per_s and n_bytes <= hw.l2_bytes:
         return hw.l2_bytes_per_s * hw.achievable.bandwidth
     return hw.hbm_bytes_per_s * hw.achievable.bandwidth

@@ -31,6 +31,9 @@ def test_calibrated_profile_loads_like_a_shipped_one(calibrated):
     assert {"softmax_s_per_element", "op_s_hot", "op_s_cold", "loop_overhead_s", "fresh_fraction"} <= set(executor)
     assert executor["op_s_cold"] >= executor["op_s_hot"] > 0 and set(executor["sources"]) <= set(executor)
     assert executor["gemv_weight_bytes_per_s"] > 0 and executor["gemm_weight_bytes_per_s"] > 0  # the quick suite has both kinds
+    assert 0.5 <= executor["pass_op_scale"] <= 2.0
+    curve = hw.copy_bytes_per_s_by_size  # copies inside the caches and the large one, by bytes moved
+    assert len(curve) >= 3 and max(curve) >= 2 * (256 << 20) and curve[max(curve)] == hw.hbm_bytes_per_s
     assert "speculative decoding" in hw.calibration["fit_residuals"]
     assert main(["plan", "--gpu", str(calibrated), "--model", "llama-68m", "--draft", "llama-68m", "--dtype", "fp32"]) == 0
 
@@ -176,7 +179,7 @@ def test_pass_gemms_stream_weights_at_the_fitted_rate_of_their_kind():
 def test_fit_recovers_the_in_pass_weight_rates_from_passes_they_generated():
     from reference.train import DRAFT_SPEC, TARGET_SPEC
 
-    truth = {"gemv_weight_bytes_per_s": 2.2e10, "gemm_weight_bytes_per_s": 8.5e9}
+    truth = {"gemv_weight_bytes_per_s": 2.2e10, "gemm_weight_bytes_per_s": 8.5e9, "pass_op_scale": 0.8}
     facts = {"op_s_hot": 3e-6, "op_s_cold": 4e-6}
     known = cpu_profile(**facts, **truth)
     runs = [{"kind": "forward", "model": spec.model_dump(), "batch": b, "context": c, "query_tokens": q, "dtype": "fp32"}
@@ -194,6 +197,22 @@ def test_fit_recovers_the_in_pass_weight_rates_from_passes_they_generated():
     executor = fitted.calibration["executor"]
     assert {k: executor[k] for k in truth} == pytest.approx(truth, rel=0.02)
     assert fit["residuals"]["forward (decode/verify)"]["mape"] < 0.01
+
+
+def test_cpu_memory_speed_follows_the_measured_copy_speeds_by_size():
+    from simulator.roofline import memory_bytes_per_s
+
+    curve = {2 << 20: 80e9, 8 << 20: 60e9, 32 << 20: 30e9, 512 << 20: 24e9}
+    hw = cpu_profile().model_copy(update={"copy_bytes_per_s_by_size": curve})
+    f = hw.achievable.bandwidth
+    assert memory_bytes_per_s(hw, 100) == memory_bytes_per_s(hw, 2 << 20) == pytest.approx(80e9 * f)  # held below the first size
+    assert memory_bytes_per_s(hw, 4 << 30) == pytest.approx(24e9 * f)  # and past the last
+    assert memory_bytes_per_s(hw, 8 << 20) == pytest.approx(60e9 * f)
+    assert memory_bytes_per_s(hw, 16 << 20) == pytest.approx(45e9 * f)  # halfway in log(size) between 8 and 32 MiB
+    speeds = [memory_bytes_per_s(hw, n) for n in (1 << 20, 3 << 20, 5 << 20, 12 << 20, 24 << 20, 64 << 20, 1 << 30)]
+    assert speeds == sorted(speeds, reverse=True)  # no faster for moving more
+    # a GPU profile, or a CPU one without the curve, keeps the two-level model
+    assert memory_bytes_per_s(cpu_profile(), 16 << 20) == memory_bytes_per_s(cpu_profile(), 1 << 20)
 
 
 def spec_layer_bytes(spec) -> int:
