@@ -270,36 +270,43 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
     llc = facts.get("llc_bytes")
     # memory: a copy whose source and destination together overflow the last-level cache
     big = min(2 << 30, max(256 << 20, llc or 0))
-    facts["copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(big, device, repeats)
-    if device == "cpu" and llc:
+    if device != "cpu" or not llc:
+        facts["copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(big, device, repeats)
+    else:
         # last-level cache: copies from past the core's L2 upwards, doubling, timed in turns; the
         # cache holds what one core can use of it up to the largest copy still at 3/4 of the first
-        # one's speed; the speeds, from a quarter of the first size up, and the large copy's, are the
-        # profile's copy speed by size
+        # one's speed; the speeds, from a quarter of the first size up to the large copy in memory
+        # (timed in the same turns), are the profile's copy speed by size
         first = min(llc // 8, 4 * (facts.get("l2_bytes_per_core") or 1 << 20))
         sizes = [first << i for i in range(max(1, (llc // (2 * first)).bit_length()))]  # copies of up to half the cache
-        ladder = [first // 4, first // 2, *sizes]
+        ladder = [first // 4, first // 2, *sizes, big]
         speeds = dict(zip(ladder, mb.copy_bandwidths_in_turns(ladder, device, 4 * repeats), strict=True))
-        facts["copy_bytes_per_s_by_size"] = {2 * n: speeds[n] for n in ladder} | {2 * big: facts["copy_bytes_per_s"]}
+        facts["copy_bytes_per_s"] = speeds[big]
+        facts["copy_bytes_per_s_by_size"] = {2 * n: speeds[n] for n in ladder}
         facts["cache_copy_bytes_per_s"] = speeds[first]
         kept = next((i for i, n in enumerate(sizes) if speeds[n] < 0.75 * speeds[first]), len(sizes))
         facts["effective_llc_bytes"] = 2 * sizes[kept - 1]
     log(f"calibrate: {len(suite['gemms'])} fp32 GEMM shapes and one in half precision, {len(suite['elementwise'])} elementwise sizes, "
-        f"{len(suite['attention'])} attention shapes (naive and fused); {KERNEL_ROUNDS} rounds")
-    rounds = []
+        f"{len(suite['attention'])} attention shapes (naive and fused), first touch of fresh pages, softmax over a cached tile; {KERNEL_ROUNDS} rounds")
+    rounds, singles = [], []
     for _ in range(KERNEL_ROUNDS):  # a burst of other work on a shared machine spoils one round, not the median
         rounds.append(mb.gemm(suite["gemms"], DTYPE, device, repeats) + mb.gemm([(512, 1024, 1024)], "fp16" if device == "cuda" else "bf16", device, repeats)
                       + mb.elementwise(suite["elementwise"], DTYPE, device, repeats) + mb.attention(suite["attention"], DTYPE, device, repeats))  # fmt: skip
+        # what the attention kernels' prices rest on, measured beside them: first touch of fresh
+        # pages, softmax over a cached tile, the fused kernel's cost per program
+        singles.append({"first_touch_bytes_per_s": mb.first_touch_bytes_per_s(2 * eager.MMAP_THRESHOLD_BYTES, device, repeats),
+                        "softmax_s_per_element": mb.softmax_s_per_element(64, eager.SDPA_CPU_KV_SPLIT, device, repeats),
+                        "sdpa_program_s": mb.sdpa_program_s(device, repeats)})  # fmt: skip
     measurements = [m | {"measured_s": float(np.median([r[i]["measured_s"] for r in rounds]))} for i, m in enumerate(rounds[0])]
+    for key in singles[0]:
+        values = [r[key] for r in singles if r[key] is not None]  # None: not measurable on this device
+        facts[key] = float(np.median(values)) if values else None
     fp16 = measurements.pop(len(suite["gemms"]))
     facts["fp16_gemm_flops_per_s"] = 2.0 * 512 * 1024 * 1024 / fp16["measured_s"]
     log(f"calibrate: {len(suite['forward'])} forward passes x 2 models")
     for spec in (TARGET_SPEC, DRAFT_SPEC):
         measurements += mb.forward_steps(spec, suite["forward"], DTYPE, device, FORWARD_ROUNDS * repeats)
-    log("calibrate: first touch of fresh pages, softmax over a cached tile")
-    facts["first_touch_bytes_per_s"] = mb.first_touch_bytes_per_s(2 * eager.MMAP_THRESHOLD_BYTES, device, repeats)
-    facts["softmax_s_per_element"] = mb.softmax_s_per_element(64, eager.SDPA_CPU_KV_SPLIT, device, repeats)
-    facts["sdpa_program_s"] = mb.sdpa_program_s(device, repeats)
+    log("calibrate: per-element costs of the layer operators")
     layer_ops = mb.layer_op_s_per_element(128, device, repeats)
     facts |= {f"{op}_s_per_element": layer_ops[op] for op in ("scatter", "silu", "rope", "rms_norm", "mask")}
     if device == "cpu":
@@ -379,7 +386,7 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
         "l2_bytes": f"{how}: " + ("bytes (source + destination) of the largest copy at 3/4 of in-cache speed, within the last-level cache "
                                   "of /sys/devices/system/cpu" if facts.get("effective_llc_bytes") else "last-level cache (/sys/devices/system/cpu)"),
         "memory_bytes": f"{how}: MemTotal (/proc/meminfo)",
-        "hbm_bytes_per_s": f"{how}: median of a large copy (read + write)",
+        "hbm_bytes_per_s": f"{how}: median of a large copy (read + write; on a CPU timed in turns with the copies inside the caches)",
         "l2_bytes_per_s": f"{how}: median of a copy of 4x the core's L2, inside the last-level cache (read + write)",
         "copy_bytes_per_s_by_size": f"{how}: copies from a core's L2 to half the last-level cache, timed in turns, and the large copy "
                                     "(bytes moved, read + write, per second; by bytes moved)",
