@@ -166,8 +166,8 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
 
 def with_fit(hw: HardwareProfile, params: dict) -> HardwareProfile:
     """The profile's fitted fields (HardwareProfile.with_fit) and the executor's fitted facts
-    (`calibration.executor`: the fresh-page fraction and, once fitted, the in-pass weight rates;
-    simulator.eager)."""
+    (`calibration.executor`: the fresh-page fraction and, once fitted, the in-pass weight rates
+    and per-operator scale; simulator.eager)."""
     calibration = hw.calibration or {}
     executor = calibration.get("executor", {}) | {k: float(params[k]) for k in EXECUTOR_FITTED if k in params}
     return hw.with_fit(params).model_copy(update={"calibration": calibration | {"executor": executor}})
@@ -411,7 +411,7 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
         "op_s_hot": f"{how}: forward pass of a 4-layer width-16 executor model over its dispatched operators",
         "op_s_cold": f"{how}: the same with 1.5x a core's L2 streamed before every layer, the stream's time taken off",
         "fresh_fraction": f"{how}: least-squares fit to the naive attention runs",
-        **{f"{kind}_weight_bytes_per_s": f"{how}: least-squares fit to the forward passes ({rows})"
+        **{f"{kind}_weight_bytes_per_s": f"{how}: least-squares fit to the decode and verify passes ({rows})"
            for kind, rows in (("gemv", "one-row weight GEMMs"), ("gemm", "weight GEMMs of more rows"))},
         "pass_op_scale": f"{how}: least-squares fit to the decode and verify passes, over op_s_hot and op_s_cold",
         "loop_overhead_s": f"{how}: speculative and autoregressive generation with the trained pair (prompt "
