@@ -364,6 +364,13 @@ def suite_of(quick: bool) -> dict:
     return QUICK if quick else {"specdec": CALIB_SPECDEC}
 
 
+def reference_passes(measurements: list[dict]) -> list[dict]:
+    """The calibration's decode and verify passes as measured, which `compare` times again to tell
+    how far the host has drifted since."""
+    return [{"model": m["model"]["name"], "batch": m["batch"], "context": m["context"], "query_tokens": m["query_tokens"],
+             "measured_s": m["measured_s"]} for m in measurements if m["kind"] == "forward" and m["context"] > 0]  # fmt: skip
+
+
 def _ANY_PROFILE() -> HardwareProfile:  # launch counts do not depend on the device
     return load_profile("a100")
 
@@ -425,7 +432,8 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
     executor = fitted.calibration["executor"]
     executor["loop_overhead_s"] = fit_loop_overheads(fitted, measurements)
     calibration = {"date": today, "device": facts["device_name"], "torch_threads": facts.get("threads"), "measurements": len(measurements),
-                   "fit_residuals": fit["residuals"] | loop_residuals(fitted, measurements), "executor": executor}  # fmt: skip
+                   "fit_residuals": fit["residuals"] | loop_residuals(fitted, measurements), "executor": executor,
+                   "reference_passes": reference_passes(measurements)}  # fmt: skip
     data = fitted.model_dump(mode="json", exclude_none=True) | {"calibration": calibration}
     HardwareProfile.model_validate(data)  # what is written loads everywhere a shipped profile does
     write_profile_atomically(data, out)
@@ -460,10 +468,16 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
     check_same_device(hw, mb.device_name(device))
     shapes = QUICK["compare_attention"] if quick else COMPARE_ATTENTION
     forwards = QUICK["compare_forward"] if quick else COMPARE_FORWARD
-    log(f"compare: {len(shapes)} attention shapes, {len(forwards)} forward passes x 2 models")
+    references = (hw.calibration or {}).get("reference_passes") or []
+    log(f"compare: {len(shapes)} attention shapes, {len(forwards)} forward passes x 2 models, and {len(references)} of the calibration's again")
     measurements = mb.attention(shapes, DTYPE, device, repeats)
+    ratios = []
     for spec in (TARGET_SPEC, DRAFT_SPEC):
-        measurements += mb.forward_steps(spec, forwards, DTYPE, device, FORWARD_ROUNDS * repeats)
+        mine = [r for r in references if r["model"] == spec.name]
+        again = [(r["batch"], r["context"], r["query_tokens"]) for r in mine]
+        timed = mb.forward_steps(spec, list(forwards) + again, DTYPE, device, FORWARD_ROUNDS * repeats)
+        measurements += timed[: len(forwards)]
+        ratios += [m["measured_s"] / r["measured_s"] for m, r in zip(timed[len(forwards) :], mine, strict=True)]
     rows = []
     for m in measurements:
         config = {k: v for k, v in m.items() if k not in ("measured_s", "model")}
@@ -485,7 +499,8 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
     for r in rows:
         groups[r["group"]].append(abs(r["error"]))
     summary = {g: {"n": len(e), "mape": float(np.mean(e)), "median_ape": float(np.median(e))} for g, e in groups.items()}
-    return {"profile": hw.name, "device": (hw.calibration or {}).get("device"), "rows": rows, "groups": summary}
+    drift = {"n": len(ratios), "median_ratio": float(np.median(ratios)), "min_ratio": float(min(ratios)), "max_ratio": float(max(ratios))} if ratios else None
+    return {"profile": hw.name, "device": (hw.calibration or {}).get("device"), "rows": rows, "groups": summary, "drift": drift}
 
 
 def format_compare(result: dict) -> str:
@@ -496,6 +511,10 @@ def format_compare(result: dict) -> str:
     lines.append("")
     for g, s in result["groups"].items():
         lines.append(f"{g:<24} n={s['n']:<3} MAPE {s['mape']:.1%}  median {s['median_ape']:.1%}")
+    d = result.get("drift")
+    if d:
+        lines.append(f"host drift: the calibration's {d['n']} decode/verify passes, timed again here in turns with the held-out ones, took "
+                     f"{d['median_ratio']:.2f}x their calibration time (median; {d['min_ratio']:.2f}-{d['max_ratio']:.2f}); the errors above include it")  # fmt: skip
     return "\n".join(lines)
 
 

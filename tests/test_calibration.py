@@ -49,6 +49,13 @@ def test_compare_reports_finite_errors_per_group(calibrated, capsys, tmp_path):
     assert {"attention", "forward (decode/verify)", "speculative decoding"} <= groups
     assert all(math.isfinite(r["error"]) and r["predicted_s"] > 0 and r["measured_s"] > 0 for r in result["rows"])
     assert set(result["groups"]) == groups and plot.stat().st_size > 10_000
+    # the calibration's own decode passes, timed again, tell how far the host drifted since (not held-out rows)
+    drift = result["drift"]
+    assert drift["n"] == len(load_profile(str(calibrated)).calibration["reference_passes"]) >= 2
+    assert 0 < drift["min_ratio"] <= drift["median_ratio"] <= drift["max_ratio"] < math.inf
+    references = {(r["batch"], r["context"], r["query_tokens"]) for r in load_profile(str(calibrated)).calibration["reference_passes"]}
+    held_out = [(c["batch"], c["context"], c["query_tokens"]) for c in (r["config"] for r in result["rows"]) if c.get("kind") == "forward"]
+    assert held_out and not references & set(held_out)
 
 
 def test_compare_refuses_a_profile_of_another_device(calibrated, tmp_path, capsys):
