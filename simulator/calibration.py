@@ -303,15 +303,22 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
         facts[key] = float(np.median(values)) if values else None
     fp16 = measurements.pop(len(suite["gemms"]))
     facts["fp16_gemm_flops_per_s"] = 2.0 * 512 * 1024 * 1024 / fp16["measured_s"]
-    log(f"calibrate: {len(suite['forward'])} forward passes x 2 models")
+    log(f"calibrate: {len(suite['forward'])} forward passes x 2 models, between them the per-element costs of the layer operators "
+        "and the per-operator cost of the executor's forward pass (cache warm and cold)")
+    op_rounds = []
+
+    def op_costs() -> None:  # what the passes' prices rest on, measured between them: three rounds over the passes' seconds
+        layer_ops = mb.layer_op_s_per_element(128, device, repeats)
+        costs = {f"{op}_s_per_element": layer_ops[op] for op in ("scatter", "silu", "rope", "rms_norm", "mask")}
+        if device == "cpu":
+            costs["op_s_hot"], costs["op_s_cold"] = mb.eager_op_s(3 * (facts.get("l2_bytes_per_core") or 1 << 20) // 2, device, repeats)
+        op_rounds.append(costs)
+
+    op_costs()
     for spec in (TARGET_SPEC, DRAFT_SPEC):
         measurements += mb.forward_steps(spec, suite["forward"], DTYPE, device, FORWARD_ROUNDS * repeats)
-    log("calibrate: per-element costs of the layer operators")
-    layer_ops = mb.layer_op_s_per_element(128, device, repeats)
-    facts |= {f"{op}_s_per_element": layer_ops[op] for op in ("scatter", "silu", "rope", "rms_norm", "mask")}
-    if device == "cpu":
-        log("calibrate: per-operator cost of the executor's forward pass, cache warm and cold")
-        facts["op_s_hot"], facts["op_s_cold"] = mb.eager_op_s(3 * (facts.get("l2_bytes_per_core") or 1 << 20) // 2, device, repeats)
+        op_costs()
+    facts |= {key: float(np.median([r[key] for r in op_rounds])) for key in op_rounds[0]}
     sd = suite["specdec"]
     log(f"calibrate: speculative decoding with the trained pair at gamma {sd['gammas']} (prompt {sd['prompt']}, {sd['new_tokens']} tokens)")
     target, draft = (load_weights(WEIGHTS_DIR / name, device) for name in ("target.pt", "draft.pt"))
