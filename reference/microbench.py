@@ -203,14 +203,6 @@ def eager_op_s(flush_bytes: int, device: str, repeats: int) -> tuple[float, floa
     return hot_s / ops, max(hot_s, cold_s) / ops
 
 
-def copy_bandwidth_bytes_per_s(n_bytes: int, device: str, repeats: int) -> float:
-    """Bytes moved per second by a large copy (one read and one write of every byte)."""
-    x = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    y = torch.empty_like(x)
-    t = measure(lambda: y.copy_(x), repeats)
-    return 2 * x.numel() * 4 / t.median_s
-
-
 def copy_bandwidths_in_turns(sizes: list[int], device: str, repeats: int) -> list[float]:
     """Bytes moved per second by a copy of each of `sizes` bytes, the sizes timed in turns (each
     sample copies long enough to span MIN_TOTAL_S / 5), medians of `repeats` samples: on a machine

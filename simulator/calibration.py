@@ -6,11 +6,13 @@ cache bandwidth, elementwise kernels, naive attention and torch's SDPA, forward 
 executor's transformer at several batch sizes and contexts, on a CPU also the executor's own costs:
 per-operator, per attention program, softmax per score, first touch of fresh pages, and speculative
 and autoregressive generation with the trained pair), fits the profile's achievable fractions and
-launch overhead by robust least squares on log(predicted / measured) (scipy), and writes a profile
-in the `hardware_profiles/` format with the fit residuals, the date and the device.
+launch overhead, and on a CPU the in-pass weight rates of the forward passes' GEMMs, by robust
+least squares on log(predicted / measured) (scipy), and writes a profile in the
+`hardware_profiles/` format with the fit residuals, the date and the device.
 `compare` measures a held-out suite (other attention shapes, other forward and decode steps,
 speculative decoding with the trained pair at other gammas on another prompt) and predicts each
-from the profile (simulator.eager for what only the executor runs).
+from the profile (simulator.eager for what only the executor runs); it times the calibration's own
+decode and verify passes again to report how far the host has drifted since.
 torch is imported only inside the functions that measure.
 """
 
@@ -50,7 +52,6 @@ QUICK = {"gemms": CALIB_GEMMS[:3] + CALIB_GEMMS[-2:], "elementwise": CALIB_ELEME
          "forward": CALIB_FORWARD[:2], "specdec": {**CALIB_SPECDEC, "new_tokens": 24, "gammas": [3]},
          "compare_attention": COMPARE_ATTENTION[:1], "compare_forward": COMPARE_FORWARD[:2],
          "compare_specdec": {**COMPARE_SPECDEC, "new_tokens": 16, "gammas": [2]}}  # fmt: skip
-FITTED = ("bandwidth", "matmul", "attention", "launch_overhead_s")
 DTYPE = "fp32"  # the executor's models run in fp32 on a CPU
 KERNEL_ROUNDS = 3  # the kernel microbenchmarks run this many times over; each keeps its median
 # rounds of the forward passes per repeat, in turns: on a shared host a one-row pass's time drifts by
@@ -97,9 +98,12 @@ def held_out_overlap() -> dict[str, list]:
             "speculative decoding (gamma)": spec, "autoregressive (prompt, new tokens)": [COMPARE_SPECDEC["prompt"]] if same_run else []}  # fmt: skip
 
 
+STEPS = "forward (decode/verify)"  # the group of decode and verify passes (a cache to extend), against prefills
+
+
 def group_of(m: dict) -> str:
     if m["kind"] == "forward":
-        return "forward (prefill)" if m["context"] == 0 else "forward (decode/verify)"
+        return "forward (prefill)" if m["context"] == 0 else STEPS
     return {"attention-naive": "attention", "attention-fused": "attention"}.get(m["kind"], m["kind"])
 
 
@@ -150,7 +154,7 @@ def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[Hardware
             return params | {"gemv_weight_bytes_per_s": 10.0 ** x[0], "gemm_weight_bytes_per_s": 10.0 ** x[1], "pass_op_scale": x[2]}
 
         start = math.log10((hw.l2_bytes_per_s or hw.hbm_bytes_per_s) * params["bandwidth"])
-        steps = [m for m in forwards if m["context"] > 0]  # decode and verify passes: a prefill's GEMMs are compute-bound
+        steps = [m for m in forwards if group_of(m) == STEPS]  # decode and verify passes: a prefill's GEMMs are compute-bound
         stage2 = least_squares(residuals_of(steps, rate_params), [start, start, 1.0], bounds=([7.0, 7.0, 0.5], [13.0, 13.0, 2.0]), **robust)
         params = rate_params(stage2.x)
     elif forwards:
@@ -271,7 +275,7 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
     # memory: a copy whose source and destination together overflow the last-level cache
     big = min(2 << 30, max(256 << 20, llc or 0))
     if device != "cpu" or not llc:
-        facts["copy_bytes_per_s"] = mb.copy_bandwidth_bytes_per_s(big, device, repeats)
+        facts["copy_bytes_per_s"] = mb.copy_bandwidths_in_turns([big], device, 4 * repeats)[0]
     else:
         # last-level cache: copies from past the core's L2 upwards, doubling, timed in turns; the
         # cache holds what one core can use of it up to the largest copy still at 3/4 of the first
@@ -298,9 +302,7 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
                         "softmax_s_per_element": mb.softmax_s_per_element(64, eager.SDPA_CPU_KV_SPLIT, device, repeats),
                         "sdpa_program_s": mb.sdpa_program_s(device, repeats)})  # fmt: skip
     measurements = [m | {"measured_s": float(np.median([r[i]["measured_s"] for r in rounds]))} for i, m in enumerate(rounds[0])]
-    for key in singles[0]:
-        values = [r[key] for r in singles if r[key] is not None]  # None: not measurable on this device
-        facts[key] = float(np.median(values)) if values else None
+    facts |= median_by_key(singles)
     fp16 = measurements.pop(len(suite["gemms"]))
     facts["fp16_gemm_flops_per_s"] = 2.0 * 512 * 1024 * 1024 / fp16["measured_s"]
     log(f"calibrate: {len(suite['forward'])} forward passes x 2 models, between them the per-element costs of the layer operators "
@@ -318,12 +320,18 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
     for spec in (TARGET_SPEC, DRAFT_SPEC):
         measurements += mb.forward_steps(spec, suite["forward"], DTYPE, device, FORWARD_ROUNDS * repeats)
         op_costs()
-    facts |= {key: float(np.median([r[key] for r in op_rounds])) for key in op_rounds[0]}
+    facts |= median_by_key(op_rounds)
     sd = suite["specdec"]
     log(f"calibrate: speculative decoding with the trained pair at gamma {sd['gammas']} (prompt {sd['prompt']}, {sd['new_tokens']} tokens)")
     target, draft = (load_weights(WEIGHTS_DIR / name, device) for name in ("target.pt", "draft.pt"))
     measurements += mb.specdec(target, draft, sd["prompt"], sd["new_tokens"], sd["gammas"], sd["seed"], repeats)
     return facts, measurements
+
+
+def median_by_key(rounds: list[dict]) -> dict:
+    """Per key, the median of its values over the rounds; None where no round could measure it."""
+    values = {key: [r[key] for r in rounds if r[key] is not None] for key in rounds[0]}
+    return {key: float(np.median(v)) if v else None for key, v in values.items()}
 
 
 def initial_profile(facts: dict, measurements: list[dict]) -> tuple[dict, list[str]]:
@@ -375,7 +383,7 @@ def reference_passes(measurements: list[dict]) -> list[dict]:
     """The calibration's decode and verify passes as measured, which `compare` times again to tell
     how far the host has drifted since."""
     return [{"model": m["model"]["name"], "batch": m["batch"], "context": m["context"], "query_tokens": m["query_tokens"],
-             "measured_s": m["measured_s"]} for m in measurements if m["kind"] == "forward" and m["context"] > 0]  # fmt: skip
+             "measured_s": m["measured_s"]} for m in measurements if group_of(m) == STEPS]  # fmt: skip
 
 
 def _ANY_PROFILE() -> HardwareProfile:  # launch counts do not depend on the device

@@ -40,7 +40,7 @@ A profile without them (every GPU profile) prices none of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
@@ -73,12 +73,9 @@ class ExecutorFacts:
 
     @classmethod
     def of(cls, hw: HardwareProfile) -> ExecutorFacts:
+        """The facts in the profile's `calibration.executor` block; a missing or zero one takes its default."""
         facts = (hw.calibration or {}).get("executor") or {}
-        return cls(facts.get("first_touch_bytes_per_s"), facts.get("fresh_fraction") or 0.0, facts.get("softmax_s_per_element") or 0.0,
-                   facts.get("sdpa_program_s") or 0.0, facts.get("op_s_hot"), facts.get("op_s_cold"),
-                   facts.get("scatter_s_per_element") or 0.0, facts.get("silu_s_per_element") or 0.0, facts.get("rope_s_per_element") or 0.0,
-                   facts.get("rms_norm_s_per_element") or 0.0, facts.get("mask_s_per_element") or 0.0,
-                   facts.get("gemv_weight_bytes_per_s"), facts.get("gemm_weight_bytes_per_s"), facts.get("pass_op_scale") or 1.0)  # fmt: skip
+        return cls(**{f.name: facts.get(f.name) or f.default for f in fields(cls)})
 
     def weight_bytes_per_s(self, rows: int) -> float | None:
         """The fitted in-pass weight rate of a GEMM over `rows` rows (None where not fitted)."""
