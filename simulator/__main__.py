@@ -58,13 +58,34 @@ def _run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from simulator import validate as val
+    from simulator.paths import check_writable_dir
 
-    print(f"validate: reading {args.data} and fitting the A100 profile (a few seconds)...", file=sys.stderr)
-    result = val.validate(Path(args.data), calibrate=not args.no_calibrate, per_series=args.per_series)
-    if args.plot:
-        val.plot_validation(result, Path(args.plot))
-    public = {k: v for k, v in result.items() if not k.startswith("_")}
-    print(json.dumps(public, indent=2) if args.json else val.format_validation(result))
+    if args.plot_dir:
+        check_writable_dir(Path(args.plot_dir))
+    folders = [Path(d) for d in (args.data or [str(val.DEFAULT_DATA_DIR)])]
+    out = val.validate(folders, args.fit_gpu, args.holdout_gpu, args.few_shot, args.fit_rows, progress=val.progress_to_stderr)
+    print(json.dumps(val.public(out), indent=2, default=str) if args.json else val.format_validation(out))
+    if args.plot_dir:
+        for path in val.plot_validation(out, Path(args.plot_dir)):
+            print(f"validate: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _run_fit_kernels(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulator import kernel_fit
+    from simulator import validate as val
+    from simulator.data import load_tables
+    from simulator.gpu_model.params import FITTED_PATH
+    from simulator.paths import check_writable_file, write_json_atomic
+
+    out_path = Path(args.out) if args.out else FITTED_PATH
+    check_writable_file(out_path)
+    folders = [Path(d) for d in (args.data or [str(val.DEFAULT_DATA_DIR)])]
+    fitted = kernel_fit.fit_all(load_tables(folders), args.fit_rows, progress=val.progress_to_stderr)
+    write_json_atomic(out_path, fitted)
+    print(f"fit-kernels: wrote {out_path} ({len(fitted['groups'])} groups, intervals for {len(fitted['intervals'])} kinds)")
     return 0
 
 
@@ -104,21 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
     p.set_defaults(run=_run_plan)
 
-    from simulator.validate import DEFAULT_DATA_DIR
+    from simulator.kernel_fit import FIT_ROWS_PER_GPU
 
     p = sub.add_parser(
         "validate",
-        help="predict the published and measured GPU data and report the error",
-        description="Predict every point in DATA/published and DATA/measured from the GPU profiles; fit the A100 "
-        "profile's achievable fractions, launch overhead and one efficiency per kernel implementation on every "
-        "third point of each series, and report MAPE, median and worst error per source and kernel on the rest.",
+        help="how well the GPU kernel model predicts GPUs it was not fitted to",
+        description="Read every table listed in each data folder's manifest.csv and report, per GPU and kind (prefill and "
+        "decode attention per kernel library, GEMM per dtype, collectives, operators, published attention): n, median "
+        "APE, MAPE and p90 APE when the model is fitted on every other GPU and predicts this one (leave-one-GPU-out), when "
+        "it is fitted on a third of this GPU's rows (in-GPU), and for the naive roofline max(FLOPs/peak, bytes/bandwidth)"
+        "/0.7 + 5 us; the coverage of the 80%% prediction interval on held-out GPUs; and the issue's targets, met or not.",
     )
-    p.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="data directory (default: ../shared/data beside the repository)")
-    p.add_argument("--no-calibrate", action="store_true", help="report the shipped profiles' error without fitting")
-    p.add_argument("--per-series", type=int, default=None, help="keep at most this many points of each series (quick run)")
-    p.add_argument("--plot", default=None, help="write a predicted-vs-measured scatter plot (PNG) here")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--data", action="append", metavar="DIR", help="a data folder with a manifest.csv; repeat for several (default: ../shared/data beside the repository)")
+    p.add_argument("--fit-gpu", action="append", metavar="NAME", help="fit only on these GPUs' tables (repeatable; default: every GPU but the one predicted)")
+    p.add_argument("--holdout-gpu", action="append", metavar="NAME", help="predict only these GPUs (repeatable; default: each GPU in turn)")
+    p.add_argument("--few-shot", type=int, default=0, metavar="K", help="also fit with K rows of the predicted GPU added (what a user can measure with calibrate) and score the rest")
+    p.add_argument("--fit-rows", type=int, default=FIT_ROWS_PER_GPU, metavar="N", help="rows of each GPU a fit samples, fixed seed (default: %(default)s); every row is predicted")
+    p.add_argument("--plot-dir", default=None, help="write one predicted-vs-measured plot per kind (PNG) into this folder")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (layout in the README)")
     p.set_defaults(run=_run_validate)
+
+    p = sub.add_parser(
+        "fit-kernels",
+        help="fit the GPU kernel model to the data and write the parameters plan and simulate use",
+        description="Fit every kernel family on all GPUs' tables in the data folders, run the leave-one-GPU-out validation "
+        "for the 80%% intervals, and write the parameters, intervals and the data's fingerprint (hashes and upstream "
+        "commits) to simulator/gpu_model/fitted.json (or --out).",
+    )
+    p.add_argument("--data", action="append", metavar="DIR", help="a data folder with a manifest.csv; repeat for several (default: ../shared/data)")
+    p.add_argument("--out", default=None, help="where to write the fit (default: the shipped simulator/gpu_model/fitted.json)")
+    p.add_argument("--fit-rows", type=int, default=FIT_ROWS_PER_GPU, metavar="N", help="rows of each GPU a fit samples (default: %(default)s)")
+    p.set_defaults(run=_run_fit_kernels)
 
     from simulator import calibration, simulate
 

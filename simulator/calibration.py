@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from simulator import attention as att
-from simulator import eager
+from simulator import eager, executor_loop
 from simulator.errors import UserError
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile, load_profile
@@ -197,7 +197,7 @@ def fit_loop_overheads(hw: HardwareProfile, measurements: list[dict]) -> dict:
         context, (target, draft) = p + n // 2, _pair(m)
         if m["kind"] == "specdec":
             g = m["gamma"]
-            step_s = (m["measured_s"] * n - eager.specdec_prefill_s(target, draft, hw, p, DTYPE)) * m["tokens_per_step"] / n
+            step_s = (m["measured_s"] * n - executor_loop.specdec_prefill_s(target, draft, hw, p, DTYPE)) * m["tokens_per_step"] / n
             gammas.append(g)
             per_step.append(step_s - g * step_time_s(draft, hw, 1, context, 1, DTYPE) - step_time_s(target, hw, 1, context, g + 1, DTYPE))
         elif m["kind"] == "autoregressive":
@@ -222,8 +222,8 @@ def predict_loop_s(m: dict, hw: HardwareProfile) -> float:
     run's measured alpha (the simulator predicts time, not alpha)."""
     target, draft = _pair(m)
     if m["kind"] == "autoregressive":
-        return eager.autoregressive_s_per_token(target, hw, m["prompt"], m["new_tokens"], DTYPE)
-    return eager.speculative_s_per_token(target, draft, hw, m["alpha"], m["gamma"], m["prompt"], m["new_tokens"], DTYPE)
+        return executor_loop.autoregressive_s_per_token(target, hw, m["prompt"], m["new_tokens"], DTYPE)
+    return executor_loop.speculative_s_per_token(target, draft, hw, m["alpha"], m["gamma"], m["prompt"], m["new_tokens"], DTYPE)
 
 
 def residual_summary(measurements: list[dict], hw: HardwareProfile) -> dict:

@@ -323,7 +323,7 @@ def screen(
     t_cost = costs(target, c.tp)
     d_cost = costs(draft, dtp) if draft is not None else None
     # one prompt through the target (and the draft, which the engine runs over the prompt too)
-    prefill_s = float(t_cost.pass_s(p, p, p * p, 1) + (d_cost.pass_s(p, p, p * p, 1) if d_cost else 0.0))
+    prefill_s = float(t_cost.uniform_s(1, p, 0, logits_tokens=1) + (d_cost.uniform_s(1, p, 0, logits_tokens=1) if d_cost else 0.0))
     ratios["ttft"] = prefill_s / query.slo_ttft_p99_s
 
     lam = query.rate_per_s / c.replicas

@@ -42,9 +42,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
+
+from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
-from simulator.models import ModelSpec
-from simulator.roofline import KernelCost, gemm, memory_bytes_per_s, roofline_time_s
+from simulator.roofline import KernelCost, elementwise, gemm, memory_bytes_per_s, roofline_time_s
 
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit (mallopt(3))
 # torch's CPU flash-attention kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp):
@@ -192,50 +194,87 @@ def sdpa_cpu(
     return KernelCost("sdpa-cpu", flops, hbm_bytes, time_s)
 
 
-# --- the executor's generation loops ----------------------------------------------------------
+# --- the CPU eager device model -------------------------------------------------------------
 
 
-def _overheads(hw: HardwareProfile) -> dict:
-    return ((hw.calibration or {}).get("executor") or {}).get("loop_overhead_s") or {}
+class CpuEagerModel:
+    """The device model (`simulator.device_model.DeviceModel`) of a CPU running the executor's
+    torch operators eagerly: roofline GEMMs and memory passes at the profile's achievable fractions,
+    and, where `calibrate` measured them (`ExecutorFacts`), the operators that run below memory
+    speed at their measured rates, weight GEMMs at the fitted in-pass rates, torch's fused attention
+    kernel's programs and softmax, and the per-operator cost of an eager pass. No intervals."""
 
+    def __init__(self, hw: HardwareProfile):
+        self.hw = hw
+        self.facts = ExecutorFacts.of(hw)
 
-def speculative_s_per_token(
-    target: ModelSpec, draft: ModelSpec, hw: HardwareProfile, alpha: float, gamma: int, prompt: int, new_tokens: int,
-    dtype: str = "fp32",
-) -> float:  # fmt: skip
-    """Seconds per generated token of reference.specdec.speculative_generate with a model draft, batch 1:
+    def gemm(self, m: int, n: int, k: int, dtype: str, name: str, weight_matrices: int = 1) -> KernelCost:
+        return pass_gemm(m, n, k, self.hw, dtype, name)
 
-        t = [prefill_target(P - 1) + prefill_draft(P - 2) + steps (gamma t_draft + t_verify + o_step + gamma o_draft)] / n
-        steps = n / E[tokens per step],  E = (1 - alpha^(gamma+1)) / (1 - alpha)  (Leviathan et al. 2023)
+    def attention(self, batch, context_len, query_tokens, heads, kv_heads, d_head, dtype) -> KernelCost:
+        """Attention of `query_tokens` new tokens per sequence over the cache plus themselves, one
+        layer: K, V of every cached and new position read once per KV head (GQA groups share them),
+        Q read and O written, the new tokens' K, V written into the cache (scatter_, at its
+        measured rate). FLOPs 4 B H q (ctx + q) d_head; the softmax over every score tile and every
+        (sequence, head, query block) program of torch's fused kernel at their measured costs."""
+        hw, facts = self.hw, self.facts
+        e = DTYPE_BYTES[dtype]
+        keys = context_len + query_tokens
+        tokens = batch * query_tokens
+        d_kv = kv_heads * d_head
+        hbm_bytes = float(2 * batch * keys * d_kv * e + 2 * tokens * d_kv * e + 2 * tokens * heads * d_head * e)
+        flops = 4.0 * batch * heads * query_tokens * keys * d_head
+        time_s = roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention)
+        time_s += batch * heads * query_tokens * keys * facts.softmax_s_per_element
+        time_s += batch * heads * -(-query_tokens // sdpa_cpu_q_split(query_tokens)) * facts.sdpa_program_s
+        time_s += 2 * tokens * d_kv * facts.scatter_s_per_element
+        return KernelCost("attention", flops, hbm_bytes, time_s)
 
-    t_draft: a draft decode step, t_verify: a target pass over gamma + 1 tokens, both at the middle
-    context P + n/2 (simulator.forward); o_step and o_draft: the loop's own work per step and per
-    drafted token (sampling, verification, cache bookkeeping), measured by `calibrate` on its own
-    configurations (`calibration.executor.loop_overhead_s`; 0 where not measured)."""
-    from simulator.forward import step_time_s
-    from simulator.speculative import expected_tokens
+    def attention_s(self, batch, query_tokens, context_len, heads, kv_heads, d_head, dtype) -> np.ndarray:
+        ctx = np.asarray(context_len)
+        return np.array([self.attention(batch, int(c), query_tokens, heads, kv_heads, d_head, dtype).time_s for c in ctx.ravel()]).reshape(ctx.shape)
 
-    o = _overheads(hw)
-    context = prompt + new_tokens // 2
-    step_s = (gamma * step_time_s(draft, hw, 1, context, 1, dtype) + step_time_s(target, hw, 1, context, gamma + 1, dtype)
-              + o.get("per_step", 0.0) + gamma * o.get("per_draft_token", 0.0))  # fmt: skip
-    steps = new_tokens / expected_tokens(alpha, gamma)
-    return (specdec_prefill_s(target, draft, hw, prompt, dtype) + steps * step_s) / new_tokens
+    def norm(self, tokens, width, dtype, residual=True) -> KernelCost:
+        """Residual add + RMSNorm as torch decomposes it (at its measured per-element rate)."""
+        if not residual:
+            return elementwise(tokens * width, self.hw, dtype, flops_per_element=4, name="final_norm")
+        cost = elementwise(tokens * width, self.hw, dtype, reads=2, writes=2, flops_per_element=4, name="norm")
+        return replace(cost, time_s=cost.time_s + tokens * width * self.facts.rms_norm_s_per_element)
 
+    def rope(self, tokens, width, dtype) -> KernelCost:
+        """RoPE as the executor computes it, a complex product: no faster than its measured rate."""
+        cost = elementwise(tokens * width, self.hw, dtype, flops_per_element=3, name="rope")
+        return replace(cost, time_s=max(cost.time_s, tokens * width // 2 * self.facts.rope_s_per_element + self.hw.launch_overhead_s))
 
-def specdec_prefill_s(target: ModelSpec, draft: ModelSpec, hw: HardwareProfile, prompt: int, dtype: str = "fp32") -> float:
-    """The target prefills all but the last prompt token, the draft all but the last two (reference.specdec)."""
-    from simulator.forward import step_time_s
+    def swiglu(self, tokens, width, dtype) -> KernelCost:
+        cost = elementwise(tokens * width, self.hw, dtype, reads=2, writes=1, flops_per_element=5, name="swiglu")
+        return replace(cost, time_s=cost.time_s + tokens * width * self.facts.silu_s_per_element)
 
-    t_s = step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
-    return t_s + (step_time_s(draft, hw, 1, 0, prompt - 2, dtype) if prompt > 2 else 0.0)
+    def embed(self, tokens, d_model, dtype, mask_elements=0) -> KernelCost:
+        """The embedding rows copied out, and the executor's additive mask [B, 1, T, context + T]
+        built once per pass (0 without a measured rate)."""
+        cost = elementwise(tokens * d_model, self.hw, dtype, reads=1, writes=1, flops_per_element=0, name="embed")
+        return replace(cost, time_s=cost.time_s + mask_elements * self.facts.mask_s_per_element)
 
+    def all_reduce(self, nbytes, tp) -> KernelCost:
+        """Ring all-reduce of `nbytes` over `tp` devices: each sends and receives 2 (tp-1)/tp of the
+        buffer (Patarasuk & Yuan 2009) at half the profile's total link bandwidth per direction."""
+        if tp == 1:
+            return KernelCost("all_reduce", 0.0, 0.0, 0.0, launches=0)
+        if self.hw.interconnect_bytes_per_s is None:
+            raise UserError(f"{self.hw.name} has no interconnect bandwidth: tensor parallelism needs one")
+        per_direction = self.hw.interconnect_bytes_per_s / 2 * self.hw.achievable.bandwidth
+        return KernelCost("all_reduce", 0.0, 0.0, 2.0 * (tp - 1) / tp * nbytes / per_direction + self.hw.launch_overhead_s)
 
-def autoregressive_s_per_token(target: ModelSpec, hw: HardwareProfile, prompt: int, new_tokens: int, dtype: str = "fp32") -> float:
-    """Seconds per generated token of reference.specdec.autoregressive_generate, batch 1: a prefill of
-    the prompt, then n - 1 decode steps at the middle context, each with the loop's measured
-    sampling overhead o_token (`calibration.executor.loop_overhead_s.per_token`)."""
-    from simulator.forward import step_time_s
-
-    step_s = step_time_s(target, hw, 1, prompt + new_tokens // 2, 1, dtype) + _overheads(hw).get("per_token", 0.0)
-    return (step_time_s(target, hw, 1, 0, prompt, dtype) + (new_tokens - 1) * step_s) / new_tokens
+    def pass_overhead_s(self, layer_bytes: float, launches: int) -> float:
+        """An eager executor pays the fixed overhead for each of the several operators one kernel
+        stands for. Calibrated with the executor: each operator costs what it was measured to cost
+        in the executor's forward pass, warm, plus the cold penalty in proportion to the share of a
+        core's cache (`sram_bytes_per_sm` on a CPU) each layer's weight stream evicts (all of it once
+        a layer's weights overflow it)."""
+        hw, facts = self.hw, self.facts
+        if facts.op_s_hot and facts.op_s_cold:
+            evicted = min(1.0, layer_bytes / hw.sram_bytes_per_sm)
+            op_s = (facts.op_s_hot + evicted * (facts.op_s_cold - facts.op_s_hot)) * facts.pass_op_scale
+            return hw.ops_per_kernel * launches * op_s - launches * hw.launch_overhead_s
+        return (hw.ops_per_kernel - 1.0) * launches * hw.launch_overhead_s

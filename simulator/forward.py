@@ -16,25 +16,17 @@ Times are per GPU; all GPUs of the group run in lockstep.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from simulator.eager import ExecutorFacts, pass_gemm, sdpa_cpu_q_split
+from simulator.device_model import DeviceModel, device_model
 from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
-from simulator.roofline import KernelCost, elementwise, roofline_time_s
+from simulator.roofline import KernelCost
 
 
 def all_reduce(n_bytes: float, hw: HardwareProfile, tp: int, name: str = "all_reduce") -> KernelCost:
-    """Ring all-reduce of `n_bytes` over `tp` GPUs: each GPU sends and receives 2 (tp-1)/tp of the
-    buffer (Patarasuk & Yuan 2009) at half the profile's total link bandwidth per direction."""
-    if tp == 1:
-        return KernelCost(name, 0.0, 0.0, 0.0, launches=0)
-    if hw.interconnect_bytes_per_s is None:
-        raise UserError(f"{hw.name} has no interconnect bandwidth: tensor parallelism needs one")
-    per_direction_bytes_per_s = hw.interconnect_bytes_per_s / 2 * hw.achievable.bandwidth
-    moved = 2.0 * (tp - 1) / tp * n_bytes
-    return KernelCost(name, 0.0, 0.0, moved / per_direction_bytes_per_s + hw.launch_overhead_s)
+    """All-reduce of `n_bytes` over `tp` devices, as the profile's device model prices it."""
+    cost = device_model(hw).all_reduce(n_bytes, tp)
+    return KernelCost(name, cost.flops, cost.hbm_bytes, cost.time_s, cost.launches, cost.low_s, cost.high_s)
 
 
 def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
@@ -42,85 +34,66 @@ def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
     return max(1, model.n_kv_heads // tp)
 
 
+def _device(hw: HardwareProfile | DeviceModel) -> DeviceModel:
+    return hw if not isinstance(hw, HardwareProfile) else device_model(hw)
+
+
 def attention_decode(
     model: ModelSpec,
-    hw: HardwareProfile,
+    hw: HardwareProfile | DeviceModel,
     batch: int,
     context_len: int,
     query_tokens: int,
     dtype: str = "fp16",
     tp: int = 1,
 ) -> KernelCost:
-    """Attention of `query_tokens` new tokens per sequence over the cache plus themselves, one layer.
-
-    Reads K, V of every cached and new position once per KV head (GQA groups share them), reads Q
-    and writes O; writes the new tokens' K, V into the cache. FLOPs 4 B H q (ctx + q) d_head.
-    """
-    e = DTYPE_BYTES[dtype]
-    keys = context_len + query_tokens
-    tokens = batch * query_tokens
-    d_kv = kv_heads_per_gpu(model, tp) * model.d_head
-    heads = model.n_heads // tp
-    kv_read = 2 * batch * keys * d_kv * e
-    kv_write = 2 * tokens * d_kv * e
-    q_o = 2 * tokens * heads * model.d_head * e
-    hbm_bytes = float(kv_read + kv_write + q_o)
-    flops = 4.0 * batch * heads * query_tokens * keys * model.d_head
-    time_s = roofline_time_s(flops, hbm_bytes, hw, dtype, hw.achievable.attention)
-    # a CPU profile calibrated with torch's fused kernel (simulator.eager): the softmax over every
-    # score tile (max, exp, sum) costs more than its FLOPs on the vector units, and every
-    # (sequence, head, query block) program has a fixed cost; both priced at their measured rates
-    facts = ExecutorFacts.of(hw)
-    time_s += batch * heads * query_tokens * keys * facts.softmax_s_per_element
-    time_s += batch * heads * -(-query_tokens // sdpa_cpu_q_split(query_tokens)) * facts.sdpa_program_s
-    return KernelCost("attention", flops, hbm_bytes, time_s)
+    """Attention of `query_tokens` new tokens per sequence over the cache plus themselves, one
+    layer, on one GPU of a `tp`-way group (its share of the query and KV heads)."""
+    return _device(hw).attention(batch, context_len, query_tokens, model.n_heads // tp, kv_heads_per_gpu(model, tp), model.d_head, dtype)
 
 
 def layer_costs(
     model: ModelSpec,
-    hw: HardwareProfile,
+    hw: HardwareProfile | DeviceModel,
     batch: int,
     context_len: int,
     query_tokens: int,
     dtype: str = "fp16",
     tp: int = 1,
 ) -> list[KernelCost]:
-    """The kernels of one decoder layer on one GPU of a `tp`-way group (RMSNorm, QKV, RoPE,
-    attention, O, all-reduce, RMSNorm, SwiGLU MLP, all-reduce)."""
+    """The kernels of one decoder layer on one GPU of a `tp`-way group (residual add + RMSNorm,
+    QKV, RoPE, attention with the KV-cache write, O, all-reduce, residual add + RMSNorm, SwiGLU MLP,
+    all-reduce), each priced by the device model."""
+    dev = _device(hw)
     t = batch * query_tokens
     d, d_ff = model.d_model, model.d_ff
     d_q = model.n_heads // tp * model.d_head  # this GPU's query heads
     d_kv = kv_heads_per_gpu(model, tp) * model.d_head
     activations = t * d * DTYPE_BYTES[dtype]
-    facts = ExecutorFacts.of(hw)
-    rope = elementwise(t * (d_q + d_kv), hw, dtype, flops_per_element=3, name="rope")
-    swiglu = elementwise(t * d_ff // tp, hw, dtype, reads=2, writes=1, flops_per_element=5, name="swiglu")
-    attention = attention_decode(model, hw, batch, context_len, query_tokens, dtype, tp)
-    # a CPU calibrated with the executor (simulator.eager): RoPE's complex product, SiLU's exp and
-    # the scatter of the new K and V into the cache run below memory speed, at their measured rates
-    rope = replace(rope, time_s=max(rope.time_s, t * (d_q + d_kv) // 2 * facts.rope_s_per_element + hw.launch_overhead_s))
-    swiglu = replace(swiglu, time_s=swiglu.time_s + t * d_ff // tp * facts.silu_s_per_element)
-    attention = replace(attention, time_s=attention.time_s + 2 * t * d_kv * facts.scatter_s_per_element)
-    norm = elementwise(t * d, hw, dtype, reads=2, writes=2, flops_per_element=4, name="norm")  # residual add + RMSNorm
-    norm = replace(norm, time_s=norm.time_s + t * d * facts.rms_norm_s_per_element)
+    matrices = 4 * model.n_layers  # weight matrices a pass streams through before it reuses one
     return [
-        norm,
-        pass_gemm(t, d_q + 2 * d_kv, d, hw, dtype, name="qkv"),
-        rope,
-        attention,
-        pass_gemm(t, d, d_q, hw, dtype, name="o_proj"),
-        all_reduce(activations, hw, tp),
-        norm,
-        pass_gemm(t, 2 * d_ff // tp, d, hw, dtype, name="mlp_up"),  # W1 and W3 fused
-        swiglu,
-        pass_gemm(t, d, d_ff // tp, hw, dtype, name="mlp_down"),
-        all_reduce(activations, hw, tp),
+        dev.norm(t, d, dtype),
+        dev.gemm(t, d_q + 2 * d_kv, d, dtype, "qkv", matrices),
+        dev.rope(t, d_q + d_kv, dtype),
+        attention_decode(model, dev, batch, context_len, query_tokens, dtype, tp),
+        dev.gemm(t, d, d_q, dtype, "o_proj", matrices),
+        all_reduce_cost(dev, activations, tp),
+        dev.norm(t, d, dtype),
+        dev.gemm(t, 2 * d_ff // tp, d, dtype, "mlp_up", matrices),  # W1 and W3 fused
+        dev.swiglu(t, d_ff // tp, dtype),
+        dev.gemm(t, d, d_ff // tp, dtype, "mlp_down", matrices),
+        all_reduce_cost(dev, activations, tp),
     ]
+
+
+def all_reduce_cost(dev: DeviceModel, n_bytes: float, tp: int) -> KernelCost:
+    cost = dev.all_reduce(n_bytes, tp)
+    return KernelCost("all_reduce", cost.flops, cost.hbm_bytes, cost.time_s, cost.launches, cost.low_s, cost.high_s)
 
 
 def forward(
     model: ModelSpec,
-    hw: HardwareProfile,
+    hw: HardwareProfile | DeviceModel,
     batch: int,
     context_len: int,
     query_tokens: int,
@@ -129,41 +102,29 @@ def forward(
     tp: int = 1,
 ) -> dict[str, KernelCost]:
     """Cost of one forward pass on each GPU of a `tp`-way group, by kernel name, summed over
-    layers, plus 'total'.
+    layers, plus 'total' (with its 80% interval where the device model gives one).
 
     `logits_tokens`: tokens that go through the LM head (default all query tokens; a prefill
     needs only the last token of each sequence)."""
     check_tp(model, tp)
+    dev = _device(hw)
     t = batch * query_tokens
     logits_tokens = t if logits_tokens is None else logits_tokens
     by_name: dict[str, KernelCost] = {}
-    for k in layer_costs(model, hw, batch, context_len, query_tokens, dtype, tp):
+    for k in layer_costs(model, dev, batch, context_len, query_tokens, dtype, tp):
         scaled = k.scaled(model.n_layers)
         by_name[k.name] = by_name[k.name] + scaled if k.name in by_name else scaled
-    by_name["embed"] = elementwise(t * model.d_model, hw, dtype, reads=1, writes=1, flops_per_element=0, name="embed")
-    # the executor's additive mask [B, 1, T, context + T], built once per pass (0 without a measured rate)
-    mask_s = t * (context_len + query_tokens) * ExecutorFacts.of(hw).mask_s_per_element
-    by_name["embed"] = replace(by_name["embed"], time_s=by_name["embed"].time_s + mask_s)
-    by_name["final_norm"] = elementwise(
-        logits_tokens * model.d_model, hw, dtype, flops_per_element=4, name="final_norm"
-    )
-    by_name["lm_head"] = pass_gemm(logits_tokens, -(-model.vocab_size // tp), model.d_model, hw, dtype, name="lm_head")
+    by_name["embed"] = dev.embed(t, model.d_model, dtype, mask_elements=t * (context_len + query_tokens))
+    by_name["final_norm"] = dev.norm(logits_tokens, model.d_model, dtype, residual=False)
+    by_name["lm_head"] = dev.gemm(logits_tokens, -(-model.vocab_size // tp), model.d_model, dtype, "lm_head")
     total = None
     for k in by_name.values():
         total = k if total is None else total + k
-    # an eager executor pays the fixed overhead for each of the several operators one kernel stands for
-    eager_s = (hw.ops_per_kernel - 1.0) * total.launches * hw.launch_overhead_s
-    facts = ExecutorFacts.of(hw)
-    if facts.op_s_hot and facts.op_s_cold:
-        # a CPU calibrated with the executor: each operator costs what it was measured to cost in
-        # the executor's forward pass, warm, plus the cold penalty in proportion to the share of a
-        # core's cache (`sram_bytes_per_sm` on a CPU) each layer's weight stream evicts (all of it
-        # once a layer's weights overflow it)
-        layer_bytes = -(-model.params_per_layer * DTYPE_BYTES[dtype] // tp)
-        evicted = min(1.0, layer_bytes / hw.sram_bytes_per_sm)
-        op_s = (facts.op_s_hot + evicted * (facts.op_s_cold - facts.op_s_hot)) * facts.pass_op_scale
-        eager_s = hw.ops_per_kernel * total.launches * op_s - total.launches * hw.launch_overhead_s
-    by_name["total"] = KernelCost("total", total.flops, total.hbm_bytes, total.time_s + eager_s, total.launches)
+    layer_bytes = -(-model.params_per_layer * DTYPE_BYTES[dtype] // tp)
+    extra_s = dev.pass_overhead_s(layer_bytes, total.launches)
+    interval = total.low_s is not None
+    by_name["total"] = KernelCost("total", total.flops, total.hbm_bytes, total.time_s + extra_s, total.launches,
+                                  total.low + extra_s if interval else None, total.high + extra_s if interval else None)  # fmt: skip
     return by_name
 
 

@@ -17,8 +17,11 @@ from simulator.errors import UserError
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 
-DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
-DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "fp4")  # fp4: NVFP4 (4-bit values, an fp8 scale per 16)
+DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}  # dtypes a model's weights and activations take
+# Architecture generations: the kernel model's per-generation parameters are keyed by these.
+GENERATIONS = ("volta", "turing", "ampere", "ada", "hopper", "blackwell", "blackwell-rtx", "cdna3")
+INTERCONNECTS = ("nvlink", "pcie", "infinity-fabric")
 
 Fraction = Field(gt=0.0, le=1.0)
 
@@ -42,6 +45,8 @@ class HardwareProfile(BaseModel):
     name: str
     kind: Literal["gpu", "cpu"] = "gpu"
     aliases: list[str] = []
+    generation: str | None = None  # architecture generation (GENERATIONS); required for a GPU
+    compute_capability: str | None = None  # CUDA compute capability, e.g. "8.0"
     sm_count: PositiveInt  # streaming multiprocessors (NVIDIA), compute units (AMD), cores (CPU)
     sram_bytes_per_sm: PositiveInt  # shared memory (SMEM/LDS) per SM usable by one kernel; a core's L2 on a CPU
     l2_bytes: PositiveInt
@@ -54,7 +59,8 @@ class HardwareProfile(BaseModel):
     peak_flops_per_s: dict[str, PositiveFloat]  # dense, by dtype; tensor-core figures where they exist
     clock_hz: PositiveFloat  # boost clock
     tdp_w: PositiveFloat | None = None  # required for a GPU
-    interconnect_bytes_per_s: PositiveFloat | None = None  # per-GPU link (NVLink, Infinity Fabric, else PCIe); required for a GPU
+    interconnect_bytes_per_s: PositiveFloat | None = None  # per-GPU link (NVLink, Infinity Fabric, else PCIe), both directions; required for a GPU
+    interconnect: str | None = None  # the link kind (INTERCONNECTS); required for a GPU
     launch_overhead_s: PositiveFloat  # fixed cost of one kernel launch
     ops_per_kernel: float = Field(default=1.0, ge=1.0)  # operators an executor issues per cost-model kernel (1: fused kernels; an eager executor issues several)
     achievable: Achievable
@@ -68,15 +74,21 @@ class HardwareProfile(BaseModel):
         if unknown:
             raise ValueError(f"peak_flops_per_s: unknown dtype {unknown[0]!r}; known: {', '.join(DTYPES)}")
         if self.kind == "gpu":
-            for needed in ("tdp_w", "interconnect_bytes_per_s"):
+            for needed in ("tdp_w", "interconnect_bytes_per_s", "interconnect", "generation", "l2_bytes_per_s"):
                 if getattr(self, needed) is None:
                     raise ValueError(f"{needed} is required for a GPU")
+            if self.generation not in GENERATIONS:
+                raise ValueError(f"generation: unknown {self.generation!r}; known: {', '.join(GENERATIONS)}")
+            if self.interconnect not in INTERCONNECTS:
+                raise ValueError(f"interconnect: unknown {self.interconnect!r}; known: {', '.join(INTERCONNECTS)}")
         for needed in ("fp32", "fp16"):
             if needed not in self.peak_flops_per_s:
                 raise ValueError(f"peak_flops_per_s.{needed} is missing")
         flops = self.peak_flops_per_s
         if "fp8" in flops and flops["fp8"] < flops["fp16"]:
             raise ValueError("peak_flops_per_s.fp8 is below fp16; an fp8 path is never slower")
+        if "fp4" in flops and flops["fp4"] < flops.get("fp8", flops["fp16"]):
+            raise ValueError("peak_flops_per_s.fp4 is below fp8; an fp4 path is never slower")
         if self.sram_bytes_per_sm * self.sm_count > self.memory_bytes:
             raise ValueError("sram_bytes_per_sm x sm_count exceeds memory_bytes")
         numbers = set(_number_paths(self))

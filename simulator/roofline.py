@@ -18,26 +18,42 @@ from simulator.hardware import DTYPE_BYTES, HardwareProfile
 
 @dataclass(frozen=True)
 class KernelCost:
-    """FLOPs, HBM bytes and predicted seconds of one kernel (or a sum of kernels)."""
+    """FLOPs, HBM bytes and predicted seconds of one kernel (or a sum of kernels). `low_s` and
+    `high_s` bound an 80% prediction interval where the device model has one (None: no interval)."""
 
     name: str
     flops: float
     hbm_bytes: float
     time_s: float
     launches: int = 1
+    low_s: float | None = None
+    high_s: float | None = None
 
     def __add__(self, other: KernelCost) -> KernelCost:
+        interval = self.low_s is not None or other.low_s is not None
         return KernelCost(
             self.name if self.name == other.name else f"{self.name}+{other.name}",
             self.flops + other.flops,
             self.hbm_bytes + other.hbm_bytes,
             self.time_s + other.time_s,
             self.launches + other.launches,
+            self.low + other.low if interval else None,
+            self.high + other.high if interval else None,
         )
+
+    @property
+    def low(self) -> float:
+        return self.time_s if self.low_s is None else self.low_s
+
+    @property
+    def high(self) -> float:
+        return self.time_s if self.high_s is None else self.high_s
 
     def scaled(self, n: int, name: str | None = None) -> KernelCost:
         """The same kernel run `n` times (e.g. once per layer)."""
-        return KernelCost(name or self.name, n * self.flops, n * self.hbm_bytes, n * self.time_s, n * self.launches)
+        low = None if self.low_s is None else n * self.low_s
+        high = None if self.high_s is None else n * self.high_s
+        return KernelCost(name or self.name, n * self.flops, n * self.hbm_bytes, n * self.time_s, n * self.launches, low, high)
 
     @property
     def intensity_flops_per_byte(self) -> float:

@@ -30,11 +30,11 @@ import numpy as np
 import simpy
 from pydantic import BaseModel, ConfigDict
 
+from simulator.device_model import device_model
 from simulator.errors import UserError
 from simulator.forward import check_tp, kv_bytes_per_token, kv_heads_per_gpu, layer_costs, weight_bytes
-from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.hardware import HardwareProfile
 from simulator.models import ModelSpec
-from simulator.roofline import elementwise, gemm
 from simulator.workload import Request, request_source
 
 # Engine defaults from vLLM (vllm/config.py): CacheConfig.block_size = 16 tokens,
@@ -61,25 +61,22 @@ class PassCost:
         L                           tokens through the LM head
 
     This is `forward()` regrouped: every kernel but attention depends on T (or L) alone and is
-    memoised per count; attention is one roofline kernel per layer, in closed form. For a
+    memoised per count; attention is priced by the device model over arrays of steps, for a batch
+    of `sequences` sequences of equal query length taken at their mean context (K / n - q). For a
     uniform batch (q_i = q, ctx_i = ctx) it equals `forward(...)["total"].time_s` (a test holds
-    it to 1e-9); a mixed batch (prefill chunks beside decodes) sums each sequence's bytes and FLOPs
-    into the one attention launch, as a varlen kernel does. Times are per GPU of a `tp`-way
-    tensor-parallel group, as in forward()."""
+    it to 1e-9); a mixed batch (prefill chunks beside decodes) is priced as its decodes and its
+    chunks in two attention calls. Times are per GPU of a `tp`-way tensor-parallel group, as in
+    forward(). An eager executor's per-operator host work (`DeviceModel.pass_overhead_s`, a CPU's)
+    is not in it: the engine simulated is a GPU server replaying CUDA graphs. `scale` multiplies
+    every time (1; an interval bound runs the engine with the device model's low or high factor)."""
 
-    def __init__(self, model: ModelSpec, hw: HardwareProfile, dtype: str = "fp16", tp: int = 1):
+    def __init__(self, model: ModelSpec, hw: HardwareProfile, dtype: str = "fp16", tp: int = 1, scale: float = 1.0):
         check_tp(model, tp)
-        e = DTYPE_BYTES[dtype]
-        self.model, self.hw, self.dtype, self.tp = model, hw, dtype, tp
+        self.model, self.hw, self.dtype, self.tp, self.scale = model, hw, dtype, tp, scale
+        self.device = device_model(hw)
         self.n_layers = model.n_layers
-        heads = model.n_heads // tp  # this GPU's query heads
-        d_kv = kv_heads_per_gpu(model, tp) * model.d_head  # this GPU's K (or V) width
-        self.flops_per_pair = 4.0 * heads * model.d_head  # QK^T and PV, 2 FLOPs per MAC
-        self.bytes_per_key = 2.0 * d_kv * e  # K and V of one cached or new position, read
-        self.bytes_per_token = 2.0 * (d_kv + heads * model.d_head) * e  # new K, V written; Q read, O written
-        self.attention_flops_per_s = hw.peak_flops(dtype) * hw.achievable.attention
-        self.hbm_bytes_per_s = hw.hbm_bytes_per_s * hw.achievable.bandwidth
-        self.launch_s = hw.launch_overhead_s
+        self.heads = model.n_heads // tp  # this GPU's query heads
+        self.kv_heads = kv_heads_per_gpu(model, tp)
         self._dense_s: dict[int, float] = {}
         self._head_s: dict[int, float] = {}
 
@@ -87,9 +84,9 @@ class PassCost:
         """Every kernel of every layer except attention, plus the embedding, for `tokens` tokens."""
         t = self._dense_s.get(tokens)
         if t is None:
-            kernels = layer_costs(self.model, self.hw, tokens, 0, 1, self.dtype, self.tp)  # depend on batch x query only
+            kernels = layer_costs(self.model, self.device, tokens, 0, 1, self.dtype, self.tp)  # depend on batch x query only
             per_layer_s = sum(k.time_s for k in kernels if k.name != "attention")
-            embed_s = elementwise(tokens * self.model.d_model, self.hw, self.dtype, reads=1, writes=1, flops_per_element=0).time_s
+            embed_s = self.device.embed(tokens, self.model.d_model, self.dtype).time_s
             t = self._dense_s[tokens] = self.n_layers * per_layer_s + embed_s
         return t
 
@@ -101,26 +98,44 @@ class PassCost:
         t = self._head_s.get(logits_tokens)
         if t is None:
             d = self.model.d_model
-            norm = elementwise(logits_tokens * d, self.hw, self.dtype, flops_per_element=4)
-            head = gemm(logits_tokens, -(-self.model.vocab_size // self.tp), d, self.hw, self.dtype)
+            norm = self.device.norm(logits_tokens, d, self.dtype, residual=False)
+            head = self.device.gemm(logits_tokens, -(-self.model.vocab_size // self.tp), d, self.dtype, "lm_head")
             t = self._head_s[logits_tokens] = norm.time_s + head.time_s
         return t
 
-    def attention_s(self, tokens, keys, pairs):
-        """All layers' attention; `keys` and `pairs` may be numpy arrays (one value per step)."""
-        compute_s = self.flops_per_pair * pairs / self.attention_flops_per_s
-        memory_s = (self.bytes_per_key * keys + self.bytes_per_token * tokens) / self.hbm_bytes_per_s
-        return self.n_layers * (np.maximum(compute_s, memory_s) + self.launch_s)
+    def attention_s(self, sequences: int, tokens: int, keys, pairs=None):
+        """All layers' attention for `sequences` sequences bringing `tokens` new tokens in all over
+        `keys` keys in all; `keys` may be a numpy array (one value per step). (`pairs` is implied by
+        the equal-length batch and kept for the callers' aggregate form.)"""
+        if sequences == 0 or tokens == 0:
+            return np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0
+        q = max(1, round(tokens / sequences))
+        context = np.maximum(np.asarray(keys, dtype=float) / sequences - q, 0.0)
+        t = self.device.attention_s(sequences, q, context, self.heads, self.kv_heads, self.model.d_head, self.dtype)
+        return self.n_layers * (t if np.ndim(keys) else float(t))
 
-    def pass_s(self, tokens: int, keys, pairs, logits_tokens: int):
-        return self.dense_s(tokens) + self.attention_s(tokens, keys, pairs) + self.head_s(logits_tokens)
+    def pass_s(self, tokens: int, keys, pairs, logits_tokens: int, sequences: int | None = None):
+        """A pass over `sequences` sequences (default: tokens / (pairs / keys), the query length
+        the aggregates imply) bringing `tokens` tokens over `keys` keys."""
+        if sequences is None:
+            q = np.asarray(pairs, dtype=float) / np.maximum(np.asarray(keys, dtype=float), 1.0)
+            sequences = max(1, round(tokens / float(np.max(q)) if np.size(q) else tokens))
+        return self.scale * (self.dense_s(tokens) + self.attention_s(sequences, tokens, keys) + self.head_s(logits_tokens))
+
+    def mixed_s(self, decodes: int, q: int, decode_keys: int, chunks: int, chunk_tokens: int, chunk_keys: int, logits_tokens: int) -> float:
+        """A step of `decodes` sequences bringing q tokens each over `decode_keys` keys in all, beside
+        `chunks` prefill chunks of `chunk_tokens` tokens over `chunk_keys` keys: one pass through the
+        weights, two attention calls."""
+        tokens = decodes * q + chunk_tokens
+        attention = self.attention_s(decodes, decodes * q, decode_keys) + self.attention_s(chunks, chunk_tokens, chunk_keys)
+        return self.scale * (self.dense_s(tokens) + attention + self.head_s(logits_tokens))
 
     def uniform_s(self, batch: int, query_tokens: int, context_sum, logits_tokens: int | None = None):
         """`batch` sequences of `query_tokens` new tokens each, cached contexts summing to `context_sum`."""
         tokens = batch * query_tokens
-        keys = context_sum + tokens
+        keys = np.asarray(context_sum) + tokens if np.ndim(context_sum) else context_sum + tokens
         logits = tokens if logits_tokens is None else logits_tokens
-        return self.pass_s(tokens, keys, query_tokens * keys, logits)
+        return self.pass_s(tokens, keys, query_tokens * keys, logits, sequences=batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,19 +676,17 @@ class Engine:
         ctx_dec = int(R.ctx[:n][decoding].sum())
         chunk_tokens = int(sizes.sum())
         chunk_keys = int((done_before + sizes).sum())
-        chunk_pairs = int((sizes * (done_before + sizes)).sum())
         dec_keys = ctx_dec + n_dec * q
-        step_s = self.target_cost.pass_s(
-            n_dec * q + chunk_tokens, dec_keys + chunk_keys, q * dec_keys + chunk_pairs, n_dec * q + finishing
-        )
+        n_chunks = len(chunks)
+        step_s = self.target_cost.mixed_s(n_dec, q, dec_keys, n_chunks, chunk_tokens, chunk_keys, n_dec * q + finishing)
         if self.draft_cost is not None:  # the draft reads the same prompts and keeps its own KV cache
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps its cache in step
             for j in range(passes):
                 keys = ctx_dec + n_dec * (j + 1)
                 if j == 0:
-                    step_s += self.draft_cost.pass_s(n_dec + chunk_tokens, keys + chunk_keys, keys + chunk_pairs, n_dec + finishing)
+                    step_s += self.draft_cost.mixed_s(n_dec, 1, keys, n_chunks, chunk_tokens, chunk_keys, n_dec + finishing)
                 elif n_dec:
-                    step_s += self.draft_cost.pass_s(n_dec, keys, keys, n_dec)
+                    step_s += self.draft_cost.mixed_s(n_dec, 1, keys, 0, 0, 0, n_dec)
         self._kind = "mixed"
         self._mixed = (q, decoding, rows, sizes, float(step_s))
         return np.array([float(step_s)])

@@ -1,426 +1,420 @@
-"""`validate`: predict every published and measured GPU point in the shared data from the profiles,
-and report the error per source and per kernel.
+"""`validate`: will the model be right on a GPU we never measured?
 
-The data are read where they lie (default `../shared/data` beside the repository), never copied.
-Each published row is predicted with what its source states was run: the eager PyTorch baseline's
-passes over the N x N matrix (`PYTORCH_PASSES`), FA2's unsplit forward kernel for the
-Flash-Decoding blog's FlashAttention column, split-KV decode for its Flash-Decoding column.
-A timed Python call takes max(device time, host time), host time = the operators its benchmark
-code issues (`HOST_OPS`) x one per-operator host time.
-Calibration: the A100 profiles' achievable fractions, launch overhead, the per-operator host time
-and one efficiency per kernel implementation (FA1 and PyTorch's unfused attention in two releases
-each, FA2, the Triton tutorial kernel, Flash-Decoding, vLLM's kernels, GEMMs, elementwise kernels)
-are fitted to minimise the
-mean absolute percentage error over the calibration part, which is every third point of each
-series (a series is one source, kernel, pass and GPU, in file order; published and measured data
-weigh half each); the error is reported on the other two thirds, which the fit never sees."""
+Every table listed in the data folders' manifests is predicted by the GPU kernel model
+(`simulator.gpu_model`) under three splits, per GPU and kind (`simulator.kernel_fit`):
+
+- `leave_one_gpu_out`: the model fitted on every other GPU's tables (or the `--fit-gpu` ones)
+  predicts all of this GPU's rows -- the headline: a user's new GPU is one we did not measure;
+- `in_gpu`: fitted on every third row of this GPU's files, predicting the other two thirds;
+- `naive_roofline`: time = max(FLOPs / peak, bytes / DRAM bandwidth) / 0.7 + 5 us on the same rows
+  (collectives: bus bytes over 0.7 of the per-direction link bandwidth + 5 us);
+- `few_shot` (with `--few-shot K`): leave-one-GPU-out plus K rows of this GPU spread over its table
+  (what a user measures on a new GPU), scored on its other rows.
+Each reports n, median APE, MAPE and p90 APE in percent. `interval_coverage` is the fraction of a
+held-out GPU's rows inside the 80% interval built from the other GPUs' leave-one-GPU-out residuals
+of the same kind. Published attention measurements (A100 only) have the in-GPU split
+(`simulator.published`). Rows no kernel could produce (`kernel_fit.implausible`) are counted in
+`excluded` and neither fitted nor scored.
+"""
 
 from __future__ import annotations
 
-import csv
+import sys
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from simulator import attention as att
+from simulator import kernel_fit as kf
+from simulator.data import Tables, load_tables
 from simulator.errors import UserError
-from simulator.hardware import HardwareProfile, load_profile
-from simulator.roofline import elementwise, gemm
+from simulator.gpu_model.device import GEMM_DTYPES
+from simulator.hardware import HardwareProfile
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-CALIBRATION_EVERY = 3  # every third point of a series calibrates; the rest is held out
+INTERVAL = (0.10, 0.90)  # an 80% prediction interval
+NAIVE_FRACTION, NAIVE_OVERHEAD_S = 0.7, 5e-6
 
-PUBLISHED_GPU = {"a100-80gb-sxm": "A100-80GB-SXM", "a100-40gb-sxm": "A100-40GB-SXM", "a100": "A100-80GB-SXM"}
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def metrics(predicted: np.ndarray, measured: np.ndarray) -> dict:
+    ape = np.abs(predicted / measured - 1.0) * 100.0
+    return {"n": int(len(ape)), "median_ape": float(np.median(ape)), "mape": float(np.mean(ape)), "p90_ape": float(np.quantile(ape, 0.9))}
+
+
+def weighted_quantiles(values: np.ndarray, groups: np.ndarray, qs) -> list[float]:
+    """Quantiles of `values` with every group (GPU) weighing the same."""
+    order = np.argsort(values)
+    v, g = values[order], groups[order]
+    counts = pd.Series(g).map(pd.Series(g).value_counts()).to_numpy()
+    w = 1.0 / counts
+    cum = (np.cumsum(w) - 0.5 * w) / w.sum()
+    return [float(np.interp(q, cum, v)) for q in qs]
+
+
+def naive_roofline(kind: str, frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
+    """The baseline the issue names: max(FLOPs / peak, bytes / DRAM bandwidth) / 0.7 + 5 us."""
+    dev = kf.device_of(frame, profiles)
+    peak, bw = dev.peak("bf16"), dev.hbm_bytes_per_s
+    if kind.startswith("gemm"):
+        m, n, k = (frame[c].to_numpy(float) for c in ("m", "n", "k"))
+        e = frame["dtype"].map(lambda d: GEMM_DTYPES[d][0]).to_numpy(float)
+        pk = np.where(frame["dtype"].isin(["fp8", "fp8_block"]), dev.peak("fp8"), np.where(frame["dtype"] == "nvfp4", dev.peak("fp4"), peak))
+        flops, nbytes = 2 * m * n * k, e * (m * k + k * n) + 2 * m * n
+        return np.maximum(flops / pk, nbytes / bw) / NAIVE_FRACTION + NAIVE_OVERHEAD_S
+    if "attention" in kind:
+        b, h, hk, d, n_q, n_kv, e = (frame[c].to_numpy(float) for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes"))
+        flops = 4 * b * h * n_q * n_kv * d * np.where(n_q > 1, 0.5, 1.0)
+        nbytes = 2 * b * n_q * h * d * 2 + 2 * b * n_kv * hk * d * e
+        pk = np.where((e < 2) & np.isfinite(dev.peak("fp8")), dev.peak("fp8"), peak)
+        return np.maximum(flops / pk, nbytes / bw) / NAIVE_FRACTION + NAIVE_OVERHEAD_S
+    if kind == "collective":
+        n = frame["n_gpus"].to_numpy(float)
+        factor = np.where(frame["op"] == "all_reduce", 2 * (n - 1) / n, (n - 1) / n)
+        return frame["bytes"].to_numpy(float) * factor / (NAIVE_FRACTION * frame["link_bytes_per_s"].to_numpy(float)) + NAIVE_OVERHEAD_S
+    if kind == "operators":
+        t, n, k, elements = kf._vidur_shapes(frame)
+        gemm = frame["op"].isin(list(kf.VIDUR_GEMMS)).to_numpy()
+        flops = np.where(gemm, 2 * t * n * k, 0.0)
+        nbytes = np.where(gemm, 2 * (t * k + k * n + t * n), 4.0 * elements)
+        return np.maximum(flops / dev.peak("fp16"), nbytes / bw) / NAIVE_FRACTION + NAIVE_OVERHEAD_S
+    raise UserError(f"no naive roofline for kind {kind!r}")
+
+
+# --- the splits -------------------------------------------------------------------------------
+
+
+def _fit(group: kf.Group, train: pd.DataFrame, profiles, ctx: dict, per_gpu: int) -> kf.GroupFit | None:
+    if not len(train):
+        return None
+    sample = train.iloc[kf.sample_rows(train, per_gpu)].reset_index(drop=True)
+    return kf.fit_group(group, sample, profiles, ctx=ctx)
+
+
+def _predict(group, fit, frame, profiles, ctx) -> np.ndarray:
+    if fit is None:  # no rows to fit this family on: only rows that need none of its parameters are predicted
+        pred = kf.predict(group, kf.GroupFit(group.name, kf.Fitted.start(group.family), {}, 0), frame, profiles, ctx)
+        return np.where(group.own_rows(frame), np.nan, pred)
+    return kf.predict(group, fit, frame, profiles, ctx)
 
 
 @dataclass
-class Point:
-    source: str
-    kernel: str  # implementation and pass, e.g. "fa2 fwd+bwd", "gemm", "decode attention"
-    implementation: str  # whose efficiency factor applies: fa1, fa2, triton, pytorch, vllm, gemm, ...
+class _Split:
+    """What one (group, GPU) task computed: per split, predictions and measurements of the GPU's
+    rows with their reported kinds, and the fits (which later groups' predictions may need)."""
+
+    group: str
     gpu: str
-    shape: dict
-    measured_s: float
-    predict: Callable[[HardwareProfile], float] = field(repr=False)
-    calibration: bool = False
-    dataset: str = "measured"  # "published" (papers, blogs, docs) or "measured" (profiler dumps)
-    host_ops: int = 0  # host-side operators one timed call issues (HOST_OPS); 0: device time only
+    results: dict = field(default_factory=dict)  # split -> (kinds, predicted, measured)
+    naive: dict = field(default_factory=dict)  # kind -> metrics
+    fits: dict = field(default_factory=dict)  # split -> GroupFit | None
 
 
-# --- reading the data -----------------------------------------------------------------------
+_STATE: dict = {}  # what the worker processes read (set before they fork)
 
 
-def _read_csv(path: Path) -> list[dict]:
-    try:
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+def _task(name: str, gpu: str, ctx_fits: dict) -> _Split:
+    """Every split of one group on one held-out GPU."""
+    st = _STATE
+    group, frame, report, profiles = kf.GROUPS[name], st["frames"][name], st["reports"][name], st["profiles"]
+    per_gpu, fit_names, few_shot, in_gpu = st["per_gpu"], st["fit_names"], st["few_shot"], st["in_gpu"]
+    out = _Split(name, gpu)
+    mine = (frame["gpu"] == gpu).to_numpy()
+    test = frame[mine].reset_index(drop=True)
+    kinds = report[mine]
+    measured = test["measured_s"].to_numpy()
+    others = frame[~mine & (frame["gpu"].isin(fit_names).to_numpy() if fit_names else True)].reset_index(drop=True)
+    ctx = ctx_fits.get("logo", {})
+    out.fits["logo"] = _fit(group, others, profiles, ctx, per_gpu)
+    if len(others) or group.needs:
+        out.results["logo"] = (kinds, _predict(group, out.fits["logo"], test, profiles, ctx), measured)
+    if not in_gpu:
+        return out
+    cal = kf.calibration_mask(test)
+    ctx = ctx_fits.get("in", {})
+    out.fits["in"] = _fit(group, test[cal].reset_index(drop=True), profiles, ctx, per_gpu)
+    held = test[~cal].reset_index(drop=True)
+    out.results["in"] = (kinds[~cal], _predict(group, out.fits["in"], held, profiles, ctx), measured[~cal])
+    for kind in np.unique(kinds):
+        rows = kinds == kind
+        naive_kind = kind.split(":")[0] if "attention" in kind else kind
+        out.naive[kind] = metrics(naive_roofline(naive_kind, test[rows], profiles), measured[rows])
+    if few_shot and len(others):
+        shots = kf.few_shot_rows(test, few_shot)
+        rest = np.ones(len(test), dtype=bool)
+        rest[shots] = False
+        train = pd.concat([others.iloc[kf.sample_rows(others, per_gpu)], test.iloc[shots]], ignore_index=True)
+        ctx = ctx_fits.get("few", {})
+        out.fits["few"] = kf.fit_group(group, train, profiles, ctx=ctx)
+        scored = test[rest].reset_index(drop=True)
+        out.results["few"] = (kinds[rest], _predict(group, out.fits["few"], scored, profiles, ctx), measured[rest])
+    return out
 
 
-def _flops(pass_: str, b: int, h: int, n: int, d: int, causal: bool) -> float:
-    """flash-attention's benchmark convention: fwd 4 B H N^2 d (half if causal), bwd 2.5x fwd."""
-    fwd = att.attention_flops(b, h, n, d, causal)
-    return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * fwd
+def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpus: list[str] | None = None, few_shot: int = 0,
+             per_gpu: int = kf.FIT_ROWS_PER_GPU, progress=None, in_gpu: bool = True, tables: Tables | None = None,
+             workers: int | None = None) -> dict:  # fmt: skip
+    """Run every split over every group of the data; see the module docstring. `in_gpu=False`
+    skips the in-GPU split and the published rows (what `fit-kernels` needs for its intervals).
+    The (group, GPU) tasks run on `workers` processes (default: the machine's cores); a group
+    whose predictions use other groups' fits (operators) runs after them."""
+    tables = tables or load_tables(folders)
+    profiles = tables.profiles
+    fit_names = _resolve(fit_gpus, profiles, "--fit-gpu")
+    hold_names = _resolve(holdout_gpus, profiles, "--holdout-gpu")
+    out: dict = {"data": [str(f) for f in folders], "leave_one_gpu_out": {}, "in_gpu": {}, "naive_roofline": {}, "interval_coverage": {},
+                 "excluded": {}, "fit_rows_per_gpu": per_gpu}  # fmt: skip
+    if few_shot:
+        out["few_shot"] = {"k": few_shot}
+    say = progress or (lambda msg: None)
+    frames, reports = {}, {}
+    for name, group in kf.GROUPS.items():
+        frame = kf.group_rows(tables.kinds, group, profiles)
+        if not len(frame):
+            continue
+        bad = kf.implausible(frame, profiles)
+        for (gpu, kind), n in pd.Series(kf.report_kinds(group, frame)[bad]).groupby(frame["gpu"].to_numpy()[bad]).value_counts().items():
+            out["excluded"].setdefault(gpu, {})[kind] = int(n)
+        frames[name] = frame[~bad].reset_index(drop=True)
+        reports[name] = kf.report_kinds(group, frames[name])
+    _STATE.update(frames=frames, reports=reports, profiles=profiles, per_gpu=per_gpu, fit_names=fit_names, few_shot=few_shot, in_gpu=in_gpu)
+    tasks = [(name, gpu) for name in frames for gpu in sorted(frames[name]["gpu"].unique()) if not hold_names or gpu in hold_names]
+    done: dict[tuple[str, str], _Split] = {}
+    independent = [t for t in tasks if not kf.GROUPS[t[0]].needs]
+    dependent = [t for t in tasks if kf.GROUPS[t[0]].needs]
+    _run_tasks(independent, done, {}, workers, say)
+    _run_tasks(dependent, done, done, workers, say)
+    residuals: dict[str, list] = defaultdict(list)
+    logo_pred: dict = {}
+    for name, gpu in tasks:  # in a fixed order, whatever order the workers finished in
+        split = done[(name, gpu)]
+        for key, target in (("logo", "leave_one_gpu_out"), ("in", "in_gpu"), ("few", "few_shot")):
+            if key in split.results:
+                kinds, pred, measured = split.results[key]
+                _record(out[target], gpu, kinds, pred, measured, residuals if key == "logo" else None, logo_pred if key == "logo" else None)
+        for kind, m in split.naive.items():
+            out["naive_roofline"].setdefault(gpu, {})[kind] = m
+    out["interval_coverage"], out["intervals"] = _coverage(residuals, logo_pred)
+    out["_logo"] = logo_pred
+    published = tables.kinds.get("published-attention")
+    if in_gpu and published is not None and len(published) and (not hold_names or set(published["gpu"]) & set(hold_names)):
+        say("published attention")
+        out["published"] = _published(published, profiles, out)
+    out["targets"] = targets(out)
+    return out
 
 
-# What each source's eager PyTorch baseline did to the N x N matrix (besides the GEMMs):
-# FlashAttention paper App. E.5: Tables 18-20 are "with dropout and masking" (dropout 0.1, a padding
-#   mask); the repository's benchmark of mid-2022 (benchmarks/benchmark_flash_attention.py,
-#   attention_ref) runs scores.masked_fill_(mask), softmax, F.dropout. The dropout cannot have been
-#   a materialised pass in the PyTorch rows: Table 18 times a forward at N = 8192 on the 40 GB card,
-#   and S, P, dropout(P) and its keep-mask of that shape take 60 GB (`att.unfused_forward_peak_bytes`;
-#   S and P alone, 34 GB, fit), and the forward's time at N = 4096 with the dropout pass would need
-#   more than the card's peak bandwidth. So the rows are priced with masked_fill_ and softmax only,
-#   forward and backward alike (one function is timed for both).
-# FlashAttention-2 paper Fig. 4 (benchmarks/benchmark_flash_attention.py): baddbmm with alpha (the
-#   scale folded in), when causal an fp32 [N, N] mask built by torch.full/triu and added, softmax,
-#   dropout_p = 0 (a no-op).
-PYTORCH_PASSES: dict[str, Callable[[bool], att.UnfusedPasses]] = {
-    "FlashAttention paper": lambda causal: att.UnfusedPasses(mask="fill"),
-    "FlashAttention-2 paper Fig.4 / flash-attention README": lambda causal: att.UnfusedPasses(mask="add" if causal else "none"),
-}
-# Whose efficiency applies to a published kernel. The Flash-Decoding blog's "FlashAttention" column
-# is FA2's forward kernel; "Flash-Decoding" is its own split-KV kernel (xFormers). FA1 comes in two
-# releases: the FlashAttention paper's own kernels (2022, run with dropout and masking on an
-# A100-40GB) and flash-attn 1.x as the FlashAttention-2 paper benchmarks it. Their eager PyTorch
-# baselines differ as well: the PyTorch of mid-2022 on the 40 GB card, and that of 2023.
-IMPLEMENTATION = {"triton-tutorial": "triton", "flash-decoding": "flash-decoding"}
-RELEASE = {("FlashAttention paper", "fa1"): "fa1-2022", ("FlashAttention paper", "pytorch"): "pytorch-2022"}
+def _run_tasks(tasks, done: dict, earlier: dict, workers: int | None, say) -> None:
+    """Run (group, GPU) tasks, in worker processes where there are several cores."""
+    import os
 
-# Host side of a timed call: the sources time Python calls (torch.utils.benchmark / CUDA events
-# around a Python loop), so a call takes max(device time, host time), host time = the operators
-# its Python issues x one per-operator host time fitted on the calibration part (`host_op_s`).
-# Counted from the benchmark code each source ran, per forward and backward; a fwd+bwd call adds
-# one (flash-attention's benchmark_combined draws the output gradient with torch.randn_like).
-# - FlashAttention paper, PyTorch (attention_ref): forward unbind, k / sqrt(d), einsum, ~mask,
-#   rearrange, masked_fill_, softmax, F.dropout, einsum, .to (10); backward y.backward plus one
-#   autograd node per differentiable op: unbind, div, einsum, masked_fill_, softmax, dropout,
-#   einsum (8).
-# - FlashAttention paper, FA1 (flash_attn_unpadded_qkvpacked_func, 2022): forward Function.apply,
-#   cuda.get_rng_state, qkv[:, 0..2] and the slice for empty_like, empty_like, the extension call
-#   and its softmax_lse allocation (9); backward y.backward, the node, get/set_rng_state and the
-#   restore, empty_like(qkv) and its three slices, the extension call and its softmax_d
-#   allocation (11).
-# - FlashAttention-2 paper Fig. 4, PyTorch (attention_pytorch): forward unbind, two rearranges of two
-#   ops each, torch.empty, baddbmm, rearrange, softmax, F.dropout, einsum, .to (12), causal adds
-#   torch.full, triu, .to and the add (16); backward y.backward plus a node each for unbind, the
-#   rearranges, baddbmm, the add, softmax, dropout, einsum (9).
-# - FlashAttention-2 paper Fig. 4, FA1 / FA2 (flash_attn_qkvpacked_func): forward Function.apply,
-#   three slices and their detach, the extension call and its out, lse, rng_state allocations (11);
-#   backward y.backward, the node, empty_like for dq, dk, dv, three slices, the extension call and
-#   its two fp32 buffers (10).
-# - Triton tutorial: one forward, the autograd Function, empty_like for O, the LSE buffer and the
-#   kernel launch (4).
-# The Flash-Decoding blog's harness is unpublished: its rows are priced on the device only.
-HOST_OPS: dict[tuple[str, str], dict[str, int]] = {
-    ("FlashAttention paper", "pytorch"): {"fwd": 10, "bwd": 8},
-    ("FlashAttention paper", "fa1"): {"fwd": 9, "bwd": 11},
-    ("FlashAttention-2 paper Fig.4 / flash-attention README", "pytorch"): {"fwd": 12, "bwd": 9, "causal": 4},
-    ("FlashAttention-2 paper Fig.4 / flash-attention README", "fa1"): {"fwd": 11, "bwd": 10},
-    ("FlashAttention-2 paper Fig.4 / flash-attention README", "fa2"): {"fwd": 11, "bwd": 10},
-    ("Triton tutorial 06-fused-attention", "triton-tutorial"): {"fwd": 4, "bwd": 0},
-}
+    def ctx_of(name, gpu):
+        needs = kf.GROUPS[name].needs
+        return {split: {g: earlier[(g, gpu)].fits.get(split) for g in needs if (g, gpu) in earlier and earlier[(g, gpu)].fits.get(split)}
+                for split in ("logo", "in", "few")}  # fmt: skip
+
+    n = workers or min(len(tasks), os.cpu_count() or 1)
+    if n <= 1 or len(tasks) <= 1:
+        for name, gpu in tasks:
+            say(f"{name}: {gpu}")
+            done[(name, gpu)] = _task(name, gpu, ctx_of(name, gpu))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = {pool.submit(_task, name, gpu, ctx_of(name, gpu)): (name, gpu) for name, gpu in tasks}
+        for future in as_completed(futures):
+            name, gpu = futures[future]
+            done[(name, gpu)] = future.result()
+            say(f"{name}: {gpu} done ({len(done)} of {len(done) + sum(not f.done() for f in futures)})")
 
 
-def host_ops(source: str, kernel: str, pass_: str, causal: bool) -> int:
-    """Host-side operators of one timed call (see HOST_OPS); 0 where the harness is unknown."""
-    ops = HOST_OPS.get((source, kernel))
-    if ops is None or pass_ == "decode":
-        return 0
-    fwd = ops["fwd"] + (ops.get("causal", 0) if causal else 0)
-    return {"fwd": fwd, "bwd": ops["bwd"], "fwd+bwd": fwd + ops["bwd"] + 1}[pass_]
+def _resolve(names: list[str] | None, profiles: dict[str, HardwareProfile], option: str) -> list[str]:
+    if not names:
+        return []
+    from simulator.hardware import load_profile
+
+    resolved = []
+    for name in names:
+        p = load_profile(name)
+        if p.name not in profiles:
+            raise UserError(f"{option} {name}: {p.name} has no tables in the data (it has: {', '.join(sorted(profiles))})")
+        resolved.append(p.name)
+    return resolved
 
 
-def published_points(data_dir: Path) -> list[Point]:
-    path = data_dir / "published" / "a100-attention.csv"
-    points = []
-    for row in _read_csv(path):
-        b, h, hk, n, d = (int(row[k]) for k in ("batch", "heads", "kv_heads", "seqlen", "head_dim"))
-        causal, pass_, kernel = row["causal"] == "1", row["pass"], row["kernel"]
-        value = float(row["value"])
-        if row["metric"] == "tflops":
-            measured_s = _flops(pass_, b, h, n, d, causal) / (value * 1e12)
-        else:
-            measured_s = value * {"ms": 1e-3, "us": 1e-6}[row["metric"]]
-        source = row["source"].split(" (")[0]
-        impl = RELEASE.get((source, kernel), IMPLEMENTATION.get(kernel, kernel))
-        passes = PYTORCH_PASSES.get(source, lambda causal: att.DEFAULT_PASSES)(causal)
-        predict = _attention_predictor(kernel, pass_, b, h, hk, n, d, causal, row["dtype"], passes)
-        points.append(
-            Point(source, f"{kernel} {pass_}", impl, PUBLISHED_GPU[row["gpu"]],
-                  {"batch": b, "heads": h, "kv_heads": hk, "seqlen": n, "head_dim": d, "causal": causal}, measured_s, predict,
-                  dataset="published", host_ops=host_ops(source, kernel, pass_, causal))
-        )  # fmt: skip
-    return points
+def _record(target: dict, gpu: str, kinds: np.ndarray, pred: np.ndarray, measured: np.ndarray, residuals=None, logo_pred=None) -> None:
+    for kind in np.unique(kinds):
+        rows = (kinds == kind) & np.isfinite(pred)
+        if not rows.any():
+            continue
+        target.setdefault(gpu, {})[kind] = metrics(pred[rows], measured[rows])
+        if residuals is not None:
+            residuals[kind].append((gpu, measured[rows] / pred[rows]))
+            logo_pred[(gpu, kind)] = (pred[rows], measured[rows])
 
 
-def _attention_predictor(kernel, pass_, b, h, hk, n, d, causal, dtype, passes=att.DEFAULT_PASSES) -> Callable[[HardwareProfile], float]:
-    if pass_ == "decode":  # one query token per sequence against n cached keys
-        if kernel == "pytorch":
-            return lambda hw: att.standard_decode(b, h, hk, n, d, hw, dtype).time_s
-        if kernel == "fa2":
-            return lambda hw: att.flash_forward_decode(b, h, hk, 1, n, d, hw, dtype).time_s
-        return lambda hw: att.flash_decoding(b, h, 1, n, d, hw, None, dtype, h_kv=hk).time_s
-    order = "fa1" if kernel == "fa1" else "fa2"
-    if kernel == "pytorch":
-        fwd = lambda hw: att.standard_attention(b, h, n, d, hw, causal, dtype, passes).time_s  # noqa: E731
-        bwd = lambda hw: att.standard_attention_backward(b, h, n, d, hw, causal, dtype, passes).time_s  # noqa: E731
-    else:
-        fwd = lambda hw: att.flash_attention(b, h, n, d, hw, causal, dtype, order).time_s  # noqa: E731
-        bwd = lambda hw: att.flash_attention_backward(b, h, n, d, hw, causal, dtype, order).time_s  # noqa: E731
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": lambda hw: fwd(hw) + bwd(hw)}[pass_]
+def _coverage(residuals: dict, logo_pred: dict) -> tuple[dict, dict]:
+    """Coverage of each held-out GPU's rows by the 80% interval from the other GPUs' residuals of
+    the kind, and the intervals from every GPU's residuals (the ones the device model ships)."""
+    coverage: dict = {}
+    intervals: dict = {}
+    for kind, per_gpu in residuals.items():
+        gpus = np.concatenate([np.full(len(r), g, dtype=object) for g, r in per_gpu])
+        ratios = np.concatenate([r for _, r in per_gpu])
+        lo, hi = weighted_quantiles(np.log(ratios), gpus, INTERVAL)
+        intervals[kind] = {"low": float(np.exp(lo)), "high": float(np.exp(hi)), "gpus": sorted({g for g, _ in per_gpu})}
+        for gpu, _ in per_gpu:
+            others = gpus != gpu
+            if not others.any():
+                continue
+            lo, hi = weighted_quantiles(np.log(ratios[others]), gpus[others], INTERVAL)
+            pred, measured = logo_pred[(gpu, kind)]
+            inside = (measured >= pred * np.exp(lo)) & (measured <= pred * np.exp(hi))
+            coverage.setdefault(gpu, {})[kind] = float(inside.mean())
+    return coverage, intervals
 
 
-def aiconfigurator_points(data_dir: Path) -> list[Point]:
-    base = data_dir / "measured"
-    source = "aiconfigurator (vLLM 0.14, A100-SXM4-80GB)"
-    points = []
-    for row in _read_csv(base / "aiconfigurator-a100-vllm-gemm.csv"):
-        m, n, k = int(row["m"]), int(row["n"]), int(row["k"])
-        points.append(Point(source, "gemm", "gemm", "A100-80GB-SXM", {"m": m, "n": n, "k": k},
-                            float(row["latency_ms"]) * 1e-3, lambda hw, m=m, n=n, k=k: gemm(m, n, k, hw, "bf16").time_s))  # fmt: skip
-    for row in _read_csv(base / "aiconfigurator-a100-vllm-prefill-attention.csv"):
-        b, n, h, hk, d = (int(row[k]) for k in ("batch_size", "isl", "num_heads", "num_key_value_heads", "head_dim"))
-        points.append(Point(source, "prefill attention", "vllm", "A100-80GB-SXM",
-                            {"batch": b, "heads": h, "kv_heads": hk, "seqlen": n, "head_dim": d}, float(row["latency_ms"]) * 1e-3,
-                            lambda hw, b=b, h=h, n=n, d=d: att.flash_attention(b, h, n, d, hw, True, "bf16", "fa2").time_s))  # fmt: skip
-    for row in _read_csv(base / "aiconfigurator-a100-vllm-decode-attention.csv"):
-        b, h, hk, d, ctx = (int(row[k]) for k in ("batch_size", "num_heads", "num_key_value_heads", "head_dim", "step"))
-        points.append(Point(source, "decode attention", "vllm", "A100-80GB-SXM",
-                            {"batch": b, "heads": h, "kv_heads": hk, "context": ctx, "head_dim": d}, float(row["latency_ms"]) * 1e-3,
-                            lambda hw, b=b, h=h, hk=hk, ctx=ctx, d=d: att.flash_decoding(b, h, 1, ctx + 1, d, hw, None, "bf16", h_kv=hk).time_s))  # fmt: skip
-    return points
+def _published(table: pd.DataFrame, profiles: dict[str, HardwareProfile], out: dict) -> dict:
+    from simulator import published as pub
+
+    points = pub.published_points(table)
+    by_name = {p.gpu: profiles[p.gpu] for p in points}
+    fitted = pub.fit(points, by_name)
+    tuned = {name: hw.with_fit(fitted["params"]) for name, hw in by_name.items()}
+    predicted = pub.predict_all(points, tuned, fitted["efficiency"], fitted["params"]["host_op_s"])
+    held = np.array([not p.calibration for p in points])
+    measured = np.array([p.measured_s for p in points])
+    gpus = np.array([p.gpu for p in points], dtype=object)
+    for gpu in np.unique(gpus):
+        rows = held & (gpus == gpu)
+        out["in_gpu"].setdefault(gpu, {})["published-attention"] = metrics(predicted[rows], measured[rows])
+    return {"fit": fitted, "groups": pub.summarise(points, predicted), "held_out": metrics(predicted[held], measured[held])}
 
 
-VIDUR_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
-             "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")  # fmt: skip
+# --- targets ----------------------------------------------------------------------------------
+
+FA_KINDS = ("prefill-attention:fa2", "decode-attention:fa2")
 
 
-def _vidur_op(op: str, t: int, d: int, d_q: int, d_kv: int, d_ff: int, hw: HardwareProfile) -> float:
-    """One Llama-2-7B operator as vidur profiles it, on T tokens, dims already split by TP."""
-    if op in ("emb", "input_layernorm", "post_attention_layernorm"):
-        return elementwise(t * d, hw, "fp16", reads=1, writes=1, flops_per_element=4).time_s
-    if op == "add":
-        return elementwise(t * d, hw, "fp16", reads=2, writes=1).time_s
-    if op == "attn_rope":
-        return elementwise(t * (d_q + d_kv), hw, "fp16", flops_per_element=3).time_s
-    if op == "mlp_act":
-        return elementwise(t * d_ff, hw, "fp16", reads=2, writes=1, flops_per_element=5).time_s
-    m, n, k = {"attn_pre_proj": (t, d_q + 2 * d_kv, d), "attn_post_proj": (t, d, d_q),
-               "mlp_up_proj": (t, 2 * d_ff, d), "mlp_down_proj": (t, d, d_ff)}[op]  # fmt: skip
-    return gemm(m, n, k, hw, "fp16").time_s
-
-
-def vidur_points(data_dir: Path) -> list[Point]:
-    path = data_dir / "measured" / "vidur-a100-llama-2-7b-mlp.csv"
-    source = "vidur (Llama-2-7B operators)"
-    points = []
-    for row in _read_csv(path):
-        h, hk, d, d_ff = (int(row[k]) for k in ("n_head", "n_kv_head", "n_embd", "n_expanded_embd"))
-        t, tp = int(row["num_tokens"]), int(row["num_tensor_parallel_workers"])
-        d_head = d // h
-        dims = (d, h // tp * d_head, max(1, hk // tp) * d_head, d_ff // tp)
-        for op in VIDUR_OPS:
-            kind = "gemm" if op.endswith("proj") else "elementwise"
-            points.append(Point(source, op, kind, "A100-80GB-SXM", {"tokens": t, "tp": tp},
-                                float(row[f"time_stats.{op}.median"]) * 1e-3,
-                                lambda hw, op=op, t=t, dims=dims: _vidur_op(op, t, *dims, hw)))  # fmt: skip
-    return points
-
-
-def load_points(data_dir: Path = DEFAULT_DATA_DIR, per_series: int | None = None) -> list[Point]:
-    """Every point of the shared data, each series split into calibration and held-out parts.
-    `per_series` keeps at most that many evenly spaced points of each series (a quick run)."""
-    if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: no such data directory (pass --data DIR)")
-    series: dict[tuple, list[Point]] = defaultdict(list)
-    for p in published_points(data_dir) + aiconfigurator_points(data_dir) + vidur_points(data_dir):
-        series[(p.source, p.kernel, p.gpu)].append(p)
-    points = []
-    for members in series.values():
-        if per_series is not None and len(members) > per_series:
-            step = len(members) / per_series
-            members = [members[int(i * step)] for i in range(per_series)]
-        for i, p in enumerate(members):
-            p.calibration = i % CALIBRATION_EVERY == 0
-        points.extend(members)
-    return points
-
-
-# --- calibration and report -----------------------------------------------------------------
-
-FITTED_FRACTIONS = ("bandwidth", "matmul", "attention")
-# The fractions an implementation's efficiency scales: fused attention kernels and GEMMs are
-# limited by their tensor-core work; eager PyTorch passes, elementwise kernels and split-KV decode
-# (one query row per sequence) by HBM traffic.
-MEMORY_BOUND_IMPLEMENTATIONS = {
-    "pytorch": ("bandwidth", "matmul"),
-    "pytorch-2022": ("bandwidth", "matmul"),
-    "elementwise": ("bandwidth", "matmul"),
-    "flash-decoding": ("bandwidth",),
-}
-COMPUTE_FRACTIONS = ("attention", "matmul")
-HOST_OP_START_S = 10e-6  # starting point of the fitted per-operator host time: eager PyTorch ops cost microseconds on the host
-APE_SMOOTHING = 0.01  # |r| is fitted as sqrt(r^2 + 0.01^2): the MAPE, made differentiable at r = 0
-
-
-def _with_efficiency(hw: HardwareProfile, efficiency: float, implementation: str = "") -> HardwareProfile:
-    """The profile as seen by one kernel implementation: the fractions that bound it (see
-    MEMORY_BOUND_IMPLEMENTATIONS; compute fractions otherwise) scaled by its efficiency, never above 1."""
-    a = hw.achievable
-    scaled = MEMORY_BOUND_IMPLEMENTATIONS.get(implementation, COMPUTE_FRACTIONS)
-    achievable = a.model_copy(update={k: min(1.0, getattr(a, k) * efficiency) for k in scaled})
-    return hw.model_copy(update={"achievable": achievable})
-
-
-def predict_all(
-    points: list[Point], profiles: dict[str, HardwareProfile], efficiency: dict[str, float], host_op_s: float = 0.0
-) -> np.ndarray:
-    """Seconds per point: the device time on the profile as its implementation sees it, or the host
-    time of the call (`host_ops` x `host_op_s`) where that is longer."""
-    seen: dict[tuple[str, str], HardwareProfile] = {}  # one profile copy per (GPU, implementation)
-
-    def profile(p: Point) -> HardwareProfile:
-        key = (p.gpu, p.implementation)
-        if key not in seen:
-            seen[key] = _with_efficiency(profiles[p.gpu], efficiency.get(p.implementation, 1.0), p.implementation)
-        return seen[key]
-
-    return np.array([max(p.predict(profile(p)), p.host_ops * host_op_s) for p in points])
-
-
-def fit_weights(points: list[Point]) -> np.ndarray:
-    """Weight of each point in the fit: the published and the measured data weigh half each (they
-    are reported apart, and the measured files hold a hundred times more points), and within
-    each dataset every point the same, as the reported MAPE counts them."""
-    count = defaultdict(int)
-    for p in points:
-        count[p.dataset] += 1
-    return np.array([1.0 / (len(count) * count[p.dataset]) for p in points])
-
-
-def fit(points: list[Point], profiles: dict[str, HardwareProfile]) -> dict:
-    """Minimise the weighted mean absolute percentage error over the calibration points (scipy
-    least squares on residuals sqrt(w_i) (r_i^2 + s^2)^(1/4), r_i = predicted/measured - 1, whose
-    squares sum to the weighted, smoothed MAPE)."""
-    from scipy.optimize import least_squares
-
-    calib = [p for p in points if p.calibration]
-    impls = sorted({p.implementation for p in calib})
-    measured = np.array([p.measured_s for p in calib])
-    root_weights = np.sqrt(fit_weights(calib))
-    base = profiles["A100-80GB-SXM"]
-
-    shared = (*FITTED_FRACTIONS, "launch_overhead_s", "host_op_s")
-
-    def unpack(x):
-        params = dict(zip(shared, (*x[:3], x[3] * 1e-6, x[4] * 1e-6), strict=True))
-        eff = {impl: x[len(shared) + i] for i, impl in enumerate(impls)}
-        return params, eff
-
-    def residuals(x):
-        params, eff = unpack(x)
-        fitted = {name: hw.with_fit(params) for name, hw in profiles.items()}
-        r = predict_all(calib, fitted, eff, params["host_op_s"]) / measured - 1.0
-        return root_weights * (r * r + APE_SMOOTHING**2) ** 0.25
-
-    # Each efficiency moves only its implementation's points: telling scipy so lets it difference
-    # all of them in one evaluation instead of one each.
-    sparsity = np.ones((len(calib), len(shared) + len(impls)), dtype=bool)
-    sparsity[:, len(shared):] = [[p.implementation == impl for impl in impls] for p in calib]
-    x0 = [base.achievable.bandwidth, base.achievable.matmul, base.achievable.attention, base.launch_overhead_s * 1e6,
-          HOST_OP_START_S * 1e6] + [1.0] * len(impls)  # fmt: skip
-    lower = [0.05, 0.05, 0.05, 0.1, 0.0] + [0.05] * len(impls)
-    upper = [1.0, 1.0, 1.0, 50.0, 200.0] + [3.0] * len(impls)
-    result = least_squares(residuals, x0, bounds=(lower, upper), x_scale="jac", ftol=1e-4, xtol=1e-4, jac_sparsity=sparsity)
-    params, eff = unpack(result.x)
-    return {"params": params, "efficiency": eff, "calibration_points": len(calib), "cost": float(result.cost),
-            "evaluations": int(result.nfev)}  # fmt: skip
-
-
-def summarise(points: list[Point], predicted: np.ndarray) -> list[dict]:
-    """MAPE, median APE and worst case per (source, kernel, gpu), for calibration and held-out points."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(points):
-        groups[(p.source, p.kernel, p.gpu, "calibration" if p.calibration else "held-out")].append(i)
+def targets(out: dict) -> list[dict]:
+    """The issue's targets, each with the figure it is judged on and whether it is met."""
     rows = []
-    for (source, kernel, gpu, part), idx in sorted(groups.items()):
-        ape = np.abs(predicted[idx] / np.array([points[i].measured_s for i in idx]) - 1.0)
-        worst = idx[int(np.argmax(ape))]
-        rows.append({"source": source, "kernel": kernel, "gpu": gpu, "part": part, "n": len(idx),
-                     "mape": float(ape.mean()), "median_ape": float(np.median(ape)), "worst_ape": float(ape.max()),
-                     "worst_shape": points[worst].shape})  # fmt: skip
+
+    def add(what: str, value: float | None, limit: float, ok: bool | None = None):
+        if value is None:
+            return
+        rows.append({"target": what, "value": round(value, 2), "limit": limit, "met": bool(value <= limit) if ok is None else ok})
+
+    logo, inside, naive = out["leave_one_gpu_out"], out["in_gpu"], out["naive_roofline"]
+    for gpu, kinds in sorted(logo.items()):
+        for kind, m in sorted(kinds.items()):
+            if kind == "gemm:bf16" or kind in FA_KINDS:
+                add(f"leave-one-GPU-out MAPE {kind} {gpu}", m["mape"], 15.0)
+            elif kind in ("gemm:fp8", "collective"):
+                add(f"leave-one-GPU-out MAPE {kind} {gpu}", m["mape"], 20.0)
+    for gpu, kinds in sorted(inside.items()):
+        for kind, m in sorted(kinds.items()):
+            if kind == "gemm:bf16" or kind in FA_KINDS:
+                add(f"in-GPU MAPE {kind} {gpu}", m["mape"], 10.0)
+    for gpu, kinds in sorted(out.get("few_shot", {}).items()):
+        if gpu == "k":
+            continue
+        for kind, m in sorted(kinds.items()):
+            add(f"few-shot (K={out['few_shot']['k']}) MAPE {kind} {gpu}", m["mape"], 15.0)
+    for gpu, kinds in sorted(logo.items()):
+        for kind, m in sorted(kinds.items()):
+            if "attention" in kind and kind in naive.get(gpu, {}):
+                ratio = naive[gpu][kind]["mape"] / max(m["mape"], 1e-9)
+                rows.append({"target": f"naive / leave-one-GPU-out MAPE, {kind} {gpu}", "value": round(ratio, 2), "limit": 3.0, "met": bool(ratio >= 3.0)})
+    for gpu, kinds in sorted(out["interval_coverage"].items()):
+        for kind, c in sorted(kinds.items()):
+            rows.append({"target": f"80% interval coverage {kind} {gpu}", "value": round(100 * c, 1), "limit": "75-85", "met": bool(0.75 <= c <= 0.85)})
+    if "published" in out:
+        add("published A100 attention, held-out MAPE", out["published"]["held_out"]["mape"], 10.0)
     return rows
 
 
-def validate(data_dir: Path = DEFAULT_DATA_DIR, calibrate: bool = True, per_series: int | None = None) -> dict:
-    points = load_points(data_dir, per_series)
-    profiles = {name: load_profile(name.lower()) for name in {p.gpu for p in points}}
-    before = predict_all(points, profiles, {})
-    result = {"data_dir": str(data_dir), "points": len(points), "calibration_rule": f"every {CALIBRATION_EVERY}rd point of each series"}
-    if calibrate:
-        fitted = fit(points, profiles)
-        profiles = {name: hw.with_fit(fitted["params"]) for name, hw in profiles.items()}
-        after = predict_all(points, profiles, fitted["efficiency"], fitted["params"]["host_op_s"])
-        result["fit"] = fitted
-    else:
-        after = before
-    held = np.array([not p.calibration for p in points])
-    published = np.array([p.dataset == "published" for p in points])
-    ape_after = np.abs(after / np.array([p.measured_s for p in points]) - 1.0)
-    ape_before = np.abs(before / np.array([p.measured_s for p in points]) - 1.0)
-    result.update(
-        {
-            "held_out_mape": float(ape_after[held].mean()),
-            "held_out_median_ape": float(np.median(ape_after[held])),
-            "held_out_mape_published": float(ape_after[held & published].mean()),
-            "held_out_mape_measured": float(ape_after[held & ~published].mean()),
-            "uncalibrated_mape": float(ape_before.mean()),
-            "groups": summarise(points, after),
-        }
-    )
-    result["_points"], result["_predicted"] = points, after
-    return result
+# --- output -----------------------------------------------------------------------------------
 
 
-def format_validation(result: dict) -> str:
-    lines = [f"{result['points']} points from {result['data_dir']}; calibration on {result['calibration_rule']}"]
-    if "fit" in result:
-        p, eff = result["fit"]["params"], result["fit"]["efficiency"]
-        lines.append("Fitted A100 fractions: " + ", ".join(f"{k} {p[k]:.3f}" for k in FITTED_FRACTIONS)
-                     + f", launch overhead {p['launch_overhead_s'] * 1e6:.2f} us, host time per operator {p['host_op_s'] * 1e6:.2f} us")  # fmt: skip
-        lines.append("Kernel efficiency vs profile: " + ", ".join(f"{k} {v:.2f}" for k, v in eff.items()))
-    lines.append(f"{'source':<36} {'kernel':<26} {'gpu':<14} {'part':<11} {'n':>5} {'MAPE':>7} {'median':>7} {'worst':>7}")
-    for g in result["groups"]:
-        lines.append(f"{g['source'][:36]:<36} {g['kernel'][:26]:<26} {g['gpu']:<14} {g['part']:<11} {g['n']:>5} "
-                     f"{g['mape']:>6.1%} {g['median_ape']:>6.1%} {g['worst_ape']:>6.1%}")  # fmt: skip
-    lines.append(f"Held-out MAPE: published {result['held_out_mape_published']:.1%}, measured {result['held_out_mape_measured']:.1%}; "
-                 f"all {result['held_out_mape']:.1%} (median {result['held_out_median_ape']:.1%}); "
-                 f"before calibration, all points: {result['uncalibrated_mape']:.1%}")  # fmt: skip
+def format_validation(out: dict) -> str:
+    lines = [f"data: {', '.join(out['data'])}"]
+    kinds = sorted({k for split in ("leave_one_gpu_out", "in_gpu") for g in out[split].values() for k in g})
+    gpus = sorted({g for split in ("leave_one_gpu_out", "in_gpu", "naive_roofline") for g in out[split]})
+    header = f"{'gpu':<30} {'kind':<28} {'n':>6}  {'leave-one-GPU-out':>20}  {'in-GPU':>20}  {'naive roofline':>20}  {'80% cov':>7}"
+    if "few_shot" in out:
+        header += f"  {'few-shot K=' + str(out['few_shot']['k']):>20}"
+    lines += ["MAPE / median / p90 APE in percent", header]
+
+    def cell(m):
+        return f"{m['mape']:6.1f} {m['median_ape']:6.1f} {m['p90_ape']:6.1f}" if m else f"{'-':>20}"
+
+    for gpu in gpus:
+        for kind in kinds:
+            parts = [out[s].get(gpu, {}).get(kind) for s in ("leave_one_gpu_out", "in_gpu", "naive_roofline")]
+            if not any(parts):
+                continue
+            n = next(m["n"] for m in parts if m)
+            cov = out["interval_coverage"].get(gpu, {}).get(kind)
+            line = f"{gpu[:30]:<30} {kind:<28} {n:>6}  {cell(parts[0])}  {cell(parts[1])}  {cell(parts[2])}  {(f'{100 * cov:6.1f}%' if cov is not None else '-'):>7}"
+            if "few_shot" in out:
+                line += f"  {cell(out['few_shot'].get(gpu, {}).get(kind))}"
+            lines.append(line)
+    if out["excluded"]:
+        lines.append("Excluded as faster than any kernel could be (datasheet peak, DRAM bytes, fewer heads slower): "
+                     + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out["excluded"].items()) for k, n in sorted(ks.items())))  # fmt: skip
+    if "published" in out:
+        m = out["published"]["held_out"]
+        lines.append(f"Published A100 attention (FlashAttention papers, Triton tutorial, Flash-Decoding blog): held-out MAPE {m['mape']:.1f}% (n {m['n']})")
+    met = sum(t["met"] for t in out["targets"])
+    lines.append(f"Targets met: {met} of {len(out['targets'])}")
+    for t in out["targets"]:
+        if not t["met"]:
+            lines.append(f"  not met: {t['target']}: {t['value']} (limit {t['limit']})")
     return "\n".join(lines)
 
 
-def plot_validation(result: dict, path: Path) -> Path:
+def plot_validation(out: dict, directory: Path) -> list[Path]:
+    """One predicted-vs-measured plot per kind (leave-one-GPU-out predictions, a colour per GPU),
+    with the interval band of the kind; returns the files written."""
     from simulator.plots import plt, save_figure
 
-    points, predicted = result["_points"], result["_predicted"]
-    fig, ax = plt.subplots(figsize=(6.4, 6.0))
-    by_source: dict[str, list[int]] = defaultdict(list)
-    for i, p in enumerate(points):
-        by_source[p.source].append(i)
-    for source, idx in by_source.items():
-        held = [i for i in idx if not points[i].calibration]
-        ax.scatter([points[i].measured_s for i in held], predicted[held], s=6, alpha=0.5, label=source)
-    lo = min(min(p.measured_s for p in points), float(predicted.min()))
-    hi = max(max(p.measured_s for p in points), float(predicted.max()))
-    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, label="y = x")
-    ax.set(xscale="log", yscale="log", xlabel="measured (s)", ylabel="predicted (s)",
-           title=f"A100 held-out points: MAPE {result['held_out_mape']:.1%}")  # fmt: skip
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3, which="both")
-    return save_figure(fig, path)
+    directory.mkdir(parents=True, exist_ok=True)
+    by_kind: dict[str, list] = defaultdict(list)
+    for (gpu, kind), (pred, measured) in out["_logo"].items():
+        by_kind[kind].append((gpu, pred, measured))
+    written = []
+    for kind, series in sorted(by_kind.items()):
+        fig, ax = plt.subplots(figsize=(6.0, 5.6))
+        lo_all, hi_all = np.inf, 0.0
+        for gpu, pred, measured in series:
+            m = out["leave_one_gpu_out"][gpu][kind]
+            ax.scatter(measured * 1e6, pred * 1e6, s=3, alpha=0.35, label=f"{gpu} (MAPE {m['mape']:.1f}%)")
+            lo_all, hi_all = min(lo_all, measured.min(), pred.min()), max(hi_all, measured.max(), pred.max())
+        line = np.array([lo_all, hi_all]) * 1e6
+        ax.plot(line, line, color="black", lw=0.8, label="predicted = measured")
+        band = out["intervals"].get(kind)
+        if band:
+            ax.fill_between(line, line / band["high"], line / band["low"], color="grey", alpha=0.15, label="80% interval")
+        ax.set(xscale="log", yscale="log", xlabel="measured (us)", ylabel="predicted (us)", title=f"{kind}: each GPU predicted from the others")
+        ax.legend(fontsize=6, markerscale=3)
+        ax.grid(alpha=0.3, which="both")
+        written.append(save_figure(fig, directory / f"validate_{kind.replace(':', '_')}.png"))
+    return written
 
+
+def public(out: dict) -> dict:
+    return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+def progress_to_stderr(msg: str) -> None:
+    print(f"validate: {msg}", file=sys.stderr, flush=True)
+
+
+__all__ = ["validate", "format_validation", "Tables"]

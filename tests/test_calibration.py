@@ -248,19 +248,18 @@ def test_measured_layer_op_rates_price_the_executor_prefill():
     prefill (scatter of K and V, SiLU, RMSNorm, the mask; RoPE no faster than its rate), and a
     profile without them prices none."""
     from simulator.forward import forward
-    from simulator.hardware import load_profile
     from simulator.models import ModelSpec
 
     spec = ModelSpec(name="t", d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=768, vocab_size=256,
                      max_seq_len=512, source="test")  # fmt: skip
-    hw = load_profile("a100")
+    hw = cpu_profile()  # the executor's measured rates belong to the CPU eager device model
     rates = {"scatter_s_per_element": 1e-9, "silu_s_per_element": 2e-9, "rms_norm_s_per_element": 3e-9, "mask_s_per_element": 4e-9}
-    priced = hw.model_copy(update={"calibration": {"executor": rates}})
+    priced = cpu_profile(**rates)
     t = 128
     base, with_rates = forward(spec, hw, 1, 0, t, "fp32"), forward(spec, priced, 1, 0, t, "fp32")
     extra = spec.n_layers * (2 * t * 128 * 1e-9 + t * 768 * 2e-9 + 2 * t * 256 * 3e-9) + t * t * 4e-9
     assert with_rates["total"].time_s - base["total"].time_s == pytest.approx(extra, rel=1e-9)
     assert with_rates["total"].launches == base["total"].launches
-    slow_rope = hw.model_copy(update={"calibration": {"executor": {"rope_s_per_element": 1e-6}}})
+    slow_rope = cpu_profile(rope_s_per_element=1e-6)
     assert forward(spec, slow_rope, 1, 0, t, "fp32")["rope"].time_s == pytest.approx(
         spec.n_layers * (t * (256 + 128) // 2 * 1e-6 + hw.launch_overhead_s))

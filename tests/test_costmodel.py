@@ -64,7 +64,7 @@ def test_forward_time_monotone_in_batch_context_and_query_tokens(model, batch, c
     big = dict(base, **{axis: base[axis] + grow})
     t0 = step_time_s(model, A100, base["batch"], base["ctx"], base["q"])
     t1 = step_time_s(model, A100, big["batch"], big["ctx"], big["q"])
-    assert t1 >= t0
+    assert t1 >= t0 * (1 - 1e-12)  # equal up to rounding where the extra work hides in a padded tile
 
 
 @given(b=st.integers(1, 8), h=st.integers(1, 64), n=st.integers(1, 8192), d=st.sampled_from([32, 64, 80, 96, 128]),

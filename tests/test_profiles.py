@@ -27,6 +27,9 @@ REQUIRED = {
     "H100-PCIe",
     "H200",
     "B200",
+    "GB200",
+    "B300",
+    "RTX-PRO-6000-Blackwell-Server",
     "RTX-4090",
     "MI300X",
 }
@@ -43,6 +46,14 @@ ALIASES = {
     "h100-pcie": "H100-PCIe",
     "h200": "H200",
     "b200": "B200",
+    "gb200": "GB200",
+    "gb200-nvl72": "GB200",
+    "b300": "B300",
+    "b300-hgx": "B300",
+    "rtx-pro-6000-blackwell-server": "RTX-PRO-6000-Blackwell-Server",
+    "rtx-pro-6000": "RTX-PRO-6000-Blackwell-Server",
+    "rtx-pro-6000-server": "RTX-PRO-6000-Blackwell-Server",
+    "rtx-pro-6000-bse": "RTX-PRO-6000-Blackwell-Server",
     "4090": "RTX-4090",
     "rtx4090": "RTX-4090",
     "mi300x": "MI300X",
@@ -101,7 +112,7 @@ def test_file_name_is_the_lower_case_profile_name(path):
 
 
 def test_the_required_devices_are_shipped():
-    assert len(PROFILES) >= 13
+    assert len(PROFILES) >= 16
     assert set(PROFILES) >= REQUIRED, f"missing: {sorted(REQUIRED - set(PROFILES))}"
 
 

@@ -1,0 +1,280 @@
+"""Device time of GPU kernels, as pure vectorised functions of the datasheet (`Dev`) and the
+model's parameters (`P`, a mapping name -> array, see `params.FAMILIES`).
+
+Notation: S SMs at clock f; P_mma the dense tensor-core peak of the operand dtype; BW the DRAM
+bandwidth, L2 its size. A kernel is a grid of programs (CTAs) dealt to the SMs; a program's time
+is its fixed cost plus its main loop, the slower of its MMAs and its operand loads per iteration.
+
+GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M, B_N, split-K s):
+    tiles  T = ceil(m / B_M) ceil(n / B_N) s,      waves w = ceil(T / S)
+    tile   t = max(2 B_M B_N k_s / (f_mma P_mma / S),  (B_M + B_N) k_s e / (load_bpf P_bf16 / S))
+               + (1 - overlap) B_M B_N e_C / (BW f_bw / min(T, S))  + c_tile / f
+    time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: partials written and reduced, one more kernel]
+The library is taken to pick the best config: the time is a soft minimum over configs (a log-sum-exp
+in log time, sharp enough to be the minimum within a percent, smooth for the fit). DRAM bytes are
+the compulsory A, W, C minus what stays L2-resident between calls (`resident`).
+
+Attention (FlashAttention-2 as vLLM builds it, FlashInfer): a call runs Q rows against a paged K/V
+cache. The library decides the programs: query rows per program (B_r), K/V rows per iteration (B_c),
+GQA query heads packed into one program's rows, split-KV for decode. Per program:
+    t_prog + sum over its K/V blocks of max(4 B_r B_c d / (f_cta P_mma / S), 2 B_c d e_kv / bw_cta)
+and over the grid: max(longest program, total work / S + gamma x longest), with the compulsory
+traffic (Q, O, the cache) at DRAM or L2 speed as a floor. The measured per-program streaming rate
+bw_cta (~26-30 GB/s) and fixed time (~3-4 us) are the same in seconds on A100, L40S and RTX PRO 6000,
+not in cycles: they are set by memory latency, not by the clock.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simulator.gpu_model.device import GEMM_DTYPES, Dev
+
+Params = dict[str, np.ndarray]
+
+SOFTMIN_SHARPNESS = 30.0  # in log time: configs 10% slower than the best weigh e^-3 of it
+OVERLAP_POWER = 6.0  # two overlapped activities take (a^p + b^p)^(1/p): their max, +12% when they are equal
+
+
+def overlapped(a, b):
+    """The time of two activities that overlap: a smooth maximum (exact when one dominates)."""
+    hi = np.maximum(a, b)
+    lo = np.minimum(a, b)
+    return hi * (1.0 + (lo / np.maximum(hi, 1e-300)) ** OVERLAP_POWER) ** (1.0 / OVERLAP_POWER)
+
+
+def resident(working_set_bytes, cache_bytes):
+    """Fraction of a working set that stays in a cache of `cache_bytes` between calls: 1 well below
+    the capacity, 0 well above it, a steep smooth step at it (LRU keeps all or nothing of a
+    streamed set)."""
+    ratio = np.maximum(working_set_bytes, 1.0) / np.maximum(cache_bytes, 1.0)
+    return 1.0 / (1.0 + ratio**8)
+
+
+def memory_time(nbytes, dev: Dev, f_bw, f_l2, u_l2, working_set=None):
+    """A memory-bound transfer of `nbytes`: the L2-resident share at the L2 rate, the rest at the
+    DRAM rate. `working_set`: the bytes the call keeps live (default the transfer itself)."""
+    ws = nbytes if working_set is None else working_set
+    hit = resident(ws, dev.l2_bytes * u_l2)
+    dram = dev.hbm_bytes_per_s * f_bw
+    l2 = np.maximum(dev.l2_bytes_per_s * f_l2, dram)  # a resident byte is never slower than a DRAM one
+    return nbytes * (hit / l2 + (1.0 - hit) / dram)
+
+
+# --- GEMM -------------------------------------------------------------------------------------
+
+GEMM_TILES_M = (64, 128, 256)
+GEMM_TILES_N = (64, 128, 256)
+GEMM_SPLITS = (1, 2, 4, 8, 16)
+
+
+def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0):
+    """Device seconds of one GEMM [m, k] @ [k, n] -> [m, n] (bf16 output) in `dtype` (see
+    GEMM_DTYPES). `weight_copies`: how many distinct weight matrices the caller cycles through
+    between two uses of this one (an engine: every layer's; a benchmark: its copies), which decides
+    whether W is still in L2 when it is read again; the activations A and the output C live in
+    buffers the caller reuses call after call (an engine's activation buffers; a benchmark's input
+    and the allocator's recycled output block), so they stay L2-resident when they fit with W."""
+    e, peak_dtype = GEMM_DTYPES[dtype]
+    m, n, k = (np.asarray(x, dtype=float) for x in (m, n, k))
+    S, f = dev.sm_count, dev.clock_hz
+    bw = dev.hbm_bytes_per_s * P["f_bw"]
+    mma = dev.peak(peak_dtype) / S * P["f_mma"]
+    load = P["load_bpf"] * dev.peak("bf16") / S
+    W, A, C = e * k * n, e * m * k, 2.0 * m * n
+    l2 = dev.l2_bytes * P["u_l2"]
+    hit_a = resident(A + W + C, l2)  # the input and the output buffer are the caller's, reused call after call
+    hit_w = resident(A + C + weight_copies * W, l2)
+    kernel_s = P["c_kernel"] / f + P["t_kernel_us"] * 1e-6
+    logs = []
+    for bm in GEMM_TILES_M:
+        for bn in GEMM_TILES_N:
+            for s in GEMM_SPLITS:
+                tiles = np.ceil(m / bm) * np.ceil(n / bn) * s
+                ks = np.ceil(k / s)
+                waves = np.ceil(tiles / S)
+                active = np.minimum(tiles, S)
+                t_mma = 2.0 * bm * bn * ks / mma
+                t_load = (bm + bn) * ks * e / load
+                c_bytes = bm * bn * (4.0 if s > 1 else 2.0)
+                t_epilogue = c_bytes / np.minimum(load, bw / active)
+                tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
+                dram_bytes = (A + (C if s == 1 else 0.0)) * (1 - hit_a) + W * (1 - hit_w)
+                stream = ((A * (1 - hit_a) + W * (1 - hit_w)) + (A * hit_a + W * hit_w) / P["l2_speedup"]) / (active * P["bw_sm"] * 1e9)
+                dram = np.maximum(dram_bytes / bw, stream)
+                t = overlapped(waves * tile, dram)
+                if s > 1:  # fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
+                    t = t + (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw
+                logs.append(np.log(t))
+    L = np.asarray(logs)
+    low = L.min(axis=0)
+    soft = low - np.log(np.exp(-SOFTMIN_SHARPNESS * (L - low)).sum(axis=0)) / SOFTMIN_SHARPNESS
+    first_load = P["t_dram_us"] * 1e-6 * (1.0 - hit_w * hit_a)
+    return np.exp(soft) + kernel_s + first_load
+
+
+def quantize_time(P: Params, dev: Dev, elements, out_bytes_per_element):
+    """A kernel that reads bf16 activations and writes them quantized (fp8 / fp4 with scales)."""
+    nbytes = np.asarray(elements, dtype=float) * (2.0 + out_bytes_per_element)
+    return memory_time(nbytes, dev, P["f_bw"], 1.0, P["u_l2"]) + P["c_kernel"] / dev.clock_hz + P["t_kernel_us"] * 1e-6
+
+
+# --- attention --------------------------------------------------------------------------------
+
+
+def fa2_num_splits(programs, sms2, kv_blocks, max_splits: int = 128):
+    """FlashAttention-2's split-KV heuristic (flash_api.cpp, num_splits_heuristic): one split when
+    the programs nearly fill the SMs (>= 80% of `sms2`, twice the SM count); else the fewest splits
+    whose wave efficiency (n_waves / ceil(n_waves)) is within 85% of the best over 1..max, skipping
+    split counts that give the same blocks per split as one fewer."""
+    programs = np.asarray(programs, dtype=float)
+    kv_blocks = np.asarray(kv_blocks, dtype=float)
+    sms2 = np.broadcast_to(np.asarray(sms2, dtype=float), programs.shape)
+    need = programs < 0.8 * sms2
+    limit = np.minimum(np.minimum(max_splits, sms2), kv_blocks)
+    top = int(limit[need].max()) if need.any() else 1
+    effs = []
+    for s in range(1, top + 1):
+        eligible = (s <= limit) & ((s == 1) | (np.ceil(kv_blocks / s) != np.ceil(kv_blocks / max(s - 1, 1))))
+        waves = programs * s / sms2
+        effs.append(np.where(eligible, waves / np.ceil(waves), 0.0))
+    E = np.asarray(effs)
+    good = 0.85 * E.max(axis=0) <= E
+    return np.where(need, np.argmax(good, axis=0) + 1, 1).astype(float)
+
+
+def _causal_blocks(n_q, n_kv, rows, bc):
+    """Over the query blocks of `rows` rows of one (sequence, head), bottom-right causal (query i of
+    n_q sees keys up to n_kv - n_q + i): (query blocks, K/V blocks visited in all, the most any
+    block visits)."""
+    n_q, n_kv, rows, bc = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(n_q, n_kv, rows, bc))
+    q_blocks = np.ceil(n_q / rows)
+    total = np.zeros(n_q.shape)
+    key = np.stack([n_q.ravel(), n_kv.ravel(), rows.ravel(), bc.ravel()], axis=1)
+    shapes, inverse = np.unique(key, axis=0, return_inverse=True)
+    sums = np.empty(len(shapes))
+    for j, (nq, nkv, r, c) in enumerate(shapes):  # a table has few distinct shapes
+        ends = np.minimum(np.arange(1, np.ceil(nq / r) + 1) * r, nq)
+        sums[j] = np.ceil((nkv - nq + ends) / c).sum()
+    total = sums[inverse.ravel()].reshape(n_q.shape)
+    most = np.ceil(n_kv / bc)  # the last query block sees every key
+    return q_blocks, total, most
+
+
+def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
+    """vLLM's FlashAttention-2 build (paged K/V, so always its split-KV kernel with B_r = 64 and
+    B_c = 256 / 128 / 64 for d <= 64 / 128 / more). A decode call (one query per sequence) with
+    grouped heads swaps the group into the rows (seqlenq_ngroups_swapped) and splits K/V by the
+    heuristic; otherwise one program per (sequence, head, 64 query rows), no split."""
+    swapped = (n_q == 1) & (h > hk)
+    heads = np.where(swapped, hk, h)
+    rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
+    bc = np.where(d <= 64, 256, np.where(d <= 128, 128, 64)).astype(float)
+    br = np.full(b.shape, 64.0)
+    q_blocks, total, most = _causal_blocks(rows_q, n_kv, br, bc)
+    q_blocks = np.where(swapped, np.ceil((h / hk) / 64), q_blocks)
+    kv_blocks = np.ceil(n_kv / bc)
+    splits = np.where(swapped, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0)
+    per_split = np.ceil(kv_blocks / splits)
+    total = np.where(swapped, q_blocks * per_split * splits, total)
+    most = np.where(swapped, per_split, most)
+    programs = b * heads * q_blocks * splits
+    copies = swapped & (b > 1) & (hk > 1)  # Q in and O out transposed by copy kernels
+    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies)
+
+
+FLASHINFER_PAGE = 64  # tokens per KV page in the measured tables (vLLM's block size there)
+FLASHINFER_MIN_CHUNK_PAGES = max(128 // FLASHINFER_PAGE, 1)  # the planner's smallest K/V chunk: 128 tokens
+
+
+def _chunk_pages(items, pages, slots):
+    """FlashInfer's planners' binary search (scheduler.cuh): the fewest pages per K/V chunk such that
+    items x ceil(pages / chunk) work items fit `slots`, never below FLASHINFER_MIN_CHUNK_PAGES."""
+    pages = np.maximum(pages, 1.0)
+    need = np.maximum(items, 1.0) * pages / np.maximum(slots, 1.0)  # ceil(pages / c) <= slots / items
+    chunk = np.maximum(np.ceil(need), FLASHINFER_MIN_CHUNK_PAGES)
+    return np.minimum(chunk, np.maximum(pages, FLASHINFER_MIN_CHUNK_PAGES))
+
+
+def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
+    """FlashInfer's batch attention over a paged cache, as its planners lay it out (FlashInfer
+    include/flashinfer/attention/scheduler.cuh):
+    - the query heads of a KV group packed into a program's rows (packed length n_q h / h_kv);
+      query rows per program B_r = 128 / 64 / 16 by the packed length (FA2DetermineCtaTileQ);
+    - K/V in chunks: decode splits when b h_kv programs leave the GPU's resident slots
+      (ctas_per_sm x S) idle, prefill when its (query tile, chunk) items would not fit 2 S / h_kv;
+      the chunk is the fewest pages (>= 128 tokens) that keeps the items within the slots; split
+      outputs are merged by one more kernel.
+    K/V rows per iteration B_c = 64."""
+    group = h / hk
+    packed = n_q * group
+    br = np.where(packed > 64, 128.0, np.where(packed > 16, 64.0, 16.0))
+    bc = np.full(b.shape, 64.0)
+    q_blocks = np.ceil(packed / br)
+    pages = np.ceil(n_kv / FLASHINFER_PAGE)
+    decode = n_q == 1
+    slots = np.where(decode, ctas_per_sm * dev.sm_count / hk, 2.0 * dev.sm_count / hk) / np.maximum(b, 1.0)
+    chunk = _chunk_pages(q_blocks, pages, slots)
+    chunk = np.where(decode & (b * hk >= ctas_per_sm * dev.sm_count), pages, chunk)
+    splits = np.ceil(pages / chunk)
+    # causal visits per packed block: packed rows r cover query positions r / group
+    _, total, most = _causal_blocks(n_q, n_kv, br / group, bc)
+    total = np.where(decode, q_blocks * np.ceil(n_kv / bc), total)
+    chunk_blocks = np.ceil(chunk * FLASHINFER_PAGE / bc)
+    most = np.minimum(most, chunk_blocks)
+    programs = b * hk * q_blocks * splits
+    return dict(heads=hk, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
+                copies=np.zeros(b.shape, dtype=bool))  # fmt: skip
+
+
+LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
+
+
+def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0):
+    """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
+    `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
+    causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
+    K and V into the cache (`kv_bytes` per element: 2 bf16, 1 fp8; fp8 K/V run fp8 MMAs in FlashInfer).
+    Kernels: the cache write, the attention kernel, a combine kernel when K/V are split, and for
+    FA2's swapped decode with several sequences and KV heads the two transposing copies."""
+    b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
+    kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
+    occupancy = P.get("ctas_per_sm", np.ones(b.shape))
+    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy)
+    S, f = dev.sm_count, dev.clock_hz
+    fp8_mma = (library == "flashinfer") & (kv_bytes < 2)
+    peak = np.where(fp8_mma, np.nan_to_num(dev.peak("fp8"), nan=0.0), 0.0)
+    peak = np.where(peak > 0, peak, dev.peak("bf16"))
+    tokens = b * n_q
+    q_bytes = tokens * h * d * 2.0
+    new_kv = tokens * hk * d * 2.0 * 2.0
+    cache = b * n_kv * hk * d * 2.0 * kv_bytes
+    working_set = 2.0 * q_bytes + new_kv + cache
+    hit = resident(working_set, dev.l2_bytes * P["u_l2"])
+    rate = P["bw_cta"] * 1e9 / (hit / P["l2_speedup"] + (1.0 - hit))
+    keys_per_block = np.minimum(g["bc"], n_kv)
+    iteration = np.maximum(4.0 * g["br"] * keys_per_block * d / (P["f_cta"] * peak / S), 2.0 * keys_per_block * d * kv_bytes / rate)
+    t_prog = P["t_prog_us"] * 1e-6
+    work = b * g["heads"] * g["total"] * iteration + g["programs"] * t_prog
+    longest = g["most"] * iteration + t_prog
+    slots = S * occupancy  # programs resident at once; each streams at its own latency-bound rate
+    schedule = np.maximum(longest, work / slots + P["gamma"] * longest * (g["programs"] > slots))
+    kernel_s = P["c_kernel"] / f
+
+    def mem(nbytes):
+        return memory_time(nbytes, dev, P["f_bw"], P["f_l2"], P["u_l2"], working_set)
+
+    main = np.maximum(schedule, mem(2.0 * q_bytes + cache)) + kernel_s
+    cache_write = mem(new_kv + tokens * hk * d * 2.0 * kv_bytes) + kernel_s
+    combine = np.where(g["splits"] > 1, mem(g["splits"] * b * h * n_q * (d + 1) * 4.0 + q_bytes) + kernel_s, 0.0)
+    copies = np.where(g["copies"], 2.0 * (mem(2.0 * q_bytes) + kernel_s), 0.0)
+    quantize_q = np.where(kv_bytes < 2, mem(q_bytes * 1.5) + kernel_s, 0.0)
+    return main + cache_write + combine + copies + quantize_q
+
+
+def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108):
+    """How many kernels `attention_time` prices for one call (for the per-node cost of a CUDA graph)."""
+    dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), {}, np.array(["?"], dtype=object))
+    b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
+    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0)
+    return 2 + (g["splits"] > 1) + 2 * g["copies"] + (np.asarray(kv_bytes) < 2)

@@ -1,0 +1,142 @@
+"""`GpuDeviceModel`: the GPU kernel model behind `simulator.device_model.DeviceModel`.
+
+It prices the kernels of a transformer pass as an inference engine runs them on one GPU, inside
+a CUDA graph (so no host launch cost per kernel; each kernel's own launch and drain is in its
+device time), with the parameters fitted to the measured tables (`fitted.json`):
+
+- GEMMs: `kernels.gemm_time` with the family of their dtype (fp16/bf16 share `gemm:bf16`; fp8
+  GEMMs include the activation-quantization kernel); a pass cycles through all its layers' weight
+  matrices, so a weight is L2-resident between steps only if the whole stack fits;
+- attention: `kernels.attention_time` of the library vLLM runs on the generation (FlashInfer on
+  datacenter Blackwell, FlashAttention-2's kernels elsewhere; Hopper's FlashAttention-3 is priced
+  as FA2 with the Hopper datasheet, a documented approximation);
+- memory-bound kernels (norms, RoPE, SwiGLU, the embedding gather): their bytes at the fitted
+  attention family's DRAM/L2 rates, scaled by each operator's fitted efficiency (`operators`);
+- all-reduce: the fitted NCCL model over the profile's interconnect.
+
+Every cost carries an 80% interval: its time times the 10th and 90th percentiles of
+measured / predicted over the held-out GPUs of the leave-one-GPU-out validation of its kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from simulator.gpu_model import collectives, kernels, sources
+from simulator.gpu_model.device import Dev
+from simulator.gpu_model.params import load_fitted
+from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.roofline import KernelCost
+
+FLASHINFER_GENERATIONS = ("blackwell",)  # vLLM's default attention backend there (trtllm-gen/FlashInfer kernels)
+GEMM_FAMILY = {"fp16": "gemm:bf16", "bf16": "gemm:bf16", "fp32": "gemm:bf16", "fp8": "gemm:fp8"}
+OPERATOR_BYTES = {  # bytes moved per element (bf16/fp16 elements): reads + writes
+    "norm": 2 * 2 + 2,  # residual add: x, residual in, sum out; RMSNorm reads it back in-kernel
+    "final_norm": 2 + 2,
+    "rope": 2 + 2,
+    "swiglu": 2 * 2 + 2,
+    "embed": 2 + 2,
+}
+
+
+@lru_cache(maxsize=1)
+def _fitted() -> dict:
+    return load_fitted()
+
+
+@dataclass
+class GpuDeviceModel:
+    hw: HardwareProfile
+    dev: Dev
+    fitted: dict
+
+    @classmethod
+    def of(cls, hw: HardwareProfile, fitted: dict | None = None) -> GpuDeviceModel:
+        return cls(hw, Dev.of([hw]), fitted if fitted is not None else _fitted())
+
+    # --- parameters and intervals --------------------------------------------------------------
+
+    def _params(self, group: str) -> dict:
+        fam = self.fitted["families"][group]
+        return {k: np.asarray([v]) for k, v in fam.for_generation(self.hw.generation).items()}
+
+    def library(self) -> str:
+        return "flashinfer" if self.hw.generation in FLASHINFER_GENERATIONS else "fa2"
+
+    def interval(self, kind: str) -> tuple[float, float]:
+        """Factors (low, high) of an 80% interval on a time of this kind (`validate`'s kinds:
+        gemm:bf16, decode-attention:fa2, collective, operators, ...; 1, 1 where none was fitted)."""
+        q = self.fitted.get("intervals", {}).get(kind)
+        return (q["low"], q["high"]) if q else (1.0, 1.0)
+
+    def _cost(self, name: str, kind: str, time_s: float, flops: float = 0.0, hbm_bytes: float = 0.0, launches: int = 1) -> KernelCost:
+        lo, hi = self.interval(kind)
+        return KernelCost(name, flops, hbm_bytes, float(time_s), launches, float(time_s) * lo, float(time_s) * hi)
+
+    # --- kernels -------------------------------------------------------------------------------
+
+    def gemm(self, m, n, k, dtype, name, weight_matrices=1) -> KernelCost:
+        group = GEMM_FAMILY.get(dtype, "gemm:bf16")
+        P = self._params(group)
+        e = DTYPE_BYTES[dtype]
+        t = sources.gemm_call(P, self.dev, [m], [n], [k], dtype if dtype != "fp32" else "bf16", weight_matrices)[0]
+        return self._cost(name, group, t, 2.0 * m * n * k, float(e * (m * k + k * n + m * n)))
+
+    def attention_s(self, batch, query_tokens, context_len, heads, kv_heads, d_head, dtype) -> np.ndarray:
+        library = self.library()
+        group = "attention:fa2" if library == "fa2" else f"attention:flashinfer-{'decode' if query_tokens == 1 else 'prefill'}"
+        P = self._params(group)
+        ctx = np.asarray(context_len, dtype=float)
+        shape = ctx.shape
+        flat = ctx.ravel()
+        rows = len(flat)
+        dev = Dev.repeat([self.hw], np.zeros(rows, dtype=np.int64))
+        Pr = {k: np.repeat(v, rows) for k, v in P.items()}
+        kv_bytes = 1.0 if dtype == "fp8" else 2.0
+        t = kernels.attention_time(Pr, dev, library, batch, heads, kv_heads, d_head, query_tokens, flat + query_tokens, kv_bytes)
+        return np.asarray(t).reshape(shape)
+
+    def attention(self, batch, context_len, query_tokens, heads, kv_heads, d_head, dtype) -> KernelCost:
+        e = DTYPE_BYTES[dtype]
+        keys = context_len + query_tokens
+        tokens = batch * query_tokens
+        flops = 4.0 * batch * heads * query_tokens * keys * d_head / (2.0 if query_tokens > 1 and context_len == 0 else 1.0)
+        hbm_bytes = float(2 * batch * keys * kv_heads * d_head * e + 2 * tokens * (kv_heads + heads) * d_head * e)
+        t = float(self.attention_s(batch, query_tokens, np.asarray([context_len]), heads, kv_heads, d_head, dtype)[0])
+        kind = ("decode-attention" if query_tokens == 1 else "prefill-attention") + ":" + self.library()
+        return self._cost("attention", kind, t, flops, hbm_bytes)
+
+    def _memory_kernel(self, name: str, elements: float) -> KernelCost:
+        att = self._params("attention:fa2" if self.library() == "fa2" else "attention:flashinfer-decode")
+        op = self.fitted["families"]["operators"].for_generation(self.hw.generation) if "operators" in self.fitted["families"] else {}
+        eff = op.get(f"eff_{name.removeprefix('final_')}", 1.0)
+        nbytes = np.asarray([elements * OPERATOR_BYTES[name]], dtype=float)
+        t = kernels.memory_time(nbytes, self.dev, att["f_bw"] * eff, att["f_l2"] * eff, att["u_l2"])[0]
+        t += self._params(GEMM_FAMILY["bf16"])["c_kernel"][0] / self.hw.clock_hz
+        return self._cost(name, "operators", t, 0.0, float(nbytes[0]))
+
+    def norm(self, tokens, width, dtype, residual=True) -> KernelCost:
+        return self._memory_kernel("norm" if residual else "final_norm", tokens * width)
+
+    def rope(self, tokens, width, dtype) -> KernelCost:
+        return self._memory_kernel("rope", tokens * width)
+
+    def swiglu(self, tokens, width, dtype) -> KernelCost:
+        return self._memory_kernel("swiglu", tokens * width)
+
+    def embed(self, tokens, d_model, dtype, mask_elements=0) -> KernelCost:
+        return self._memory_kernel("embed", tokens * d_model)
+
+    def all_reduce(self, nbytes, tp) -> KernelCost:
+        if tp == 1:
+            return KernelCost("all_reduce", 0.0, 0.0, 0.0, launches=0)
+        P = {k: np.asarray([v]) for k, v in self.fitted["families"]["collective"].for_generation(self.hw.generation).items()}
+        t = collectives.collective_time(P, self.dev, np.asarray(["all_reduce"]), np.asarray([float(tp)]), np.asarray([float(nbytes)]),
+                                        link=collectives.link_of([self.hw]))[0]  # fmt: skip
+        return self._cost("all_reduce", "collective", t)
+
+    def pass_overhead_s(self, layer_bytes, launches) -> float:
+        return 0.0

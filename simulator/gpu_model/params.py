@@ -1,0 +1,187 @@
+"""The GPU kernel model's parameters: what each one means, its unit, its range, and the fitted values.
+
+Parameters meant to transfer between GPUs are stated relative to the datasheet or in units that
+do not belong to one GPU: fractions of a peak, cycles at the profile's boost clock, or times that
+physics fixes (a memory round trip). A parameter marked `per_generation` may take a value of its
+own for each architecture generation present in the fit (a multiplicative deviation from the
+common value, shrunk towards it by a prior); a GPU of a generation the fit never saw gets the
+common value. Fitted values live in `fitted.json` beside this file, written by
+`python -m simulator fit-kernels` (see `simulator.kernel_fit`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simulator.errors import UserError
+
+FITTED_PATH = Path(__file__).resolve().parent / "fitted.json"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    unit: str
+    start: float
+    low: float
+    high: float
+    doc: str
+    per_generation: bool = False
+
+
+def _family(*params: Param) -> dict[str, Param]:
+    return {p.name: p for p in params}
+
+
+# Each family is fitted on the tables of one kind; `timer` parameters belong to the data
+# source (how its harness times a call), not to a GPU.
+FAMILIES: dict[str, dict[str, Param]] = {
+    "gemm": _family(
+        Param("f_mma", "fraction", 0.85, 0.3, 1.0, "of the dense tensor-core peak a GEMM tile's main loop reaches", True),
+        Param("f_bw", "fraction", 0.75, 0.3, 1.0, "of the DRAM bandwidth a streaming GEMM reaches", True),
+        Param("load_bpf", "B/FLOP", 0.03, 0.002, 1.0, "operand bytes one SM loads into a tile per dense bf16 FLOP it can do (L2 to shared memory; kernels are built so loads keep pace with the MMAs, so this scales with the SM's MMA rate)"),
+        Param("bw_sm", "GB/s", 40.0, 2.0, 1000.0, "operand bytes one SM streams per second from DRAM (bytes in flight over memory latency)"),
+        Param("l2_speedup", "x", 2.0, 1.0, 20.0, "how much faster one SM streams operands resident in L2 than from DRAM (L2 latency is shorter)"),
+        Param("t_dram_us", "us", 0.5, 0.0, 5.0, "a DRAM round trip a kernel waits for before its first operands arrive (none when they are L2-resident)"),
+        Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile: prologue, pipeline fill, epilogue", True),
+        Param("overlap", "fraction", 0.5, 0.0, 1.0, "of a tile's epilogue (writing C) hidden behind the next tile's main loop", True),
+        Param("u_l2", "fraction", 0.7, 0.05, 1.0, "of the L2 that holds operands between calls"),
+        Param("c_kernel", "cycles", 2000.0, 1.0, 20000.0, "device time of launching and draining one kernel, the part that runs at the SM clock", True),
+        Param("t_kernel_us", "us", 1.0, 0.0, 10.0, "the part of it that does not (the front end's launch latency)"),
+    ),
+    "fa2": _family(
+        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a 4-warp program reaches", True),
+        Param("bw_cta", "GB/s", 26.0, 2.0, 512.0, "K/V bytes one program streams per second from DRAM (latency-bound)"),
+        Param("l2_speedup", "x", 1.1, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),
+        Param("t_prog_us", "us", 3.0, 0.1, 20.0, "fixed time of one program: block-table, Q and first K/V loads, output and statistics"),
+        Param("gamma", "fraction", 0.5, 0.0, 1.0, "of the longest program added to the work per SM when programs outnumber the SMs (the tail of list scheduling)"),
+        Param("f_bw", "fraction", 0.8, 0.2, 1.0, "of the DRAM bandwidth the attention kernels' compulsory traffic reaches"),
+        Param("u_l2", "fraction", 0.9, 0.05, 1.5, "of the L2 that keeps a call's working set between calls"),
+        Param("f_l2", "fraction", 0.3, 0.01, 1.0, "of the L2 bandwidth L2-resident compulsory traffic reaches"),
+        Param("c_kernel", "cycles", 5000.0, 100.0, 20000.0, "device time of one kernel of the call (launch, ramp, drain)"),
+    ),
+    "flashinfer": _family(
+        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a program reaches", True),
+        Param("ctas_per_sm", "programs", 2.0, 1.0, 8.0, "programs resident per SM at once (the decode planner's occupancy)", True),
+        Param("bw_cta", "GB/s", 40.0, 2.0, 1000.0, "K/V bytes one program streams per second from DRAM"),
+        Param("l2_speedup", "x", 1.5, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),
+        Param("t_prog_us", "us", 2.0, 0.1, 20.0, "fixed time of one program"),
+        Param("gamma", "fraction", 0.5, 0.0, 1.0, "tail of list scheduling, as for fa2"),
+        Param("f_bw", "fraction", 0.8, 0.2, 1.0, "of the DRAM bandwidth the compulsory traffic reaches"),
+        Param("u_l2", "fraction", 0.9, 0.05, 1.5, "of the L2 that keeps a call's working set between calls"),
+        Param("f_l2", "fraction", 0.3, 0.01, 1.0, "of the L2 bandwidth L2-resident traffic reaches"),
+        Param("c_kernel", "cycles", 5000.0, 100.0, 20000.0, "device time of one kernel of the call", True),
+    ),
+    "nccl": _family(
+        Param("alpha_nvlink_LL", "us", 8.8, 0.5, 40.0, "base latency (launch and synchronisation), NVLink, LL protocol"),
+        Param("alpha_nvlink_LL128", "us", 10.8, 0.5, 40.0, "base latency, NVLink, LL128"),
+        Param("alpha_nvlink_Simple", "us", 25.0, 0.5, 60.0, "base latency, NVLink, Simple"),
+        Param("alpha_pcie_LL", "us", 4.9, 0.5, 40.0, "base latency, PCIe, LL"),
+        Param("alpha_pcie_Simple", "us", 8.3, 0.5, 60.0, "base latency, PCIe, Simple"),
+        Param("beta_nvlink_LL", "us", 0.9, 0.05, 10.0, "latency per ring step, NVLink, LL"),
+        Param("beta_nvlink_LL128", "us", 0.9, 0.05, 10.0, "latency per ring step, NVLink, LL128"),
+        Param("beta_nvlink_Simple", "us", 2.6, 0.05, 20.0, "latency per ring step, NVLink, Simple"),
+        Param("beta_pcie_LL", "us", 1.3, 0.05, 10.0, "latency per ring step, PCIe, LL"),
+        Param("beta_pcie_Simple", "us", 3.6, 0.05, 20.0, "latency per ring step, PCIe, Simple"),
+        Param("eff_nvlink_LL", "fraction", 0.03, 0.001, 0.2, "of the per-direction link bandwidth, NVLink, LL (half of each 8-byte word is a flag)"),
+        Param("eff_nvlink_LL128", "fraction", 0.32, 0.05, 0.7, "of the link bandwidth, NVLink, LL128"),
+        Param("eff_nvlink_Simple", "fraction", 0.71, 0.3, 1.2, "of the link bandwidth, NVLink, Simple"),
+        Param("eff_pcie_LL", "fraction", 0.44, 0.001, 0.7, "of the link bandwidth, PCIe, LL"),
+        Param("eff_pcie_Simple", "fraction", 0.74, 0.3, 1.2, "of the link bandwidth, PCIe, Simple"),
+        Param("c_steps", "chunks", 0.4, 1e-6, 4.0, "non-overlapped chunk steps per rank"),
+        Param("fill_Simple", "bytes", 1.2e5, 1e3, 1e8, "Simple protocol pipeline fill"),
+        Param("int8_red_penalty", "fraction", 0.012, 1e-6, 0.5, "extra wire time of int8 reductions"),
+        Param("eff_cross", "fraction", 0.4, 0.001, 1.0, "PCIe: bandwidth factor of a ring leaving one PCIe switch (host platform)", True),
+        Param("eff_socket", "fraction", 0.15, 0.001, 1.0, "PCIe: bandwidth factor of a ring leaving one CPU socket (host platform)", True),
+    ),
+    "operators": _family(
+        Param("eff_norm", "fraction", 0.5, 0.02, 2.0, "of the attention family's memory rate a residual add + RMSNorm kernel reaches"),
+        Param("eff_rope", "fraction", 0.5, 0.02, 2.0, "the same for the rotary embedding kernel"),
+        Param("eff_swiglu", "fraction", 0.5, 0.02, 2.0, "the same for SiLU(gate) x up"),
+        Param("eff_embed", "fraction", 0.2, 0.01, 2.0, "the same for the embedding lookup, a gather of table rows"),
+        Param("eff_add", "fraction", 1.0, 0.02, 2.0, "the same for a plain residual add"),
+    ),
+}
+
+# The fit groups (see `simulator.kernel_fit.GROUPS`) and the family each one fits.
+GROUP_FAMILIES = {
+    "gemm:bf16": "gemm",
+    "gemm:fp8": "gemm",
+    "gemm:fp8_block": "gemm",
+    "gemm:nvfp4": "gemm",
+    "attention:fa2": "fa2",
+    "attention:flashinfer-prefill": "flashinfer",
+    "attention:flashinfer-decode": "flashinfer",
+    "collective": "nccl",
+    "operators": "operators",
+}
+
+
+def family(name: str) -> dict[str, Param]:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UserError(f"unknown kernel family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """Fitted values of one family: the common value of every parameter, and per architecture
+    generation the log-deviation of each `per_generation` parameter from it."""
+
+    family: str
+    common: dict[str, float]
+    generation: dict[str, dict[str, float]]
+
+    def values(self, generations) -> dict[str, np.ndarray]:
+        """Every parameter as an array over rows of the given generation labels."""
+        gens = np.asarray(generations, dtype=object)
+        spec = family(self.family)
+        out = {}
+        for name, value in self.common.items():
+            v = np.full(len(gens), value, dtype=float)
+            for gen, deltas in self.generation.items():
+                if name in deltas:
+                    v[gens == gen] = min(max(value * math.exp(deltas[name]), spec[name].low), spec[name].high)
+            out[name] = v
+        return out
+
+    def for_generation(self, generation: str) -> dict[str, float]:
+        deltas = self.generation.get(generation, {})
+        spec = family(self.family)
+        return {k: min(max(v * math.exp(deltas.get(k, 0.0)), spec[k].low), spec[k].high) for k, v in self.common.items()}
+
+    def to_json(self) -> dict:
+        return {"common": self.common, "generation": self.generation}
+
+    @classmethod
+    def from_json(cls, family_name: str, data: dict) -> Fitted:
+        spec = family(family_name)
+        common = {k: float(data["common"].get(k, p.start)) for k, p in spec.items()}
+        generation = {g: {k: float(v) for k, v in d.items() if k in spec} for g, d in data.get("generation", {}).items()}
+        return cls(family_name, common, generation)
+
+    @classmethod
+    def start(cls, family_name: str) -> Fitted:
+        return cls(family_name, {k: p.start for k, p in family(family_name).items()}, {})
+
+
+def load_fitted(path: Path = FITTED_PATH) -> dict:
+    """The shipped fit: {"families": {group: Fitted}, "timers": {group: {...}}, "intervals": {kind:
+    {"low", "high"}}, "data": {...}}. A group the file lacks (or a missing file, in a checkout before
+    the first fit) takes every parameter's start value."""
+    raw: dict = {}
+    if path.exists():
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: cannot read the fitted kernel model: {exc}") from None
+    groups = raw.get("groups", {})
+    families = {g: Fitted.from_json(f, groups[g]) if g in groups else Fitted.start(f) for g, f in GROUP_FAMILIES.items() if f in FAMILIES}
+    timers = {g: groups[g].get("timer", {}) for g in groups}
+    return {"families": families, "timers": timers, "intervals": raw.get("intervals", {}), "data": raw.get("data", {})}

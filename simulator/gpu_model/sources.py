@@ -1,0 +1,80 @@
+"""What a data source's number is, given the kernels' device times: the source's timer.
+
+A kernel's device time is a property of the GPU; what a benchmark reports around it is a property
+of the benchmark. The sources the model knows, from their published harness code:
+
+- aiconfigurator's vLLM collectors (ai-dynamo/aiconfigurator, collector/vllm/collect_gemm.py,
+  collect_attn.py, collector/helper.py `benchmark_with_power`): the call is captured in a CUDA
+  graph and the graph replayed back to back between two CUDA events; latency = elapsed / replays
+  / calls per replay. A GEMM replay runs 6 layers (6 weight copies, one shared input) for bf16 and
+  fp8, 1 for fp8_block and nvfp4; fp8_block runs eagerly (no graph), so the host's Python and
+  launch work bounds it. An attention replay is one `impl.forward` (cache write and attention).
+  Replaying a small graph costs the host and the GPU's front end a fixed time per replay that no
+  kernel can go below (`c_floor`, in cycles of the GPU clock: it is ~15-19 k cycles on every GPU
+  measured, 7-12 us); fp8 activations are quantized by a kernel of their own inside the call.
+- nccl-tests (collector/collect_nccl.py): the out-of-place time column of `*_perf`, see
+  `simulator.gpu_model.collectives`.
+- anything else: the device time of the call, as a kernel-level timer (CUDA events around one
+  kernel, a profiler) reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simulator.gpu_model import kernels as K
+from simulator.gpu_model.device import Dev
+
+
+@dataclass(frozen=True)
+class Timer:
+    graph: bool = False  # replayed in a CUDA graph (per-replay floor) or run eagerly (host floor)
+    calls_per_replay: int = 1
+    weight_copies: int = 1  # distinct weight matrices cycled through between two uses of one
+    eager_host: bool = False  # an eager call whose host work can bound it
+
+
+KERNEL_ONLY = Timer()
+
+
+def gemm_timer(framework: str, dtype: str) -> Timer:
+    if framework == "vllm":
+        if dtype == "fp8_block":
+            return Timer(graph=False, calls_per_replay=1, weight_copies=1, eager_host=True)
+        copies = 1 if dtype == "nvfp4" else 6
+        return Timer(graph=True, calls_per_replay=copies, weight_copies=copies)
+    return KERNEL_ONLY
+
+
+def attention_timer(framework: str) -> Timer:
+    return Timer(graph=True) if framework == "vllm" else KERNEL_ONLY
+
+
+TIMER_PARAMS = ("c_floor", "t_host_us")
+TIMER_START = {"c_floor": 16000.0, "t_host_us": 100.0}
+TIMER_BOUNDS = {"c_floor": (100.0, 100000.0), "t_host_us": (1.0, 2000.0)}
+
+
+def timed(device_s, timer: Timer, T: dict, dev: Dev):
+    """What the source reports for calls of `device_s` seconds on the device."""
+    t = np.asarray(device_s, dtype=float)
+    if timer.graph:
+        return np.maximum(t, T["c_floor"] / dev.clock_hz / timer.calls_per_replay)
+    if timer.eager_host:
+        return np.maximum(t, T["t_host_us"] * 1e-6)
+    return t
+
+
+QUANTIZED_OUT_BYTES = {"fp8": 1.0, "fp8_block": 1.0 + 4.0 / 128, "nvfp4": 0.5 + 1.0 / 16}
+
+
+def gemm_call(P: dict, dev: Dev, m, n, k, dtype: str, weight_copies=1.0):
+    """Device seconds of one linear layer call in `dtype`: for quantized dtypes the activation
+    quantization kernel (bf16 in, the dtype and its scales out) and the GEMM."""
+    t = K.gemm_time(P, dev, m, n, k, dtype, weight_copies)
+    if dtype in QUANTIZED_OUT_BYTES:
+        t = t + K.quantize_time(P, dev, np.asarray(m, dtype=float) * np.asarray(k, dtype=float), QUANTIZED_OUT_BYTES[dtype])
+    return t
+

@@ -1,0 +1,416 @@
+"""Fitting the GPU kernel model to measured tables, and the splits that say how well it predicts.
+
+A fit group is one kernel family on the rows it explains (GEMMs of one dtype; prefill and decode
+attention of one library, fitted together since they run the same kernels; collectives). Its
+parameters are fitted by robust least squares on log(predicted / measured) (a soft-L1 loss, so a
+few wild cells do not steer it), every GPU in the fit weighing the same; a parameter marked
+per-generation gets a log-deviation per generation present, with a Gaussian prior of width
+`GENERATION_PRIOR` pulling it to the common value.
+
+Splits (`evaluate`): `leave_one_gpu_out` fits on every other GPU's rows and predicts this GPU's;
+`in_gpu` fits on every third row of each of this GPU's files (in file order) and predicts the
+rest; `few_shot` adds K rows of the predicted GPU, spread evenly over its table, to a
+leave-one-GPU-out fit. A split never reads rows it predicts (a test poisons them to show it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+from simulator.errors import UserError
+from simulator.gpu_model import collectives, kernels, sources
+from simulator.gpu_model.device import GEMM_DTYPES, Dev
+from simulator.gpu_model.params import Fitted, family
+from simulator.hardware import HardwareProfile
+
+GENERATION_PRIOR = 0.3  # prior width of a per-generation log-deviation (a factor of e^0.3 = 1.35)
+FIT_ROWS_PER_GPU = 600  # rows of each GPU a fit samples (fixed seed); every row is predicted
+LOSS_SCALE = 0.1  # soft-L1 scale of the log residual: residuals beyond ~10% count linearly
+CALIBRATION_EVERY = 3  # in-GPU split: every third row of each file fits, the rest is held out
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    family: str
+    kinds: tuple[str, ...]
+    select: Callable[[pd.DataFrame], np.ndarray]
+    predict: Callable[[dict, dict, Dev, pd.DataFrame, dict], np.ndarray]
+    timer_params: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()  # groups whose fits (of the same split) its predictions use
+    uses_family: Callable[[pd.DataFrame], np.ndarray] | None = None  # rows priced with the group's own parameters (default: all)
+
+    def own_rows(self, frame: pd.DataFrame) -> np.ndarray:
+        return self.uses_family(frame) if self.uses_family else np.ones(len(frame), dtype=bool)
+
+
+def _predict_gemm(dtype: str):
+    def predict(P, T, dev, f, ctx):
+        out = np.empty(len(f))
+        for framework, idx in f.groupby("framework").indices.items():
+            timer = sources.gemm_timer(framework, dtype)
+            sub = f.iloc[idx]
+            Pi = {k: v[idx] for k, v in P.items()}
+            di = _take(dev, idx)
+            t = sources.gemm_call(Pi, di, sub["m"].to_numpy(), sub["n"].to_numpy(), sub["k"].to_numpy(), dtype, timer.weight_copies)
+            out[idx] = sources.timed(t, timer, T, di)
+        return out
+
+    return predict
+
+
+def _predict_attention(library: str):
+    def predict(P, T, dev, f, ctx):
+        t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")))
+        graph = (f["framework"] == "vllm").to_numpy()
+        return np.where(graph, sources.timed(t, sources.attention_timer("vllm"), T, dev), t)
+
+    return predict
+
+
+def _predict_collective(P, T, dev, f, ctx):
+    link = (f["link_bytes_per_s"].to_numpy(), f["link"].to_numpy())
+    return collectives.collective_time(P, dev, f["op"].to_numpy(), f["n_gpus"].to_numpy(), f["bytes"].to_numpy(), link, f["element_bytes"].to_numpy())
+
+
+# vidur's operators (profiled one kernel at a time by CUPTI: kernel time only): its GEMMs, and the
+# memory-bound kernels as (model kernel, bytes moved per element of the op's width, width).
+VIDUR_GEMMS = {"attn_pre_proj": "qkv", "attn_post_proj": "o", "mlp_up_proj": "up", "mlp_down_proj": "down"}
+VIDUR_MEMORY = {"emb": ("embed", 4.0), "input_layernorm": ("norm", 4.0), "post_attention_layernorm": ("norm", 4.0),
+                "attn_rope": ("rope", 4.0), "mlp_act": ("swiglu", 6.0), "add": ("add", 6.0)}  # fmt: skip
+
+
+def _vidur_shapes(f: pd.DataFrame):
+    """(m, n, k) of each GEMM op and the element count of each memory op, dims split by TP."""
+    t, tp = f["tokens"].to_numpy(float), f["tp"].to_numpy(float)
+    d, h, hk, d_ff = (f[c].to_numpy(float) for c in ("d_model", "heads", "kv_heads", "d_ff"))
+    d_head = d / h
+    d_q, d_kv, d_ffp = h / tp * d_head, np.maximum(1.0, hk / tp) * d_head, d_ff / tp
+    op = f["op"].to_numpy()
+    n = np.select([op == "attn_pre_proj", op == "attn_post_proj", op == "mlp_up_proj", op == "mlp_down_proj"], [d_q + 2 * d_kv, d, 2 * d_ffp, d], d)
+    k = np.select([op == "attn_pre_proj", op == "attn_post_proj", op == "mlp_up_proj", op == "mlp_down_proj"], [d, d_q, d, d_ffp], d)
+    width = np.select([op == "attn_rope", op == "mlp_act"], [d_q + d_kv, d_ffp], d)
+    return t, n, k, t * width
+
+
+def memory_op_time(P_mem: dict, P_op: dict, c_kernel, dev: Dev, op_kernel: np.ndarray, nbytes):
+    """A memory-bound operator: its bytes at the attention family's DRAM/L2 rates scaled by the
+    operator's efficiency (`operators` family), plus one kernel's device time."""
+    eff = np.ones(len(op_kernel))
+    for name in ("norm", "rope", "swiglu", "embed", "add"):
+        eff = np.where(op_kernel == name, P_op[f"eff_{name}"], eff)
+    return kernels.memory_time(nbytes, dev, P_mem["f_bw"] * eff, P_mem["f_l2"] * eff, P_mem["u_l2"]) + c_kernel / dev.clock_hz
+
+
+def _predict_operators(P, T, dev, f, ctx):
+    t, n, k, elements = _vidur_shapes(f)
+    op = f["op"].to_numpy()
+    gemm_rows = np.isin(op, list(VIDUR_GEMMS))
+    out = np.full(len(f), np.nan)
+    if "gemm:bf16" in ctx and gemm_rows.any():
+        idx = np.flatnonzero(gemm_rows)
+        fit = ctx["gemm:bf16"]
+        di = _take(dev, idx)
+        Pg = fit.fitted.values(di.generation)
+        out[idx] = sources.gemm_call(Pg, di, t[idx], n[idx], k[idx], "fp16", 1.0)
+    memory = ~gemm_rows
+    if "attention:fa2" in ctx and memory.any():
+        idx = np.flatnonzero(memory)
+        di = _take(dev, idx)
+        P_mem = ctx["attention:fa2"].fitted.values(di.generation)
+        c_kernel = ctx["gemm:bf16"].fitted.values(di.generation)["c_kernel"] if "gemm:bf16" in ctx else 2000.0
+        kernel = np.asarray([VIDUR_MEMORY[o][0] for o in op[idx]], dtype=object)
+        per_element = np.asarray([VIDUR_MEMORY[o][1] for o in op[idx]])
+        P_op = {name: v[idx] for name, v in P.items()}
+        out[idx] = memory_op_time(P_mem, P_op, c_kernel, di, kernel, elements[idx] * per_element)
+    return out
+
+
+def _take(dev: Dev, idx) -> Dev:
+    return Dev(*(getattr(dev, name)[idx] for name in ("sm_count", "clock_hz", "hbm_bytes_per_s", "l2_bytes", "l2_bytes_per_s", "sram_bytes_per_sm")),
+               {k: v[idx] for k, v in dev.peaks.items()}, dev.generation[idx])  # fmt: skip
+
+
+def _is(column: str, value: str) -> Callable[[pd.DataFrame], np.ndarray]:
+    return lambda f: (f[column] == value).to_numpy()
+
+
+GROUPS: dict[str, Group] = {
+    **{f"gemm:{d}": Group(f"gemm:{d}", "gemm", ("gemm",), _is("dtype", d), _predict_gemm(d), ("c_floor", "t_host_us") if d == "fp8_block" else ("c_floor",))
+       for d in ("bf16", "fp8", "fp8_block", "nvfp4")},  # fmt: skip
+    # FlashAttention-2 runs prefill and decode through one kernel (its split-KV kernel): one fit.
+    "attention:fa2": Group("attention:fa2", "fa2", ("prefill-attention", "decode-attention"), _is("library", "fa2"), _predict_attention("fa2"), ("c_floor",)),
+    # FlashInfer decodes with its decode kernel and prefills with its prefill kernel: a fit each.
+    **{f"attention:flashinfer-{k}": Group(f"attention:flashinfer-{k}", "flashinfer", (f"{k}-attention",), _is("library", "flashinfer"), _predict_attention("flashinfer"), ("c_floor",))
+       for k in ("prefill", "decode")},  # fmt: skip
+    "collective": Group("collective", "nccl", ("collective",), lambda f: np.ones(len(f), dtype=bool), _predict_collective),
+    "operators": Group("operators", "operators", ("operators",), lambda f: np.ones(len(f), dtype=bool), _predict_operators,
+                       needs=("gemm:bf16", "attention:fa2"), uses_family=lambda f: ~f["op"].isin(list(VIDUR_GEMMS)).to_numpy()),
+}
+# Reported kind of each group's rows (validate's JSON keys).
+REPORT_KIND = {
+    "gemm:bf16": "gemm:bf16", "gemm:fp8": "gemm:fp8", "gemm:fp8_block": "gemm:fp8_block", "gemm:nvfp4": "gemm:nvfp4",
+    "collective": "collective", "operators": "operators",
+}  # fmt: skip
+
+
+def report_kinds(group: Group, frame: pd.DataFrame) -> np.ndarray:
+    """`prefill-attention:fa2`, `decode-attention:flashinfer`, `gemm:bf16`, `collective`, ..."""
+    if group.name in REPORT_KIND:
+        return np.full(len(frame), REPORT_KIND[group.name], dtype=object)
+    return (frame["kind"] + ":" + frame["library"]).to_numpy()
+
+
+def group_rows(tables: dict[str, pd.DataFrame], group: Group, profiles: dict[str, HardwareProfile]) -> pd.DataFrame:
+    """The rows a group explains, from every kind it spans (with a `kind` column; collectives also
+    get their GPU's link bandwidth and kind)."""
+    frames = []
+    for kind in group.kinds:
+        f = tables.get(kind)
+        if f is None or not len(f):
+            continue
+        f = f[group.select(f)]
+        if len(f):
+            frames.append(f.assign(kind=kind))
+    if not frames:
+        return pd.DataFrame()
+    out = pd.concat(frames, ignore_index=True)
+    if "collective" in group.kinds:
+        names = sorted(out["gpu"].unique())
+        bw, link = collectives.link_of([profiles[n] for n in names])
+        out["link_bytes_per_s"] = out["gpu"].map(dict(zip(names, bw, strict=True)))
+        out["link"] = out["gpu"].map(dict(zip(names, link, strict=True)))
+    return out
+
+
+def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
+    """Rows whose measured time is shorter than their FLOPs take at the datasheet's dense peak of
+    their MMA dtype: no kernel can be that fast, so the call did not do the work its shape says
+    (some FlashInfer fp8 prefill rows: up to 360x). Such rows are neither fitted nor scored, and
+    `validate` counts them."""
+    if not len(frame) or "kind" not in frame:
+        return np.zeros(len(frame), dtype=bool)
+    dev = device_of(frame, profiles)
+    kind = frame["kind"].to_numpy()
+    flops = np.zeros(len(frame))
+    peak = dev.peak("bf16").copy()
+    if "m" in frame:
+        gemm = kind == "gemm"
+        flops = np.where(gemm, 2.0 * frame["m"].to_numpy(float) * frame["n"].to_numpy(float) * frame["k"].to_numpy(float), flops)
+        for dtype, peak_dtype in (("fp8", "fp8"), ("fp8_block", "fp8"), ("nvfp4", "fp4")):
+            rows = gemm & (frame["dtype"].to_numpy() == dtype)
+            peak = np.where(rows, dev.peak(peak_dtype), peak)
+    if "n_q" in frame:
+        att = np.isin(kind, ("prefill-attention", "decode-attention"))
+        n_q, n_kv = frame["n_q"].to_numpy(float), frame["n_kv"].to_numpy(float)
+        causal = np.where(n_q > 1, 0.5, 1.0)
+        flops = np.where(att, 4.0 * frame["b"].to_numpy(float) * frame["h"].to_numpy(float) * n_q * n_kv * frame["d"].to_numpy(float) * causal, flops)
+        fp8 = att & (frame["kv_bytes"].to_numpy(float) < 2)
+        peak = np.where(fp8 & np.isfinite(dev.peak("fp8")), dev.peak("fp8"), peak)
+    measured = frame["measured_s"].to_numpy()
+    bad = flops / measured > np.nan_to_num(peak, nan=np.inf)
+    # compulsory traffic (operands read, results written once) beyond what the L2 can hold must
+    # cross the DRAM interface, at its datasheet bandwidth at best
+    nbytes = np.zeros(len(frame))
+    if "m" in frame:
+        m, n, k = (frame[c].to_numpy(float) for c in ("m", "n", "k"))
+        e = frame["dtype"].map(lambda d: GEMM_DTYPES[d][0]).to_numpy(float)
+        nbytes = np.where(kind == "gemm", e * (m * k + k * n) + 2.0 * m * n, nbytes)
+    if "n_q" in frame:
+        tokens = frame["b"].to_numpy(float) * frame["n_q"].to_numpy(float)
+        q_o = tokens * frame["h"].to_numpy(float) * frame["d"].to_numpy(float) * (1.0 + 2.0)  # Q (>= 1 B), O (bf16)
+        nbytes = np.where(np.isin(kind, ("prefill-attention", "decode-attention")), q_o, nbytes)
+    bad |= np.maximum(nbytes - dev.l2_bytes, 0.0) / dev.hbm_bytes_per_s > measured
+    if "n_q" in frame:
+        bad |= fewer_heads_slower(frame)
+    return bad
+
+
+HEADS_SLACK = 0.75  # a prefill call may not take less than 3/4 of the same call with fewer query heads
+
+
+def fewer_heads_slower(frame: pd.DataFrame) -> np.ndarray:
+    """Prefill rows faster than `HEADS_SLACK` x the slowest row that differs only in having fewer
+    query heads: the same kernel doing more heads' work cannot be that much faster. (Decode rows are
+    exempt: FA2 takes another path when the query heads equal the KV heads.) On L40S and RTX PRO 6000
+    a third of FlashInfer's fp8 prefill rows fail this, their time falling as heads are added."""
+    if not len(frame):
+        return np.zeros(0, dtype=bool)
+    keys = ["gpu", "library", "kv_bytes", "b", "n_q", "n_kv", "hk", "d"]
+    f = frame[keys + ["h", "measured_s"]].assign(pos=np.arange(len(frame)))
+    f = f[frame["kind"].to_numpy() == "prefill-attention"].sort_values([*keys, "h"])
+    before = f.groupby(keys, sort=False)["measured_s"].transform(lambda s: s.cummax().shift(1)).to_numpy()
+    out = np.zeros(len(frame), dtype=bool)
+    out[f["pos"].to_numpy()] = f["measured_s"].to_numpy() < HEADS_SLACK * np.nan_to_num(before, nan=0.0)
+    return out
+
+
+def device_of(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> Dev:
+    names = sorted(frame["gpu"].unique())
+    index = pd.Categorical(frame["gpu"], categories=names).codes.astype(np.int64)
+    return Dev.repeat([profiles[n] for n in names], index)
+
+
+@dataclass(frozen=True)
+class GroupFit:
+    group: str
+    fitted: Fitted
+    timer: dict[str, float]
+    rows: int
+
+    def to_json(self) -> dict:
+        return {**self.fitted.to_json(), "timer": self.timer, "rows": self.rows}
+
+
+def predict(group: Group, fit: GroupFit, frame: pd.DataFrame, profiles: dict[str, HardwareProfile], ctx: dict | None = None) -> np.ndarray:
+    dev = device_of(frame, profiles)
+    P = fit.fitted.values(dev.generation)
+    return group.predict(P, fit.timer, dev, frame, ctx or {})
+
+
+def sample_rows(frame: pd.DataFrame, per_gpu: int = FIT_ROWS_PER_GPU, seed: int = SEED) -> np.ndarray:
+    """Positions of up to `per_gpu` rows of each GPU, drawn with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _, idx in frame.groupby("gpu").indices.items():
+        picks.append(np.sort(rng.choice(idx, size=min(per_gpu, len(idx)), replace=False)))
+    return np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+
+
+def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwareProfile], weights: np.ndarray | None = None,
+              start: GroupFit | None = None, ctx: dict | None = None) -> GroupFit:  # fmt: skip
+    """Fit a group's parameters to `frame` (all of its rows are used; sample beforehand)."""
+    if not len(frame):
+        raise UserError(f"{group.name}: no rows to fit")
+    spec = family(group.family)
+    names = list(spec)
+    gens = sorted(frame["generation"].unique())
+    per_gen = [n for n in names if spec[n].per_generation] if len(gens) > 0 else []
+    dev = device_of(frame, profiles)
+    gen_index = pd.Categorical(frame["generation"], categories=gens).codes
+    y = np.log(frame["measured_s"].to_numpy())
+    w = np.ones(len(frame)) if weights is None else weights
+    # every GPU weighs the same, whatever its row count
+    counts = frame.groupby("gpu")["gpu"].transform("size").to_numpy()
+    w = w / counts
+    w = np.sqrt(w / w.mean())
+    tnames = list(group.timer_params)
+    x0 = [start.fitted.common[n] if start else spec[n].start for n in names] + [
+        (start.timer.get(n) if start and n in start.timer else sources.TIMER_START[n]) for n in tnames
+    ]
+    lo = [spec[n].low for n in names] + [sources.TIMER_BOUNDS[n][0] for n in tnames]
+    hi = [spec[n].high for n in names] + [sources.TIMER_BOUNDS[n][1] for n in tnames]
+    nd = len(gens) * len(per_gen)
+    x0 += [(start.fitted.generation.get(g, {}).get(n, 0.0) if start else 0.0) for g in gens for n in per_gen]
+    lo += [-2.0] * nd
+    hi += [2.0] * nd
+    x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
+    prior_weight = np.sqrt(len(frame) / max(1, nd)) * 0.05 / GENERATION_PRIOR
+
+    def unpack(x):
+        common = dict(zip(names, x[: len(names)], strict=True))
+        timer = dict(zip(tnames, x[len(names) : len(names) + len(tnames)], strict=True))
+        deltas = x[len(names) + len(tnames) :].reshape(len(gens), len(per_gen)) if nd else np.zeros((len(gens), 0))
+        return common, timer, deltas
+
+    def residuals(x):
+        common, timer, deltas = unpack(x)
+        P = {n: np.full(len(frame), v) for n, v in common.items()}
+        for j, n in enumerate(per_gen):
+            P[n] = np.clip(P[n] * np.exp(deltas[gen_index, j]), spec[n].low, spec[n].high)
+        pred = group.predict(P, timer, dev, frame, ctx or {})
+        r = w * np.nan_to_num(np.log(np.maximum(pred, 1e-30)) - y)
+        return np.concatenate([r, prior_weight * deltas.ravel()])
+
+    # a generation's deviations move only that generation's rows (and their prior): telling scipy so
+    # lets it difference all generations' deviations of a parameter in one evaluation
+    ncommon = len(names) + len(tnames)
+    sparsity = np.zeros((len(frame) + nd, ncommon + nd), dtype=bool)
+    sparsity[: len(frame), :ncommon] = True
+    for i in range(len(gens)):
+        for j in range(len(per_gen)):
+            col = ncommon + i * len(per_gen) + j
+            sparsity[: len(frame), col] = gen_index == i
+            sparsity[len(frame) + i * len(per_gen) + j, col] = True
+    result = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=LOSS_SCALE, x_scale="jac", diff_step=1e-3,
+                           ftol=1e-5, xtol=1e-5, max_nfev=400, jac_sparsity=sparsity)
+    common, timer, deltas = unpack(result.x)
+    generation = {g: {n: float(deltas[i, j]) for j, n in enumerate(per_gen)} for i, g in enumerate(gens)}
+    return GroupFit(group.name, Fitted(group.family, {k: float(v) for k, v in common.items()}, generation),
+                    {k: float(v) for k, v in timer.items()}, len(frame))  # fmt: skip
+
+
+def calibration_mask(frame: pd.DataFrame) -> np.ndarray:
+    """In-GPU split: every third row of each file, in file order."""
+    return ((frame["row"].to_numpy() - 1) % CALIBRATION_EVERY) == 0
+
+
+def few_shot_rows(frame: pd.DataFrame, k: int) -> np.ndarray:
+    """Positions of `k` rows spread evenly over a GPU's table (in file order)."""
+    n = len(frame)
+    if k <= 0 or n == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, num=min(k, n)).round().astype(np.int64))
+
+
+# --- the shipped fit --------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def data_fingerprint(tables) -> list[dict]:
+    """What the fit was made from: each folder's manifest hash, its files' hashes, and the upstream
+    sources (repository@commit) the manifest names -- the data folders are not repositories."""
+    out = []
+    for folder in tables.folders:
+        manifest = folder / "manifest.csv"
+        rows = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        files = {r["file"]: _sha256(folder / r["file"])[:16] for r in rows.to_dict("records")}
+        sources = sorted({r.get("source", "").split(":")[0] for r in rows.to_dict("records") if "@" in r.get("source", "")})
+        out.append({"folder": folder.name, "manifest_sha256": _sha256(manifest), "files": files, "upstream": sources})
+    return out
+
+
+def fit_all(tables, per_gpu: int = FIT_ROWS_PER_GPU, progress=None) -> dict:
+    """Every group fitted on all GPUs' plausible rows (what `plan` and `simulate` use), with the
+    80% intervals from a leave-one-GPU-out run over the same data."""
+    import datetime
+
+    from simulator import validate as val
+
+    say = progress or (lambda msg: None)
+    say("leave-one-GPU-out run for the intervals")
+    logo = val.validate(tables.folders, per_gpu=per_gpu, progress=progress, in_gpu=False, tables=tables)
+    groups: dict = {}
+    fits: dict = {}
+    for name, group in GROUPS.items():
+        frame = group_rows(tables.kinds, group, tables.profiles)
+        if not len(frame):
+            continue
+        frame = frame[~implausible(frame, tables.profiles)].reset_index(drop=True)
+        say(f"{name}: all GPUs")
+        ctx = {g: fits[g] for g in group.needs if g in fits}
+        fits[name] = fit_group(group, frame.iloc[sample_rows(frame, per_gpu)].reset_index(drop=True), tables.profiles, ctx=ctx)
+        groups[name] = {"family": group.family, **fits[name].to_json(), "gpus": sorted(frame["gpu"].unique())}
+    summary = {gpu: {kind: round(m["mape"], 2) for kind, m in kinds.items()} for gpu, kinds in logo["leave_one_gpu_out"].items()}
+    return {
+        "created": datetime.date.today().isoformat(),
+        "command": "python -m simulator fit-kernels",
+        "data": data_fingerprint(tables),
+        "fit_rows_per_gpu": per_gpu,
+        "groups": groups,
+        "intervals": logo["intervals"],
+        "leave_one_gpu_out_mape": summary,
+        "excluded": logo["excluded"],
+    }

@@ -1,0 +1,118 @@
+"""Data folders read through their manifest: any GPU and kind, and every bad input one line naming
+the file (and row), exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from gpu_tables import write_tables
+
+from simulator.__main__ import main
+from simulator.data import load_tables
+from simulator.errors import UserError
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return write_tables(tmp_path / "data", rows=12)
+
+
+def test_every_listed_file_is_read_in_the_models_terms(folder):
+    tables = load_tables([folder])
+    assert set(tables.kinds) == {"gemm", "decode-attention", "collective"}
+    assert tables.gpus() == ["A100-80GB-SXM", "H100-SXM", "L40S"]  # aliases resolved to profile names
+    decode = tables.kinds["decode-attention"]
+    raw = pd.read_csv(folder / "measured" / "a100-decode-attention.csv")
+    mine = decode[decode["gpu"] == "A100-80GB-SXM"]
+    assert list(mine["n_kv"]) == list(raw["step"]) and set(mine["n_q"]) == {1.0}  # a decode row's context is its step
+    coll = tables.kinds["collective"]
+    raw = pd.read_csv(folder / "measured" / "a100-collective.csv")
+    assert list(coll[coll["gpu"] == "A100-80GB-SXM"]["bytes"]) == list(raw["message_size"] * 2)  # elements of half
+    assert (tables.kinds["gemm"]["measured_s"] > 0).all() and set(tables.kinds["gemm"]["generation"]) == {"ampere", "ada", "hopper"}
+
+
+def test_two_folders_are_read_together(tmp_path):
+    a = write_tables(tmp_path / "a", rows=5, kinds=("gemm",), gpus={"a100": 1.0})
+    b = write_tables(tmp_path / "b", rows=5, kinds=("gemm",), gpus={"l40s": 1.0})
+    assert load_tables([a, b]).gpus() == ["A100-80GB-SXM", "L40S"]
+
+
+def _refused(args, capsys) -> str:
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def _edit_manifest(folder, **changes):
+    m = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    for column, value in changes.items():
+        m.loc[0, column] = value
+    m.to_csv(folder / "manifest.csv", index=False)
+
+
+def test_a_folder_without_a_manifest(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "no manifest.csv" in _refused(["validate", "--data", str(tmp_path / "empty")], capsys)
+    assert "no such data folder" in _refused(["validate", "--data", str(tmp_path / "nowhere")], capsys)
+
+
+def test_a_manifest_row_naming_a_missing_file(folder, capsys):
+    _edit_manifest(folder, file="measured/gone.csv")
+    err = _refused(["validate", "--data", str(folder)], capsys)
+    assert "manifest.csv: row 1" in err and "gone.csv" in err and "does not exist" in err
+
+
+def test_an_unknown_gpu_names_the_closest_profiles(folder, capsys):
+    _edit_manifest(folder, gpu="a100-80gb-sxn")
+    err = _refused(["validate", "--data", str(folder)], capsys)
+    assert "row 1" in err and "unknown GPU 'a100-80gb-sxn'" in err and "closest: " in err and "a100" in err.split("closest:")[1]
+
+
+def test_an_unknown_kind(folder, capsys):
+    _edit_manifest(folder, kind="matmul")
+    err = _refused(["validate", "--data", str(folder)], capsys)
+    assert "row 1" in err and "unknown kind 'matmul'" in err and "gemm" in err
+
+
+def test_a_table_with_a_missing_column(folder, capsys):
+    path = folder / "measured" / "a100-gemm.csv"
+    pd.read_csv(path).drop(columns=["k"]).to_csv(path, index=False)
+    err = _refused(["validate", "--data", str(folder)], capsys)
+    assert str(path) in err and "'k'" in err
+
+
+@pytest.mark.parametrize("bad", ["fast", "-0.5", "0", "inf", ""])
+def test_a_latency_that_is_not_a_positive_number(folder, capsys, bad):
+    path = folder / "measured" / "l40s-gemm.csv"
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame.loc[3, "latency_ms"] = bad
+    frame.to_csv(path, index=False)
+    err = _refused(["validate", "--data", str(folder)], capsys)
+    assert str(path) in err and "row 4" in err and "latency_ms must be a positive number" in err
+
+
+def test_bad_input_writes_nothing(folder, tmp_path, capsys):
+    _edit_manifest(folder, kind="matmul")
+    plots = tmp_path / "plots"
+    _refused(["validate", "--data", str(folder), "--plot-dir", str(plots)], capsys)
+    assert not any(plots.iterdir())  # checked for writability before the work, left empty
+    out = tmp_path / "fit.json"
+    _refused(["fit-kernels", "--data", str(folder), "--out", str(out)], capsys)
+    assert not out.exists()
+
+
+def test_per_row_gpus_resolve_through_the_file(tmp_path):
+    folder = tmp_path / "pub"
+    (folder / "published").mkdir(parents=True)
+    pd.DataFrame([{"source": "s", "gpu": "a100-40gb-sxm", "kernel": "fa2", "pass": "fwd", "causal": 0, "batch": 1, "heads": 8,
+                   "kv_heads": 8, "seqlen": 1024, "head_dim": 64, "dtype": "fp16", "metric": "ms", "value": 0.5}]).to_csv(
+        folder / "published" / "p.csv", index=False)  # fmt: skip
+    pd.DataFrame([{"file": "published/p.csv", "gpu": "(per row: see gpu column)", "kind": "published-attention"}]).to_csv(folder / "manifest.csv", index=False)
+    assert load_tables([folder]).kinds["published-attention"]["gpu"].tolist() == ["A100-40GB-SXM"]
+    with pytest.raises(UserError, match="unknown GPU 'a200'"):
+        pd.DataFrame([{"file": "published/p.csv", "gpu": "(per row: see gpu column)", "kind": "published-attention"}]).to_csv(folder / "manifest.csv", index=False)
+        frame = pd.read_csv(folder / "published" / "p.csv")
+        frame["gpu"] = "a200"
+        frame.to_csv(folder / "published" / "p.csv", index=False)
+        load_tables([folder])
