@@ -50,6 +50,7 @@ from simulator.serving import (
     ServingConfig,
     check_pair,
     draft_tp,
+    interval_scales,
     simulate_serving,
 )
 from simulator.units import parse_duration_s
@@ -416,11 +417,29 @@ def simulation_job(c: Candidate, query: CapacityQuery, drafts: dict[str, ModelSp
     return (hw, query.target, draft, AcceptanceModel(alpha=query.alpha), cfg, workload, workload_seed, acceptance_seed)
 
 
+INTERVAL_FIGURES = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p99_s")
+
+
 def run_simulation(job: tuple) -> dict:
-    """One replica through the serving engine: the figures the plan needs (runs in a worker)."""
+    """One replica through the serving engine: the figures the plan needs (runs in a worker), with
+    each latency's 80% interval from two more runs at the ends of the device model's interval
+    (`serving.interval_scales`; none on a device model without intervals)."""
     hw, target, draft, acceptance, cfg, workload, workload_seed, acceptance_seed = job
-    requests = make_stream(workload, np.random.default_rng(workload_seed))
-    r = simulate_serving(hw, target, draft, acceptance, cfg, requests, np.random.default_rng(acceptance_seed))
+
+    def run(scale: float = 1.0) -> dict:
+        requests = make_stream(workload, np.random.default_rng(workload_seed))
+        return _figures(simulate_serving(hw, target, draft, acceptance, cfg, requests, np.random.default_rng(acceptance_seed), time_scale=scale))
+
+    figures = run()
+    scales = interval_scales(hw, target, cfg, figures["batch_mean"], workload.prompt_tokens + workload.output_tokens / 2)
+    figures["intervals"] = {}
+    if scales:
+        fast, slow = run(scales[0]), run(scales[1])
+        figures["intervals"] = {k: {"low": fast[k], "high": slow[k]} for k in INTERVAL_FIGURES if figures[k] is not None}
+    return figures
+
+
+def _figures(r: dict) -> dict:
     lat = r["latency_s"]
     return {
         "ttft_p50_s": lat["ttft"]["p50"],
@@ -755,6 +774,9 @@ def format_search(report: dict, top: int = 20) -> str:
             f"  predicted (one replica at {rec['rate_per_replica_per_s']:.3g} requests/s): TTFT p50 / p99 {_ms(rec['ttft_p50_s'])} / "
             f"{_ms(rec['ttft_p99_s'])} ms, TPOT p50 / p99 {_ms(rec['tpot_p50_s'])} / {_ms(rec['tpot_p99_s'])} ms, "
             f"end-to-end p99 {rec['e2e_p99_s']:.2f} s",
+            *(["  80% intervals: " + ", ".join(f"{label} {_ms(iv[k]['low'])}-{_ms(iv[k]['high'])} ms" for k, label in
+                (("ttft_p50_s", "TTFT p50"), ("ttft_p99_s", "TTFT p99"), ("tpot_p50_s", "TPOT p50"), ("tpot_p99_s", "TPOT p99")) if k in iv)]
+              if (iv := rec.get("intervals")) else []),  # fmt: skip
             f"  {rec['output_tokens_per_s']:.0f} output tokens/s ({rec['output_tokens_per_s_per_gpu']:.0f} per GPU), "
             f"GPU busy {rec['gpu_busy_fraction']:.0%}, mean batch {rec['batch_mean']:.1f}, KV cache peak {rec['kv_peak_used_fraction']:.0%}"
             + (f", {rec['tokens_per_verify']:.2f} tokens per verify" if rec["tokens_per_verify"] else ""),

@@ -7,7 +7,7 @@ import bisect
 
 from simulator.attention import attention_summary
 from simulator.errors import UserError
-from simulator.forward import forward, kv_bytes_per_token, prefill_time_s, step_time_s, weight_bytes
+from simulator.forward import forward, kv_bytes_per_token, step_time_s, weight_bytes
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
 from simulator.speculative import SpecDecResult, SpecDecRow, expected_tokens, walltime_improvement
@@ -71,8 +71,9 @@ def build_plan(
     if draft.vocab_size != target.vocab_size:
         raise UserError(f"draft {draft.name} has vocabulary {draft.vocab_size}, target {target.name} has {target.vocab_size}; speculative decoding needs one vocabulary")
     context_len = prompt_len + output_len // 2
-    t_target_s = step_time_s(target, hw, batch, context_len, 1, dtype)
-    t_draft_s = step_time_s(draft, hw, batch, context_len, 1, dtype)
+    target_step = forward(target, hw, batch, context_len, 1, dtype)
+    draft_step = forward(draft, hw, batch, context_len, 1, dtype)["total"]
+    t_target_s, t_draft_s = target_step["total"].time_s, draft_step.time_s
     c = t_draft_s / t_target_s
     ar_tokens_per_s = batch / t_target_s
 
@@ -105,8 +106,21 @@ def build_plan(
         rows=rows,
         best_gamma=best.gamma,
     )
-    ttft_s = prefill_time_s(target, hw, batch, prompt_len, dtype)
+    prefill = forward(target, hw, batch, 0, prompt_len, dtype, logits_tokens=batch)["total"]
+    ttft_s = prefill.time_s
     decode_s = output_len / (chosen.tokens_per_s / batch)
+    verify = forward(target, hw, batch, context_len, chosen.gamma + 1, dtype)["total"]
+    steps = output_len / chosen.expected_tokens_per_step
+    intervals = {}
+    if target_step["total"].low_s is not None:
+        intervals = {
+            "prefill_time_s": interval(prefill.low, prefill.high),
+            "target_step_time_s": interval(target_step["total"].low, target_step["total"].high),
+            "draft_step_time_s": interval(draft_step.low, draft_step.high),
+            "autoregressive_tokens_per_s": interval(batch / target_step["total"].high, batch / target_step["total"].low),
+            "request_latency_s": interval(prefill.low + steps * (chosen.gamma * draft_step.low + verify.low),
+                                          prefill.high + steps * (chosen.gamma * draft_step.high + verify.high)),
+        }  # fmt: skip
     memory = weight_bytes(target, dtype) + weight_bytes(draft, dtype)
     kv = batch * (prompt_len + output_len) * (kv_bytes_per_token(target, dtype) + kv_bytes_per_token(draft, dtype))
     return {
@@ -132,7 +146,7 @@ def build_plan(
         "prefill_time_s": ttft_s,
         "target_step_time_s": t_target_s,
         "draft_step_time_s": t_draft_s,
-        "target_step_breakdown_s": {k: v.time_s for k, v in forward(target, hw, batch, context_len, 1, dtype).items() if k != "total"},
+        "target_step_breakdown_s": {k: v.time_s for k, v in target_step.items() if k != "total"},
         "autoregressive_tokens_per_s": ar_tokens_per_s,
         "speculative": spec.model_dump(),
         "recommended_gamma": best.gamma,
@@ -140,7 +154,25 @@ def build_plan(
         "request_latency_s": ttft_s + decode_s,
         "verify_compute_bound_from_tokens": memory_bound_until_tokens(target, hw, dtype),
         "attention": attention_summary(batch, target.n_heads, prompt_len, target.d_head, hw, causal=True, dtype=dtype),
+        "intervals": intervals,
     }
+
+
+INTERVAL_LEVEL = 0.8
+
+
+def interval(low: float, high: float) -> dict:
+    """An 80% prediction interval: the kernels' times scaled by the 10th and 90th percentiles of
+    measured / predicted on held-out GPUs (`simulator validate`, leave-one-GPU-out) of their kinds."""
+    return {"low": float(low), "high": float(high), "level": INTERVAL_LEVEL}
+
+
+def with_interval(value: float, band: dict | None, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+    """`12.34 ms (80%: 11.02-14.10)` (the interval omitted where the device model has none)."""
+    text = f"{value * scale:.{digits}f}{' ' + unit if unit else ''}"
+    if band:
+        text += f" (80%: {band['low'] * scale:.{digits}f}-{band['high'] * scale:.{digits}f})"
+    return text
 
 
 def _si(value: float, unit: str) -> str:
@@ -151,7 +183,7 @@ def _si(value: float, unit: str) -> str:
 
 
 def format_plan(plan: dict) -> str:
-    gpu, spec, att = plan["gpu"], plan["speculative"], plan["attention"]
+    gpu, spec, att, iv = plan["gpu"], plan["speculative"], plan["attention"], plan.get("intervals", {})
     lines = [
         f"GPU       {gpu['name']}: {_si(gpu['hbm_bytes_per_s'], 'B/s')} memory bandwidth, "
         f"{_si(gpu['peak_flops_per_s'], 'FLOP/s')} {plan['dtype']} peak, ridge {gpu['ridge_flops_per_byte']:.0f} FLOP/B"
@@ -161,10 +193,10 @@ def format_plan(plan: dict) -> str:
         f"Memory    weights + KV cache {_si(plan['weights_and_kv_bytes'], 'B')} of {_si(gpu['memory_bytes'], 'B')}"
         + ("" if plan["fits_in_memory"] else "  DOES NOT FIT"),
         "",
-        f"Prefill (time to first token)   {plan['prefill_time_s'] * 1e3:.2f} ms",
-        f"Decode step at context {plan['context_len_mean']}: target {plan['target_step_time_s'] * 1e3:.3f} ms, "
-        f"draft {plan['draft_step_time_s'] * 1e3:.3f} ms, cost ratio c = {spec['c']:.4f}",
-        f"Autoregressive                  {plan['autoregressive_tokens_per_s']:.1f} tokens/s",
+        f"Prefill (time to first token)   {with_interval(plan['prefill_time_s'], iv.get('prefill_time_s'), 1e3, unit='ms')}",
+        f"Decode step at context {plan['context_len_mean']}: target {with_interval(plan['target_step_time_s'], iv.get('target_step_time_s'), 1e3, 3, 'ms')}, "
+        f"draft {with_interval(plan['draft_step_time_s'], iv.get('draft_step_time_s'), 1e3, 3, 'ms')}, cost ratio c = {spec['c']:.4f}",
+        f"Autoregressive                  {with_interval(plan['autoregressive_tokens_per_s'], iv.get('autoregressive_tokens_per_s'), 1.0, 1, 'tokens/s')}",
         "",
         "Speculative decoding (cost model: gamma draft steps + one verify pass of gamma+1 tokens)",
         f"  {'gamma':>5}  {'tokens/step':>11}  {'tokens/s':>10}  {'speedup':>8}  {'Leviathan formula':>17}",
@@ -179,7 +211,7 @@ def format_plan(plan: dict) -> str:
         )
     lines += [
         f"Recommended gamma {plan['recommended_gamma']}; request latency at gamma {plan['chosen_gamma']}: "
-        f"{plan['request_latency_s'] * 1e3:.1f} ms",
+        f"{with_interval(plan['request_latency_s'], iv.get('request_latency_s'), 1e3, 1, 'ms')}",
         f"The verify pass stays memory-bound up to ~{plan['verify_compute_bound_from_tokens']} tokens per pass "
         f"(batch x (gamma+1)); past that, speculation costs compute in proportion.",
         "",

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from simulator.device_model import device_model
 from simulator.errors import UserError
-from simulator.forward import check_tp, kv_bytes_per_token, kv_heads_per_gpu, layer_costs, weight_bytes
+from simulator.forward import check_tp, forward, kv_bytes_per_token, kv_heads_per_gpu, layer_costs, weight_bytes
 from simulator.hardware import HardwareProfile
 from simulator.models import ModelSpec
 from simulator.workload import Request, request_source
@@ -473,14 +473,15 @@ class Engine:
         cfg: ServingConfig,
         rng: np.random.Generator,
         on_progress: Callable[[int], None] | None = None,
+        time_scale: float = 1.0,
     ):
         cfg.check()
         self.env, self.cfg, self.target, self.rng = env, cfg, target, rng
         self.draft = draft if cfg.gamma > 0 else None
         self.gamma = cfg.gamma if self.draft is not None else 0
         check_pair(target, self.draft)
-        self.target_cost = PassCost(target, hw, cfg.dtype, cfg.tp)
-        self.draft_cost = PassCost(self.draft, hw, cfg.dtype, draft_tp(self.draft, cfg.tp)) if self.draft is not None else None
+        self.target_cost = PassCost(target, hw, cfg.dtype, cfg.tp, time_scale)
+        self.draft_cost = PassCost(self.draft, hw, cfg.dtype, draft_tp(self.draft, cfg.tp), time_scale) if self.draft is not None else None
         if self.gamma:
             acceptance.check(self.gamma)
             pmf = acceptance.pmf(self.gamma)
@@ -951,10 +952,12 @@ def simulate_serving(
     requests: Iterator[Request],
     rng: np.random.Generator,
     on_progress: Callable[[int], None] | None = None,
+    time_scale: float = 1.0,
 ) -> dict:
-    """Run one engine over `requests` until every request has completed or been rejected."""
+    """Run one engine over `requests` until every request has completed or been rejected.
+    `time_scale` multiplies every pass's time (an interval bound: see `interval_scales`)."""
     env = simpy.Environment()
-    engine = Engine(env, hw, target, draft, acceptance, cfg, rng, on_progress)
+    engine = Engine(env, hw, target, draft, acceptance, cfg, rng, on_progress, time_scale)
     env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed))
     env.process(engine_process(env, engine))
     env.run()
@@ -962,3 +965,15 @@ def simulate_serving(
     if engine.completed + rejected != engine.arrived:  # pragma: no cover - an engine bug, not bad input
         raise RuntimeError(f"{engine.arrived - engine.completed - rejected} requests neither completed nor rejected")
     return engine.report()
+
+
+def interval_scales(hw: HardwareProfile, target: ModelSpec, cfg: ServingConfig, batch: float, context: float) -> tuple[float, float] | None:
+    """(low, high) factors of an 80% interval on the engine's step times: the device model's
+    interval on a decode step of the target at this batch and context, relative to its time (None
+    where the device model has no interval, a CPU's). A serving run is repeated with every pass
+    scaled by each factor to bound its latencies and throughput: a whole run is slower or faster
+    together, as a GPU whose kernels all run slower than predicted would be."""
+    total = forward(target, hw, max(1, round(batch)), max(0, round(context)), 1, cfg.dtype, tp=cfg.tp)["total"]
+    if total.low_s is None:
+        return None
+    return total.low_s / total.time_s, total.high_s / total.time_s

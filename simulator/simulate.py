@@ -29,6 +29,7 @@ from simulator.serving import (
     ServingConfig,
     check_pair,
     draft_tp,
+    interval_scales,
     kv_cache_blocks,
     simulate_serving,
 )
@@ -92,11 +93,15 @@ def simulate(
     progress=None,
     runs: tuple[str, ...] = RUNS,
     trace: Trace | None = None,
+    intervals: bool = True,
 ) -> dict:
     """Run `workload` through the engine with speculation ('speculative') and without it
     ('autoregressive': no draft in memory, one token per step), from one seed.
     `progress(n)` is called as requests complete or are rejected; `trace`: the workload's trace, if
-    already loaded."""
+    already loaded. With `intervals` (on a GPU profile) each run is repeated with every pass at
+    the low and at the high end of the device model's 80% interval (`serving.interval_scales`, at
+    the run's mean batch and the workload's mean context), same seeds: its report's `interval`
+    bounds each latency statistic and the throughput."""
     serving.check()
     workload.check()
     acceptance.check(serving.gamma)
@@ -110,10 +115,16 @@ def simulate(
     reports = {}
     for name in runs:
         run_draft, run_cfg = configs[name]
-        requests = make_stream(workload, np.random.default_rng(workload_seed), trace)
-        reports[name] = simulate_serving(
-            hw, target, run_draft, acceptance, run_cfg, requests, np.random.default_rng(acceptance_seed), progress
-        )
+
+        def run(scale: float = 1.0, report_progress=None, run_draft=run_draft, run_cfg=run_cfg):
+            requests = make_stream(workload, np.random.default_rng(workload_seed), trace)
+            return simulate_serving(hw, target, run_draft, acceptance, run_cfg, requests, np.random.default_rng(acceptance_seed),
+                                    report_progress, scale)  # fmt: skip
+
+        reports[name] = run(report_progress=progress)
+        scales = interval_scales(hw, target, run_cfg, reports[name]["batch"]["mean"], _mean_context(workload, trace)) if intervals else None
+        if scales:
+            reports[name]["interval"] = run_interval(run(scales[0]), run(scales[1]), scales)
     report = {
         "config": {
             "gpu": hw.name,
@@ -141,6 +152,22 @@ def simulate(
     if set(RUNS) <= set(reports):
         report["comparison"] = _compare(reports["speculative"], reports["autoregressive"])
     return report
+
+
+def _mean_context(workload: WorkloadSpec, trace: Trace | None) -> float:
+    """Tokens in a request's context halfway through its output, on average."""
+    if trace is not None:
+        return float(np.mean(trace.prompt_tokens) + np.mean(trace.output_tokens) / 2)
+    return workload.prompt_tokens + workload.output_tokens / 2
+
+
+def run_interval(fast: dict, slow: dict, scales: tuple[float, float]) -> dict:
+    """The 80% interval of a run from its two bound runs: every pass at the low end (`fast`) and at
+    the high end (`slow`) of the device model's interval."""
+    latency = {metric: {stat: {"low": fast["latency_s"][metric][stat], "high": slow["latency_s"][metric][stat]}
+                        for stat in ("mean", "p50", "p90", "p99")} for metric in ("ttft", "tpot", "e2e", "queue")}  # fmt: skip
+    throughput = {"output_tokens_per_s": {"low": slow["throughput"]["output_tokens_per_s"], "high": fast["throughput"]["output_tokens_per_s"]}}
+    return {"level": plan_lib.INTERVAL_LEVEL, "time_scale": {"low": scales[0], "high": scales[1]}, "latency_s": latency, "throughput": throughput}
 
 
 def _ratio(a, b):
@@ -211,6 +238,18 @@ def format_report(report: dict) -> str:
     col_w = [max(len(runs[j]), *(len(cells[j]) for _, cells in table)) + 3 for j in range(len(runs))]
     lines += ["", " " * label_w + "".join(f"{name:>{w}}" for name, w in zip(runs, col_w, strict=True))]
     lines += [f"{label:<{label_w}}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells, col_w, strict=True)) for label, cells in table]
+    if any("interval" in report[r] for r in runs):
+        lines += ["", "80% intervals (every pass at the ends of the kernel model's leave-one-GPU-out interval):"]
+        for r in runs:
+            iv = report[r].get("interval")
+            if not iv:
+                continue
+            lat, tps = report[r]["latency_s"], report[r]["throughput"]["output_tokens_per_s"]
+            parts = [f"{label} {stat} {_ms(lat[key][stat])} ms ({_ms(iv['latency_s'][key][stat]['low'])}-{_ms(iv['latency_s'][key][stat]['high'])})"
+                     for key, label in (("ttft", "TTFT"), ("tpot", "TPOT")) for stat in ("p50", "p99")]  # fmt: skip
+            band = iv["throughput"]["output_tokens_per_s"]
+            parts.append(f"output tokens/s {tps:.1f} ({band['low']:.1f}-{band['high']:.1f})")
+            lines.append(f"  {r}: " + ", ".join(parts))
     for reason_run in runs:
         for reason, info in report[reason_run]["requests"]["rejected_by_reason"].items():
             lines.append(f"  {reason_run}: {info['count']} rejected, {reason} (first ids {info['first_ids']})")
@@ -387,7 +426,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
     trace = load_trace(workload.trace_path, workload.requests) if workload.arrival == "trace" else None
     with _progress_bar(len(RUNS) * request_count(workload, trace), "simulate") as bar:
-        report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, progress=bar.update, trace=trace)
+        report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, progress=bar.update, trace=trace,
+                          intervals=not args.no_interval)  # fmt: skip
     if args.csv:
         write_csv(report, args.csv)
     if args.plot:
@@ -404,7 +444,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"{'run':<16}{'wall s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
     for name in RUNS:
         t0 = time.perf_counter()
-        report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, runs=(name,))
+        report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, runs=(name,), intervals=False)
         wall_s = time.perf_counter() - t0
         r = report[name]
         done = r["requests"]["completed"] + r["requests"]["rejected"]
@@ -426,6 +466,7 @@ def add_parsers(sub, bench) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON (keys documented in the README)")
     p.add_argument("--csv", metavar="FILE", default=None, help="write one row of summary figures per run to FILE")
     p.add_argument("--plot", metavar="FILE", default=None, help="write a figure of latency percentiles and throughput, batch and KV use over time (.png, .pdf, .svg)")
+    p.add_argument("--no-interval", action="store_true", help="skip the two runs that bound each run's 80%% interval (three times faster)")
     p.set_defaults(run=run_simulate)
 
     b = bench.add_parser(

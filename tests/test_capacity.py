@@ -128,6 +128,12 @@ def test_search_recommends_the_fewest_gpus_that_meet_the_slo(small_report):
     assert r["verdict"].startswith(f"{rec['gpus']} x A100-80GB-SXM")
 
 
+def test_every_simulated_latency_has_its_80_percent_interval(small_report):
+    for row in small_report["candidates"]:
+        for key in capacity.INTERVAL_FIGURES:
+            assert row["intervals"][key]["low"] <= row[key] <= row["intervals"][key]["high"], (row["label"], key)
+
+
 def test_screen_estimate_tracks_the_simulation(small_report):
     for row in small_report["candidates"]:
         estimate = row["screen"]["tpot_estimate_s"]

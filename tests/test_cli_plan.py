@@ -46,6 +46,32 @@ def test_plan_json_is_consistent(capsys):
     assert plan["target"] == "llama-2-7b" and plan["gpu"]["name"] == "A100-80GB-SXM"
 
 
+def test_plan_states_an_80_percent_interval_beside_each_time(capsys):
+    code, out, _ = run(["plan", "--gpu", "h100", "--json"], capsys)
+    plan = json.loads(out)
+    assert set(plan["intervals"]) == {"prefill_time_s", "target_step_time_s", "draft_step_time_s", "autoregressive_tokens_per_s", "request_latency_s"}
+    for key, band in plan["intervals"].items():
+        assert band["level"] == 0.8 and band["low"] < plan[key] < band["high"], key
+    code, text, _ = run(["plan", "--gpu", "h100"], capsys)
+    assert code == 0 and "ms (80%: " in text and "tokens/s (80%: " in text
+
+
+def test_a_cpu_profile_has_no_interval(capsys, tmp_path):
+    import yaml
+
+    data = yaml.safe_load((PROFILE_DIR / "a100-80gb-sxm.yaml").read_text())
+    data.update(kind="cpu", name="some-cpu", aliases=[])
+    for key in ("generation", "compute_capability", "interconnect", "tdp_w", "interconnect_bytes_per_s"):
+        data.pop(key, None)
+        data["sources"].pop(key, None)
+    data["estimates"] = [e for e in data["estimates"] if e != "tdp_w"]
+    path = tmp_path / "cpu.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, out, err = run(["plan", "--gpu", str(path), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["intervals"] == {}
+
+
 def test_plan_options_change_the_answer(capsys):
     _, base, _ = run(["plan", "--json"], capsys)
     _, other, _ = run(["plan", "--json", "--gpu", "a100", "--model", "llama-2-13b", "--draft", "tinyllama-1.1b",

@@ -41,6 +41,12 @@ def test_simulate_text_report(capsys):
                    "KV cache used", "GPU busy", "speculative", "autoregressive", "speculation: output tokens/s x"):  # fmt: skip
         assert needle in out
     assert "simulate" in err  # the progress bar is on stderr
+    assert "80% intervals" in out and "TPOT p50" in out
+
+
+def test_simulate_without_intervals_runs_once(capsys):
+    code, out, _ = cli(["simulate", *SMALL, "--json", "--no-interval"], capsys)
+    assert code == 0 and "interval" not in json.loads(out)["speculative"]
 
 
 def test_simulate_json_keys(capsys):
@@ -52,11 +58,19 @@ def test_simulate_json_keys(capsys):
     for name in ("speculative", "autoregressive"):
         run = report[name]
         assert set(run) == {"requests", "duration_s", "latency_s", "throughput", "goodput", "gpu_busy_fraction",
-                            "batch", "kv_cache", "engine", "timeline"}  # fmt: skip
+                            "batch", "kv_cache", "engine", "timeline", "interval"}  # fmt: skip
         assert run["requests"]["completed"] + run["requests"]["rejected"] == run["requests"]["arrived"] == 150
         for metric in ("ttft", "tpot", "e2e", "queue"):
             s = run["latency_s"][metric]
             assert s["p50"] <= s["p90"] <= s["p99"] <= s["max"]
+        # the 80% interval brackets each latency statistic and the throughput
+        iv = run["interval"]
+        assert iv["level"] == 0.8 and iv["time_scale"]["low"] < 1 < iv["time_scale"]["high"]
+        for metric in ("ttft", "tpot", "e2e"):
+            for stat in ("mean", "p50", "p99"):
+                assert iv["latency_s"][metric][stat]["low"] <= run["latency_s"][metric][stat] <= iv["latency_s"][metric][stat]["high"]
+        tps = iv["throughput"]["output_tokens_per_s"]
+        assert tps["low"] <= run["throughput"]["output_tokens_per_s"] <= tps["high"]
         assert 0 <= run["goodput"]["fraction_of_completed"] <= 1
         assert len(run["timeline"]["start_s"]) == len(run["timeline"]["batch_mean"]) <= 128
     assert report["speculative"]["engine"]["tokens_per_verify"] > 1

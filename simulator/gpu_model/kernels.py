@@ -66,6 +66,7 @@ def memory_time(nbytes, dev: Dev, f_bw, f_l2, u_l2, working_set=None):
 GEMM_TILES_M = (64, 128, 256)
 GEMM_TILES_N = (64, 128, 256)
 GEMM_SPLITS = (1, 2, 4, 8, 16)
+_GEMM_CONFIGS = tuple(np.asarray(c, dtype=float) for c in zip(*[(bm, bn, s) for bm in GEMM_TILES_M for bn in GEMM_TILES_N for s in GEMM_SPLITS], strict=True))
 
 
 def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0):
@@ -86,27 +87,23 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     hit_a = resident(A + W + C, l2)  # the input and the output buffer are the caller's, reused call after call
     hit_w = resident(A + C + weight_copies * W, l2)
     kernel_s = P["c_kernel"] / f + P["t_kernel_us"] * 1e-6
-    logs = []
-    for bm in GEMM_TILES_M:
-        for bn in GEMM_TILES_N:
-            for s in GEMM_SPLITS:
-                tiles = np.ceil(m / bm) * np.ceil(n / bn) * s
-                ks = np.ceil(k / s)
-                waves = np.ceil(tiles / S)
-                active = np.minimum(tiles, S)
-                t_mma = 2.0 * bm * bn * ks / mma
-                t_load = (bm + bn) * ks * e / load
-                c_bytes = bm * bn * (4.0 if s > 1 else 2.0)
-                t_epilogue = c_bytes / np.minimum(load, bw / active)
-                tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
-                dram_bytes = (A + (C if s == 1 else 0.0)) * (1 - hit_a) + W * (1 - hit_w)
-                stream = ((A * (1 - hit_a) + W * (1 - hit_w)) + (A * hit_a + W * hit_w) / P["l2_speedup"]) / (active * P["bw_sm"] * 1e9)
-                dram = np.maximum(dram_bytes / bw, stream)
-                t = overlapped(waves * tile, dram)
-                if s > 1:  # fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
-                    t = t + (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw
-                logs.append(np.log(t))
-    L = np.asarray(logs)
+    # every tile config at once: configs along axis 0, rows along axis 1
+    bm, bn, s = (c[:, None] for c in _GEMM_CONFIGS)
+    split = s > 1
+    tiles = np.ceil(m / bm) * np.ceil(n / bn) * s
+    ks = np.ceil(k / s)
+    waves = np.ceil(tiles / S)
+    active = np.minimum(tiles, S)
+    t_mma = 2.0 * bm * bn * ks / mma
+    t_load = (bm + bn) * ks * e / load
+    t_epilogue = bm * bn * np.where(split, 4.0, 2.0) / np.minimum(load, bw / active)
+    tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
+    dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
+    stream = ((A * (1 - hit_a) + W * (1 - hit_w)) + (A * hit_a + W * hit_w) / P["l2_speedup"]) / (active * P["bw_sm"] * 1e9)
+    t = overlapped(waves * tile, np.maximum(dram_bytes / bw, stream))
+    # split-K: fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
+    t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
+    L = np.log(t)
     low = L.min(axis=0)
     soft = low - np.log(np.exp(-SOFTMIN_SHARPNESS * (L - low)).sum(axis=0)) / SOFTMIN_SHARPNESS
     first_load = P["t_dram_us"] * 1e-6 * (1.0 - hit_w * hit_a)
@@ -149,7 +146,9 @@ def _causal_blocks(n_q, n_kv, rows, bc):
     block visits)."""
     n_q, n_kv, rows, bc = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(n_q, n_kv, rows, bc))
     q_blocks = np.ceil(n_q / rows)
-    total = np.zeros(n_q.shape)
+    most = np.ceil(n_kv / bc)  # the last query block sees every key
+    if (n_q <= rows).all():  # one query block each (decode, short verify passes): it sees every key
+        return q_blocks, most.copy(), most
     key = np.stack([n_q.ravel(), n_kv.ravel(), rows.ravel(), bc.ravel()], axis=1)
     shapes, inverse = np.unique(key, axis=0, return_inverse=True)
     sums = np.empty(len(shapes))
@@ -157,7 +156,6 @@ def _causal_blocks(n_q, n_kv, rows, bc):
         ends = np.minimum(np.arange(1, np.ceil(nq / r) + 1) * r, nq)
         sums[j] = np.ceil((nkv - nq + ends) / c).sum()
     total = sums[inverse.ravel()].reshape(n_q.shape)
-    most = np.ceil(n_kv / bc)  # the last query block sees every key
     return q_blocks, total, most
 
 

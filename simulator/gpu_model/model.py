@@ -20,7 +20,7 @@ measured / predicted over the held-out GPUs of the leave-one-GPU-out validation 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -52,6 +52,8 @@ class GpuDeviceModel:
     hw: HardwareProfile
     dev: Dev
     fitted: dict
+    _param_memo: dict = field(default_factory=dict, repr=False)
+    _attention_memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, hw: HardwareProfile, fitted: dict | None = None) -> GpuDeviceModel:
@@ -60,8 +62,10 @@ class GpuDeviceModel:
     # --- parameters and intervals --------------------------------------------------------------
 
     def _params(self, group: str) -> dict:
-        fam = self.fitted["families"][group]
-        return {k: np.asarray([v]) for k, v in fam.for_generation(self.hw.generation).items()}
+        if group not in self._param_memo:
+            fam = self.fitted["families"][group]
+            self._param_memo[group] = {k: np.asarray([v]) for k, v in fam.for_generation(self.hw.generation).items()}
+        return self._param_memo[group]
 
     def library(self) -> str:
         return "flashinfer" if self.hw.generation in FLASHINFER_GENERATIONS else "fa2"
@@ -86,18 +90,20 @@ class GpuDeviceModel:
         return self._cost(name, group, t, 2.0 * m * n * k, float(e * (m * k + k * n + m * n)))
 
     def attention_s(self, batch, query_tokens, context_len, heads, kv_heads, d_head, dtype) -> np.ndarray:
+        ctx = np.asarray(context_len, dtype=float)
+        if ctx.ndim == 0 or ctx.size == 1:  # scalar calls repeat (a screen's batch search, a plan's table): memoised
+            key = (batch, query_tokens, float(ctx.ravel()[0]), heads, kv_heads, d_head, dtype)
+            if key not in self._attention_memo:
+                self._attention_memo[key] = float(self._attention(batch, query_tokens, ctx.reshape(1), heads, kv_heads, d_head, dtype)[0])
+            return np.full(ctx.shape, self._attention_memo[key])
+        return self._attention(batch, query_tokens, ctx.ravel(), heads, kv_heads, d_head, dtype).reshape(ctx.shape)
+
+    def _attention(self, batch, query_tokens, ctx, heads, kv_heads, d_head, dtype) -> np.ndarray:
         library = self.library()
         group = "attention:fa2" if library == "fa2" else f"attention:flashinfer-{'decode' if query_tokens == 1 else 'prefill'}"
-        P = self._params(group)
-        ctx = np.asarray(context_len, dtype=float)
-        shape = ctx.shape
-        flat = ctx.ravel()
-        rows = len(flat)
-        dev = Dev.repeat([self.hw], np.zeros(rows, dtype=np.int64))
-        Pr = {k: np.repeat(v, rows) for k, v in P.items()}
+        P = self._params(group)  # one-element arrays: they and the one-row Dev broadcast over the contexts
         kv_bytes = 1.0 if dtype == "fp8" else 2.0
-        t = kernels.attention_time(Pr, dev, library, batch, heads, kv_heads, d_head, query_tokens, flat + query_tokens, kv_bytes)
-        return np.asarray(t).reshape(shape)
+        return np.asarray(kernels.attention_time(P, self.dev, library, batch, heads, kv_heads, d_head, query_tokens, ctx + query_tokens, kv_bytes))
 
     def attention(self, batch, context_len, query_tokens, heads, kv_heads, d_head, dtype) -> KernelCost:
         e = DTYPE_BYTES[dtype]
