@@ -1,4 +1,4 @@
-"""`python -m reference {specdec,attention,bench}`: argument parsing only; the work is in library modules."""
+"""`python -m reference {specdec,attention,bench,device-check}`: argument parsing only; the work is in library modules."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(
         dest="bench", required=True
     )
-    from reference import cli_attention, cli_specdec
+    from reference import cli_attention, cli_specdec, device_check
 
     cli_specdec.add_parsers(sub, bench)
     cli_attention.add_parsers(sub, bench)
+    device_check.add_parsers(sub)
     return run_command(parser.parse_args(argv))
 
 

@@ -91,6 +91,30 @@ def cpu_facts() -> dict:
             "clock_hz": clock_hz(), "threads": torch.get_num_threads(), "cpus": os.cpu_count()}  # fmt: skip
 
 
+def gpu_facts() -> dict:
+    """SMs, shared memory per SM, L2 (`llc_bytes`), memory, clock and compute capability of the
+    current CUDA device from torch's device properties, and the board's power limit from
+    nvidia-smi; None where unreadable (older torch releases lack some properties)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz = getattr(props, "clock_rate", None)  # kHz
+    return {"sm_count": props.multi_processor_count, "smem_bytes_per_sm": getattr(props, "shared_memory_per_multiprocessor", None),
+            "llc_bytes": getattr(props, "L2_cache_size", None) or None, "memory_bytes": props.total_memory,
+            "clock_hz": clock_khz * 1e3 if clock_khz else None, "compute_capability": f"{props.major}.{props.minor}",
+            "power_limit_w": nvidia_smi_power_limit_w()}  # fmt: skip
+
+
+def nvidia_smi_power_limit_w() -> float | None:
+    """The power limit of the first GPU as nvidia-smi reports it, in watts; None without nvidia-smi."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=power.limit", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        return float(done.stdout.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def count_ops(fn) -> int:
     """Operators `fn` dispatches to torch's kernels (views and copies included): what an eager
     executor pays a fixed per-op overhead for. Counted on a second call: the first one may do

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "decode attention per kernel library, GEMM per dtype, collectives, operators, published attention): n, median "
         "APE, MAPE and p90 APE when the model is fitted on every other GPU and predicts this one (leave-one-GPU-out), when "
         "it is fitted on a third of this GPU's rows (in-GPU), and for the naive roofline max(FLOPs/peak, bytes/bandwidth)"
-        "/0.7 + 5 us; the coverage of the 80%% prediction interval on held-out GPUs; and the issue's targets, met or not.",
+        "/0.7 + 5 us; the coverage of the 80% prediction interval on held-out GPUs; and the accuracy targets, met or not.",
     )
     p.add_argument("--data", action="append", metavar="DIR", help="a data folder with a manifest.csv; repeat for several (default: ../shared/data beside the repository)")
     p.add_argument("--fit-gpu", action="append", metavar="NAME", help="fit only on these GPUs' tables (repeatable; default: every GPU but the one predicted)")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fit-kernels",
         help="fit the GPU kernel model to the data and write the parameters plan and simulate use",
         description="Fit every kernel family on all GPUs' tables in the data folders, run the leave-one-GPU-out validation "
-        "for the 80%% intervals, and write the parameters, intervals and the data's fingerprint (hashes and upstream "
+        "for the 80% intervals, and write the parameters, intervals and the data's fingerprint (hashes and upstream "
         "commits) to simulator/gpu_model/fitted.json (or --out).",
     )
     p.add_argument("--data", action="append", metavar="DIR", help="a data folder with a manifest.csv; repeat for several (default: ../shared/data)")

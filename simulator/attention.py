@@ -22,6 +22,14 @@ that is zeroed first and cast to `dtype` last):
 Split-KV decode (Flash-Decoding): n_q query rows against n_kv cached keys; the K/V blocks are dealt
   out to splits, each split reads Q and its K/V rows once and writes an fp32 partial O_s and
   logsumexp LSE_s; a second kernel reads every partial and writes O. One split writes O directly.
+
+Time of a fused kernel (`fused_kernel_s`): its programs (one per query block forward, per key block
+backward, per split in decode) dealt to the S SMs. A program multiplies whole [Br, Bc] tiles (a
+partial or causal-diagonal tile costs a whole one) at one SM's share of the achievable tensor-core
+peak, then spends SM cycles on the softmax work the tensor cores do not do (`ProgramCosts`) and, in
+FA1, on summing its warps' split-K partials; it has a fixed time besides. The busiest SM runs
+ceil(P / S) programs (`busiest_sm_s`); the kernel is no faster than its compulsory bytes at HBM speed
+or its re-reads at L2 speed. The backward's D = rowsum(dO o O) and dQ cast are kernels of their own.
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ import numpy as np
 
 from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
-from simulator.roofline import KernelCost, elementwise, fused_time_s, roofline_time_s
+from simulator.roofline import KernelCost, elementwise, roofline_time_s
 
 STAT_BYTES = 4  # fp32 softmax statistics (l, m, L)
+SPLIT_K_WARPS = 4  # warps FA1 splits each K/V block across (Dao 2023, Sec. 3.3)
+SECTOR_BYTES = 32  # the unit L2 and DRAM move data in (CUDA C++ Best Practices Guide, coalesced access)
+SMEM_BYTES_PER_CLOCK = 128  # one SM's shared memory: 32 banks x 4 bytes per clock (CUDA C++ Programming Guide)
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,12 @@ def flash_tiles(d: int, sram_elements: int) -> Tiles:
 def tiles_for(hw: HardwareProfile, d: int, dtype: str = "fp16") -> Tiles:
     """Tiles sized from the shared memory of one SM, counted in elements of `dtype`."""
     return flash_tiles(d, hw.sram_bytes_per_sm // DTYPE_BYTES[dtype])
+
+
+def _paper_blocks(hw: HardwareProfile, d: int, dtype: str) -> tuple[int, int]:
+    """(Br, Bc) of Alg. 1 for this SRAM: what a kernel runs with when no released blocks are given."""
+    tiles = tiles_for(hw, d, dtype)
+    return tiles.br, tiles.bc
 
 
 def _blocks(n: int, size: int) -> np.ndarray:
@@ -172,49 +189,193 @@ def attention_flops(b: int, h: int, n: int, d: int, causal: bool) -> float:
     return flops / 2 if causal else flops
 
 
-def _flash_program_max(n: int, d: int, br: int, dtype: str) -> tuple[float, float]:
-    """FLOPs and bytes of the largest program: one Q block of Br rows against all N keys (the
-    last block when causal). Both loop orders are priced so: FA1's released kernels also split
-    work below (batch, head) -- the FA2 paper's Fig. 4 has FA1 at 110 TFLOP/s on an A100 with
-    B x H = 32 heads, more than 32 programs on 108 SMs could reach."""
+# --- fused kernels: programs over the SMs ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgramCosts:
+    """What a program (thread block) of a fused attention kernel spends besides its matmuls and loads.
+
+    - `program_s`: fixed seconds of one program. It waits a memory round trip for Q_i and its first
+      K/V tile before its first matmul, and its SM a block launch before that: several hundred
+      cycles each at 1.41 GHz, about a microsecond in all, set by latency rather than by the clock.
+      (Fitted with the rest to the calibration part of the published A100 rows, `simulator.published`,
+      it comes out at 0.86 us.)
+    - `score_cycles_fwd`, `score_cycles_bwd`: SM cycles per score element of the softmax work the
+      tensor cores do not do. The forward takes one exp2 per score and converts P to `dtype` for
+      PV (two per conversion instruction, packed); the backward recomputes P by exp2 and converts
+      P and dS = P o (dP - D) for its three matmuls. On compute capability 8.0 the exp2 and the
+      conversions each run at 16 results per clock per SM (CUDA C++ Programming Guide, throughput
+      of native arithmetic instructions), so 1.5 / 16 and 2 / 16 cycles; the max, the sums and the
+      scaling run beside them on the FP32 pipes, four times faster. FlashAttention-2's warps do
+      this work in turn with their matmuls, not beside them: the FlashAttention-3 paper (Shah et
+      al. 2024, Sec. 3.1) overlaps the two on Hopper because FA2 does not."""
+
+    program_s: float = 1e-6
+    score_cycles_fwd: float = 1.5 / 16
+    score_cycles_bwd: float = 2 / 16
+
+
+DEFAULT_COSTS = ProgramCosts()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The programs of one fused kernel: one entry per program of one (batch, head), and `copies`
+    such lists in the launch (B H, or B h_kv)."""
+
+    copies: int
+    flops: np.ndarray  # tensor-core FLOPs of each program, over whole [Br, Bc] tiles (padding, causal diagonal)
+    cycles: np.ndarray  # SM cycles of each program outside the tensor cores and its loads (softmax, split-K sums)
+    hbm_bytes: np.ndarray  # bytes each program loads and stores
+
+    @property
+    def programs(self) -> int:
+        return self.copies * len(self.flops)
+
+
+def programs_per_sm(programs: int, sm_count: int) -> int:
+    """Rounds of equal programs on `sm_count` SMs: the busiest SM runs ceil(programs / SMs) of
+    them, however many it holds at once (they share its tensor cores and its memory port)."""
+    if programs < 1 or sm_count < 1:
+        raise UserError(f"programs ({programs}) and SMs ({sm_count}) must be positive")
+    return -(-programs // sm_count)
+
+
+def busiest_sm_s(grid: Grid, hw: HardwareProfile, dtype: str, compute_fraction: float, costs: ProgramCosts = DEFAULT_COSTS) -> float:
+    """Seconds the busiest of S SMs works on the grid's P programs. Program i takes
+
+        t_i = max(F_i / (P_peak f / S) + c_i / f_clock,  Q_i / (BW_L2 f_bw / S)) + t_prog
+
+    (its matmuls at one SM's share of the achievable peak, then its other work in cycles; or its
+    loads at one SM's share of the L2 bandwidth, which every load passes through; plus its fixed
+    time), and the busiest SM runs ceil(P / S) programs of the mean time, never less than the
+    longest one: with P <= S the longest program is the kernel (a causal kernel's last query
+    block sees every key, so it takes as long as a non-causal one). What the SMs load together
+    from HBM is bounded in `fused_kernel_s`."""
+    sms = hw.sm_count
+    rate = hw.peak_flops(dtype) * compute_fraction / sms
+    bandwidth = (hw.l2_bytes_per_s or hw.hbm_bytes_per_s) * hw.achievable.bandwidth / sms
+    t = np.maximum(grid.flops / rate + grid.cycles / hw.clock_hz, grid.hbm_bytes / bandwidth) + costs.program_s
+    return float(max(programs_per_sm(grid.programs, sms) * t.mean(), t.max()))
+
+
+def fused_kernel_s(
+    grid: Grid,
+    compulsory_bytes: float,
+    program_bytes: float,
+    hw: HardwareProfile,
+    dtype: str,
+    compute_fraction: float,
+    costs: ProgramCosts = DEFAULT_COSTS,
+) -> float:
+    """One fused kernel: its busiest SM (`busiest_sm_s`), no faster than its compulsory bytes (each
+    tensor once) at HBM speed and all the bytes its programs load and store (re-reads included,
+    as the tiled algorithm counts them) at L2 speed, since re-read tiles are L2 hits; plus its
+    launch. With a profile without `l2_bytes_per_s`, re-reads are priced at HBM speed."""
+    hbm = hw.hbm_bytes_per_s * hw.achievable.bandwidth
+    l2 = (hw.l2_bytes_per_s or hw.hbm_bytes_per_s) * hw.achievable.bandwidth
+    busiest = busiest_sm_s(grid, hw, dtype, compute_fraction, costs)
+    return max(busiest, compulsory_bytes / hbm, program_bytes / l2) + hw.launch_overhead_s
+
+
+def memory_pass_s(n_bytes: float, hw: HardwareProfile) -> float:
+    """A memory-bound kernel of its own (a reduction, a fill, a cast): its bytes at HBM speed and its launch."""
+    return n_bytes / (hw.hbm_bytes_per_s * hw.achievable.bandwidth) + hw.launch_overhead_s
+
+
+def split_k_cycles(d: int, bc: int, order: str) -> float:
+    """SM cycles per score element that FA1's split of each K/V block across its warps costs. The
+    FA2 paper (Dao 2023, Sec. 3.3, Fig. 3) describes FA1 splitting K_j, V_j across 4 warps (its
+    kernels' second GEMM, PV, is split 4 ways along the keys); each warp then holds a partial
+    [Br, d] of O_i (of dQ_i in the backward), and the warps sum them through shared memory in
+    fp32, written and read: 8 w Br d bytes per [Br, Bc] tile, d / (4 Bc) cycles per score at the
+    128 bytes per clock of one SM's shared memory. FA2 splits Q across its warps instead: none."""
+    if order not in ("fa1", "fa2"):
+        raise UserError(f"unknown FlashAttention loop order {order!r}; known: fa1, fa2")
+    return SPLIT_K_WARPS * 8 * d / bc / SMEM_BYTES_PER_CLOCK if order == "fa1" else 0.0
+
+
+def forward_grid(
+    copies: int, n_q: int, n_kv: int, d: int, br: int, bc: int, causal: bool, dtype: str = "fp16",
+    order: str = "fa2", costs: ProgramCosts = DEFAULT_COSTS,
+) -> Grid:  # fmt: skip
+    """The forward's programs, one per block of Br query rows (Dao 2023, Sec. 3.2; FA1 is priced
+    the same way, see `flash_attention`). Block i multiplies whole [Br, Bc] tiles against the K/V
+    blocks it visits (all; when causal, with n_q = n_kv, those starting at or before its last
+    row, the diagonal one whole), loads Q_i and the K, V rows it visits, and stores O_i and L_i."""
     e = DTYPE_BYTES[dtype]
-    rows = min(br, n)
-    return 4.0 * rows * n * d, float(e * (2 * rows * d + 2 * n * d) + STAT_BYTES * rows)
+    q_starts = _blocks(n_q, br)
+    rows = np.minimum(q_starts + br, n_q) - q_starts
+    keys = np.minimum(((q_starts + rows - 1) // bc + 1) * bc, n_kv) if causal else np.full(len(q_starts), n_kv)
+    scores = (br * -(-keys // bc) * bc).astype(float)  # [Br, Bc] tiles, the last one padded
+    cycles = scores * (costs.score_cycles_fwd + split_k_cycles(d, bc, order))
+    hbm_bytes = (e * (2 * rows * d + 2 * keys * d) + STAT_BYTES * rows).astype(float)
+    return Grid(copies, 4.0 * d * scores, cycles, hbm_bytes)
+
+
+def backward_grid(
+    copies: int, n: int, d: int, br: int, bc: int, causal: bool, dtype: str = "fp16",
+    order: str = "fa2", costs: ProgramCosts = DEFAULT_COSTS,
+) -> Grid:  # fmt: skip
+    """The backward's programs, one per block of Bc keys (K/V outer, Dao 2023 Alg. 2). Block j
+    multiplies five [Br, Bc] tiles (S, dP, dV, dK, dQ) per query block it visits (all; when causal,
+    those whose last row is at or after its first key), loads K_j, V_j and per visited query row
+    Q_i, dO_i, L_i, D_i and the fp32 dQ_i it reads and writes back, and stores dK_j, dV_j."""
+    e = DTYPE_BYTES[dtype]
+    k_starts = _blocks(n, bc)
+    cols = np.minimum(k_starts + bc, n) - k_starts
+    rows = n - (k_starts // br) * br if causal else np.full(len(k_starts), n)
+    scores = (bc * -(-rows // br) * br).astype(float)
+    cycles = scores * (costs.score_cycles_bwd + split_k_cycles(d, bc, order))
+    hbm_bytes = (e * 4 * cols * d + rows * (e * 2 * d + STAT_BYTES * (2 + 2 * d))).astype(float)
+    return Grid(copies, 10.0 * d * scores, cycles, hbm_bytes)
 
 
 def flash_attention(
-    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16", order: str = "fa2"
-) -> KernelCost:
+    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16", order: str = "fa2",
+    blocks: tuple[int, int] | None = None, costs: ProgramCosts = DEFAULT_COSTS,
+) -> KernelCost:  # fmt: skip
     """One fused FlashAttention forward kernel: exact HBM bytes of the loop order; time from
-    `fused_time_s` (FLOPs at the attention fraction; compulsory bytes Q, K, V, O once; re-reads
-    from L2; the largest program bounded by one SM's share)."""
-    tiles = tiles_for(hw, d, dtype)
-    per_head = flash_hbm_bytes(n, d, tiles.br, tiles.bc, causal, dtype, order)
+    `fused_kernel_s` over `forward_grid` (FLOPs at the attention fraction; compulsory bytes Q, K,
+    V, O once; re-reads from L2). `blocks`: the (Br, Bc) a released kernel is launched with; None:
+    the paper's, sized from the SRAM (`tiles_for`). Both loop orders are priced with one program
+    per query block: FA1's released kernels also split work below (batch, head) -- the FA2
+    paper's Fig. 4 has FA1 at 110 TFLOP/s on an A100 with B x H = 32 heads, more than 32
+    programs on 108 SMs could reach."""
+    br, bc = blocks or _paper_blocks(hw, d, dtype)
+    per_head = flash_hbm_bytes(n, d, br, bc, causal, dtype, order)
     hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
     flops = attention_flops(b, h, n, d, causal)
     compulsory = float(b * h * (4 * n * d * DTYPE_BYTES[dtype] + STAT_BYTES * n))
-    max_flops, max_bytes = _flash_program_max(n, d, tiles.br, dtype)
-    time_s = fused_time_s(flops, compulsory, hbm_bytes, max_flops, max_bytes, hw, dtype, hw.achievable.attention)
+    grid = forward_grid(b * h, n, n, d, br, bc, causal, dtype, order, costs)
+    time_s = fused_kernel_s(grid, compulsory, hbm_bytes, hw, dtype, hw.achievable.attention, costs)
     return KernelCost(f"flash-{order}", flops, hbm_bytes, time_s)
 
 
 def flash_attention_backward(
-    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16", order: str = "fa2"
-) -> KernelCost:
+    b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool = False, dtype: str = "fp16", order: str = "fa2",
+    blocks: tuple[int, int] | None = None, costs: ProgramCosts = DEFAULT_COSTS,
+) -> KernelCost:  # fmt: skip
     """FlashAttention backward with recomputation: FLOPs 2.5x the forward (five N^2 d matmuls
-    against two), exact HBM bytes of the loop order; K/V outer, one program per K block."""
-    tiles = tiles_for(hw, d, dtype)
-    per_head = flash_backward_hbm_bytes(n, d, tiles.br, tiles.bc, causal, dtype, order)
+    against two), exact HBM bytes of the loop order. Three kernels in turn: first FA2's
+    D = rowsum(dO o O), which also zeroes the fp32 dQ accumulator (FA1: the zeroing alone); then
+    the main kernel over `backward_grid`; last dQ cast to `dtype`. The first and last are
+    memory-bound passes over the B H N rows that no matmul hides: at fixed B N they cost the same
+    at every N while the main kernel grows with N."""
+    br, bc = blocks or _paper_blocks(hw, d, dtype)
+    per_head = flash_backward_hbm_bytes(n, d, br, bc, causal, dtype, order)
     hbm_bytes = float(b * h * (per_head["read"] + per_head["written"]))
     flops = 2.5 * attention_flops(b, h, n, d, causal)
-    e = DTYPE_BYTES[dtype]
-    compulsory = float(b * h * (8 * n * d * e + 2 * STAT_BYTES * n))  # Q K V O dO in; dQ dK dV out; L, D
-    cols = min(tiles.bc, n)  # the largest program: one K/V block against all N queries
-    max_flops = 10.0 * cols * n * d
-    max_bytes = float(e * 4 * cols * d + n * (e * 2 * d + STAT_BYTES * (2 + 2 * d)))
-    launches = 3 if order == "fa2" else 2  # D pass (FA2), main kernel, dQ cast
-    time_s = fused_time_s(flops, compulsory, hbm_bytes, max_flops, max_bytes, hw, dtype, hw.achievable.attention, launches)
-    return KernelCost(f"flash-{order}-bwd", flops, hbm_bytes, time_s, launches)
+    e, rows = DTYPE_BYTES[dtype], b * h * n
+    first = rows * (STAT_BYTES * d + (e * 2 * d + STAT_BYTES if order == "fa2" else 0))  # zero dQ; FA2: O, dO in, D out
+    last = rows * (STAT_BYTES * d + e * d)  # dQ: fp32 in, `dtype` out
+    # Q, K, V, dO (and O for FA1) in, dK, dV out, the fp32 dQ read and written, L and D
+    compulsory = float(rows * (e * (6 + (order == "fa1")) * d + 2 * STAT_BYTES * d + 2 * STAT_BYTES))
+    grid = backward_grid(b * h, n, d, br, bc, causal, dtype, order, costs)
+    main = fused_kernel_s(grid, compulsory, hbm_bytes - first - last, hw, dtype, hw.achievable.attention, costs)
+    time_s = memory_pass_s(first, hw) + main + memory_pass_s(last, hw)
+    return KernelCost(f"flash-{order}-bwd", flops, hbm_bytes, time_s, 3)
 
 
 @dataclass(frozen=True)
@@ -359,77 +520,96 @@ def flash_decoding(
     num_splits: int | None,
     dtype: str = "fp16",
     h_kv: int | None = None,
+    blocks: tuple[int, int] | None = None,
+    costs: ProgramCosts = DEFAULT_COSTS,
 ) -> KernelCost:
     """Split-KV decode: a split kernel and, with more than one split, a merge kernel.
     FLOPs 4 B H n_q n_kv d (QK^T and PV over every cached key).
 
     With grouped-query attention (`h_kv` < `h`) the H / h_kv query heads that share a KV head are
     processed as the rows of one program, so K and V are read once per KV head. `num_splits=None`
-    chooses the splits with `decode_splits`."""
+    chooses the splits with `decode_splits`. One program per (batch, KV head, split): its rows
+    padded to a Br-row tile, its keys to whole Bc tiles; the merge kernel reads every partial
+    O_s, LSE_s and writes O. `blocks`: the (Br, Bc) a released split kernel is launched with;
+    None: the paper's, sized from the SRAM."""
     h_kv = h if h_kv is None else h_kv
     if h % h_kv:
         raise UserError(f"query heads ({h}) must be a multiple of KV heads ({h_kv})")
+    e = DTYPE_BYTES[dtype]
     rows = n_q * (h // h_kv)  # query rows per program
-    tiles = tiles_for(hw, d, dtype)
-    splits = decode_splits(b, h_kv, n_kv, tiles.bc, hw.sm_count) if num_splits is None else num_splits
-    s, per_split_kv = split_kv(n_kv, tiles.bc, splits)
-    per_split_kv = min(per_split_kv, n_kv)
-    per_head = flash_decoding_hbm_bytes(rows, n_kv, d, tiles.bc, splits, dtype)
+    br, bc = blocks or _paper_blocks(hw, d, dtype)
+    splits = decode_splits(b, h_kv, n_kv, bc, hw.sm_count) if num_splits is None else num_splits
+    s, per_split_kv = split_kv(n_kv, bc, splits)
+    per_head = flash_decoding_hbm_bytes(rows, n_kv, d, bc, splits, dtype)
     hbm_bytes = float(b * h_kv * (per_head["read"] + per_head["written"]))
     flops = 4.0 * b * h * n_q * n_kv * d
-    e = DTYPE_BYTES[dtype]
+    keys = np.minimum(per_split_kv, n_kv - per_split_kv * np.arange(s))  # [s] keys per split; the last holds the rest
+    scores = (-(-rows // br) * br * -(-keys // bc) * bc).astype(float)  # rows padded to Br, keys to whole Bc tiles
+    out_bytes = STAT_BYTES * rows * (d + 1) if s > 1 else e * rows * d  # fp32 partial O_s, LSE_s; or O itself
+    grid = Grid(b * h_kv, 4.0 * d * scores, scores * costs.score_cycles_fwd, e * (2 * keys * d + rows * d) + out_bytes)
+    merge = float(b * h_kv * (STAT_BYTES * s * rows * (d + 1) + e * rows * d)) if s > 1 else 0.0  # partials in, O out
     compulsory = float(b * h_kv * 2 * n_kv * d * e + b * h * n_q * d * 2 * e)
-    max_flops = 4.0 * rows * per_split_kv * d
-    max_bytes = float(e * (2 * per_split_kv * d + 2 * rows * d) + STAT_BYTES * rows * (d + 1))
-    launches = 1 if s == 1 else 2
-    time_s = fused_time_s(flops, compulsory, hbm_bytes, max_flops, max_bytes, hw, dtype, hw.achievable.attention, launches)
-    return KernelCost("flash-decoding", flops, hbm_bytes, time_s, launches)
-
-
-def programs_per_sm(programs: int, sm_count: int) -> int:
-    """Rounds of equal programs on `sm_count` SMs: the busiest SM runs ceil(programs / SMs) of
-    them, however many it holds at once (they share its tensor cores and its memory port)."""
-    if programs < 1 or sm_count < 1:
-        raise UserError(f"programs ({programs}) and SMs ({sm_count}) must be positive")
-    return -(-programs // sm_count)
+    split_s = fused_kernel_s(grid, compulsory, hbm_bytes - merge, hw, dtype, hw.achievable.attention, costs)
+    merge_s = memory_pass_s(merge, hw) if s > 1 else 0.0
+    return KernelCost("flash-decoding", flops, hbm_bytes, split_s + merge_s, 1 if s == 1 else 2)
 
 
 def flash_forward_decode(
-    b: int, h: int, h_kv: int, n_q: int, n_kv: int, d: int, hw: HardwareProfile, dtype: str = "fp16"
-) -> KernelCost:
+    b: int, h: int, h_kv: int, n_q: int, n_kv: int, d: int, hw: HardwareProfile, dtype: str = "fp16",
+    blocks: tuple[int, int] | None = None, costs: ProgramCosts = DEFAULT_COSTS,
+) -> KernelCost:  # fmt: skip
     """FlashAttention-2's forward kernel applied to a decode step (no split of the keys), as the
     Flash-Decoding blog's FA2 baseline runs it (Dao 2023, Sec. 3.2: parallel over batch, heads and
-    query blocks only). One program per (batch, query head, block of Br query rows): its n_q rows
-    are padded to the Br-row tile the tensor cores multiply, so it does 4 Br n_kv d FLOPs and reads
-    its KV head's K, V [n_kv, d] whole; query heads that share a KV head read it again (from L2).
-    With B H ceil(n_q/Br) programs on the SMs, the busiest SM runs `programs_per_sm` of them."""
+    query blocks only). One program per (batch, query head, block of Br query rows)
+    (`forward_grid`): its n_q rows are padded to the Br-row tile the tensor cores multiply, so it
+    does 4 Br n_kv d FLOPs, an exp per padded score, and reads its KV head's K, V [n_kv, d] whole;
+    query heads that share a KV head read it again (from L2). With B H ceil(n_q/Br) programs on
+    the SMs, the busiest SM runs `programs_per_sm` of them. `blocks` as in `flash_attention`."""
     if h % h_kv:
         raise UserError(f"query heads ({h}) must be a multiple of KV heads ({h_kv})")
     e = DTYPE_BYTES[dtype]
-    tiles = tiles_for(hw, d, dtype)
-    q_blocks = -(-n_q // tiles.br)
-    programs = b * h * q_blocks
-    program_flops = 4.0 * tiles.br * n_kv * d  # padded [Br, n_kv] scores and [Br, d] output
-    program_bytes = float(e * (2 * n_kv * d + 2 * min(tiles.br, n_q) * d) + STAT_BYTES * min(tiles.br, n_q))
-    rounds = programs_per_sm(programs, hw.sm_count)
+    br, bc = blocks or _paper_blocks(hw, d, dtype)
+    grid = forward_grid(b * h, n_q, n_kv, d, br, bc, False, dtype, costs=costs)
     compulsory = float(e * (b * h_kv * 2 * n_kv * d + b * h * n_q * d * 2))  # K, V once; Q in, O out
-    time_s = fused_time_s(programs * program_flops, compulsory, programs * program_bytes, rounds * program_flops,
-                          rounds * program_bytes, hw, dtype, hw.achievable.attention)  # fmt: skip
+    program_bytes = float(grid.copies * grid.hbm_bytes.sum())
+    time_s = fused_kernel_s(grid, compulsory, program_bytes, hw, dtype, hw.achievable.attention, costs)
     flops = 4.0 * b * h * n_q * n_kv * d  # useful FLOPs, as benchmarks count them
-    return KernelCost("flash-fa2-decode", flops, programs * program_bytes, time_s)
+    return KernelCost("flash-fa2-decode", flops, program_bytes, time_s)
 
 
-def standard_decode(b: int, h: int, h_kv: int, n_kv: int, d: int, hw: HardwareProfile, dtype: str = "fp16") -> KernelCost:
-    """Unfused decode attention as eager PyTorch runs it: K, V expanded to every query head
-    (a copy), scores, softmax, and the weighted sum, each a kernel."""
+def standard_decode(
+    b: int, h: int, h_kv: int, n_kv: int, d: int, hw: HardwareProfile, dtype: str = "fp16", kv_layout: str = "bhnd"
+) -> KernelCost:
+    """Unfused decode attention as eager PyTorch runs it, each step a kernel: K and V expanded to
+    every query head when h_kv < H (a copy each: read once per KV head, as the broadcast re-reads
+    hit in cache, and written once per query head), scores q K^T, softmax, the weighted sum P V.
+
+    `kv_layout`: "bhnd", K and V held [B, H, N, d]; "bnhd", held [B, N, H, d] and permuted to
+    [B, H, N, d] as a view (xFormers' decoding benchmark holds them so). torch.matmul folds the
+    batch dimensions B and H into the one batch stride of the bmm it calls; in the permuted view
+    they do not fold unless B = 1, so it first copies V, and K^T, to [B H, N, d] and [B H, d, N].
+    The K^T copy transposes at element granularity: consecutive elements on one side of it lie
+    H d elements apart on the other, so each e-byte element costs that side a whole 32-byte
+    sector through L2 (`SECTOR_BYTES`)."""
+    if kv_layout not in ("bhnd", "bnhd"):
+        raise UserError(f"unknown K/V layout {kv_layout!r}; known: bhnd, bnhd")
     e = DTYPE_BYTES[dtype]
-    kv = b * h * n_kv * d
-    expand = elementwise(2 * kv, hw, dtype, reads=1, writes=1, flops_per_element=0).time_s if h != h_kv else 0.0
-    scores = roofline_time_s(2.0 * b * h * n_kv * d, e * (kv + b * h * n_kv), hw, dtype, hw.achievable.matmul)
-    softmax = elementwise(b * h * n_kv, hw, dtype, flops_per_element=5.0).time_s
-    weighted = roofline_time_s(2.0 * b * h * n_kv * d, e * (kv + b * h * n_kv), hw, dtype, hw.achievable.matmul)
-    hbm_bytes = float(e * (2 * kv + 4 * b * h * n_kv))
-    return KernelCost("standard-decode", 4.0 * b * h * n_kv * d, hbm_bytes, expand + scores + softmax + weighted, 4)
+    kv = b * h * n_kv * d  # elements of K (or V) at every query head
+    hbm = hw.hbm_bytes_per_s * hw.achievable.bandwidth
+    l2 = (hw.l2_bytes_per_s or hw.hbm_bytes_per_s) * hw.achievable.bandwidth
+    copies = []  # (HBM bytes, L2 sector bytes) of each copy kernel
+    if h != h_kv:
+        copies += 2 * [(e * (b * h_kv * n_kv * d + kv), 0.0)]
+    if kv_layout == "bnhd" and b > 1:
+        copies += [(e * 2 * kv, e * kv + SECTOR_BYTES * kv), (e * 2 * kv, 0.0)]  # K^T transposed, V
+    copies_s = sum(max(q / hbm, sectors / l2) + hw.launch_overhead_s for q, sectors in copies)
+    gemm_bytes = e * (kv + b * h * n_kv)  # K (or V) and the scores
+    scores = roofline_time_s(2.0 * b * h * n_kv * d, gemm_bytes, hw, dtype, hw.achievable.matmul)
+    softmax = elementwise(b * h * n_kv, hw, dtype, flops_per_element=5.0)
+    weighted = roofline_time_s(2.0 * b * h * n_kv * d, gemm_bytes, hw, dtype, hw.achievable.matmul)
+    hbm_bytes = float(sum(q for q, _ in copies) + 2 * gemm_bytes + softmax.hbm_bytes)
+    time_s = copies_s + scores + softmax.time_s + weighted
+    return KernelCost("standard-decode", 4.0 * b * h * n_kv * d, hbm_bytes, time_s, 3 + len(copies))
 
 
 def attention_summary(b: int, h: int, n: int, d: int, hw: HardwareProfile, causal: bool, dtype: str = "fp16") -> dict:

@@ -269,12 +269,16 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
     device = mb.local_device()
     suite = QUICK if quick else {"gemms": CALIB_GEMMS, "elementwise": CALIB_ELEMENTWISE, "attention": CALIB_ATTENTION,
                                  "forward": CALIB_FORWARD, "specdec": CALIB_SPECDEC}  # fmt: skip
-    facts = {"device": device, "device_name": mb.device_name(device), **(mb.cpu_facts() if device == "cpu" else {})}
+    facts = {"device": device, "device_name": mb.device_name(device), **(mb.cpu_facts() if device == "cpu" else mb.gpu_facts())}
     log("calibrate: memory bandwidth (copy)")
     llc = facts.get("llc_bytes")
     # memory: a copy whose source and destination together overflow the last-level cache
     big = min(2 << 30, max(256 << 20, llc or 0))
-    if device != "cpu" or not llc:
+    if device != "cpu":
+        # a GPU: the large copy and, in turns with it, a copy of a quarter of the L2 (source and destination fit in it)
+        speeds = mb.copy_bandwidths_in_turns([big, *([llc // 4] if llc else [])], device, 4 * repeats)
+        facts["copy_bytes_per_s"], facts["cache_copy_bytes_per_s"] = speeds[0], (speeds[1] if llc else None)
+    elif not llc:
         facts["copy_bytes_per_s"] = mb.copy_bandwidths_in_turns([big], device, 4 * repeats)[0]
     else:
         # last-level cache: copies from past the core's L2 upwards, doubling, timed in turns; the
@@ -349,8 +353,8 @@ def initial_profile(facts: dict, measurements: list[dict]) -> tuple[dict, list[s
         "name": f"local-{facts['device']}",
         "kind": "cpu" if facts["device"] == "cpu" else "gpu",
         "aliases": [],
-        "sm_count": int(facts.get("threads") or 1),
-        "sram_bytes_per_sm": int(read("l2_bytes_per_core", 1 << 20, "sram_bytes_per_sm")),
+        "sm_count": int(facts.get("sm_count") or facts.get("threads") or 1),
+        "sram_bytes_per_sm": int(facts.get("smem_bytes_per_sm") or read("l2_bytes_per_core", 1 << 20, "sram_bytes_per_sm")),
         "l2_bytes": int(facts.get("effective_llc_bytes") or read("llc_bytes", 32 << 20, "l2_bytes")),
         "memory_bytes": int(read("memory_bytes", 16 << 30, "memory_bytes")),
         "hbm_bytes_per_s": float(facts["copy_bytes_per_s"]),
@@ -360,7 +364,48 @@ def initial_profile(facts: dict, measurements: list[dict]) -> tuple[dict, list[s
         "peak_flops_per_s": {"fp32": float(best_gemm), "fp16": float(max(facts["fp16_gemm_flops_per_s"], 1.0))},
         "clock_hz": float(read("clock_hz", 2.0e9, "clock_hz")),
     }
+    if fields["kind"] == "gpu":  # what the profile format requires of a GPU besides the above
+        fields["generation"] = generation_of(facts["compute_capability"])
+        fields["compute_capability"] = facts["compute_capability"]
+        fields["l2_bytes_per_s"] = float(read("cache_copy_bytes_per_s", 2.0 * facts["copy_bytes_per_s"], "l2_bytes_per_s"))
+        fields["tdp_w"] = float(read("power_limit_w", 300.0, "tdp_w"))
+        # one device calibrates on its own: its link is never used; PCIe 4.0 x16, both directions, stands in
+        fields["interconnect"], fields["interconnect_bytes_per_s"] = "pcie", 64.0e9
+        estimates.append("interconnect_bytes_per_s")
     return fields, estimates
+
+
+GENERATION_BY_CAPABILITY = {"7.0": "volta", "7.2": "volta", "7.5": "turing", "8.9": "ada"}  # else by major version
+GENERATION_BY_MAJOR = {8: "ampere", 9: "hopper", 10: "blackwell", 11: "blackwell", 12: "blackwell-rtx"}
+
+
+def generation_of(compute_capability: str) -> str:
+    """The architecture generation (simulator.hardware.GENERATIONS) of a CUDA compute capability."""
+    major = int(compute_capability.split(".")[0])
+    generation = GENERATION_BY_CAPABILITY.get(compute_capability) or GENERATION_BY_MAJOR.get(major)
+    if generation is None:
+        raise UserError(f"compute capability {compute_capability}: no architecture generation known for it")
+    return generation
+
+
+def gpu_sources(how: str, estimates: list[str]) -> dict[str, str]:
+    """Sources of a GPU profile's fields where they differ from a CPU's; `estimates`: the fields
+    that stand in for what could not be read (initial_profile)."""
+    props = "(torch.cuda.get_device_properties)"
+    stand_ins = {"sram_bytes_per_sm": "torch gave no shared memory per SM; 1 MiB stands in",
+                 "l2_bytes": "torch gave no L2 size; 32 MiB stands in",
+                 "l2_bytes_per_s": "no L2 size, so no copy inside it was timed; twice the large copy's speed stands in",
+                 "clock_hz": "torch gave no clock rate; 2 GHz stands in",
+                 "tdp_w": "nvidia-smi gave no power limit; 300 W stands in",
+                 "interconnect_bytes_per_s": "a one-device calibration never uses the link; PCIe 4.0 x16, both directions, stands in"}
+    measured = {"sm_count": f"{how}: multiprocessors {props}",
+                "sram_bytes_per_sm": f"{how}: shared memory per multiprocessor {props}",
+                "l2_bytes": f"{how}: L2 cache size {props}",
+                "memory_bytes": f"{how}: total memory {props}",
+                "clock_hz": f"{how}: clock rate {props}",
+                "l2_bytes_per_s": f"{how}: median of a copy of a quarter of the L2 (read + write), timed in turns with the large copy",
+                "tdp_w": f"{how}: power limit (nvidia-smi)"}
+    return measured | {key: f"estimate: {stand_ins[key]}" for key in estimates if key in stand_ins}  # fmt: skip
 
 
 def ops_per_kernel(measurements: list[dict]) -> float:
@@ -421,6 +466,8 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
         "achievable.matmul": f"{how}: least-squares fit",
         "achievable.attention": f"{how}: least-squares fit",
     }
+    if fields["kind"] == "gpu":
+        sources |= gpu_sources(how, estimates)
     sources = {k: v for k, v in sources.items() if k.split(".")[0] in fields or k.split(".")[0] in ("launch_overhead_s", "ops_per_kernel", "achievable")}
     executor = {key: facts[key] for key in EXECUTOR_FACTS if facts.get(key)}
     executor["sources"] = {

@@ -52,6 +52,7 @@ from simulator.serving import (
     draft_tp,
     interval_scales,
     simulate_serving,
+    span,
 )
 from simulator.units import parse_duration_s
 from simulator.workload import WorkloadSpec, make_stream
@@ -435,7 +436,7 @@ def run_simulation(job: tuple) -> dict:
     figures["intervals"] = {}
     if scales:
         fast, slow = run(scales[0]), run(scales[1])
-        figures["intervals"] = {k: {"low": fast[k], "high": slow[k]} for k in INTERVAL_FIGURES if figures[k] is not None}
+        figures["intervals"] = {k: span(figures[k], fast[k], slow[k]) for k in INTERVAL_FIGURES if figures[k] is not None}
     return figures
 
 

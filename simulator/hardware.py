@@ -50,6 +50,7 @@ class HardwareProfile(BaseModel):
     sm_count: PositiveInt  # streaming multiprocessors (NVIDIA), compute units (AMD), cores (CPU)
     sram_bytes_per_sm: PositiveInt  # shared memory (SMEM/LDS) per SM usable by one kernel; a core's L2 on a CPU
     l2_bytes: PositiveInt
+    l2_partitions: PositiveInt | None = None  # L2 partitions that each cache what their own SMs read (data every SM reads is held in each); absent: one
     memory_bytes: PositiveInt  # device memory (HBM/GDDR) capacity
     hbm_bytes_per_s: PositiveFloat  # peak device-memory bandwidth
     l2_bytes_per_s: PositiveFloat | None = None  # peak L2 read bandwidth; absent: re-reads priced at HBM speed

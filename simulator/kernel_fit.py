@@ -51,8 +51,18 @@ class Group:
         return self.uses_family(frame) if self.uses_family else np.ones(len(frame), dtype=bool)
 
 
+def quantized_params(P_own: dict, base: dict) -> dict:
+    """A quantized GEMM's parameters: the bf16 GEMM's (memory system, tiles, L2) with the
+    quantized path's own MMA efficiency and kernel costs over them."""
+    return {**base, **{k: v for k, v in P_own.items() if k in sources.QUANTIZED_OWN}}
+
+
 def _predict_gemm(dtype: str):
     def predict(P, T, dev, f, ctx):
+        if dtype not in ("bf16", "fp16"):
+            if "gemm:bf16" not in ctx:
+                return np.full(len(f), np.nan)
+            P = quantized_params(P, ctx["gemm:bf16"].fitted.values(dev.generation))
         out = np.empty(len(f))
         for framework, idx in f.groupby("framework").indices.items():
             timer = sources.gemm_timer(framework, dtype)
@@ -143,8 +153,12 @@ def _is(column: str, value: str) -> Callable[[pd.DataFrame], np.ndarray]:
 
 
 GROUPS: dict[str, Group] = {
-    **{f"gemm:{d}": Group(f"gemm:{d}", "gemm", ("gemm",), _is("dtype", d), _predict_gemm(d), ("c_floor", "t_host_us") if d == "fp8_block" else ("c_floor",))
-       for d in ("bf16", "fp8", "fp8_block", "nvfp4")},  # fmt: skip
+    "gemm:bf16": Group("gemm:bf16", "gemm", ("gemm",), _is("dtype", "bf16"), _predict_gemm("bf16"), ("c_floor",)),
+    # quantized GEMMs run on the bf16 GEMM's memory system and tiles: only their MMA rate and kernel
+    # costs (the activation-quantization kernel's included) are their own
+    **{f"gemm:{d}": Group(f"gemm:{d}", "gemm_quantized", ("gemm",), _is("dtype", d), _predict_gemm(d),
+                          ("c_floor", "t_host_us") if d == "fp8_block" else ("c_floor",), needs=("gemm:bf16",))
+       for d in ("fp8", "fp8_block", "nvfp4")},  # fmt: skip
     # FlashAttention-2 runs prefill and decode through one kernel (its split-KV kernel): one fit.
     "attention:fa2": Group("attention:fa2", "fa2", ("prefill-attention", "decode-attention"), _is("library", "fa2"), _predict_attention("fa2"), ("c_floor",)),
     # FlashInfer decodes with its decode kernel and prefills with its prefill kernel: a fit each.

@@ -4,11 +4,15 @@ with what its source states was run, by the analytical attention model of `simul
 
 The eager PyTorch baseline's passes over the N x N matrix (`PYTORCH_PASSES`), FA2's unsplit forward
 kernel for the Flash-Decoding blog's FlashAttention column, split-KV decode for its Flash-Decoding
-column. A timed Python call takes max(device time, host time), host time = the operators its
-benchmark code issues (`HOST_OPS`) x one per-operator host time. Fitted (`fit`) on every third
-point of each series (a series is one source, kernel, pass and GPU, in file order): the A100
-profiles' achievable fractions, launch overhead, the per-operator host time and one efficiency per
-kernel implementation (FA1 and PyTorch's unfused attention in two releases each, FA2, the Triton
+column, and for its PyTorch column the copies torch.matmul makes of xFormers' [B, N, H, d] K and V.
+Fused kernels run with the block sizes their releases launch (`RELEASED_BLOCKS`): the programs
+they deal to the SMs, their padded and causal-diagonal tiles and FA1's split-K sums follow from
+them (`simulator.attention.fused_kernel_s`). A timed Python call takes max(device time, host
+time), host time = the operators its benchmark code issues and the kernels they launch
+(`HOST_OPS`) x one per-operator host time. Fitted (`fit`) on every third point of each series (a
+series is one source, kernel, pass and GPU, in file order): the A100 profiles' achievable
+fractions, launch overhead, the per-operator host time and one efficiency per kernel
+implementation (FA1 and PyTorch's unfused attention in two releases each, FA2, the Triton
 tutorial kernel, Flash-Decoding), minimising the mean absolute percentage error; the error is
 reported on the other two thirds, which the fit never sees. All the published rows are A100s
 (40 and 80 GB: one chip), so they have no leave-one-GPU-out split."""
@@ -78,35 +82,52 @@ RELEASE = {("FlashAttention paper", "fa1"): "fa1-2022", ("FlashAttention paper",
 # Host side of a timed call: the sources time Python calls (torch.utils.benchmark / CUDA events
 # around a Python loop), so a call takes max(device time, host time), host time = the operators
 # its Python issues x one per-operator host time fitted on the calibration part (`host_op_s`).
-# Counted from the benchmark code each source ran, per forward and backward; a fwd+bwd call adds
-# one (flash-attention's benchmark_combined draws the output gradient with torch.randn_like).
+# A host operator is a Python-level call, and each CUDA kernel a call launches counts once more (the
+# launch and PyTorch's per-kernel set-up cost the host about what a call does), so a call that
+# launches no kernel (a slice, an allocation) counts 1 and an einsum that copies both operands and
+# runs a bmm counts 1 + 3. Counted from the benchmark code each source ran, per forward and
+# backward; a fwd+bwd call adds 2 (flash-attention's benchmark_combined draws the output gradient
+# with torch.randn_like, a call and its kernel).
 # - FlashAttention paper, PyTorch (attention_ref): forward unbind, k / sqrt(d), einsum, ~mask,
-#   rearrange, masked_fill_, softmax, F.dropout, einsum, .to (10); backward y.backward plus one
-#   autograd node per differentiable op: unbind, div, einsum, masked_fill_, softmax, dropout,
-#   einsum (8).
+#   rearrange, masked_fill_, softmax, F.dropout, einsum, .to (10 calls); kernels: the scale of K,
+#   the first einsum's copies of its two permuted operands and its bmm, ~mask, masked_fill_,
+#   softmax, the second einsum's copy of V and its bmm (9; no dropout pass ran, see
+#   PYTORCH_PASSES, and .to is to the same dtype). Backward y.backward plus one autograd node per
+#   differentiable op: unbind, div, einsum, masked_fill_, softmax, dropout, einsum (8 calls);
+#   kernels: two bmm per einsum, the softmax and masked_fill_ backward, the scale's, the stack of
+#   dq, dk, dv into the qkv gradient and its accumulation into qkv.grad, which the harness of 2022
+#   never clears (9).
 # - FlashAttention paper, FA1 (flash_attn_unpadded_qkvpacked_func, 2022): forward Function.apply,
 #   cuda.get_rng_state, qkv[:, 0..2] and the slice for empty_like, empty_like, the extension call
-#   and its softmax_lse allocation (9); backward y.backward, the node, get/set_rng_state and the
-#   restore, empty_like(qkv) and its three slices, the extension call and its softmax_d
-#   allocation (11).
+#   and its softmax_lse allocation (9 calls), one kernel; backward y.backward, the node,
+#   get/set_rng_state and the restore, empty_like(qkv) and its three slices, the extension call
+#   and its softmax_d allocation (11 calls); kernels: the backward, the copy of its fp32 dQ into
+#   the gradient, the accumulation into qkv.grad (3).
 # - FlashAttention-2 paper Fig. 4, PyTorch (attention_pytorch): forward unbind, two rearranges of two
-#   ops each, torch.empty, baddbmm, rearrange, softmax, F.dropout, einsum, .to (12), causal adds
-#   torch.full, triu, .to and the add (16); backward y.backward plus a node each for unbind, the
-#   rearranges, baddbmm, the add, softmax, dropout, einsum (9).
+#   ops each, torch.empty, baddbmm, rearrange, softmax, F.dropout, einsum, .to (12 calls); kernels:
+#   the copies the rearranges of Q and K make, baddbmm, softmax, the einsum's copy of V and its bmm
+#   (6; dropout_p = 0 launches none); causal adds torch.full, triu, .to and the add, a kernel each
+#   (4 + 4). Backward y.backward plus a node each for unbind, the rearranges, baddbmm, the add,
+#   softmax, dropout, einsum (9 calls); kernels: two bmm for the einsum, the softmax backward,
+#   baddbmm's two bmm and their scaling by alpha, the stack into the qkv gradient (8; the harness
+#   sets .grad to None before each backward, so nothing accumulates).
 # - FlashAttention-2 paper Fig. 4, FA1 / FA2 (flash_attn_qkvpacked_func): forward Function.apply,
-#   three slices and their detach, the extension call and its out, lse, rng_state allocations (11);
-#   backward y.backward, the node, empty_like for dq, dk, dv, three slices, the extension call and
-#   its two fp32 buffers (10).
+#   three slices and their detach, the extension call and its out, lse, rng_state allocations (11
+#   calls), one kernel; backward y.backward, the node, empty_like for dq, dk, dv, three slices, the
+#   extension call and its two fp32 buffers (10 calls); kernels: FA2's D pass (which zeroes dQ's
+#   accumulator), main kernel and dQ cast (3), FA1's main kernel and dQ copy (2).
 # - Triton tutorial: one forward, the autograd Function, empty_like for O, the LSE buffer and the
-#   kernel launch (4).
-# The Flash-Decoding blog's harness is unpublished: its rows are priced on the device only.
+#   kernel launch (4 calls), one kernel.
+# The Flash-Decoding blog's rows come from xFormers' benchmarks/benchmark_attn_decoding.py (B =
+# 2^(16-i), N = 2^i, 16 query and 2 KV heads, d = 128), whose harness (benchmark_main_helper2)
+# captures each call in a CUDA graph and times its replays: device time only, no host operators.
 HOST_OPS: dict[tuple[str, str], dict[str, int]] = {
-    ("FlashAttention paper", "pytorch"): {"fwd": 10, "bwd": 8},
-    ("FlashAttention paper", "fa1"): {"fwd": 9, "bwd": 11},
-    ("FlashAttention-2 paper Fig.4 / flash-attention README", "pytorch"): {"fwd": 12, "bwd": 9, "causal": 4},
-    ("FlashAttention-2 paper Fig.4 / flash-attention README", "fa1"): {"fwd": 11, "bwd": 10},
-    ("FlashAttention-2 paper Fig.4 / flash-attention README", "fa2"): {"fwd": 11, "bwd": 10},
-    ("Triton tutorial 06-fused-attention", "triton-tutorial"): {"fwd": 4, "bwd": 0},
+    ("FlashAttention paper", "pytorch"): {"fwd": 19, "bwd": 17},
+    ("FlashAttention paper", "fa1"): {"fwd": 10, "bwd": 14},
+    ("FlashAttention-2 paper Fig.4 / flash-attention README", "pytorch"): {"fwd": 18, "bwd": 17, "causal": 8},
+    ("FlashAttention-2 paper Fig.4 / flash-attention README", "fa1"): {"fwd": 12, "bwd": 12},
+    ("FlashAttention-2 paper Fig.4 / flash-attention README", "fa2"): {"fwd": 12, "bwd": 13},
+    ("Triton tutorial 06-fused-attention", "triton-tutorial"): {"fwd": 5, "bwd": 0},
 }
 
 
@@ -116,7 +137,7 @@ def host_ops(source: str, kernel: str, pass_: str, causal: bool) -> int:
     if ops is None or pass_ == "decode":
         return 0
     fwd = ops["fwd"] + (ops.get("causal", 0) if causal else 0)
-    return {"fwd": fwd, "bwd": ops["bwd"], "fwd+bwd": fwd + ops["bwd"] + 1}[pass_]
+    return {"fwd": fwd, "bwd": ops["bwd"], "fwd+bwd": fwd + ops["bwd"] + 2}[pass_]
 
 
 def published_points(table: pd.DataFrame) -> list[Point]:
@@ -148,20 +169,42 @@ def published_points(table: pd.DataFrame) -> list[Point]:
     return points
 
 
+# The block sizes (Br, Bc) the released kernels are launched with on an A100, fp16, by pass and head
+# dimension. FlashAttention-2 on compute capability 8.0 (flash-attention v2,
+# csrc/flash_attn/src/flash_fwd_launch_template.h, run_mha_fwd_hdim64/128: kBlockM x kBlockN
+# 128 x 128 and 128 x 64; run_mha_fwd_splitkv_dispatch, the split-KV kernel: 64 x 256 and 64 x 128;
+# flash_bwd_launch_template.h, run_mha_bwd_hdim64/128 with 163 KB of shared memory per block:
+# 128 x 128 and 64 x 128). The Triton tutorial of 2023 (python/tutorials/06-fused-attention.py):
+# BLOCK_M = 128, BLOCK_N = 64 for d <= 64, else 32. FA1 (flash-attention 1.x,
+# csrc/flash_attn/fmha_api.cpp: blocksize_c = 256 keys per step for d <= 64, else 128; its rows are
+# priced with the paper's Br = min(Bc, d) = d, its kernels stepping through them 16 at a time).
+RELEASED_BLOCKS: dict[tuple[str, str, int], tuple[int, int]] = {
+    ("fa2", "fwd", 64): (128, 128), ("fa2", "fwd", 128): (128, 64),
+    ("fa2", "bwd", 64): (128, 128), ("fa2", "bwd", 128): (64, 128),
+    ("flash-decoding", "fwd", 64): (64, 256), ("flash-decoding", "fwd", 128): (64, 128),
+    ("triton-tutorial", "fwd", 64): (128, 64), ("triton-tutorial", "fwd", 128): (128, 32),
+    ("fa1", "fwd", 64): (64, 256), ("fa1", "fwd", 128): (128, 128),
+    ("fa1", "bwd", 64): (64, 256), ("fa1", "bwd", 128): (128, 128),
+}  # fmt: skip
+
+
 def _attention_predictor(kernel, pass_, b, h, hk, n, d, causal, dtype, passes=att.DEFAULT_PASSES) -> Callable[[HardwareProfile], float]:
     if pass_ == "decode":  # one query token per sequence against n cached keys
-        if kernel == "pytorch":
-            return lambda hw: att.standard_decode(b, h, hk, n, d, hw, dtype).time_s
+        if kernel == "pytorch":  # xFormers' benchmark holds K, V as [B, N, H, d] and permutes them
+            return lambda hw: att.standard_decode(b, h, hk, n, d, hw, dtype, kv_layout="bnhd").time_s
         if kernel == "fa2":
-            return lambda hw: att.flash_forward_decode(b, h, hk, 1, n, d, hw, dtype).time_s
-        return lambda hw: att.flash_decoding(b, h, 1, n, d, hw, None, dtype, h_kv=hk).time_s
+            blocks = RELEASED_BLOCKS.get(("fa2", "fwd", d))
+            return lambda hw: att.flash_forward_decode(b, h, hk, 1, n, d, hw, dtype, blocks).time_s
+        split = RELEASED_BLOCKS.get(("flash-decoding", "fwd", d))
+        return lambda hw: att.flash_decoding(b, h, 1, n, d, hw, None, dtype, h_kv=hk, blocks=split).time_s
     order = "fa1" if kernel == "fa1" else "fa2"
     if kernel == "pytorch":
         fwd = lambda hw: att.standard_attention(b, h, n, d, hw, causal, dtype, passes).time_s  # noqa: E731
         bwd = lambda hw: att.standard_attention_backward(b, h, n, d, hw, causal, dtype, passes).time_s  # noqa: E731
     else:
-        fwd = lambda hw: att.flash_attention(b, h, n, d, hw, causal, dtype, order).time_s  # noqa: E731
-        bwd = lambda hw: att.flash_attention_backward(b, h, n, d, hw, causal, dtype, order).time_s  # noqa: E731
+        fb, bb = (RELEASED_BLOCKS.get((kernel, p, d)) for p in ("fwd", "bwd"))
+        fwd = lambda hw: att.flash_attention(b, h, n, d, hw, causal, dtype, order, fb).time_s  # noqa: E731
+        bwd = lambda hw: att.flash_attention_backward(b, h, n, d, hw, causal, dtype, order, bb).time_s  # noqa: E731
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": lambda hw: fwd(hw) + bwd(hw)}[pass_]
 
 

@@ -124,32 +124,3 @@ def elementwise(
     # Elementwise work runs on the vector units, not tensor cores: fp32 peak is its ceiling.
     compute_fraction = hw.achievable.matmul * hw.peak_flops("fp32") / hw.peak_flops(dtype)
     return KernelCost(name, flops, hbm_bytes, roofline_time_s(flops, hbm_bytes, hw, dtype, compute_fraction))
-
-
-def fused_time_s(
-    flops: float,
-    compulsory_bytes: float,
-    program_bytes: float,
-    max_program_flops: float,
-    max_program_bytes: float,
-    hw: HardwareProfile,
-    dtype: str,
-    compute_fraction: float,
-    launches: int = 1,
-) -> float:
-    """A fused kernel split into programs (thread blocks) spread over the SMs.
-
-    - compute: all FLOPs at the achievable peak, but no faster than its largest program running on
-      one SM at that SM's share of the peak (an under-filled GPU idles the other SMs);
-    - memory: compulsory bytes (each tensor once) at HBM speed; the bytes the programs load in all
-      (re-reads included, as the tiled algorithm counts them) at L2 speed, since re-read tiles are
-      L2 hits; and the largest program's bytes at its SM's share of HBM bandwidth.
-    With a profile without `l2_bytes_per_s`, re-reads are priced at HBM speed.
-    """
-    sms = hw.sm_count
-    peak = hw.peak_flops(dtype) * compute_fraction
-    hbm = hw.hbm_bytes_per_s * hw.achievable.bandwidth
-    l2 = (hw.l2_bytes_per_s or hw.hbm_bytes_per_s) * hw.achievable.bandwidth
-    compute_s = max(flops, max_program_flops * sms) / peak
-    memory_s = max(compulsory_bytes / hbm, program_bytes / l2, max_program_bytes * sms / hbm)
-    return max(compute_s, memory_s) + launches * hw.launch_overhead_s

@@ -967,6 +967,15 @@ def simulate_serving(
     return engine.report()
 
 
+def span(*values: float | None) -> dict | None:
+    """`low`/`high` of the figures one statistic takes in a run and its bound runs. A queue's
+    percentile need not move with its step times (faster steps can form other batches), so the
+    interval spans all three runs and always holds the run's own figure."""
+    if any(v is None for v in values):
+        return None
+    return {"low": min(values), "high": max(values)}
+
+
 def interval_scales(hw: HardwareProfile, target: ModelSpec, cfg: ServingConfig, batch: float, context: float) -> tuple[float, float] | None:
     """(low, high) factors of an 80% interval on the engine's step times: the device model's
     interval on a decode step of the target at this batch and context, relative to its time (None

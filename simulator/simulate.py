@@ -32,6 +32,7 @@ from simulator.serving import (
     interval_scales,
     kv_cache_blocks,
     simulate_serving,
+    span,
 )
 from simulator.units import parse_duration_s
 from simulator.workload import Trace, WorkloadSpec, load_trace, make_stream, request_count
@@ -124,7 +125,7 @@ def simulate(
         reports[name] = run(report_progress=progress)
         scales = interval_scales(hw, target, run_cfg, reports[name]["batch"]["mean"], _mean_context(workload, trace)) if intervals else None
         if scales:
-            reports[name]["interval"] = run_interval(run(scales[0]), run(scales[1]), scales)
+            reports[name]["interval"] = run_interval(reports[name], run(scales[0]), run(scales[1]), scales)
     report = {
         "config": {
             "gpu": hw.name,
@@ -161,12 +162,12 @@ def _mean_context(workload: WorkloadSpec, trace: Trace | None) -> float:
     return workload.prompt_tokens + workload.output_tokens / 2
 
 
-def run_interval(fast: dict, slow: dict, scales: tuple[float, float]) -> dict:
+def run_interval(run: dict, fast: dict, slow: dict, scales: tuple[float, float]) -> dict:
     """The 80% interval of a run from its two bound runs: every pass at the low end (`fast`) and at
     the high end (`slow`) of the device model's interval."""
-    latency = {metric: {stat: {"low": fast["latency_s"][metric][stat], "high": slow["latency_s"][metric][stat]}
+    latency = {metric: {stat: span(*(r["latency_s"][metric][stat] for r in (run, fast, slow)))
                         for stat in ("mean", "p50", "p90", "p99")} for metric in ("ttft", "tpot", "e2e", "queue")}  # fmt: skip
-    throughput = {"output_tokens_per_s": {"low": slow["throughput"]["output_tokens_per_s"], "high": fast["throughput"]["output_tokens_per_s"]}}
+    throughput = {"output_tokens_per_s": span(*(r["throughput"]["output_tokens_per_s"] for r in (run, fast, slow)))}
     return {"level": plan_lib.INTERVAL_LEVEL, "time_scale": {"low": scales[0], "high": scales[1]}, "latency_s": latency, "throughput": throughput}
 
 

@@ -57,7 +57,7 @@ def weighted_quantiles(values: np.ndarray, groups: np.ndarray, qs) -> list[float
 
 
 def naive_roofline(kind: str, frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
-    """The baseline the issue names: max(FLOPs / peak, bytes / DRAM bandwidth) / 0.7 + 5 us."""
+    """The naive baseline: max(FLOPs / peak, bytes / DRAM bandwidth) / 0.7 + 5 us."""
     dev = kf.device_of(frame, profiles)
     peak, bw = dev.peak("bf16"), dev.hbm_bytes_per_s
     if kind.startswith("gemm"):
@@ -303,7 +303,7 @@ FA_KINDS = ("prefill-attention:fa2", "decode-attention:fa2")
 
 
 def targets(out: dict) -> list[dict]:
-    """The issue's targets, each with the figure it is judged on and whether it is met."""
+    """The accuracy targets, each with the figure it is judged on and whether it is met."""
     rows = []
 
     def add(what: str, value: float | None, limit: float, ok: bool | None = None):

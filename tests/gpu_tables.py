@@ -25,9 +25,9 @@ def _rows(kind: str, rng: np.random.Generator, n: int) -> pd.DataFrame:
                              "k": rng.choice([256, 1024, 4096, 8192], n)})  # fmt: skip
     if kind == "decode-attention":
         h = rng.choice([8, 32, 64], n)
-        return pd.DataFrame({"kernel_source": "vllm_flash_attn", "batch_size": rng.choice([1, 8, 64, 256], n), "isl": 1,
+        return pd.DataFrame({"kernel_source": "vllm_flash_attn", "batch_size": rng.choice([1, 8, 16, 32, 64, 256], n), "isl": 1,
                              "num_heads": h, "num_key_value_heads": np.minimum(h, 8), "head_dim": 128, "attn_dtype": "bfloat16",
-                             "kv_cache_dtype": "bfloat16", "step": rng.choice([15, 255, 4095], n)})  # fmt: skip
+                             "kv_cache_dtype": "bfloat16", "step": rng.choice([15, 255, 511, 1023, 4095], n)})  # fmt: skip
     if kind == "collective":
         return pd.DataFrame({"op_name": rng.choice(["all_reduce", "all_gather"], n), "nccl_dtype": "half",
                              "num_gpus": rng.choice([2, 4, 8], n), "message_size": 2 ** rng.integers(8, 28, n)})  # fmt: skip

@@ -64,7 +64,12 @@ def test_forward_time_monotone_in_batch_context_and_query_tokens(model, batch, c
     big = dict(base, **{axis: base[axis] + grow})
     t0 = step_time_s(model, A100, base["batch"], base["ctx"], base["q"])
     t1 = step_time_s(model, A100, big["batch"], big["ctx"], big["q"])
-    assert t1 >= t0 * (1 - 1e-12)  # equal up to rounding where the extra work hides in a padded tile
+    # vLLM's FlashAttention-2 runs one query per sequence as another kernel (a KV group's query heads
+    # swapped into the rows, K/V split, a combine kernel): a second query token can save that combine
+    # kernel, microseconds of a pass; otherwise equal at most, up to rounding, where the extra work
+    # hides in a padded tile
+    slack = 0.01 if axis == "q" and q == 1 else 1e-12
+    assert t1 >= t0 * (1 - slack)
 
 
 @given(b=st.integers(1, 8), h=st.integers(1, 64), n=st.integers(1, 8192), d=st.sampled_from([32, 64, 80, 96, 128]),
@@ -402,6 +407,92 @@ def test_fa2_decode_pads_queries_to_a_tile_and_fills_the_sms_in_rounds():
     assert t(1, n_q=br) == pytest.approx(t(1, n_q=1), rel=1e-2)  # one query row costs a whole Br tile
     # a second tile of rows is a second program per head: 56 programs become 112, two rounds
     assert t(7, n_q=br + 1) == pytest.approx(2 * t(7, n_q=br), rel=1e-2)
+
+
+def test_the_busiest_sm_runs_the_rounds_of_equal_programs_and_never_less_than_the_longest():
+    from simulator.attention import DEFAULT_COSTS, Grid, busiest_sm_s
+
+    rate = A100.peak_flops("fp16") * A100.achievable.attention / A100.sm_count  # one SM's share
+    equal = Grid(1, np.full(216, 1e9), np.zeros(216), np.zeros(216))
+    t = 1e9 / rate + DEFAULT_COSTS.program_s
+    assert busiest_sm_s(equal, A100, "fp16", A100.achievable.attention) == pytest.approx(2 * t)  # 216 programs, 108 SMs
+    assert busiest_sm_s(Grid(217, *(a[:1] for a in (equal.flops, equal.cycles, equal.hbm_bytes))), A100, "fp16",
+                        A100.achievable.attention) == pytest.approx(3 * t)  # fmt: skip
+    uneven = Grid(1, np.array([1e9, 8e9]), np.zeros(2), np.zeros(2))  # two programs: the longer one is the kernel
+    assert busiest_sm_s(uneven, A100, "fp16", A100.achievable.attention) == pytest.approx(8e9 / rate + DEFAULT_COSTS.program_s)
+
+
+def test_causal_tiles_are_whole_on_the_diagonal():
+    """N = 512 in 128 x 128 tiles: causal visits 10 of the 16 tiles, each multiplied whole."""
+    from simulator.attention import backward_grid, forward_grid
+
+    fwd = forward_grid(1, 512, 512, 64, 128, 128, causal=True)
+    assert fwd.flops.sum() == 10 * 4 * 64 * 128 * 128
+    assert forward_grid(1, 512, 512, 64, 128, 128, causal=False).flops.sum() == 16 * 4 * 64 * 128 * 128
+    assert backward_grid(1, 512, 64, 128, 128, causal=True).flops.sum() == 10 * 10 * 64 * 128 * 128
+    ragged = forward_grid(1, 300, 300, 64, 128, 128, causal=False)  # keys 300 cost 3 whole tiles of 128
+    assert list(ragged.flops) == [4 * 64 * 128 * 384] * 3
+
+
+def test_one_head_causal_takes_as_long_as_non_causal_while_its_blocks_fit_the_sms():
+    """With B x H = 1 and N / Br <= 108 programs each has an SM: the last query block sees every
+    key, so the causal kernel ends with it, as late as the non-causal one. With more programs than
+    SMs (or many heads) causal work packs in rounds and costs about half."""
+    n, d = 8192, 128  # 64 query blocks of 128 rows
+    assert flash_attention(1, 1, n, d, A100, True).time_s == pytest.approx(flash_attention(1, 1, n, d, A100).time_s, rel=1e-3)
+    many = flash_attention(4, 32, n, d, A100, True).time_s / flash_attention(4, 32, n, d, A100).time_s
+    assert 0.5 < many < 0.55
+
+
+def test_fa1_pays_for_summing_its_warps_split_k_partials():
+    from simulator.attention import split_k_cycles
+
+    assert split_k_cycles(64, 256, "fa1") == pytest.approx(64 / (4 * 256))  # d / (4 Bc) cycles per score
+    assert split_k_cycles(128, 128, "fa2") == 0.0
+    with pytest.raises(UserError, match="loop order"):
+        split_k_cycles(64, 64, "fa3")
+    for d, blocks in ((64, (64, 256)), (128, (128, 128))):
+        fa1 = flash_attention(1, 16, 8192, d, A100, order="fa1", blocks=blocks).time_s
+        assert fa1 > flash_attention(1, 16, 8192, d, A100, order="fa2", blocks=blocks).time_s
+
+
+def test_the_backwards_side_passes_run_as_kernels_of_their_own():
+    """FA2's D pass (with the zeroing of dQ's fp32 accumulator) and the dQ cast are memory-bound
+    kernels before and after the main one: at small N they are a sizeable share of the backward."""
+    from simulator.attention import (
+        backward_grid,
+        flash_attention_backward,
+        flash_backward_hbm_bytes,
+        fused_kernel_s,
+        memory_pass_s,
+    )
+
+    b, h, n, d, e = 32, 32, 512, 64, 2
+    rows = b * h * n
+    first, last = rows * (4 * d + 2 * e * d + 4), rows * (4 * d + e * d)
+    per_head = flash_backward_hbm_bytes(n, d, 128, 128, False, "fp16", "fa2")
+    compulsory = rows * (6 * e * d + 8 * d + 8)
+    main = fused_kernel_s(backward_grid(b * h, n, d, 128, 128, False), compulsory,
+                          b * h * sum(per_head.values()) - first - last, A100, "fp16", A100.achievable.attention)  # fmt: skip
+    bwd = flash_attention_backward(b, h, n, d, A100, blocks=(128, 128))
+    assert bwd.time_s == pytest.approx(memory_pass_s(first, A100) + main + memory_pass_s(last, A100))
+    assert bwd.launches == 3 and bwd.time_s - main > 0.1 * bwd.time_s
+
+
+def test_eager_decode_copies_permuted_kv_before_its_bmm_unless_one_sequence():
+    from simulator.attention import standard_decode
+
+    b, h, h_kv, n, d = 8, 16, 2, 4096, 128
+    assert standard_decode(1, h, h_kv, n, d, A100, kv_layout="bnhd").time_s == standard_decode(1, h, h_kv, n, d, A100).time_s
+    copied = standard_decode(b, h, h_kv, n, d, A100, kv_layout="bnhd")
+    plain = standard_decode(b, h, h_kv, n, d, A100)
+    assert copied.launches == plain.launches + 2
+    kv_bytes = 2 * b * h * n * d  # K (or V) at every query head, fp16
+    bandwidth = A100.hbm_bytes_per_s * A100.achievable.bandwidth
+    # V's copy moves its bytes at HBM speed; K^T's costs a 32-byte sector per element through L2
+    assert copied.time_s - plain.time_s > 2 * kv_bytes / bandwidth + 16 * kv_bytes / (A100.l2_bytes_per_s * A100.achievable.bandwidth)
+    with pytest.raises(UserError, match="layout"):
+        standard_decode(b, h, h_kv, n, d, A100, kv_layout="nhd")
 
 
 def test_gemm_on_a_cpu_pays_for_streaming_and_computing_in_turn():

@@ -29,7 +29,7 @@ class Dev:
     sm_count: np.ndarray
     clock_hz: np.ndarray
     hbm_bytes_per_s: np.ndarray
-    l2_bytes: np.ndarray
+    l2_bytes: np.ndarray  # what one L2 partition holds of data every SM reads (the L2 over its partitions)
     l2_bytes_per_s: np.ndarray
     sram_bytes_per_sm: np.ndarray
     peaks: dict[str, np.ndarray]  # dense tensor-core FLOP/s by dtype (nan where the GPU has none)
@@ -67,7 +67,7 @@ class Dev:
             sm_count=col(lambda p: p.sm_count),
             clock_hz=col(lambda p: p.clock_hz),
             hbm_bytes_per_s=col(lambda p: p.hbm_bytes_per_s),
-            l2_bytes=col(lambda p: p.l2_bytes),
+            l2_bytes=col(lambda p: p.l2_bytes / (p.l2_partitions or 1)),
             l2_bytes_per_s=col(lambda p: p.l2_bytes_per_s or p.hbm_bytes_per_s),
             sram_bytes_per_sm=col(lambda p: p.sram_bytes_per_sm),
             peaks=peaks,

@@ -99,8 +99,10 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     t_epilogue = bm * bn * np.where(split, 4.0, 2.0) / np.minimum(load, bw / active)
     tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
     dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
-    stream = ((A * (1 - hit_a) + W * (1 - hit_w)) + (A * hit_a + W * hit_w) / P["l2_speedup"]) / (active * P["bw_sm"] * 1e9)
-    t = overlapped(waves * tile, np.maximum(dram_bytes / bw, stream))
+    l2_bytes = A * hit_a + W * hit_w
+    stream = (A * (1 - hit_a) + W * (1 - hit_w) + l2_bytes / P["l2_speedup"]) / (active * P["bw_sm"] * 1e9)
+    memory = overlapped(np.maximum(dram_bytes / bw, stream), l2_bytes / (dev.l2_bytes_per_s * P["f_l2"]))
+    t = overlapped(waves * tile, memory)
     # split-K: fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
     t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
     L = np.log(t)

@@ -28,6 +28,7 @@ import numpy as np
 from simulator.gpu_model import collectives, kernels, sources
 from simulator.gpu_model.device import Dev
 from simulator.gpu_model.params import load_fitted
+from simulator.gpu_model.sources import QUANTIZED_OWN
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.roofline import KernelCost
 
@@ -84,7 +85,9 @@ class GpuDeviceModel:
 
     def gemm(self, m, n, k, dtype, name, weight_matrices=1) -> KernelCost:
         group = GEMM_FAMILY.get(dtype, "gemm:bf16")
-        P = self._params(group)
+        P = self._params("gemm:bf16")
+        if group != "gemm:bf16":  # the quantized path's own MMA rate and kernel costs over the bf16 GEMM's
+            P = {**P, **{k: v for k, v in self._params(group).items() if k in QUANTIZED_OWN}}
         e = DTYPE_BYTES[dtype]
         t = sources.gemm_call(P, self.dev, [m], [n], [k], dtype if dtype != "fp32" else "bf16", weight_matrices)[0]
         return self._cost(name, group, t, 2.0 * m * n * k, float(e * (m * k + k * n + m * n)))

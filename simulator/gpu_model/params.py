@@ -51,8 +51,15 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile: prologue, pipeline fill, epilogue", True),
         Param("overlap", "fraction", 0.5, 0.0, 1.0, "of a tile's epilogue (writing C) hidden behind the next tile's main loop", True),
         Param("u_l2", "fraction", 0.7, 0.05, 1.0, "of the L2 that holds operands between calls"),
+        Param("f_l2", "fraction", 0.2, 0.01, 1.0, "of the L2 bandwidth operands resident there stream at"),
         Param("c_kernel", "cycles", 2000.0, 1.0, 20000.0, "device time of launching and draining one kernel, the part that runs at the SM clock", True),
         Param("t_kernel_us", "us", 1.0, 0.0, 10.0, "the part of it that does not (the front end's launch latency)"),
+    ),
+    "gemm_quantized": _family(
+        Param("f_mma", "fraction", 0.6, 0.05, 1.0, "of the dense tensor-core peak of the quantized dtype a tile's main loop reaches", True),
+        Param("c_kernel", "cycles", 4000.0, 1.0, 40000.0, "device time of the quantized path's kernels (activation quantization and the scaled GEMM) at the SM clock", True),
+        Param("t_kernel_us", "us", 1.0, 0.0, 20.0, "the part of it that does not run at the SM clock"),
+        Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile, scales applied in the epilogue", True),
     ),
     "fa2": _family(
         Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a 4-warp program reaches", True),
@@ -111,9 +118,9 @@ FAMILIES: dict[str, dict[str, Param]] = {
 # The fit groups (see `simulator.kernel_fit.GROUPS`) and the family each one fits.
 GROUP_FAMILIES = {
     "gemm:bf16": "gemm",
-    "gemm:fp8": "gemm",
-    "gemm:fp8_block": "gemm",
-    "gemm:nvfp4": "gemm",
+    "gemm:fp8": "gemm_quantized",
+    "gemm:fp8_block": "gemm_quantized",
+    "gemm:nvfp4": "gemm_quantized",
     "attention:fa2": "fa2",
     "attention:flashinfer-prefill": "flashinfer",
     "attention:flashinfer-decode": "flashinfer",
