@@ -3,8 +3,10 @@
 A verify pass carries batch x (gamma + 1) tokens. While that stays under the GPU's roofline ridge
 (peak FLOP/s over memory bandwidth) the pass is memory-bound and costs about one decode step, so
 speculation is nearly free; past it the pass costs compute in proportion and the speedup falls
-below 1. The H100's ridge sits higher than the A100's (more FLOP/s per byte/s), so speculation
-keeps paying to a larger batch there. Cost model only (`simulator.batching.crossover_batch`), one GPU.
+below 1. The H100's ridge sits about twice as high as the A100's (more FLOP/s per byte/s), which
+alone would let speculation pay to twice the batch there; the GPU kernel model's tile waves, split
+K/V and attention kernels bring the two much closer, and at some gammas the H100 stops first.
+Cost model only (`simulator.batching.crossover_batch`), one GPU.
 
     python examples/speculation_crossover_a100_vs_h100.py
     python examples/speculation_crossover_a100_vs_h100.py --small    # or EXAMPLES_SMALL=1

@@ -476,6 +476,10 @@ def candidate_row(c: Candidate, sim: dict, s: Screen, query: CapacityQuery) -> d
             ratios[key] = value / slo
     binding = max(ratios, key=ratios.get) if ratios else None
     ratio = ratios[binding] if binding else 0.0
+    # the same verdict at the slow end of the 80% interval (every pass at the kernel model's high bound)
+    iv = sim.get("intervals") or {}
+    slow = {key: iv[f"{key}_p99_s"]["high"] / slo for key, slo in (("ttft", query.slo_ttft_p99_s), ("tpot", query.slo_tpot_p99_s))
+            if f"{key}_p99_s" in iv}  # fmt: skip
     tokens_per_s = sim["output_tokens_per_s_per_replica"] * c.replicas
     gpu_s_per_mtok = c.gpus * 1e6 / tokens_per_s if tokens_per_s > 0 else None
     return {
@@ -491,6 +495,7 @@ def candidate_row(c: Candidate, sim: dict, s: Screen, query: CapacityQuery) -> d
         "binding": binding,
         "slo_ratio": ratio,
         "ratios": ratios,
+        "meets_slo_at_interval_high": (ratio <= 1.0 and max(slow.values()) <= 1.0) if slow else None,
         **{k: v for k, v in sim.items() if k != "output_tokens_per_s_per_replica"},
         "output_tokens_per_s": tokens_per_s,
         "output_tokens_per_s_per_gpu": tokens_per_s / c.gpus,
@@ -685,7 +690,9 @@ def _slo_text(report: dict) -> str:
 
 
 def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1e3:.4g}"
+    if x is None:
+        return "-"
+    return f"{x * 1e3:.4g}" if x * 1e3 < 1e4 else f"{x * 1e3:.0f}"
 
 
 def _deployment(row: dict, gpu: str) -> str:
@@ -778,6 +785,9 @@ def format_search(report: dict, top: int = 20) -> str:
             *(["  80% intervals: " + ", ".join(f"{label} {_ms(iv[k]['low'])}-{_ms(iv[k]['high'])} ms" for k, label in
                 (("ttft_p50_s", "TTFT p50"), ("ttft_p99_s", "TTFT p99"), ("tpot_p50_s", "TPOT p50"), ("tpot_p99_s", "TPOT p99")) if k in iv)]
               if (iv := rec.get("intervals")) else []),  # fmt: skip
+            *([f"  at the slow end of those intervals it {'still meets' if rec['meets_slo_at_interval_high'] else 'misses'} the SLO"
+               + ("" if rec["meets_slo_at_interval_high"] else " (GPUs slower than predicted would need more replicas)")]
+              if rec.get("meets_slo_at_interval_high") is not None else []),  # fmt: skip
             f"  {rec['output_tokens_per_s']:.0f} output tokens/s ({rec['output_tokens_per_s_per_gpu']:.0f} per GPU), "
             f"GPU busy {rec['gpu_busy_fraction']:.0%}, mean batch {rec['batch_mean']:.1f}, KV cache peak {rec['kv_peak_used_fraction']:.0%}"
             + (f", {rec['tokens_per_verify']:.2f} tokens per verify" if rec["tokens_per_verify"] else ""),

@@ -134,6 +134,20 @@ def test_every_simulated_latency_has_its_80_percent_interval(small_report):
             assert row["intervals"][key]["low"] <= row[key] <= row["intervals"][key]["high"], (row["label"], key)
 
 
+def test_the_slo_verdict_at_the_slow_end_of_the_interval(small_report):
+    q = small_query()
+    for row in small_report["candidates"]:
+        high = row["intervals"]
+        expect = row["meets_slo"] and high["ttft_p99_s"]["high"] <= q.slo_ttft_p99_s and high["tpot_p99_s"]["high"] <= q.slo_tpot_p99_s
+        assert row["meets_slo_at_interval_high"] is expect, row["label"]
+    # a candidate within the SLO whose slow-end TPOT is not
+    sim = {"rejected": 0, "completed": 60, "ttft_p99_s": 0.5, "tpot_p99_s": 0.02, "output_tokens_per_s_per_replica": 100.0,
+           "gpu_busy_fraction": 0.5, "intervals": {"ttft_p99_s": {"low": 0.4, "high": 0.6}, "tpot_p99_s": {"low": 0.015, "high": 0.04}}}  # fmt: skip
+    screen = capacity.Screen(True, None, 0.5, {}, 1.0, 2.0, 0.01, 0.01, 4)
+    row = capacity.candidate_row(capacity.Candidate(1, 1, "none", 0, 8), sim, screen, q)
+    assert row["meets_slo"] and row["meets_slo_at_interval_high"] is False
+
+
 def test_screen_estimate_tracks_the_simulation(small_report):
     for row in small_report["candidates"]:
         estimate = row["screen"]["tpot_estimate_s"]

@@ -78,7 +78,8 @@ def test_attention_time_monotone_in_batch_heads_and_length(b, h, n, d, causal, g
     base = {"b": b, "h": h, "n": n}
     big = dict(base, **{axis: base[axis] + grow})
     for fn in (flash_attention, standard_attention):
-        assert fn(**big, d=d, hw=A100, causal=causal).time_s >= fn(**base, d=d, hw=A100, causal=causal).time_s
+        # equal up to rounding where the extra rows hide in a padded tile
+        assert fn(**big, d=d, hw=A100, causal=causal).time_s >= fn(**base, d=d, hw=A100, causal=causal).time_s * (1 - 1e-12)
 
 
 @given(b=st.integers(1, 8), h=st.integers(1, 64), n=st.integers(1, 8192), causal=st.booleans(),
