@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simulator.errors import UserError
+from simulator.paths import write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUDGET_S = 480.0  # 8 minutes of steps: with start-up, well inside a 10-minute slot on a machine
@@ -119,26 +119,6 @@ def stop_at(deadline: float, clock=time.monotonic):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then rename: an interrupted write leaves no half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        make_ordinary(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def make_ordinary(path: Path) -> None:
-    """The permissions a plain open() would have given the file (a temporary file is private to its owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -241,7 +221,6 @@ def calibrate_step(out: Path, quick: bool, log) -> Callable[[float], dict]:
         from simulator.calibration import calibrate
 
         data = calibrate(out / "profile.yaml", quick=quick, repeats=REPEATS[quick], log=log)
-        make_ordinary(out / "profile.yaml")
         cal = data["calibration"]
         return {"files": FILES["calibrate"], "ok": True, "device": cal["device"], "fit_residuals": cal["fit_residuals"]}
 

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from simulator.errors import UserError
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec
+from simulator.paths import write_atomically
 from simulator.roofline import elementwise, gemm
 
 # The calibration suite; `compare` uses none of these configurations (`held_out_overlap` checks).
@@ -248,16 +248,14 @@ def _check_writable(path: Path) -> None:
 
 
 def write_profile_atomically(data: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: an interrupted run leaves no half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w") as f:
+    """The profile as YAML, written atomically (`simulator.paths.write_atomically`)."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w") as f:
             f.write("# Calibrated on the local device by `python -m simulator calibrate`.\n")
             yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write)
 
 
 def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dict, list[dict]]:

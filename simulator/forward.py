@@ -16,6 +16,8 @@ Times are per GPU; all GPUs of the group run in lockstep.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from simulator.device_model import DeviceModel, device_model
 from simulator.errors import UserError
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
@@ -23,10 +25,9 @@ from simulator.models import ModelSpec
 from simulator.roofline import KernelCost
 
 
-def all_reduce(n_bytes: float, hw: HardwareProfile, tp: int, name: str = "all_reduce") -> KernelCost:
+def all_reduce(n_bytes: float, hw: HardwareProfile | DeviceModel, tp: int, name: str = "all_reduce") -> KernelCost:
     """All-reduce of `n_bytes` over `tp` devices, as the profile's device model prices it."""
-    cost = device_model(hw).all_reduce(n_bytes, tp)
-    return KernelCost(name, cost.flops, cost.hbm_bytes, cost.time_s, cost.launches, cost.low_s, cost.high_s)
+    return replace(_device(hw).all_reduce(n_bytes, tp), name=name)
 
 
 def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
@@ -77,18 +78,13 @@ def layer_costs(
         dev.rope(t, d_q + d_kv, dtype),
         attention_decode(model, dev, batch, context_len, query_tokens, dtype, tp),
         dev.gemm(t, d, d_q, dtype, "o_proj", matrices),
-        all_reduce_cost(dev, activations, tp),
+        dev.all_reduce(activations, tp),
         dev.norm(t, d, dtype),
         dev.gemm(t, 2 * d_ff // tp, d, dtype, "mlp_up", matrices),  # W1 and W3 fused
         dev.swiglu(t, d_ff // tp, dtype),
         dev.gemm(t, d, d_ff // tp, dtype, "mlp_down", matrices),
-        all_reduce_cost(dev, activations, tp),
+        dev.all_reduce(activations, tp),
     ]
-
-
-def all_reduce_cost(dev: DeviceModel, n_bytes: float, tp: int) -> KernelCost:
-    cost = dev.all_reduce(n_bytes, tp)
-    return KernelCost("all_reduce", cost.flops, cost.hbm_bytes, cost.time_s, cost.launches, cost.low_s, cost.high_s)
 
 
 def forward(

@@ -68,7 +68,7 @@ def _predict_gemm(dtype: str):
             timer = sources.gemm_timer(framework, dtype)
             sub = f.iloc[idx]
             Pi = {k: v[idx] for k, v in P.items()}
-            di = _take(dev, idx)
+            di = dev.take(idx)
             t = sources.gemm_call(Pi, di, sub["m"].to_numpy(), sub["n"].to_numpy(), sub["k"].to_numpy(), dtype, timer.weight_copies)
             out[idx] = sources.timed(t, timer, T, di)
         return out
@@ -110,15 +110,6 @@ def _vidur_shapes(f: pd.DataFrame):
     return t, n, k, t * width
 
 
-def memory_op_time(P_mem: dict, P_op: dict, c_kernel, dev: Dev, op_kernel: np.ndarray, nbytes):
-    """A memory-bound operator: its bytes at the attention family's DRAM/L2 rates scaled by the
-    operator's efficiency (`operators` family), plus one kernel's device time."""
-    eff = np.ones(len(op_kernel))
-    for name in ("norm", "rope", "swiglu", "embed", "add"):
-        eff = np.where(op_kernel == name, P_op[f"eff_{name}"], eff)
-    return kernels.memory_time(nbytes, dev, P_mem["f_bw"] * eff, P_mem["f_l2"] * eff, P_mem["u_l2"]) + c_kernel / dev.clock_hz
-
-
 def _predict_operators(P, T, dev, f, ctx):
     t, n, k, elements = _vidur_shapes(f)
     op = f["op"].to_numpy()
@@ -127,25 +118,20 @@ def _predict_operators(P, T, dev, f, ctx):
     if "gemm:bf16" in ctx and gemm_rows.any():
         idx = np.flatnonzero(gemm_rows)
         fit = ctx["gemm:bf16"]
-        di = _take(dev, idx)
+        di = dev.take(idx)
         Pg = fit.fitted.values(di.generation)
         out[idx] = sources.gemm_call(Pg, di, t[idx], n[idx], k[idx], "fp16", 1.0)
     memory = ~gemm_rows
     if "attention:fa2" in ctx and memory.any():
         idx = np.flatnonzero(memory)
-        di = _take(dev, idx)
+        di = dev.take(idx)
         P_mem = ctx["attention:fa2"].fitted.values(di.generation)
         c_kernel = ctx["gemm:bf16"].fitted.values(di.generation)["c_kernel"] if "gemm:bf16" in ctx else 2000.0
         kernel = np.asarray([VIDUR_MEMORY[o][0] for o in op[idx]], dtype=object)
         per_element = np.asarray([VIDUR_MEMORY[o][1] for o in op[idx]])
         P_op = {name: v[idx] for name, v in P.items()}
-        out[idx] = memory_op_time(P_mem, P_op, c_kernel, di, kernel, elements[idx] * per_element)
+        out[idx] = kernels.operator_time(P_mem, P_op, c_kernel, di, kernel, elements[idx] * per_element)
     return out
-
-
-def _take(dev: Dev, idx) -> Dev:
-    return Dev(*(getattr(dev, name)[idx] for name in ("sm_count", "clock_hz", "hbm_bytes_per_s", "l2_bytes", "l2_bytes_per_s", "sram_bytes_per_sm")),
-               {k: v[idx] for k, v in dev.peaks.items()}, dev.generation[idx])  # fmt: skip
 
 
 def _is(column: str, value: str) -> Callable[[pd.DataFrame], np.ndarray]:
@@ -204,14 +190,11 @@ def group_rows(tables: dict[str, pd.DataFrame], group: Group, profiles: dict[str
     return out
 
 
-def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
-    """Rows whose measured time is shorter than their FLOPs take at the datasheet's dense peak of
-    their MMA dtype: no kernel can be that fast, so the call did not do the work its shape says
-    (some FlashInfer fp8 prefill rows: up to 360x). Such rows are neither fitted nor scored, and
-    `validate` counts them."""
-    if not len(frame) or "kind" not in frame:
-        return np.zeros(len(frame), dtype=bool)
-    dev = device_of(frame, profiles)
+def mma_work(frame: pd.DataFrame, dev: Dev) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a GEMM or attention table: the FLOPs its shape says (2 m n k; 4 b h n_q n_kv d,
+    halved for a causal prefill) and the datasheet's dense peak of the dtype its MMAs run at (fp8 or
+    fp4 for quantized GEMMs, fp8 for FlashInfer's fp8 K/V where the GPU has it, bf16 otherwise).
+    Other kinds' rows: no FLOPs."""
     kind = frame["kind"].to_numpy()
     flops = np.zeros(len(frame))
     peak = dev.peak("bf16").copy()
@@ -228,15 +211,33 @@ def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np
         flops = np.where(att, 4.0 * frame["b"].to_numpy(float) * frame["h"].to_numpy(float) * n_q * n_kv * frame["d"].to_numpy(float) * causal, flops)
         fp8 = att & (frame["kv_bytes"].to_numpy(float) < 2)
         peak = np.where(fp8 & np.isfinite(dev.peak("fp8")), dev.peak("fp8"), peak)
+    return flops, peak
+
+
+def gemm_bytes(frame: pd.DataFrame) -> np.ndarray:
+    """Compulsory bytes of each GEMM row: A and W read once at their dtype's size, C written in bf16."""
+    m, n, k = (frame[c].to_numpy(float) for c in ("m", "n", "k"))
+    e = frame["dtype"].map(lambda d: GEMM_DTYPES[d][0]).to_numpy(float)
+    return e * (m * k + k * n) + 2.0 * m * n
+
+
+def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
+    """Rows whose measured time is shorter than their FLOPs take at the datasheet's dense peak of
+    their MMA dtype: no kernel can be that fast, so the call did not do the work its shape says
+    (some FlashInfer fp8 prefill rows: up to 360x). Such rows are neither fitted nor scored, and
+    `validate` counts them."""
+    if not len(frame) or "kind" not in frame:
+        return np.zeros(len(frame), dtype=bool)
+    dev = device_of(frame, profiles)
+    kind = frame["kind"].to_numpy()
+    flops, peak = mma_work(frame, dev)
     measured = frame["measured_s"].to_numpy()
     bad = flops / measured > np.nan_to_num(peak, nan=np.inf)
     # compulsory traffic (operands read, results written once) beyond what the L2 can hold must
     # cross the DRAM interface, at its datasheet bandwidth at best
     nbytes = np.zeros(len(frame))
     if "m" in frame:
-        m, n, k = (frame[c].to_numpy(float) for c in ("m", "n", "k"))
-        e = frame["dtype"].map(lambda d: GEMM_DTYPES[d][0]).to_numpy(float)
-        nbytes = np.where(kind == "gemm", e * (m * k + k * n) + 2.0 * m * n, nbytes)
+        nbytes = np.where(kind == "gemm", gemm_bytes(frame), nbytes)
     if "n_q" in frame:
         tokens = frame["b"].to_numpy(float) * frame["n_q"].to_numpy(float)
         q_o = tokens * frame["h"].to_numpy(float) * frame["d"].to_numpy(float) * (1.0 + 2.0)  # Q (>= 1 B), O (bf16)

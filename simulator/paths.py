@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from simulator.errors import UserError
@@ -28,15 +29,25 @@ def check_writable_file(path: Path) -> None:
     check_writable_dir(path.parent if str(path.parent) else Path("."))
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """JSON to `path` through a temporary file in the same folder: an interrupted run leaves the
-    old file (or none), never half a file. NaN and infinities are refused (they are not JSON)."""
-    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path` (same suffix, so writers that read the format
+    off it still can), then rename: an interrupted write leaves the old file (or none), never half
+    a file. The file gets the permissions a plain open() would have given it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
+        umask = os.umask(0)  # read the umask (setting it is the only way), then put it back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a temporary file is private to its owner
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """JSON to `path`, written atomically (`write_atomically`). NaN and infinities are refused
+    (they are not JSON)."""
+    text = json.dumps(data, indent=1, allow_nan=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))

@@ -103,10 +103,9 @@ class PassCost:
             t = self._head_s[logits_tokens] = norm.time_s + head.time_s
         return t
 
-    def attention_s(self, sequences: int, tokens: int, keys, pairs=None):
+    def attention_s(self, sequences: int, tokens: int, keys):
         """All layers' attention for `sequences` sequences bringing `tokens` new tokens in all over
-        `keys` keys in all; `keys` may be a numpy array (one value per step). (`pairs` is implied by
-        the equal-length batch and kept for the callers' aggregate form.)"""
+        `keys` keys in all; `keys` may be a numpy array (one value per step)."""
         if sequences == 0 or tokens == 0:
             return np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0
         q = max(1, round(tokens / sequences))
@@ -114,18 +113,10 @@ class PassCost:
         t = self.device.attention_s(sequences, q, context, self.heads, self.kv_heads, self.model.d_head, self.dtype)
         return self.n_layers * (t if np.ndim(keys) else float(t))
 
-    def pass_s(self, tokens: int, keys, pairs, logits_tokens: int, sequences: int | None = None):
-        """A pass over `sequences` sequences (default: tokens / (pairs / keys), the query length
-        the aggregates imply) bringing `tokens` tokens over `keys` keys."""
-        if sequences is None:
-            q = np.asarray(pairs, dtype=float) / np.maximum(np.asarray(keys, dtype=float), 1.0)
-            sequences = max(1, round(tokens / float(np.max(q)) if np.size(q) else tokens))
-        return self.scale * (self.dense_s(tokens) + self.attention_s(sequences, tokens, keys) + self.head_s(logits_tokens))
-
-    def mixed_s(self, decodes: int, q: int, decode_keys: int, chunks: int, chunk_tokens: int, chunk_keys: int, logits_tokens: int) -> float:
-        """A step of `decodes` sequences bringing q tokens each over `decode_keys` keys in all, beside
-        `chunks` prefill chunks of `chunk_tokens` tokens over `chunk_keys` keys: one pass through the
-        weights, two attention calls."""
+    def mixed_s(self, decodes: int, q: int, decode_keys, chunks: int, chunk_tokens: int, chunk_keys: int, logits_tokens: int):
+        """A step of `decodes` sequences bringing q tokens each over `decode_keys` keys in all (a
+        numpy array: one value per step), beside `chunks` prefill chunks of `chunk_tokens` tokens
+        over `chunk_keys` keys: one pass through the weights, two attention calls."""
         tokens = decodes * q + chunk_tokens
         attention = self.attention_s(decodes, decodes * q, decode_keys) + self.attention_s(chunks, chunk_tokens, chunk_keys)
         return self.scale * (self.dense_s(tokens) + attention + self.head_s(logits_tokens))
@@ -135,7 +126,7 @@ class PassCost:
         tokens = batch * query_tokens
         keys = np.asarray(context_sum) + tokens if np.ndim(context_sum) else context_sum + tokens
         logits = tokens if logits_tokens is None else logits_tokens
-        return self.pass_s(tokens, keys, query_tokens * keys, logits, sequences=batch)
+        return self.mixed_s(batch, query_tokens, keys, 0, 0, 0, logits)
 
 
 # ---------------------------------------------------------------------------------------------

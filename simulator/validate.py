@@ -30,7 +30,6 @@ import pandas as pd
 from simulator import kernel_fit as kf
 from simulator.data import Tables, load_tables
 from simulator.errors import UserError
-from simulator.gpu_model.device import GEMM_DTYPES
 from simulator.hardware import HardwareProfile
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -59,18 +58,14 @@ def weighted_quantiles(values: np.ndarray, groups: np.ndarray, qs) -> list[float
 def naive_roofline(kind: str, frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
     """The naive baseline: max(FLOPs / peak, bytes / DRAM bandwidth) / 0.7 + 5 us."""
     dev = kf.device_of(frame, profiles)
-    peak, bw = dev.peak("bf16"), dev.hbm_bytes_per_s
+    bw = dev.hbm_bytes_per_s
     if kind.startswith("gemm"):
-        m, n, k = (frame[c].to_numpy(float) for c in ("m", "n", "k"))
-        e = frame["dtype"].map(lambda d: GEMM_DTYPES[d][0]).to_numpy(float)
-        pk = np.where(frame["dtype"].isin(["fp8", "fp8_block"]), dev.peak("fp8"), np.where(frame["dtype"] == "nvfp4", dev.peak("fp4"), peak))
-        flops, nbytes = 2 * m * n * k, e * (m * k + k * n) + 2 * m * n
-        return np.maximum(flops / pk, nbytes / bw) / NAIVE_FRACTION + NAIVE_OVERHEAD_S
+        flops, pk = kf.mma_work(frame, dev)
+        return np.maximum(flops / pk, kf.gemm_bytes(frame) / bw) / NAIVE_FRACTION + NAIVE_OVERHEAD_S
     if "attention" in kind:
         b, h, hk, d, n_q, n_kv, e = (frame[c].to_numpy(float) for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes"))
-        flops = 4 * b * h * n_q * n_kv * d * np.where(n_q > 1, 0.5, 1.0)
+        flops, pk = kf.mma_work(frame, dev)
         nbytes = 2 * b * n_q * h * d * 2 + 2 * b * n_kv * hk * d * e
-        pk = np.where((e < 2) & np.isfinite(dev.peak("fp8")), dev.peak("fp8"), peak)
         return np.maximum(flops / pk, nbytes / bw) / NAIVE_FRACTION + NAIVE_OVERHEAD_S
     if kind == "collective":
         n = frame["n_gpus"].to_numpy(float)
@@ -177,10 +172,11 @@ def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpu
         if not len(frame):
             continue
         bad = kf.implausible(frame, profiles)
-        for (gpu, kind), n in pd.Series(kf.report_kinds(group, frame)[bad]).groupby(frame["gpu"].to_numpy()[bad]).value_counts().items():
+        kinds = kf.report_kinds(group, frame)
+        for (gpu, kind), n in pd.Series(kinds[bad]).groupby(frame["gpu"].to_numpy()[bad]).value_counts().items():
             out["excluded"].setdefault(gpu, {})[kind] = int(n)
         frames[name] = frame[~bad].reset_index(drop=True)
-        reports[name] = kf.report_kinds(group, frames[name])
+        reports[name] = kinds[~bad]
     _STATE.update(frames=frames, reports=reports, profiles=profiles, per_gpu=per_gpu, fit_names=fit_names, few_shot=few_shot, in_gpu=in_gpu)
     tasks = [(name, gpu) for name in frames for gpu in sorted(frames[name]["gpu"].unique()) if not hold_names or gpu in hold_names]
     done: dict[tuple[str, str], _Split] = {}

@@ -8,7 +8,9 @@ import contextlib
 import io
 import json
 import math
+import os
 import signal
+import stat
 import time
 from types import SimpleNamespace
 
@@ -196,6 +198,16 @@ def test_an_interrupted_write_leaves_no_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         dc.write_atomically(tmp_path / "x.json", interrupted)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_written_file_has_the_permissions_open_would_give(tmp_path):
+    """Not the temporary file's owner-only mode: others read results as they read any file."""
+    umask = os.umask(0o022)
+    try:
+        dc.write_atomically(tmp_path / "x.json", lambda tmp: tmp.write_text("{}"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
 
 
 # --- what only runs on CUDA, exercised with stand-ins -------------------------------------------------------

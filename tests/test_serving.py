@@ -89,8 +89,7 @@ def test_pass_cost_equals_forward(model, batch, ctx, q, dtype, tp_index):
 @given(model=st.sampled_from(list(BUILTIN_MODELS.values())), batch=st.integers(1, 32), prompt=st.integers(1, 4096))
 def test_pass_cost_prefill_equals_prefill_time(model, batch, prompt):
     cost = PassCost(model, A100)
-    tokens = batch * prompt
-    got = cost.pass_s(tokens, tokens, tokens * prompt, batch, sequences=batch)  # keys = prompt per sequence, pairs = prompt^2
+    got = cost.uniform_s(batch, prompt, 0, logits_tokens=batch)  # keys = prompt per sequence
     assert got == pytest.approx(prefill_time_s(model, A100, batch, prompt), rel=1e-9)
 
 

@@ -7,7 +7,7 @@ length one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -21,7 +21,6 @@ GEMM_DTYPES = {
     "fp8_block": (1.0, "fp8"),
     "nvfp4": (0.5 + 1.0 / 16, "fp4"),  # 4-bit values and one fp8 scale per 16 (NVFP4 block size)
 }
-TABLE_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "fp8": "fp8", "fp8_block": "fp8_block", "nvfp4": "nvfp4"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,10 @@ class Dev:
 
     def peak(self, dtype: str) -> np.ndarray:
         return self.peaks[dtype]
+
+    def take(self, idx) -> Dev:
+        """The rows `idx` (an index array or a boolean mask)."""
+        return Dev(**{f.name: {k: v[idx] for k, v in self.peaks.items()} if f.name == "peaks" else getattr(self, f.name)[idx] for f in fields(self)})
 
     @classmethod
     def of(cls, profiles: list[HardwareProfile]) -> Dev:

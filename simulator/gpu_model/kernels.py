@@ -9,7 +9,7 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
     tiles  T = ceil(m / B_M) ceil(n / B_N) s,      waves w = ceil(T / S)
     tile   t = max(2 B_M B_N k_s / (f_mma P_mma / S),  (B_M + B_N) k_s e / (load_bpf P_bf16 / S))
                + (1 - overlap) B_M B_N e_C / (BW f_bw / min(T, S))  + c_tile / f
-    time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: partials written and reduced, one more kernel]
+    time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: fp32 partials written and reduced inside the kernel]
 The library is taken to pick the best config: the time is a soft minimum over configs (a log-sum-exp
 in log time, sharp enough to be the minimum within a percent, smooth for the fit). DRAM bytes are
 the compulsory A, W, C minus what stays L2-resident between calls (`resident`).
@@ -59,6 +59,16 @@ def memory_time(nbytes, dev: Dev, f_bw, f_l2, u_l2, working_set=None):
     dram = dev.hbm_bytes_per_s * f_bw
     l2 = np.maximum(dev.l2_bytes_per_s * f_l2, dram)  # a resident byte is never slower than a DRAM one
     return nbytes * (hit / l2 + (1.0 - hit) / dram)
+
+
+def operator_time(P_mem: Params, P_op: Params, c_kernel, dev: Dev, op_kernel: np.ndarray, nbytes):
+    """A memory-bound operator (norm, rope, swiglu, embed, add): its bytes at the attention family's
+    DRAM/L2 rates (`P_mem`) scaled by the operator's efficiency (`P_op`, the `operators` family's
+    eff_<op>), plus one kernel's device time of `c_kernel` cycles."""
+    eff = np.ones(len(op_kernel))
+    for name in np.unique(op_kernel):
+        eff = np.where(op_kernel == name, P_op[f"eff_{name}"], eff)
+    return memory_time(nbytes, dev, P_mem["f_bw"] * eff, P_mem["f_l2"] * eff, P_mem["u_l2"]) + c_kernel / dev.clock_hz
 
 
 # --- GEMM -------------------------------------------------------------------------------------

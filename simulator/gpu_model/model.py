@@ -120,11 +120,12 @@ class GpuDeviceModel:
 
     def _memory_kernel(self, name: str, elements: float) -> KernelCost:
         att = self._params("attention:fa2" if self.library() == "fa2" else "attention:flashinfer-decode")
-        op = self.fitted["families"]["operators"].for_generation(self.hw.generation) if "operators" in self.fitted["families"] else {}
-        eff = op.get(f"eff_{name.removeprefix('final_')}", 1.0)
+        op = self._params("operators") if "operators" in self.fitted["families"] else {}
+        kernel = name.removeprefix("final_")
+        op = {f"eff_{kernel}": op.get(f"eff_{kernel}", np.ones(1))}  # unfitted: the attention family's rate as it is
         nbytes = np.asarray([elements * OPERATOR_BYTES[name]], dtype=float)
-        t = kernels.memory_time(nbytes, self.dev, att["f_bw"] * eff, att["f_l2"] * eff, att["u_l2"])[0]
-        t += self._params(GEMM_FAMILY["bf16"])["c_kernel"][0] / self.hw.clock_hz
+        c_kernel = self._params(GEMM_FAMILY["bf16"])["c_kernel"]
+        t = kernels.operator_time(att, op, c_kernel, self.dev, np.asarray([kernel], dtype=object), nbytes)[0]
         return self._cost(name, "operators", t, 0.0, float(nbytes[0]))
 
     def norm(self, tokens, width, dtype, residual=True) -> KernelCost:
@@ -142,8 +143,7 @@ class GpuDeviceModel:
     def all_reduce(self, nbytes, tp) -> KernelCost:
         if tp == 1:
             return KernelCost("all_reduce", 0.0, 0.0, 0.0, launches=0)
-        P = {k: np.asarray([v]) for k, v in self.fitted["families"]["collective"].for_generation(self.hw.generation).items()}
-        t = collectives.collective_time(P, self.dev, np.asarray(["all_reduce"]), np.asarray([float(tp)]), np.asarray([float(nbytes)]),
+        t = collectives.collective_time(self._params("collective"), self.dev, np.asarray(["all_reduce"]), np.asarray([float(tp)]), np.asarray([float(nbytes)]),
                                         link=collectives.link_of([self.hw]))[0]  # fmt: skip
         return self._cost("all_reduce", "collective", t)
 
