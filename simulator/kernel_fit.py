@@ -5,7 +5,10 @@ attention of one library, fitted together since they run the same kernels; colle
 parameters are fitted by robust least squares on log(predicted / measured) (a soft-L1 loss, so a
 few wild cells do not steer it), every GPU in the fit weighing the same; a parameter marked
 per-generation gets a log-deviation per generation present, with a Gaussian prior of width
-`GENERATION_PRIOR` pulling it to the common value.
+`GENERATION_PRIOR` pulling it to the common value. A source's timer parameters (`sources`) also
+hold the host its harness ran on (its Python and launch work, its graph replays), and every GPU's
+table was measured on a host of its own: they get a log-deviation per GPU in the fit, with a wider
+prior (`HOST_PRIOR`); a GPU the fit never saw takes the common value.
 
 Splits (`evaluate`): `leave_one_gpu_out` fits on every other GPU's rows and predicts this GPU's;
 `in_gpu` fits on every third row of each of this GPU's files (in file order) and predicts the
@@ -16,7 +19,7 @@ leave-one-GPU-out fit. A split never reads rows it predicts (a test poisons them
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ from simulator.gpu_model.params import Fitted, family
 from simulator.hardware import HardwareProfile
 
 GENERATION_PRIOR = 0.3  # prior width of a per-generation log-deviation (a factor of e^0.3 = 1.35)
+HOST_PRIOR = 1.0  # prior width of a per-host log-deviation of a timer parameter (hosts differ by factors, not percents)
 FIT_ROWS_PER_GPU = 600  # rows of each GPU a fit samples (fixed seed); every row is predicted
 LOSS_SCALE = 0.1  # soft-L1 scale of the log residual: residuals beyond ~10% count linearly
 CALIBRATION_EVERY = 3  # in-GPU split: every third row of each file fits, the rest is held out
@@ -70,7 +74,7 @@ def _predict_gemm(dtype: str):
             Pi = {k: v[idx] for k, v in P.items()}
             di = dev.take(idx)
             t = sources.gemm_call(Pi, di, sub["m"].to_numpy(), sub["n"].to_numpy(), sub["k"].to_numpy(), dtype, timer.weight_copies)
-            out[idx] = sources.timed(t, timer, T, di)
+            out[idx] = sources.timed(t, timer, {k: v[idx] for k, v in T.items()}, di)
         return out
 
     return predict
@@ -279,15 +283,27 @@ class GroupFit:
     fitted: Fitted
     timer: dict[str, float]
     rows: int
+    timer_host: dict[str, dict[str, float]] = field(default_factory=dict)  # GPU -> timer parameter -> log-deviation
 
     def to_json(self) -> dict:
-        return {**self.fitted.to_json(), "timer": self.timer, "rows": self.rows}
+        return {**self.fitted.to_json(), "timer": self.timer, "timer_host": self.timer_host, "rows": self.rows}
+
+    def timer_values(self, gpus) -> dict[str, np.ndarray]:
+        """Every timer parameter as an array over rows measured on the given GPUs (their hosts)."""
+        gpus = np.asarray(gpus, dtype=object)
+        out = {}
+        for name, value in self.timer.items():
+            dev = np.zeros(len(gpus))
+            for gpu, deltas in self.timer_host.items():
+                dev[gpus == gpu] = deltas.get(name, 0.0)
+            out[name] = value * np.exp(dev)
+        return out
 
 
 def predict(group: Group, fit: GroupFit, frame: pd.DataFrame, profiles: dict[str, HardwareProfile], ctx: dict | None = None) -> np.ndarray:
     dev = device_of(frame, profiles)
     P = fit.fitted.values(dev.generation)
-    return group.predict(P, fit.timer, dev, frame, ctx or {})
+    return group.predict(P, fit.timer_values(frame["gpu"].to_numpy()), dev, frame, ctx or {})
 
 
 def sample_rows(frame: pd.DataFrame, per_gpu: int = FIT_ROWS_PER_GPU, seed: int = SEED) -> np.ndarray:
@@ -322,44 +338,56 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     ]
     lo = [spec[n].low for n in names] + [sources.TIMER_BOUNDS[n][0] for n in tnames]
     hi = [spec[n].high for n in names] + [sources.TIMER_BOUNDS[n][1] for n in tnames]
-    nd = len(gens) * len(per_gen)
+    gpus = sorted(frame["gpu"].unique())
+    gpu_index = pd.Categorical(frame["gpu"], categories=gpus).codes
+    hosts = gpus if len(gpus) > 1 else []  # one GPU's host is its common value
+    nd, nh = len(gens) * len(per_gen), len(hosts) * len(tnames)
     x0 += [(start.fitted.generation.get(g, {}).get(n, 0.0) if start else 0.0) for g in gens for n in per_gen]
-    lo += [-2.0] * nd
-    hi += [2.0] * nd
+    x0 += [(start.timer_host.get(g, {}).get(n, 0.0) if start else 0.0) for g in hosts for n in tnames]
+    lo += [-2.0] * (nd + nh)
+    hi += [2.0] * (nd + nh)
     x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
-    prior_weight = np.sqrt(len(frame) / max(1, nd)) * 0.05 / GENERATION_PRIOR
+    prior_weight = np.concatenate([np.full(nd, np.sqrt(len(frame) / max(1, nd)) * 0.05 / GENERATION_PRIOR),
+                                   np.full(nh, np.sqrt(len(frame) / max(1, nh)) * 0.05 / HOST_PRIOR)])  # fmt: skip
+    ncommon = len(names) + len(tnames)
 
     def unpack(x):
         common = dict(zip(names, x[: len(names)], strict=True))
-        timer = dict(zip(tnames, x[len(names) : len(names) + len(tnames)], strict=True))
-        deltas = x[len(names) + len(tnames) :].reshape(len(gens), len(per_gen)) if nd else np.zeros((len(gens), 0))
-        return common, timer, deltas
+        timer = dict(zip(tnames, x[len(names) : ncommon], strict=True))
+        deltas = x[ncommon : ncommon + nd].reshape(len(gens), len(per_gen))
+        host = x[ncommon + nd :].reshape(len(hosts), len(tnames))
+        return common, timer, deltas, host
 
     def residuals(x):
-        common, timer, deltas = unpack(x)
+        common, timer, deltas, host = unpack(x)
         P = {n: np.full(len(frame), v) for n, v in common.items()}
         for j, n in enumerate(per_gen):
             P[n] = np.clip(P[n] * np.exp(deltas[gen_index, j]), spec[n].low, spec[n].high)
-        pred = group.predict(P, timer, dev, frame, ctx or {})
+        T = {n: np.full(len(frame), v) for n, v in timer.items()}
+        for j, n in enumerate(tnames if hosts else []):
+            T[n] = np.clip(T[n] * np.exp(host[gpu_index, j]), *sources.TIMER_BOUNDS[n])
+        pred = group.predict(P, T, dev, frame, ctx or {})
         r = w * np.nan_to_num(np.log(np.maximum(pred, 1e-30)) - y)
-        return np.concatenate([r, prior_weight * deltas.ravel()])
+        return np.concatenate([r, prior_weight * x[ncommon:]])
 
-    # a generation's deviations move only that generation's rows (and their prior): telling scipy so
+    # a generation's (a host's) deviations move only its rows (and their prior): telling scipy so
     # lets it difference all generations' deviations of a parameter in one evaluation
-    ncommon = len(names) + len(tnames)
-    sparsity = np.zeros((len(frame) + nd, ncommon + nd), dtype=bool)
+    sparsity = np.zeros((len(frame) + nd + nh, ncommon + nd + nh), dtype=bool)
     sparsity[: len(frame), :ncommon] = True
+    sparsity[len(frame) :, ncommon:] = np.eye(nd + nh, dtype=bool)
     for i in range(len(gens)):
         for j in range(len(per_gen)):
-            col = ncommon + i * len(per_gen) + j
-            sparsity[: len(frame), col] = gen_index == i
-            sparsity[len(frame) + i * len(per_gen) + j, col] = True
+            sparsity[: len(frame), ncommon + i * len(per_gen) + j] = gen_index == i
+    for i in range(len(hosts)):
+        for j in range(len(tnames)):
+            sparsity[: len(frame), ncommon + nd + i * len(tnames) + j] = gpu_index == i
     result = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=LOSS_SCALE, x_scale="jac", diff_step=1e-3,
                            ftol=1e-5, xtol=1e-5, max_nfev=400, jac_sparsity=sparsity)
-    common, timer, deltas = unpack(result.x)
+    common, timer, deltas, host = unpack(result.x)
     generation = {g: {n: float(deltas[i, j]) for j, n in enumerate(per_gen)} for i, g in enumerate(gens)}
+    timer_host = {g: {n: float(host[i, j]) for j, n in enumerate(tnames)} for i, g in enumerate(hosts)}
     return GroupFit(group.name, Fitted(group.family, {k: float(v) for k, v in common.items()}, generation),
-                    {k: float(v) for k, v in timer.items()}, len(frame))  # fmt: skip
+                    {k: float(v) for k, v in timer.items()}, len(frame), timer_host)  # fmt: skip
 
 
 def calibration_mask(frame: pd.DataFrame) -> np.ndarray:
