@@ -506,3 +506,19 @@ def test_gemm_on_a_cpu_pays_for_streaming_and_computing_in_turn():
     assert g.time_s == pytest.approx(max(compute_s, memory_s) + gpu.launch_overhead_s)
     cpu_memory_s = g.hbm_bytes / memory_bytes_per_s(cpu, g.hbm_bytes)  # from the last-level cache when it fits
     assert gemm(m, n, k, cpu, "fp32").time_s == pytest.approx(compute_s + cpu_memory_s + gpu.launch_overhead_s)
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "fp8_block", "nvfp4"])
+def test_quantized_gemms_never_split_k(dtype):
+    """vLLM's scaled-MM kernels do not split K: with a few output tiles (m = 8, n = 256) the time
+    grows with k as one program per tile walks it, where the bf16 GEMM spreads k over the SMs."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile("gb200")] * 2)
+    P = Fitted.start("gemm").values(dev.generation)
+    k = np.array([8192.0, 65536.0])
+    quantized = kernels.gemm_time(P, dev, 8, 256, k, dtype)
+    bf16 = kernels.gemm_time(P, dev, 8, 256, k, "bf16")
+    assert quantized[1] / quantized[0] > 5.0 > 4.0 > bf16[1] / bf16[0]

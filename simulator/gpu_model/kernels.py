@@ -10,9 +10,11 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
     tile   t = max(2 B_M B_N k_s / (f_mma P_mma / S),  (B_M + B_N) k_s e / (load_bpf P_bf16 / S))
                + (1 - overlap) B_M B_N e_C / (BW f_bw / min(T, S))  + c_tile / f
     time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: fp32 partials written and reduced inside the kernel]
-The library is taken to pick the best config: the time is a soft minimum over configs (a log-sum-exp
-in log time, sharp enough to be the minimum within a percent, smooth for the fit). DRAM bytes are
-the compulsory A, W, C minus what stays L2-resident between calls (`resident`).
+Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/cutlass_w8a8) pick a tile config by
+m and never split K (s = 1). The library is taken to pick the best config: the time is a soft
+minimum over configs (a log-sum-exp in log time, sharp enough to be the minimum within a percent,
+smooth for the fit). DRAM bytes are the compulsory A, W, C minus what stays L2-resident between
+calls (`resident`).
 
 Attention (FlashAttention-2 as vLLM builds it, FlashInfer): a call runs Q rows against a paged K/V
 cache. The library decides the programs: query rows per program (B_r), K/V rows per iteration (B_c),
@@ -76,6 +78,7 @@ def operator_time(P_mem: Params, P_op: Params, c_kernel, dev: Dev, op_kernel: np
 GEMM_TILES_M = (64, 128, 256)
 GEMM_TILES_N = (64, 128, 256)
 GEMM_SPLITS = (1, 2, 4, 8, 16)
+UNQUANTIZED = ("bf16", "fp16")
 _GEMM_CONFIGS = tuple(np.asarray(c, dtype=float) for c in zip(*[(bm, bn, s) for bm in GEMM_TILES_M for bn in GEMM_TILES_N for s in GEMM_SPLITS], strict=True))
 
 
@@ -115,6 +118,8 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     t = overlapped(waves * tile, memory)
     # split-K: fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
     t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
+    if dtype not in UNQUANTIZED:  # the scaled-MM kernels pick a tile config by m and never split K
+        t = np.where(split, np.inf, t)
     L = np.log(t)
     low = L.min(axis=0)
     soft = low - np.log(np.exp(-SOFTMIN_SHARPNESS * (L - low)).sum(axis=0)) / SOFTMIN_SHARPNESS
