@@ -522,3 +522,23 @@ def test_quantized_gemms_never_split_k(dtype):
     quantized = kernels.gemm_time(P, dev, 8, 256, k, dtype)
     bf16 = kernels.gemm_time(P, dev, 8, 256, k, "bf16")
     assert quantized[1] / quantized[0] > 5.0 > 4.0 > bf16[1] / bf16[0]
+
+
+def test_k_is_split_only_into_slices_the_library_allows():
+    """cuBLAS's heuristics split K only into slices of at least ~k_slice: a few output tiles over a
+    moderate k (m = 8, n = 1536, k = 3584 on RTX PRO 6000) run as few programs when k_slice is above
+    k / 2, and a long k (65536) still spreads over the SMs, in up to 64 slices."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile("rtx-pro-6000-blackwell-server")])
+    P = Fitted.start("gemm").values(dev.generation)
+
+    def time(m, n, k, k_slice):
+        return kernels.gemm_time({**P, "k_slice": np.array([k_slice])}, dev, m, n, k)[0]
+
+    assert time(8, 1536, 3584, 4096.0) > 1.5 * time(8, 1536, 3584, 16.0)
+    # 64 slices of 1024: 64 programs per output tile, far faster than the 16 slices of 4096 the
+    # library would be held to with at most 16 splits
+    assert time(8, 64, 65536, 1024.0) < 0.5 * time(8, 64, 65536, 4096.0)

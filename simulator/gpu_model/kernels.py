@@ -77,7 +77,7 @@ def operator_time(P_mem: Params, P_op: Params, c_kernel, dev: Dev, op_kernel: np
 
 GEMM_TILES_M = (64, 128, 256)
 GEMM_TILES_N = (64, 128, 256)
-GEMM_SPLITS = (1, 2, 4, 8, 16)
+GEMM_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 UNQUANTIZED = ("bf16", "fp16")
 _GEMM_CONFIGS = tuple(np.asarray(c, dtype=float) for c in zip(*[(bm, bn, s) for bm in GEMM_TILES_M for bn in GEMM_TILES_N for s in GEMM_SPLITS], strict=True))
 
@@ -118,6 +118,8 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     t = overlapped(waves * tile, memory)
     # split-K: fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
     t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
+    # the library's heuristics split K only into slices of at least ~k_slice (a smooth penalty)
+    t = t * np.where(split, 1.0 + (P["k_slice"] / ks) ** 4, 1.0)
     if dtype not in UNQUANTIZED:  # the scaled-MM kernels pick a tile config by m and never split K
         t = np.where(split, np.inf, t)
     L = np.log(t)

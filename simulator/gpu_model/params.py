@@ -50,6 +50,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("t_dram_us", "us", 0.5, 0.0, 5.0, "a DRAM round trip a kernel waits for before its first operands arrive (none when they are L2-resident)"),
         Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile: prologue, pipeline fill, epilogue", True),
         Param("overlap", "fraction", 0.5, 0.0, 1.0, "of a tile's epilogue (writing C) hidden behind the next tile's main loop", True),
+        Param("k_slice", "elements", 256.0, 16.0, 8192.0, "the shortest K slice the library's heuristics split K into (cuBLAS ships heuristics per architecture)", True),
         Param("u_l2", "fraction", 0.7, 0.05, 1.0, "of the L2 that holds operands between calls"),
         Param("f_l2", "fraction", 0.2, 0.01, 1.0, "of the L2 bandwidth operands resident there stream at"),
         Param("c_kernel", "cycles", 2000.0, 1.0, 20000.0, "device time of launching and draining one kernel, the part that runs at the SM clock", True),
