@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import pandas as pd
 from simulator import kernel_fit as kf
 from simulator.data import Tables, load_tables
 from simulator.errors import UserError
+from simulator.gpu_model.model import interval_class
 from simulator.hardware import HardwareProfile
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -191,7 +193,8 @@ def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpu
         for key, target in (("logo", "leave_one_gpu_out"), ("in", "in_gpu"), ("few", "few_shot")):
             if key in split.results:
                 kinds, pred, measured = split.results[key]
-                _record(out[target], gpu, kinds, pred, measured, residuals if key == "logo" else None, logo_pred if key == "logo" else None)
+                _record(out[target], gpu, kinds, pred, measured, residuals if key == "logo" else None, logo_pred if key == "logo" else None,
+                        interval_class(profiles[gpu]))  # fmt: skip
         for kind, m in split.naive.items():
             out["naive_roofline"].setdefault(gpu, {})[kind] = m
     out["interval_coverage"], out["intervals"] = _coverage(residuals, logo_pred)
@@ -244,35 +247,42 @@ def _resolve(names: list[str] | None, profiles: dict[str, HardwareProfile], opti
     return resolved
 
 
-def _record(target: dict, gpu: str, kinds: np.ndarray, pred: np.ndarray, measured: np.ndarray, residuals=None, logo_pred=None) -> None:
+def _record(target: dict, gpu: str, kinds: np.ndarray, pred: np.ndarray, measured: np.ndarray, residuals=None, logo_pred=None,
+            classify: Callable[[str], str] = lambda kind: kind) -> None:  # fmt: skip
     for kind in np.unique(kinds):
         rows = (kinds == kind) & np.isfinite(pred)
         if not rows.any():
             continue
         target.setdefault(gpu, {})[kind] = metrics(pred[rows], measured[rows])
         if residuals is not None:
-            residuals[kind].append((gpu, measured[rows] / pred[rows]))
-            logo_pred[(gpu, kind)] = (pred[rows], measured[rows])
+            ratios = measured[rows] / pred[rows]
+            residuals[kind].append((gpu, ratios))
+            if classify(kind) != kind:
+                residuals[classify(kind)].append((gpu, ratios))
+            logo_pred[(gpu, kind)] = (pred[rows], measured[rows], classify(kind))
 
 
 def _coverage(residuals: dict, logo_pred: dict) -> tuple[dict, dict]:
-    """Coverage of each held-out GPU's rows by the 80% interval from the other GPUs' residuals of
-    the kind, and the intervals from every GPU's residuals (the ones the device model ships)."""
+    """Coverage of each held-out GPU's rows by the 80% interval of its class (`interval_class`)
+    from the other GPUs' residuals, and the intervals from every GPU's residuals (the ones the
+    device model ships; a collective's per link kind and pooled, for a link no GPU in the data has)."""
     coverage: dict = {}
     intervals: dict = {}
-    for kind, per_gpu in residuals.items():
+    for key, per_gpu in residuals.items():
         gpus = np.concatenate([np.full(len(r), g, dtype=object) for g, r in per_gpu])
-        ratios = np.concatenate([r for _, r in per_gpu])
-        lo, hi = weighted_quantiles(np.log(ratios), gpus, INTERVAL)
-        intervals[kind] = {"low": float(np.exp(lo)), "high": float(np.exp(hi)), "gpus": sorted({g for g, _ in per_gpu})}
-        for gpu, _ in per_gpu:
+        ratios = np.log(np.concatenate([r for _, r in per_gpu]))
+        lo, hi = weighted_quantiles(ratios, gpus, INTERVAL)
+        intervals[key] = {"low": float(np.exp(lo)), "high": float(np.exp(hi)), "gpus": sorted({g for g, _ in per_gpu})}
+    for (gpu, kind), (pred, measured, key) in logo_pred.items():
+        for k in (key, kind):  # the GPU's class where another GPU shares it, else the kind pooled
+            gpus = np.concatenate([np.full(len(r), g, dtype=object) for g, r in residuals[k]])
             others = gpus != gpu
-            if not others.any():
-                continue
-            lo, hi = weighted_quantiles(np.log(ratios[others]), gpus[others], INTERVAL)
-            pred, measured = logo_pred[(gpu, kind)]
-            inside = (measured >= pred * np.exp(lo)) & (measured <= pred * np.exp(hi))
-            coverage.setdefault(gpu, {})[kind] = float(inside.mean())
+            if others.any():
+                ratios = np.log(np.concatenate([r for _, r in residuals[k]]))
+                lo, hi = weighted_quantiles(ratios[others], gpus[others], INTERVAL)
+                inside = (measured >= pred * np.exp(lo)) & (measured <= pred * np.exp(hi))
+                coverage.setdefault(gpu, {})[kind] = float(inside.mean())
+                break
     return coverage, intervals
 
 
@@ -383,7 +393,7 @@ def plot_validation(out: dict, directory: Path) -> list[Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     by_kind: dict[str, list] = defaultdict(list)
-    for (gpu, kind), (pred, measured) in out["_logo"].items():
+    for (gpu, kind), (pred, measured, _) in out["_logo"].items():
         by_kind[kind].append((gpu, pred, measured))
     written = []
     for kind, series in sorted(by_kind.items()):

@@ -62,7 +62,7 @@ def test_a_held_out_gpus_rows_are_never_read(folder, tmp_path):
             frame["latency_ms"] *= 1000.0
         frame.to_csv(target, index=False)
     second = validate([poisoned], holdout_gpus=["l40s"], per_gpu=40, workers=1, in_gpu=False)
-    for key, (pred, _) in first["_logo"].items():
+    for key, (pred, *_) in first["_logo"].items():
         assert np.array_equal(pred, second["_logo"][key][0])
     assert second["leave_one_gpu_out"]["L40S"]["gemm:bf16"]["mape"] > 90  # the poison is there, and scored
 
@@ -144,3 +144,24 @@ def test_a_hosts_timer_floor_is_its_own(tmp_path):
     few = validate([folder], holdout_gpus=["a100"], few_shot=20, per_gpu=60, workers=1, in_gpu=True)
     kind = "decode-attention:fa2"
     assert few["few_shot"]["A100-80GB-SXM"][kind]["mape"] < 6 < few["leave_one_gpu_out"]["A100-80GB-SXM"][kind]["mape"]
+
+
+def test_collective_intervals_are_per_link_kind(result):
+    """NVLink and PCIe systems err differently: a collective's interval is its link kind's, from
+    the GPUs of that kind, and a device model takes its own link kind's (pooled where none was fitted)."""
+    from simulator.gpu_model.model import GpuDeviceModel
+    from simulator.hardware import load_profile
+
+    iv = result["intervals"]
+    assert iv["collective:nvlink"]["gpus"] == ["A100-80GB-SXM", "H100-SXM"]
+    assert iv["collective:pcie"]["gpus"] == ["L40S"]
+    assert iv["collective"]["gpus"] == ["A100-80GB-SXM", "H100-SXM", "L40S"]
+    assert "gemm:bf16:nvlink" not in iv and "gemm:bf16" in iv
+    # L40S is its link kind's only GPU: its coverage is scored with the pooled interval
+    assert set(result["interval_coverage"]["L40S"]) == {"gemm:bf16", "decode-attention:fa2", "collective"}
+    fitted = {"families": {}, "intervals": {"collective": {"low": 0.5, "high": 2.0}, "collective:nvlink": {"low": 0.9, "high": 1.1},
+                                             "collective:pcie": {"low": 0.4, "high": 3.0}}}  # fmt: skip
+    assert GpuDeviceModel.of(load_profile("h100"), fitted).interval("collective") == (0.9, 1.1)
+    assert GpuDeviceModel.of(load_profile("l40s"), fitted).interval("collective") == (0.4, 3.0)
+    assert GpuDeviceModel.of(load_profile("mi300x"), fitted).interval("collective") == (0.5, 2.0)
+    assert GpuDeviceModel.of(load_profile("h100"), fitted).interval("gemm:bf16") == (1.0, 1.0)

@@ -48,6 +48,14 @@ def _fitted() -> dict:
     return load_fitted()
 
 
+def interval_class(hw: HardwareProfile):
+    """The interval a kind's times on this GPU take (a function of the kind): the kind's own, and
+    for collectives one per link kind (NVLink and PCIe systems err differently: a PCIe ring's speed
+    is the host's topology)."""
+    link = hw.interconnect or "pcie"
+    return lambda kind: f"{kind}:{link}" if kind == "collective" else kind
+
+
 @dataclass
 class GpuDeviceModel:
     hw: HardwareProfile
@@ -74,7 +82,8 @@ class GpuDeviceModel:
     def interval(self, kind: str) -> tuple[float, float]:
         """Factors (low, high) of an 80% interval on a time of this kind (`validate`'s kinds:
         gemm:bf16, decode-attention:fa2, collective, operators, ...; 1, 1 where none was fitted)."""
-        q = self.fitted.get("intervals", {}).get(kind)
+        intervals = self.fitted.get("intervals", {})
+        q = intervals.get(interval_class(self.hw)(kind)) or intervals.get(kind)
         return (q["low"], q["high"]) if q else (1.0, 1.0)
 
     def _cost(self, name: str, kind: str, time_s: float, flops: float = 0.0, hbm_bytes: float = 0.0, launches: int = 1) -> KernelCost:
