@@ -165,3 +165,22 @@ def test_collective_intervals_are_per_link_kind(result):
     assert GpuDeviceModel.of(load_profile("l40s"), fitted).interval("collective") == (0.4, 3.0)
     assert GpuDeviceModel.of(load_profile("mi300x"), fitted).interval("collective") == (0.5, 2.0)
     assert GpuDeviceModel.of(load_profile("h100"), fitted).interval("gemm:bf16") == (1.0, 1.0)
+
+
+def test_operators_run_at_the_rates_their_efficiencies_were_fitted_over():
+    """The operators' efficiencies are fitted over the FlashAttention-2 family's memory rates: a GPU
+    whose attention runs FlashInfer (GB200) prices its norms with those same rates, not FlashInfer's."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.model import GpuDeviceModel
+    from simulator.gpu_model.params import load_fitted
+    from simulator.hardware import load_profile
+
+    fitted = load_fitted()
+    device = GpuDeviceModel.of(load_profile("gb200"), fitted)
+    assert device.library() == "flashinfer"
+    fa2 = {k: np.asarray([v]) for k, v in fitted["families"]["attention:fa2"].for_generation("blackwell").items()}
+    eff = {"eff_norm": np.asarray([fitted["families"]["operators"].for_generation("blackwell")["eff_norm"]])}
+    c_kernel = fitted["families"]["gemm:bf16"].for_generation("blackwell")["c_kernel"]
+    tokens, width = 4096, 8192
+    expected = kernels.operator_time(fa2, eff, c_kernel, device.dev, np.asarray(["norm"], dtype=object), np.asarray([tokens * width * 6.0]))[0]
+    assert device.norm(tokens, width, "bf16").time_s == pytest.approx(expected, rel=1e-12)

@@ -10,8 +10,10 @@ device time), with the parameters fitted to the measured tables (`fitted.json`):
 - attention: `kernels.attention_time` of the library vLLM runs on the generation (FlashInfer on
   datacenter Blackwell, FlashAttention-2's kernels elsewhere; Hopper's FlashAttention-3 is priced
   as FA2 with the Hopper datasheet, a documented approximation);
-- memory-bound kernels (norms, RoPE, SwiGLU, the embedding gather): their bytes at the fitted
-  attention family's DRAM/L2 rates, scaled by each operator's fitted efficiency (`operators`);
+- memory-bound kernels (norms, RoPE, SwiGLU, the embedding gather): their bytes at the
+  FlashAttention-2 family's fitted DRAM/L2 rates (fractions of the datasheet, common to every
+  generation), scaled by each operator's fitted efficiency (`operators`), which was fitted over
+  those same rates -- whichever attention library the GPU runs;
 - all-reduce: the fitted NCCL model over the profile's interconnect.
 
 Every cost carries an 80% interval: its time times the 10th and 90th percentiles of
@@ -128,7 +130,7 @@ class GpuDeviceModel:
         return self._cost("attention", kind, t, flops, hbm_bytes)
 
     def _memory_kernel(self, name: str, elements: float) -> KernelCost:
-        att = self._params("attention:fa2" if self.library() == "fa2" else "attention:flashinfer-decode")
+        att = self._params("attention:fa2")  # the rates the operators' efficiencies were fitted over
         op = self._params("operators") if "operators" in self.fitted["families"] else {}
         kernel = name.removeprefix("final_")
         op = {f"eff_{kernel}": op.get(f"eff_{kernel}", np.ones(1))}  # unfitted: the attention family's rate as it is
