@@ -48,6 +48,15 @@ class TokenTree:
         table.scatter_(2, torch.where(is_child, rank, K), i.expand(B, N, N).contiguous())
         return table[..., :K]
 
+    def rank(self) -> torch.Tensor:
+        """[B, N] each node's place among its siblings, 0 for the first tried; 0 at the root and padding."""
+        kids = self.children()  # [B, N, K]
+        B, N, K = kids.shape
+        place = torch.arange(K, device=kids.device).expand(B, N, K)
+        rank = torch.zeros(B, N, dtype=torch.long, device=kids.device)
+        # missing children write 0 into node 0, the root, whose rank is 0 anyway
+        return rank.scatter_(1, kids.clamp_min(0).flatten(1), torch.where(kids >= 0, place, 0).flatten(1))
+
     def ancestors(self) -> torch.Tensor:
         """[B, N, N] bool: node j is node i's ancestor or i itself; padding nodes see only themselves.
         Row i of this matrix is what node i's query attends to among the tree's nodes."""

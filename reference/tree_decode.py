@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from reference.model import KVCache, Transformer
-from reference.sampling import Sampling, sample, warp
+from reference.sampling import Sampling, fixed_token_probs, sample, warp
 from reference.specdec import Draw
 from reference.tree import TokenTree, verify_tree
 
@@ -42,21 +42,27 @@ def keep_path(cache: KVCache, src: torch.Tensor, dst: torch.Tensor, lengths: tor
 
 
 class TreeDraft:
-    """A draft model that samples a token tree: every node at depth d gets branching[d] children,
-    i.i.d. from the draft's warped distribution after the node's path (Miao et al. 2024's expansion;
-    branching (1,) * gamma is the linear draft). One draft pass per level but the last, each over all
-    of the level's nodes with a tree attention mask.
+    """A draft model that proposes a token tree: every node at depth d gets branching[d] children,
+    sampled i.i.d. from the draft's warped distribution after the node's path (Miao et al. 2024's
+    expansion; branching (1,) * gamma is the linear draft), or with `top=True` the draft's
+    branching[d] most likely tokens there, fixed candidates verified as point masses (as Medusa
+    verifies its heads' top-k, Cai et al. 2024). One draft pass per level but the last, each over
+    all of the level's nodes with a tree attention mask.
 
     The tree is the same for every row, in breadth-first order: node 0 the root, then depth 1, 2, ...
     Invariant between steps, as `drafts.ModelDraft`'s: the cache holds each row's tokens except its
     last two, which the next `propose` feeds first."""
 
-    def __init__(self, model: Transformer, branching: tuple[int, ...], layers: list[int] | None = None):
+    def __init__(
+        self, model: Transformer, branching: tuple[int, ...], layers: list[int] | None = None, top: bool = False
+    ):
         if not branching or min(branching) < 1:
             raise ValueError(f"a tree needs depth >= 1 and branching >= 1 at every depth, got {branching}")
-        self.model, self.layers, self.branching = model, layers, tuple(branching)
+        if top and max(branching) > model.spec.vocab_size:
+            raise ValueError(f"top-{max(branching)} candidates out of a vocabulary of {model.spec.vocab_size}")
+        self.model, self.layers, self.branching, self.top = model, layers, tuple(branching), top
         skipped = "" if layers is None else f" ({len(layers)} of {model.spec.n_layers} layers)"
-        self.name = f"{model.spec.name}{skipped} tree {'x'.join(map(str, branching))}"
+        self.name = f"{model.spec.name}{skipped} {'top-k ' if top else ''}tree {'x'.join(map(str, branching))}"
         self.vocab_size = model.spec.vocab_size
         # breadth-first layout: level d holds prod(branching[:d]) nodes from level_start[d]
         sizes = [1]
@@ -84,8 +90,9 @@ class TreeDraft:
 
     def propose(self, tokens: torch.Tensor, lengths: torch.Tensor, s: Sampling, w: torch.Tensor) -> TokenTree:
         """tokens [B, S] (row b valid up to lengths[b]), w [B, N] uniforms (node i's draw; w[:, 0]
-        unused) -> the `TokenTree`, its root each row's last token, q of every node the warped draft
-        distribution it was drawn from."""
+        and all of them with `top` unused) -> the `TokenTree`, its root each row's last token, q of
+        every node the distribution it was drawn from: the warped draft distribution at its parent,
+        or the point mass of a fixed candidate."""
         B, dev, V, N = tokens.shape[0], tokens.device, self.vocab_size, self.n_nodes
         back = torch.arange(-self.pending, 0, device=dev)
         x = tokens.gather(1, lengths[:, None] + back)  # [B, pending]: each row's last `pending` tokens
@@ -100,9 +107,13 @@ class TreeDraft:
         base = self._base = self.cache.lengths  # the first level's slot: the draft writes node i at base + i - 1
         for d, b in enumerate(self.branching):
             lo, hi = self.level_start[d + 1], self.level_start[d + 2]  # the children's nodes
-            q_children = q_level.repeat_interleave(b, dim=1)  # [B, hi - lo, V]: each child's parent's q
-            q[:, lo:hi] = q_children
-            tree_tokens[:, lo:hi] = sample(q_children, w[:, lo:hi])
+            if self.top:  # the parent's b most likely tokens, in order (the first tried first)
+                tree_tokens[:, lo:hi] = q_level.topk(b, dim=-1).indices.flatten(1)
+                q[:, lo:hi] = fixed_token_probs(tree_tokens[:, lo:hi], V, q.dtype)
+            else:
+                q_children = q_level.repeat_interleave(b, dim=1)  # [B, hi - lo, V]: each child's parent's q
+                q[:, lo:hi] = q_children
+                tree_tokens[:, lo:hi] = sample(q_children, w[:, lo:hi])
             if d + 1 < self.depth:  # the leaves need no draft pass
                 level = slice(lo - 1, hi - 1)  # the same nodes among the non-root ones
                 attention = (base, base[:, None] + depth[:, level] - 1, anc[:, level, : hi - 1])
@@ -125,11 +136,21 @@ class TreeDraft:
 
 @dataclass
 class TreeRun:
-    """One tree-speculative generation: its tokens and how many candidates each step accepted."""
+    """One tree-speculative generation: its tokens, how many candidates each step accepted, and
+    which child was accepted at each depth: the acceptance per depth and candidate rank that
+    Medusa's sparse trees are built from (Cai et al. 2024)."""
 
     tokens: torch.Tensor  # [B, P + max_new_tokens]
     steps: int  # target passes
     n_hist: torch.Tensor  # [depth + 1] (row, step) pairs of active rows by number of accepted candidates
+    tried: torch.Tensor  # [depth] pairs whose verifier tried the children of its node at depth d
+    accepted_rank: torch.Tensor  # [depth, K] pairs that accepted there the child tried k-th
+
+    @property
+    def acceptance(self) -> torch.Tensor:
+        """[depth, K] P(the k-th child is the one accepted | its parent's children are tried), float64;
+        NaN at a depth never tried. Summed over k: the chance some child is accepted there."""
+        return self.accepted_rank.double() / self.tried.double()[:, None]
 
     @property
     def tokens_per_step(self) -> float:
@@ -159,7 +180,7 @@ def tree_generate(
     if P > 1:
         target(prompt[:, :-1], cache)
     draft.start(prompt, room)
-    history = []  # per step (n, lengths before the step)
+    history = []  # per step (tree, accepted path, n, lengths before the step)
     ahead = torch.arange(D, device=dev)
     while True:
         u = draw(2 * N + 1)  # [B, 2N + 1]: N for drafting, N for accepting (node 0's unused in both), 1 for the last token
@@ -169,7 +190,7 @@ def tree_generate(
         verdict = verify_tree(tree, p, u[:, N : 2 * N], u[:, 2 * N])
         n = verdict.n
         path = F.pad(verdict.path, (0, D - verdict.path.shape[1]), value=-1)  # [B, D]: pruned trees may be shallower
-        history.append((n, lengths))
+        history.append((tree, path, n, lengths))  # statistics are reduced after the loop, off the critical path
         # emit the path's tokens then the next token at position lengths + n (overwriting the path's padding)
         buf.scatter_(1, lengths[:, None] + ahead, tree.tokens.gather(1, path.clamp_min(0)))
         buf.scatter_(1, (lengths + n)[:, None], verdict.next_token[:, None])
@@ -181,7 +202,18 @@ def tree_generate(
         draft.rollback(path, lengths, longest)
         if shortest == total:
             break
-    n, before = (torch.stack(h) for h in zip(*history, strict=True))  # [steps, B]
-    active = before < total
-    n_hist = torch.zeros(D + 1, dtype=torch.long, device=dev).index_add_(0, n[active], torch.ones_like(n[active]))
-    return TreeRun(buf[:, :total], len(history), n_hist.cpu())
+    # statistics of the rows still active at each step
+    width = max(tree.children().shape[-1] for tree, *_ in history)  # the most children any node had
+    n_hist = torch.zeros(D + 1, dtype=torch.long, device=dev)
+    tried = torch.zeros(D, dtype=torch.long, device=dev)
+    accepted_rank = torch.zeros(D, width, dtype=torch.long, device=dev)
+    for tree, path, n, before in history:
+        active = before < total  # [B]
+        n_hist.index_add_(0, n[active], torch.ones_like(n[active]))
+        # depth d tried the children of the path's node at depth d, if it had any: [B, D]
+        at = torch.cat((torch.zeros_like(path[:, :1]), path[:, :-1]), 1).clamp_min(0)
+        has_children = tree.children()[:, :, 0].gather(1, at) >= 0
+        tried += ((ahead <= n[:, None]) & has_children & active[:, None]).sum(0)
+        rank = torch.where(path >= 0, tree.rank().gather(1, path.clamp_min(0)), -1)  # [B, D]: -1 where none was accepted
+        accepted_rank += ((rank[..., None] == torch.arange(width, device=dev)) & active[:, None, None]).sum(0)
+    return TreeRun(buf[:, :total], len(history), n_hist.cpu(), tried.cpu(), accepted_rank.cpu())

@@ -1,7 +1,8 @@
 """Tree speculation end to end with the real executor: one tree pass gives every node the logits of
 decoding its path, the kept path's cache continues as a plain one, the draft reports the q each
-node was drawn from, greedy equals autoregressive token for token, batched equals unbatched with
-ragged trees, and the output law passes a powered G-test that catches a wrong verifier."""
+node was drawn from (sampled or top-k candidates), greedy equals autoregressive token for token,
+batched equals unbatched with ragged trees, the acceptance per depth and rank adds up, and the
+output law passes a powered G-test that catches wrong verifiers."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ PARENTS = [[-1, 0, 0, 1, 1, 2, 4], [-1, 0, 1, 1, -1, -1, -1], [-1, 0, 0, 0, 3, 3
 SIZES = [7, 4, 6]
 
 
+@torch.no_grad()
 def test_tree_pass_gives_each_node_the_logits_of_its_path_and_keeps_the_accepted_one():
     """Rows at different cache lengths, ragged trees: node i's logits equal a causal pass over the
     committed tokens and i's root-to-node path; after keep_path, decoding on equals a causal pass
@@ -70,15 +72,18 @@ def test_tree_pass_gives_each_node_the_logits_of_its_path_and_keeps_the_accepted
         torch.testing.assert_close(got[b], want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("top", [False, True], ids=["sampled", "top-k"])
 @pytest.mark.parametrize("branching", [(3,), (2, 2), (1, 3, 2)])
 @pytest.mark.parametrize("s", [Sampling(1.0), Sampling(0.7, top_k=4, top_p=0.9)])
-def test_draft_tree_reports_what_each_node_was_drawn_from(branching, s):
+@torch.no_grad()
+def test_draft_tree_reports_what_each_node_was_drawn_from(branching, s, top):
     """Over two steps (the second after the draft keeps an accepted path): every node's q is the
     draft's warped distribution after its parent's path, and its token is drawn from that q by
-    its own uniform; siblings share their parent's q (drawn i.i.d.)."""
+    its own uniform (siblings i.i.d.); or, for top-k candidates, the siblings are the parent's most
+    likely tokens in order and each q is its token's point mass."""
     model = _model(2)
     g = torch.Generator().manual_seed(3)
-    draft = TreeDraft(model, branching)
+    draft = TreeDraft(model, branching, top=top)
     B, P, N = 3, 6, draft.n_nodes
     buf = torch.zeros(B, 40, dtype=torch.long)
     buf[:, :P] = torch.randint(0, 11, (B, P), generator=g)
@@ -93,6 +98,13 @@ def test_draft_tree_reports_what_each_node_was_drawn_from(branching, s):
             for i in range(1, N):
                 above = tree.tokens[b, _path(draft.parent, draft.parent[i])[1:]].tolist()
                 want = warp(model(torch.tensor([prefix + above]))[0, -1], s)
+                if top:  # the k-th child holds the k-th largest probability (ties in any order)
+                    siblings = [j for j in range(1, N) if draft.parent[j] == draft.parent[i]]
+                    k = siblings.index(i)
+                    assert float(want[tree.tokens[b, i]]) == pytest.approx(float(want.sort(descending=True).values[k]), abs=1e-12)
+                    assert len(set(tree.tokens[b, siblings].tolist())) == len(siblings)
+                    assert tree.q[b, i].tolist() == torch.nn.functional.one_hot(tree.tokens[b, i], 11).tolist()
+                    continue
                 torch.testing.assert_close(tree.q[b, i], want, rtol=1e-10, atol=1e-10)
                 assert int(tree.tokens[b, i]) == int(sample(tree.q[b, i], w[b, i]))
         # accept a different path per row: none, the first child's line, the last leaf's line
@@ -143,12 +155,29 @@ def test_greedy_tree_equals_autoregressive_token_for_token(pair, branching):
     target, draft = pair
     greedy = Sampling(0.0)
     want = autoregressive_generate(target, PROMPTS, 30, greedy, seeded_draws(3, 0))
-    for d in [TreeDraft(draft, branching), TreeDraft(target, branching), Ragged(TreeDraft(target, branching), [1, 3, 5])]:
+    drafts = [TreeDraft(draft, branching), TreeDraft(draft, branching, top=True), TreeDraft(target, branching),
+              Ragged(TreeDraft(target, branching), [1, 3, 5])]  # fmt: skip
+    for d in drafts:
         run = tree_generate(target, d, PROMPTS, 30, greedy, seeded_draws(3, 1))
         assert torch.equal(run.tokens, want)
-    # the target drafting for itself is accepted whole at every step: its kept cache is right
-    run = tree_generate(target, TreeDraft(target, branching), PROMPTS, 30, greedy, seeded_draws(3, 1))
+    # the target drafting for itself is accepted whole at every step, always its first child: its
+    # kept cache is right
+    run = tree_generate(target, TreeDraft(target, branching, top=True), PROMPTS, 30, greedy, seeded_draws(3, 1))
     assert int(run.n_hist[:-1].sum()) == 0
+    assert torch.equal(run.accepted_rank[:, 0], run.tried) and int(run.accepted_rank[:, 1:].sum()) == 0
+
+
+def test_acceptance_per_depth_and_rank_adds_up(pair):
+    """Depth d is tried by the pairs that accepted d candidates or more (full trees), and the child
+    accepted there, of whatever rank, makes one pair with more than d accepted."""
+    target, draft = pair
+    run = tree_generate(target, TreeDraft(draft, (3, 2, 2)), PROMPTS.repeat(20, 1), 20, Sampling(), seeded_draws(60, 4))
+    more_than = run.n_hist.flip(0).cumsum(0).flip(0)  # [D + 1]: pairs with n >= d
+    assert run.tried.tolist() == more_than[:-1].tolist()
+    assert run.accepted_rank.sum(1).tolist() == more_than[1:].tolist()
+    assert run.accepted_rank.shape == (3, 3) and int(run.accepted_rank[0, 2]) > 0  # the third child at the root is used
+    acceptance = run.acceptance
+    assert bool((acceptance.sum(1) <= 1).all()) and bool((acceptance > 0).any())
 
 
 @pytest.mark.skipif(not (WEIGHTS_DIR / "target.pt").is_file(), reason="trained pair not present")
@@ -187,10 +216,11 @@ SETTINGS = {"t1": Sampling(1.0), "warped": Sampling(0.8, top_k=4, top_p=0.9)}
 SIZES_G = [7, 5, 3, 7, 6]  # ragged: the full 2 x 2 tree, and pruned ones
 
 
-def run_two_tokens(target, draft, s: Sampling, rows: int, seed: int) -> torch.Tensor:
+def run_two_tokens(target, draft, s: Sampling, rows: int, seed: int, top: bool = False) -> torch.Tensor:
     """Counts [V * V] of the first two tokens of `rows` independent tree-speculative generations, one batch."""
     prompt = torch.tensor([PROMPT]).expand(rows, -1)
-    out = tree_generate(target, Ragged(TreeDraft(draft, (2, 2)), SIZES_G), prompt, 2, s, seeded_draws(rows, seed))
+    d = Ragged(TreeDraft(draft, (2, 2), top=top), SIZES_G)
+    out = tree_generate(target, d, prompt, 2, s, seeded_draws(rows, seed))
     first, second = out.tokens[:, len(PROMPT)], out.tokens[:, len(PROMPT) + 1]
     return torch.bincount(first * target.spec.vocab_size + second, minlength=target.spec.vocab_size**2)
 
@@ -203,23 +233,36 @@ def double_pair() -> tuple[Transformer, Transformer]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", list(SETTINGS))
-def test_tree_output_law_passes_a_powered_g_test(double_pair, setting, record_property):
+@pytest.mark.parametrize("candidates,setting", [("sampled", "t1"), ("sampled", "warped"), ("top-k", "t1")])
+def test_tree_output_law_passes_a_powered_g_test(double_pair, candidates, setting, record_property):
     target, draft = double_pair
     s = SETTINGS[setting]
     law = two_token_law(target, PROMPT, s)
     rows = rows_needed(law)
-    p_value, tv = g_test(run_two_tokens(target, draft, s, rows, seed=2025), law)
+    p_value, tv = g_test(run_two_tokens(target, draft, s, rows, seed=2025, top=candidates == "top-k"), law)
     record_property("empirical_tv", tv)
-    print(f"\ntree 2x2 ragged {setting}: N={rows} rows (df={int((law > 0).sum()) - 1}, TV {TV_DETECTED} at power 0.99), TV={tv:.4f}, p={p_value:.3g}")
+    print(f"\n{candidates} tree 2x2 ragged {setting}: N={rows} rows (df={int((law > 0).sum()) - 1}, TV {TV_DETECTED} at power 0.99), TV={tv:.4f}, p={p_value:.3g}")
     assert p_value > SIGNIFICANCE
 
 
+def verify_with_first_sibling_q(tree: TokenTree, p, u, v):
+    """Wrong: every child verified with its first sibling's q, as if all siblings were drawn i.i.d."""
+    B, N, V = tree.q.shape
+    kids = tree.children()
+    first = kids.gather(1, tree.parent.clamp_min(0)[..., None].expand(B, N, kids.shape[-1]))[..., 0]  # [B, N]
+    first = torch.where(tree.parent >= 0, first, torch.arange(N))
+    return verify_tree(replace(tree, q=tree.q.gather(1, first[..., None].expand(B, N, V))), p, u, v)
+
+
 @pytest.mark.slow
-def test_g_test_catches_a_verifier_that_keeps_p_between_siblings(double_pair, monkeypatch):
+@pytest.mark.parametrize(
+    "wrong,candidates",
+    [(functools.partial(verify_tree, rule=Rule(reject=lambda r, q, a: r)), "sampled"), (verify_with_first_sibling_q, "top-k")],
+    ids=["p-kept-between-siblings", "first-sibling-q"],
+)
+def test_g_test_catches_wrong_tree_verifiers(double_pair, wrong, candidates, monkeypatch):
     target, draft = double_pair
-    wrong = functools.partial(verify_tree, rule=Rule(reject=lambda r, q, a: r))
     monkeypatch.setattr(tree_decode, "verify_tree", wrong)
-    law = two_token_law(target, PROMPT, SETTINGS["warped"])
-    p_value, tv = g_test(run_two_tokens(target, draft, SETTINGS["warped"], rows_needed(law), seed=7), law)
+    law = two_token_law(target, PROMPT, SETTINGS["t1"])
+    p_value, tv = g_test(run_two_tokens(target, draft, SETTINGS["t1"], rows_needed(law), seed=7, top=candidates == "top-k"), law)
     assert p_value < SIGNIFICANCE, f"mutant not caught (TV {tv:.4f})"

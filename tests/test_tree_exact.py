@@ -343,6 +343,6 @@ def test_the_exact_rule_takes_what_acceptance_took():
 def test_a_verifier_that_never_accepts_is_caught_by_the_acceptance_check():
     """Always drawing from the residual is exact but useless; the second half of the check sees it."""
     never = Rule(accept=lambda r, q: torch.zeros_like(r))
-    case = TreeCase(_random_lm(4, 15), _random_lm(4, 16), FULL, ("root",) + ("sampled",) * 6, (0,) * 7, Sampling())
+    case = TreeCase(_random_lm(4, 15), _random_lm(4, 16), FULL, ("root",) + ("sampled",) * 3 + ("top",) * 3, (0, 0, 0, 0, 1, 0, 0), Sampling())
     law_error, accept_error = law_errors(case, never)
     assert law_error <= TOLERANCE and accept_error > 0.1
