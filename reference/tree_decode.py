@@ -44,10 +44,10 @@ def keep_path(cache: KVCache, src: torch.Tensor, dst: torch.Tensor, lengths: tor
 class TreeDraft:
     """A draft model that proposes a token tree: every node at depth d gets branching[d] children,
     sampled i.i.d. from the draft's warped distribution after the node's path (Miao et al. 2024's
-    expansion; branching (1,) * gamma is the linear draft), or with `top=True` the draft's
-    branching[d] most likely tokens there, fixed candidates verified as point masses (as Medusa
-    verifies its heads' top-k, Cai et al. 2024). One draft pass per level but the last, each over
-    all of the level's nodes with a tree attention mask.
+    expansion; branching (1,) * gamma is `drafts.ModelDraft`, draw for draw), or with `top=True`
+    the draft's branching[d] most likely tokens there by its logits, fixed candidates verified as
+    point masses (as Medusa verifies its heads' top-k, Cai et al. 2024). One draft pass per level
+    but the last, each over all of the level's nodes with a tree attention mask.
 
     The tree is the same for every row, in breadth-first order: node 0 the root, then depth 1, 2, ...
     Invariant between steps, as `drafts.ModelDraft`'s: the cache holds each row's tokens except its
@@ -103,21 +103,21 @@ class TreeDraft:
         tree = TokenTree(tree_tokens, parent, q, torch.full((B,), N, device=dev))
         anc = self._ancestors.to(dev).expand(B, N - 1, N - 1)
         depth = anc.sum(-1)  # [B, N-1]: a node's depth, 1 at the first level
-        q_level = warp(self.model(x, self.cache, self.layers)[:, -1:], s)  # [B, 1, V] at the root
+        z = self.model(x, self.cache, self.layers)[:, -1:]  # [B, 1, V]: the draft's logits at the root
         base = self._base = self.cache.lengths  # the first level's slot: the draft writes node i at base + i - 1
         for d, b in enumerate(self.branching):
             lo, hi = self.level_start[d + 1], self.level_start[d + 2]  # the children's nodes
-            if self.top:  # the parent's b most likely tokens, in order (the first tried first)
-                tree_tokens[:, lo:hi] = q_level.topk(b, dim=-1).indices.flatten(1)
+            if self.top:  # the parent's b most likely tokens by its logits (also when greedy), the first tried first
+                tree_tokens[:, lo:hi] = z.topk(b, dim=-1).indices.flatten(1)
                 q[:, lo:hi] = fixed_token_probs(tree_tokens[:, lo:hi], V, q.dtype)
             else:
-                q_children = q_level.repeat_interleave(b, dim=1)  # [B, hi - lo, V]: each child's parent's q
+                q_children = warp(z, s).repeat_interleave(b, dim=1)  # [B, hi - lo, V]: each child's parent's q
                 q[:, lo:hi] = q_children
                 tree_tokens[:, lo:hi] = sample(q_children, w[:, lo:hi])
             if d + 1 < self.depth:  # the leaves need no draft pass
                 level = slice(lo - 1, hi - 1)  # the same nodes among the non-root ones
                 attention = (base, base[:, None] + depth[:, level] - 1, anc[:, level, : hi - 1])
-                q_level = warp(self.model(tree_tokens[:, lo:hi], self.cache, self.layers, attention), s)
+                z = self.model(tree_tokens[:, lo:hi], self.cache, self.layers, attention)  # [B, hi - lo, V]
         return tree
 
     def rollback(self, path: torch.Tensor, lengths: torch.Tensor, max_length: int) -> None:
@@ -183,11 +183,14 @@ def tree_generate(
     history = []  # per step (tree, accepted path, n, lengths before the step)
     ahead = torch.arange(D, device=dev)
     while True:
-        u = draw(2 * N + 1)  # [B, 2N + 1]: N for drafting, N for accepting (node 0's unused in both), 1 for the last token
-        tree = draft.propose(buf, lengths, s, u[:, :N])
+        # [B, 2(N-1) + 1]: one per candidate for drafting, one per candidate for accepting, one for the
+        # last token; laid out as `speculative_generate` lays out gamma = N - 1, so a chain draws as it does
+        u = draw(2 * (N - 1) + 1)
+        at_nodes = F.pad(u[:, : 2 * (N - 1)].unflatten(1, (2, N - 1)), (1, 0))  # [B, 2, N]: node 0, the root, draws nothing
+        tree = draft.propose(buf, lengths, s, at_nodes[:, 0])
         base = cache.lengths  # the root's slot: lengths - 1
         p = warp(target(tree.tokens, cache, tree=tree_attention(tree, base)), s)  # [B, N, V]: one pass scores every node
-        verdict = verify_tree(tree, p, u[:, N : 2 * N], u[:, 2 * N])
+        verdict = verify_tree(tree, p, at_nodes[:, 1], u[:, -1])
         n = verdict.n
         path = F.pad(verdict.path, (0, D - verdict.path.shape[1]), value=-1)  # [B, D]: pruned trees may be shallower
         history.append((tree, path, n, lengths))  # statistics are reduced after the loop, off the critical path
