@@ -44,7 +44,9 @@ def keep_path(cache: KVCache, src: torch.Tensor, dst: torch.Tensor, lengths: tor
 class TreeDraft:
     """A draft model that proposes a token tree: every node at depth d gets branching[d] children,
     sampled i.i.d. from the draft's warped distribution after the node's path (Miao et al. 2024's
-    expansion; branching (1,) * gamma is `drafts.ModelDraft`, draw for draw), or with `top=True`
+    expansion; branching (1,) * gamma is `drafts.ModelDraft`, draw for draw; with
+    `replacement=False` each child is drawn from that distribution without its earlier siblings'
+    tokens, renormalised, so siblings differ while tokens remain), or with `top=True`
     the draft's branching[d] most likely tokens there by its logits, fixed candidates verified as
     point masses (as Medusa verifies its heads' top-k, Cai et al. 2024). One draft pass per level
     but the last, each over all of the level's nodes with a tree attention mask.
@@ -54,15 +56,22 @@ class TreeDraft:
     last two, which the next `propose` feeds first."""
 
     def __init__(
-        self, model: Transformer, branching: tuple[int, ...], layers: list[int] | None = None, top: bool = False
+        self,
+        model: Transformer,
+        branching: tuple[int, ...],
+        layers: list[int] | None = None,
+        top: bool = False,
+        replacement: bool = True,
     ):
         if not branching or min(branching) < 1:
             raise ValueError(f"a tree needs depth >= 1 and branching >= 1 at every depth, got {branching}")
         if top and max(branching) > model.spec.vocab_size:
             raise ValueError(f"top-{max(branching)} candidates out of a vocabulary of {model.spec.vocab_size}")
-        self.model, self.layers, self.branching, self.top = model, layers, tuple(branching), top
+        self.model, self.layers, self.branching = model, layers, tuple(branching)
+        self.top, self.replacement = top, replacement
         skipped = "" if layers is None else f" ({len(layers)} of {model.spec.n_layers} layers)"
-        self.name = f"{model.spec.name}{skipped} {'top-k ' if top else ''}tree {'x'.join(map(str, branching))}"
+        kind = "top-k " if top else "" if replacement else "distinct "
+        self.name = f"{model.spec.name}{skipped} {kind}tree {'x'.join(map(str, branching))}"
         self.vocab_size = model.spec.vocab_size
         # breadth-first layout: level d holds prod(branching[:d]) nodes from level_start[d]
         sizes = [1]
@@ -110,10 +119,24 @@ class TreeDraft:
             if self.top:  # the parent's b most likely tokens by its logits (also when greedy), the first tried first
                 tree_tokens[:, lo:hi] = z.topk(b, dim=-1).indices.flatten(1)
                 q[:, lo:hi] = fixed_token_probs(tree_tokens[:, lo:hi], V, q.dtype)
-            else:
+            elif self.replacement:
                 q_children = warp(z, s).repeat_interleave(b, dim=1)  # [B, hi - lo, V]: each child's parent's q
                 q[:, lo:hi] = q_children
                 tree_tokens[:, lo:hi] = sample(q_children, w[:, lo:hi])
+            else:  # child k from the parent's q without its earlier siblings' tokens, renormalised
+                q_parent = warp(z, s)  # [B, M, V], M = the parents' level's nodes
+                taken = torch.zeros_like(q_parent, dtype=torch.bool)
+                w_children = w[:, lo:hi].unflatten(1, (-1, b))  # [B, M, b]
+                q_k, x_k = [], []
+                for k in range(b):
+                    rest = q_parent.masked_fill(taken, 0.0)
+                    mass = rest.sum(-1, keepdim=True)
+                    # no mass left (fewer tokens than children): the rest are drawn from q itself
+                    q_k.append(torch.where(mass > 0, rest / torch.where(mass > 0, mass, 1.0), q_parent))
+                    x_k.append(sample(q_k[-1], w_children[:, :, k]))
+                    taken.scatter_(-1, x_k[-1][..., None], True)
+                q[:, lo:hi] = torch.stack(q_k, 2).flatten(1, 2)  # [B, M * b, V] in child order
+                tree_tokens[:, lo:hi] = torch.stack(x_k, 2).flatten(1)
             if d + 1 < self.depth:  # the leaves need no draft pass
                 level = slice(lo - 1, hi - 1)  # the same nodes among the non-root ones
                 attention = (base, base[:, None] + depth[:, level] - 1, anc[:, level, : hi - 1])

@@ -73,18 +73,20 @@ def test_tree_pass_gives_each_node_the_logits_of_its_path_and_keeps_the_accepted
         torch.testing.assert_close(got[b], want, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("top", [False, True], ids=["sampled", "top-k"])
+@pytest.mark.parametrize("mode", ["sampled", "distinct", "top-k"])
 @pytest.mark.parametrize("branching", [(3,), (2, 2), (1, 3, 2)])
-@pytest.mark.parametrize("s", [Sampling(1.0), Sampling(0.7, top_k=4, top_p=0.9)])
+@pytest.mark.parametrize("s", [Sampling(1.0), Sampling(0.7, top_k=4, top_p=0.9), Sampling(0.0)])
 @torch.no_grad()
-def test_draft_tree_reports_what_each_node_was_drawn_from(branching, s, top):
+def test_draft_tree_reports_what_each_node_was_drawn_from(branching, s, mode):
     """Over two steps (the second after the draft keeps an accepted path): every node's q is the
-    draft's warped distribution after its parent's path, and its token is drawn from that q by
-    its own uniform (siblings i.i.d.); or, for top-k candidates, the siblings are the parent's most
-    likely tokens in order and each q is its token's point mass."""
+    draft's warped distribution after its parent's path (without its earlier siblings' tokens,
+    renormalised, when drawing distinct children), and its token is drawn from that q by its own
+    uniform; or, for top-k candidates, the siblings are the parent's most likely tokens in order
+    and each q is its token's point mass."""
     model = _model(2)
     g = torch.Generator().manual_seed(3)
-    draft = TreeDraft(model, branching, top=top)
+    top = mode == "top-k"
+    draft = TreeDraft(model, branching, top=top, replacement=mode != "distinct")
     B, P, N = 3, 6, draft.n_nodes
     buf = torch.zeros(B, 40, dtype=torch.long)
     buf[:, :P] = torch.randint(0, 11, (B, P), generator=g)
@@ -100,9 +102,15 @@ def test_draft_tree_reports_what_each_node_was_drawn_from(branching, s, top):
                 above = tree.tokens[b, _path(draft.parent, draft.parent[i])[1:]].tolist()
                 z = model(torch.tensor([prefix + above]))[0, -1]
                 want = warp(z, s)
+                siblings = [j for j in range(1, N) if draft.parent[j] == draft.parent[i]]
+                k = siblings.index(i)
+                if mode == "distinct":
+                    rest = want.clone()
+                    rest[tree.tokens[b, siblings[:k]]] = 0.0
+                    want = rest / rest.sum() if rest.sum() > 0 else want
+                    if int((warp(z, s) > 0).sum()) >= len(siblings):  # enough tokens: the siblings differ
+                        assert len(set(tree.tokens[b, siblings[: k + 1]].tolist())) == k + 1
                 if top:  # the k-th child holds the k-th largest logit (ties in any order)
-                    siblings = [j for j in range(1, N) if draft.parent[j] == draft.parent[i]]
-                    k = siblings.index(i)
                     assert float(z[tree.tokens[b, i]]) == pytest.approx(float(z.sort(descending=True).values[k]), abs=1e-10)
                     assert len(set(tree.tokens[b, siblings].tolist())) == len(siblings)
                     assert tree.q[b, i].tolist() == torch.nn.functional.one_hot(tree.tokens[b, i], 11).tolist()
@@ -173,8 +181,8 @@ def test_greedy_tree_equals_autoregressive_token_for_token(pair, branching):
     target, draft = pair
     greedy = Sampling(0.0)
     want = autoregressive_generate(target, PROMPTS, 30, greedy, seeded_draws(3, 0))
-    drafts = [TreeDraft(draft, branching), TreeDraft(draft, branching, top=True), TreeDraft(target, branching),
-              Ragged(TreeDraft(target, branching), [1, 3, 5])]  # fmt: skip
+    drafts = [TreeDraft(draft, branching), TreeDraft(draft, branching, top=True), TreeDraft(draft, branching, replacement=False),
+              TreeDraft(target, branching), Ragged(TreeDraft(target, branching), [1, 3, 5])]  # fmt: skip
     for d in drafts:
         run = tree_generate(target, d, PROMPTS, 30, greedy, seeded_draws(3, 1))
         assert torch.equal(run.tokens, want)
@@ -234,10 +242,10 @@ SETTINGS = {"t1": Sampling(1.0), "warped": Sampling(0.8, top_k=4, top_p=0.9)}
 SIZES_G = [7, 5, 3, 7, 6]  # ragged: the full 2 x 2 tree, and pruned ones
 
 
-def run_two_tokens(target, draft, s: Sampling, rows: int, seed: int, top: bool = False) -> torch.Tensor:
+def run_two_tokens(target, draft, s: Sampling, rows: int, seed: int, candidates: str = "sampled") -> torch.Tensor:
     """Counts [V * V] of the first two tokens of `rows` independent tree-speculative generations, one batch."""
     prompt = torch.tensor([PROMPT]).expand(rows, -1)
-    d = Ragged(TreeDraft(draft, (2, 2), top=top), SIZES_G)
+    d = Ragged(TreeDraft(draft, (2, 2), top=candidates == "top-k", replacement=candidates != "distinct"), SIZES_G)
     out = tree_generate(target, d, prompt, 2, s, seeded_draws(rows, seed))
     first, second = out.tokens[:, len(PROMPT)], out.tokens[:, len(PROMPT) + 1]
     return torch.bincount(first * target.spec.vocab_size + second, minlength=target.spec.vocab_size**2)
@@ -251,13 +259,13 @@ def double_pair() -> tuple[Transformer, Transformer]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("candidates,setting", [("sampled", "t1"), ("sampled", "warped"), ("top-k", "t1")])
+@pytest.mark.parametrize("candidates,setting", [("sampled", "t1"), ("sampled", "warped"), ("distinct", "t1"), ("top-k", "t1")])
 def test_tree_output_law_passes_a_powered_g_test(double_pair, candidates, setting, record_property):
     target, draft = double_pair
     s = SETTINGS[setting]
     law = two_token_law(target, PROMPT, s)
     rows = rows_needed(law)
-    p_value, tv = g_test(run_two_tokens(target, draft, s, rows, seed=2025, top=candidates == "top-k"), law)
+    p_value, tv = g_test(run_two_tokens(target, draft, s, rows, seed=2025, candidates=candidates), law)
     record_property("empirical_tv", tv)
     print(f"\n{candidates} tree 2x2 ragged {setting}: N={rows} rows (df={int((law > 0).sum()) - 1}, TV {TV_DETECTED} at power 0.99), TV={tv:.4f}, p={p_value:.3g}")
     assert p_value > SIGNIFICANCE
@@ -282,5 +290,5 @@ def test_g_test_catches_wrong_tree_verifiers(double_pair, wrong, candidates, mon
     target, draft = double_pair
     monkeypatch.setattr(tree_decode, "verify_tree", wrong)
     law = two_token_law(target, PROMPT, SETTINGS["t1"])
-    p_value, tv = g_test(run_two_tokens(target, draft, SETTINGS["t1"], rows_needed(law), seed=7, top=candidates == "top-k"), law)
+    p_value, tv = g_test(run_two_tokens(target, draft, SETTINGS["t1"], rows_needed(law), seed=7, candidates=candidates), law)
     assert p_value < SIGNIFICANCE, f"mutant not caught (TV {tv:.4f})"
