@@ -157,7 +157,8 @@ def first_sibling_q(case: TreeCase, q: torch.Tensor) -> torch.Tensor:
 
 
 def normalised(r: torch.Tensor) -> torch.Tensor:
-    return r / r.sum() if r.sum() > 0 else r
+    """r / sum(r); zeros where nothing is left (as the verifier does)."""
+    return r / r.sum() if r.sum() > 0 else torch.zeros_like(r)
 
 
 def target_joint(case: TreeCase, prefix: tuple[int, ...], m: int) -> torch.Tensor:
