@@ -79,27 +79,45 @@ class Transformer(nn.Module):
         )
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache | None = None, layers: list[int] | None = None
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        layers: list[int] | None = None,
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         With a cache, the tokens extend each row at its own length and the cache advances by T.
-        `layers` runs only those blocks (a layer-skip draft); its cache then has len(layers) layers."""
+        `layers` runs only those blocks (a layer-skip draft); its cache then has len(layers) layers.
+        `tree` = (base [B], positions [B, T], sees [B, T, W]) makes it a tree pass (Miao et al. 2024;
+        `reference.tree_decode`): the tokens are still written at cache slots lengths[b] .. lengths[b] + T - 1,
+        but token t of row b takes RoPE position positions[b, t] and attends to the slots below
+        base[b] (the committed sequence) and to slot base[b] + j of the tree where sees[b, t, j]."""
         B, T = tokens.shape
+        if tree is not None and cache is None:
+            raise ValueError("a tree pass writes into a cache; give one")
         layer_ids = range(len(self.layers)) if layers is None else layers
         if cache is None:  # training / scoring whole sequences: plain causal attention
-            pos = torch.arange(T, device=tokens.device).expand(B, T)
+            pos = slots = torch.arange(T, device=tokens.device).expand(B, T)
             mask = None
         else:
-            pos = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
+            pos = slots = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # [B, T]
             n_keys = min(cache.limit + T, cache.max_len)  # attention reads cache positions [0, n_keys)
             keys = torch.arange(n_keys, device=tokens.device)
-            # additive mask [B, 1, T, n_keys]: query t of row b sees cache positions <= pos[b, t]
-            mask = torch.where(keys <= pos[:, :, None], 0.0, float("-inf"))[:, None].to(self.embed.weight.dtype)
+            if tree is None:  # query t of row b sees cache positions <= pos[b, t]
+                sees = keys <= pos[:, :, None]
+            else:  # [B, T, n_keys]: the committed slots, and the tree slots `sees` names
+                base, pos, in_tree = tree
+                j = keys - base[:, None]  # [B, n_keys]: a slot's place in the tree, < 0 below it
+                W = in_tree.shape[-1]
+                named = in_tree.gather(2, j.clamp(0, W - 1)[:, None, :].expand(B, T, n_keys))
+                sees = (j < 0)[:, None, :] | (named & (j < W)[:, None, :])
+            # additive mask [B, 1, T, n_keys]
+            mask = torch.where(sees, 0.0, float("-inf"))[:, None].to(self.embed.weight.dtype)
         cis = torch.view_as_complex(self.rope[pos])[:, :, None]  # [B, T, 1, d_head/2]: e^(i pos theta_j)
         x = self.embed(tokens)
         for slot, i in enumerate(layer_ids):
-            kv = None if cache is None else (cache.k[slot], cache.v[slot], pos)
+            kv = None if cache is None else (cache.k[slot], cache.v[slot], slots)
             x = self.layers[i](x, cis, mask, kv)
         if cache is not None:
             cache.lengths = cache.lengths + T
@@ -140,8 +158,8 @@ class Block(nn.Module):
         if kv is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hkv != H)
         else:
-            k_cache, v_cache, pos = kv  # [B, Hkv, max_len, d_head]; pos [B, T]
-            index = pos[:, None, :, None].expand(B, Hkv, T, dh)
+            k_cache, v_cache, slots = kv  # [B, Hkv, max_len, d_head]; slots [B, T] where the new K, V go
+            index = slots[:, None, :, None].expand(B, Hkv, T, dh)
             k_cache.scatter_(2, index, k)
             v_cache.scatter_(2, index, v)
             n_keys = mask.shape[-1]
