@@ -10,9 +10,9 @@ tiled over N and fits the exponent of peak memory in N (2 for naive, 1 for tiled
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -25,8 +25,9 @@ from simulator.attention import (
     split_kv,
     standard_hbm_bytes,
 )
-from simulator.errors import UserError
+from simulator.errors import UserError, finite_json
 from simulator.hardware import load_profile
+from simulator.paths import check_plot_path, write_atomically
 
 DTYPES = ("fp16", "fp32", "bf16")
 BENCH_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -471,7 +472,7 @@ def plot_bench(result: dict, path: str) -> None:
     fig.suptitle(f"attention forward, d={result['head_dim']}, {result['dtype']}, Br={result['br']}, Bc={result['bc']}")
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=120))
     except OSError as exc:
         raise UserError(f"{path}: cannot write the plot: {exc.strerror}") from None
 
@@ -507,7 +508,7 @@ def _run_attention(args) -> int:
             decode_queries=args.decode_queries, splits=args.splits,
             triton=not args.no_triton, backward=not args.no_backward, repeats=args.repeats,
         )  # fmt: skip
-    print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+    print(finite_json(result) if args.json else format_comparison(result))
     return 0 if result["ok"] else 1
 
 
@@ -515,12 +516,13 @@ def _run_bench(args) -> int:
     if args.sram_bytes is not None and args.sram_bytes < 1:
         raise UserError(f"SRAM size must be positive, got {args.sram_bytes} bytes")
     sram_bytes = args.sram_bytes if args.sram_bytes is not None else load_profile(args.gpu).sram_bytes_per_sm
+    check_plot_path(Path(args.out))
     with torch_threads(args.threads):
         result = bench_attention(args.seqlens, args.head_dim, args.dtype, sram_bytes, args.repeats)
     result["threads"] = args.threads
-    plot_bench(result, args.out)
     result["plot"] = args.out
-    print(json.dumps(result, indent=2) if args.json else format_bench(result) + f"\nplot: {args.out}")
+    print(finite_json(result) if args.json else format_bench(result) + f"\nplot: {args.out}")
+    plot_bench(result, args.out)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
@@ -11,7 +12,7 @@ from reference.model import WEIGHTS_DIR, load_weights
 from reference.sampling import Sampling
 from reference.specdec import check_pair, measure_specdec, seeded_draws, speculative_generate, verify_pass_ratio
 from reference.timing import torch_threads
-from simulator.errors import UserError
+from simulator.errors import UserError, finite_json
 from simulator.speculative import SpecDecResult, expected_tokens
 
 DEFAULT_PROMPT = "import os\n\n\ndef "
@@ -58,8 +59,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args, gammas: list[int]):
+    if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {args.device!r} is not available here; use --device cpu")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch < 1:
@@ -75,8 +80,11 @@ def _setup(args, gammas: list[int]):
         draft = NgramDraft(target.spec.vocab_size)
     for gamma in gammas:
         check_pair(target, draft, prompt_ids, gamma, s)
-    if len(prompt_ids) + args.max_new_tokens + max(gammas) + 1 > target.spec.max_seq_len:
-        raise UserError(f"prompt + --max-new-tokens exceed the target's {target.spec.max_seq_len} positions")
+    room = target.spec.max_seq_len - len(prompt_ids) - args.max_new_tokens - 1  # the last verify pass writes one more
+    if max(gammas) > room:
+        why = f"--gamma {max(gammas)} is too large for the context: at most {room} fits" if room >= 0 else "even without drafts"
+        raise UserError(f"the prompt's {len(prompt_ids)} tokens + --max-new-tokens {args.max_new_tokens} + gamma + 1 exceed "
+                        f"the target's {target.spec.max_seq_len} positions ({why})")
     prompt = torch.tensor([prompt_ids] * args.batch, device=args.device)
     return target, draft, prompt, s
 
@@ -90,7 +98,7 @@ def _run_specdec(args) -> int:
     target, draft, prompt, s = _setup(args, [args.gamma])
     result = measure_specdec(target, draft, prompt, args.max_new_tokens, [args.gamma], s, args.seed, args.repeats)
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print(finite_json(result.model_dump()))
         return 0
     sample = speculative_generate(target, draft, prompt[:1], args.max_new_tokens, args.gamma, s,
                                   seeded_draws(1, args.seed, args.device))  # fmt: skip
@@ -118,7 +126,7 @@ def _run_bench(args) -> int:
     ratio = best.speedup / best.speedup_formula
     ok = ratio >= RATIO_REQUIRED
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print(finite_json(result.model_dump()))
         return 0 if ok else 1
     print(format_result(result))
     verdict = "PASS" if ok else "FAIL"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from simulator import plan as plan_lib
-from simulator.errors import UserError, run_command
+from simulator.errors import Parser, UserError, finite_json, run_command
 from simulator.hardware import load_profile, shipped_profiles
 from simulator.models import load_model
 
@@ -23,26 +22,34 @@ def _run_plan(args: argparse.Namespace) -> int:
     result = plan_lib.build_plan(
         hw, target, draft, args.alpha, args.gamma, batch, args.prompt_len, args.output_len, args.dtype
     )
-    print(json.dumps(result, indent=2) if args.json else plan_lib.format_plan(result))
+    print(finite_json(result) if args.json else plan_lib.format_plan(result))
     return 0
 
 
 def _run_plan_search(args: argparse.Namespace) -> int:
-    from simulator import capacity
+    from pathlib import Path
 
+    from simulator import capacity
+    from simulator.paths import check_writable_dir
+
+    plot_dir = Path(args.plot_dir or capacity.DEFAULT_PLOT_DIR)
     query = capacity.build_query(
         args.gpu, args.model, args.rate, args.slo_ttft_p99, args.slo_tpot_p99, args.prompt_len, args.output_len,
         args.max_gpus, args.alpha, args.dtype, args.requests, args.seed,
     )  # fmt: skip
     drafts = None if args.draft is None else [capacity.NO_DRAFT, args.draft]
+    check_writable_dir(plot_dir)
     report = capacity.search(
         query,
         drafts=drafts,
         gammas=capacity.GAMMAS if args.gamma is None else (args.gamma,),
         max_batches=capacity.MAX_BATCHES if args.batch is None else (args.batch,),
     )
-    report["plots"] = capacity.write_plots(report, query, args.plot_dir or capacity.DEFAULT_PLOT_DIR, drafts)
-    print(json.dumps(report, indent=2) if args.json else capacity.format_search(report))
+    jobs = capacity.plot_jobs(report, query, plot_dir, drafts)
+    report["plots"] = [path for path, _ in jobs]
+    print(finite_json(report) if args.json else capacity.format_search(report), flush=True)
+    for _, draw in jobs:  # after the result (which names them): a plot that fails loses no figure
+        draw()
     if report["recommendation"] is None:
         raise UserError(report["verdict"])
     return 0
@@ -50,7 +57,7 @@ def _run_plan_search(args: argparse.Namespace) -> int:
 
 def _run_profiles(args: argparse.Namespace) -> int:
     rows = plan_lib.profiles_table(shipped_profiles())
-    print(json.dumps(rows, indent=2) if args.json else plan_lib.format_profiles(rows))
+    print(finite_json(rows) if args.json else plan_lib.format_profiles(rows))
     return 0
 
 
@@ -64,7 +71,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         check_writable_dir(Path(args.plot_dir))
     folders = [Path(d) for d in (args.data or [str(val.DEFAULT_DATA_DIR)])]
     out = val.validate(folders, args.fit_gpu, args.holdout_gpu, args.few_shot, args.fit_rows, progress=val.progress_to_stderr)
-    print(json.dumps(val.public(out), indent=2, default=str) if args.json else val.format_validation(out))
+    print(finite_json(val.public(out)) if args.json else val.format_validation(out))
     if args.plot_dir:
         for path in val.plot_validation(out, Path(args.plot_dir)):
             print(f"validate: wrote {path}", file=sys.stderr)
@@ -90,7 +97,7 @@ def _run_fit_kernels(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m simulator",
         description="Predict LLM decoding performance (speculative decoding, FlashAttention) on a GPU.",
     )

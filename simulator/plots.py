@@ -13,15 +13,18 @@ from simulator.batching import speculative_speedup, verify_roofline_points  # no
 from simulator.errors import UserError  # noqa: E402
 from simulator.hardware import HardwareProfile  # noqa: E402
 from simulator.models import ModelSpec  # noqa: E402
+from simulator.paths import write_atomically  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     except OSError as exc:
-        raise UserError(f"{path}: cannot write the plot: {exc.strerror}") from None
+        raise UserError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a format matplotlib does not know
+        raise UserError(f"{path}: cannot write the plot: {exc}") from None
     finally:
         plt.close(fig)
     return path

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from simulator import plan as plan_lib
-from simulator.errors import UserError
+from simulator.errors import UserError, finite_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec, load_model
+from simulator.paths import check_plot_path, check_writable_file, write_atomically
 from simulator.serving import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCHED_TOKENS,
@@ -301,13 +302,17 @@ def csv_rows(report: dict) -> list[dict]:
 
 def write_csv(report: dict, path: str | Path) -> None:
     rows = csv_rows(report)
-    try:
-        with open(path, "w", newline="") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
+    try:
+        write_atomically(Path(path), write)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def write_plot(report: dict, path: str | Path) -> None:
@@ -342,11 +347,11 @@ def write_plot(report: dict, path: str | Path) -> None:
     c = report["config"]
     fig.suptitle(f"{c['model']} on {c['gpu']}, draft {c['draft']}, gamma {c['gamma']}")
     try:
-        fig.savefig(path)
+        write_atomically(Path(path), fig.savefig)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
+        raise UserError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
     except ValueError as exc:  # an unknown image extension
-        raise UserError(f"{path}: {exc}") from None
+        raise UserError(f"{path}: cannot write the plot: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,15 +430,19 @@ def _progress_bar(total: int, desc: str):
 
 def run_simulate(args: argparse.Namespace) -> int:
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
+    if args.csv:
+        check_writable_file(Path(args.csv))
+    if args.plot:
+        check_plot_path(Path(args.plot))
     trace = load_trace(workload.trace_path, workload.requests) if workload.arrival == "trace" else None
     with _progress_bar(len(RUNS) * request_count(workload, trace), "simulate") as bar:
         report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, progress=bar.update, trace=trace,
                           intervals=not args.no_interval)  # fmt: skip
-    if args.csv:
-        write_csv(report, args.csv)
-    if args.plot:
-        write_plot(report, args.plot)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(finite_json(report) if args.json else format_report(report), flush=True)
+    for path, write in ((args.csv, write_csv), (args.plot, write_plot)):
+        if path:
+            write(report, path)
+            print(f"simulate: wrote {path}", file=sys.stderr)
     return 0
 
 
