@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from reference.timing import torch_threads
+from reference.timing import check_seed, torch_threads
 from simulator.attention import (
     Tiles,
     flash_backward_hbm_bytes,
@@ -483,7 +483,7 @@ def _resolve_tiles(args) -> tuple[int | None, int | None, int | None, str]:
         return None, args.block_rows, args.block_cols, f"explicit Br={args.block_rows}, Bc={args.block_cols}"
     if args.sram_bytes is not None:
         if args.sram_bytes < 1:
-            raise UserError(f"SRAM size must be positive, got {args.sram_bytes} bytes")
+            raise UserError(f"--sram-bytes must be positive, got {args.sram_bytes}")
         return args.sram_bytes, None, None, f"SRAM {args.sram_bytes} bytes"
     hw = load_profile(args.gpu)
     return hw.sram_bytes_per_sm, None, None, f"SRAM {hw.sram_bytes_per_sm} bytes per SM of {hw.name}"
@@ -493,6 +493,7 @@ def _run_attention(args) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    check_seed(args.seed)
     if args.inputs:
         q, k, v = (t.to(device) for t in load_inputs(args.inputs))
     else:
@@ -514,7 +515,7 @@ def _run_attention(args) -> int:
 
 def _run_bench(args) -> int:
     if args.sram_bytes is not None and args.sram_bytes < 1:
-        raise UserError(f"SRAM size must be positive, got {args.sram_bytes} bytes")
+        raise UserError(f"--sram-bytes must be positive, got {args.sram_bytes}")
     sram_bytes = args.sram_bytes if args.sram_bytes is not None else load_profile(args.gpu).sram_bytes_per_sm
     check_plot_path(Path(args.out))
     with torch_threads(args.threads):

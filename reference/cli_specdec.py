@@ -8,10 +8,10 @@ import re
 import torch
 
 from reference.drafts import ModelDraft, NgramDraft
-from reference.model import WEIGHTS_DIR, load_weights
+from reference.model import WEIGHTS_DIR, kv_cache_bytes, load_weights, physical_memory_bytes
 from reference.sampling import Sampling
 from reference.specdec import check_pair, measure_specdec, seeded_draws, speculative_generate, verify_pass_ratio
-from reference.timing import torch_threads
+from reference.timing import check_seed, torch_threads
 from simulator.errors import UserError, finite_json
 from simulator.speculative import SpecDecResult, expected_tokens
 
@@ -65,6 +65,7 @@ def _setup(args, gammas: list[int]):
         raise UserError(f"device {args.device!r} is not available here; use --device cpu")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    check_seed(args.seed)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch < 1:
@@ -72,19 +73,30 @@ def _setup(args, gammas: list[int]):
     s = Sampling(args.temperature, args.top_k, args.top_p).check()
     prompt_ids = list(args.prompt.encode("utf-8"))
     target = load_weights(args.target, args.device)
+    models = [("target", args.target, target)]
     if args.draft == "model":
         draft = ModelDraft(load_weights(args.draft_model, args.device))
+        models.append(("draft", args.draft_model, draft.model))
+        if draft.vocab_size != target.spec.vocab_size:
+            raise UserError(f"{args.draft_model}: the draft's vocabulary ({draft.vocab_size} tokens) differs from the target's "
+                            f"({target.spec.vocab_size}); speculative sampling needs one vocabulary")  # fmt: skip
     elif args.draft == "layer-skip":
         draft = ModelDraft(target, layers=list(range(target.spec.n_layers // 2)))
     else:
         draft = NgramDraft(target.spec.vocab_size)
     for gamma in gammas:
         check_pair(target, draft, prompt_ids, gamma, s)
-    room = target.spec.max_seq_len - len(prompt_ids) - args.max_new_tokens - 1  # the last verify pass writes one more
-    if max(gammas) > room:
-        why = f"--gamma {max(gammas)} is too large for the context: at most {room} fits" if room >= 0 else "even without drafts"
-        raise UserError(f"the prompt's {len(prompt_ids)} tokens + --max-new-tokens {args.max_new_tokens} + gamma + 1 exceed "
-                        f"the target's {target.spec.max_seq_len} positions ({why})")
+    gamma = max(gammas)
+    for role, path, model in models:  # the last verify pass reads prompt + output + gamma positions and writes one more
+        room = model.spec.max_seq_len - len(prompt_ids) - args.max_new_tokens - 1
+        if gamma > room:
+            why = f" (--gamma {gamma} is too large for the context: at most {room} fits)" if room >= 1 else ""
+            raise UserError(f"{path}: the {role}'s {model.spec.max_seq_len} positions cannot hold the prompt's {len(prompt_ids)} tokens "
+                            f"+ --max-new-tokens {args.max_new_tokens} + gamma {gamma} + 1{why}")  # fmt: skip
+    positions = len(prompt_ids) + args.max_new_tokens + gamma + 1
+    cache_bytes = sum(kv_cache_bytes(model.spec, args.batch, positions) for _, _, model in models)
+    if cache_bytes > physical_memory_bytes():
+        raise UserError(f"--batch {args.batch}: the KV caches need {cache_bytes / 1e9:.3g} GB, more than this machine's {physical_memory_bytes() / 1e9:.3g} GB")
     prompt = torch.tensor([prompt_ids] * args.batch, device=args.device)
     return target, draft, prompt, s
 

@@ -211,6 +211,11 @@ def model_bytes(spec: ModelSpec) -> int:
     return 4 * spec.n_params + (4 + 3 * 8) * spec.max_seq_len * spec.d_head // 2
 
 
+def kv_cache_bytes(spec: ModelSpec, batch: int, positions: int) -> int:
+    """Bytes of a float32 `KVCache` of `batch` rows and `positions` positions: K and V of every layer."""
+    return 2 * spec.n_layers * batch * spec.n_kv_heads * positions * spec.d_head * 4
+
+
 def physical_memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -61,12 +61,20 @@ def _run_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_fit_counts(args: argparse.Namespace) -> None:
+    if args.fit_rows < 1:
+        raise UserError(f"--fit-rows must be >= 1, got {args.fit_rows}")
+    if getattr(args, "few_shot", 0) < 0:
+        raise UserError(f"--few-shot must be >= 0, got {args.few_shot}")
+
+
 def _run_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from simulator import validate as val
     from simulator.paths import check_writable_dir
 
+    _check_fit_counts(args)
     if args.plot_dir:
         check_writable_dir(Path(args.plot_dir))
     folders = [Path(d) for d in (args.data or [str(val.DEFAULT_DATA_DIR)])]
@@ -87,6 +95,7 @@ def _run_fit_kernels(args: argparse.Namespace) -> int:
     from simulator.gpu_model.params import FITTED_PATH
     from simulator.paths import check_writable_file, write_json_atomic
 
+    _check_fit_counts(args)
     out_path = Path(args.out) if args.out else FITTED_PATH
     check_writable_file(out_path)
     folders = [Path(d) for d in (args.data or [str(val.DEFAULT_DATA_DIR)])]

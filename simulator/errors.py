@@ -86,7 +86,8 @@ def run_command(args) -> int:
     try:
         return args.run(args) or 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())  # one line, whatever a value quoted in it holds
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

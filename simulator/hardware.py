@@ -168,7 +168,10 @@ def profile_from_file(path: Path) -> HardwareProfile:
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
-        raise UserError(f"{path}:{line} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise UserError(f"{path}:{line} malformed YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed YAML: nested too deep") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a profile is a YAML mapping of fields, got {type(data).__name__}")
     try:

@@ -161,7 +161,7 @@ class AcceptanceModel(BaseModel):
             if len(self.alphas) < gamma:
                 raise UserError(f"--alpha gives {len(self.alphas)} per-position rates but --gamma is {gamma}; give one per draft position")
         if self.kind == "empirical":
-            if not self.counts or any(c < 0 or not math.isfinite(c) for c in self.counts) or sum(self.counts) <= 0:
+            if not self.counts or any(c < 0 or not math.isfinite(c) for c in self.counts) or not 0 < sum(self.counts) < math.inf:
                 raise UserError("accepted-length counts must be finite, >= 0 and not all zero")
             if len(self.counts) - 1 < gamma:
                 raise UserError(f"the accepted-length counts were measured with gamma {len(self.counts) - 1}; --gamma {gamma} would need longer drafts")

@@ -63,11 +63,15 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
     {"alpha": a}."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); an acceptance file is JSON") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed JSON: nested too deep") from None
     if isinstance(data, list):
         data = {"accepted_length_counts": data}
     if not isinstance(data, dict):
@@ -79,7 +83,7 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
             return AcceptanceModel(kind="positional", alphas=[float(a) for a in data["alpha_per_position"]])
         if data.get("alpha") is not None:
             return AcceptanceModel(kind="iid", alpha=float(data["alpha"]))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{path}: acceptance values must be numbers") from None
     raise UserError(f"{path}: none of accepted_length_counts, alpha_per_position, alpha found")
 
@@ -386,6 +390,8 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
 
 def config_from_args(args: argparse.Namespace):
     """(hw, target, draft, acceptance, serving, workload) from parsed options; UserError on bad input."""
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     hw = load_profile(args.gpu)
     target, draft = load_model(args.model), load_model(args.draft)
     if args.acceptance:
@@ -416,7 +422,10 @@ def config_from_args(args: argparse.Namespace):
             lengths=args.lengths,
         )
     workload.check()
-    acceptance.check(serving.gamma)
+    try:
+        acceptance.check(serving.gamma)
+    except UserError as exc:
+        raise UserError(f"{args.acceptance}: {exc}" if args.acceptance else str(exc)) from None
     check_pair(target, draft)
     kv_cache_blocks(hw, target, draft if serving.gamma > 0 else None, serving)  # fits, or says by how much
     return hw, target, draft, acceptance, serving, workload
