@@ -37,6 +37,8 @@ def _run_plan_search(args: argparse.Namespace) -> int:
         args.gpu, args.model, args.rate, args.slo_ttft_p99, args.slo_tpot_p99, args.prompt_len, args.output_len,
         args.max_gpus, args.alpha, args.dtype, args.requests, args.seed,
     )  # fmt: skip
+    if args.gamma is not None:
+        plan_lib.check_gamma_fits(args.gamma, query.prompt_tokens, query.output_tokens, query.target)
     drafts = None if args.draft is None else [capacity.NO_DRAFT, args.draft]
     check_writable_dir(plot_dir)
     report = capacity.search(

@@ -55,7 +55,7 @@ class HardwareProfile(BaseModel):
     generation: str | None = None  # architecture generation (GENERATIONS); required for a GPU
     compute_capability: str | None = None  # CUDA compute capability, e.g. "8.0"
     sm_count: Count  # streaming multiprocessors (NVIDIA), compute units (AMD), cores (CPU)
-    sram_bytes_per_sm: Bytes  # shared memory (SMEM/LDS) per SM usable by one kernel; a core's L2 on a CPU
+    sram_bytes_per_sm: int = Field(ge=1024, le=2**50)  # at least a few rows of a tile (1 KiB); shared memory (SMEM/LDS) per SM usable by one kernel; a core's L2 on a CPU
     l2_bytes: Bytes
     l2_partitions: Count | None = None  # L2 partitions that each cache what their own SMs read (data every SM reads is held in each); absent: one
     memory_bytes: Bytes  # device memory (HBM/GDDR) capacity

@@ -81,8 +81,10 @@ def build_plan(
     check_plan_inputs(alpha, gamma, batch, prompt_len, output_len)
     if draft.vocab_size != target.vocab_size:
         raise UserError(f"draft {draft.name} has vocabulary {draft.vocab_size}, target {target.name} has {target.vocab_size}; speculative decoding needs one vocabulary")
+    if prompt_len + output_len > target.max_seq_len:  # the rule the serving simulation applies to a request
+        raise UserError(f"--prompt-len {prompt_len} + --output-len {output_len} exceed {target.name}'s {target.max_seq_len} positions")
     if gamma is not None:
-        check_gamma_fits(gamma, prompt_len, output_len, target, draft)
+        check_gamma_fits(gamma, prompt_len, output_len, target)
     context_len = prompt_len + output_len // 2
     target_step = forward(target, hw, batch, context_len, 1, dtype)
     draft_step = forward(draft, hw, batch, context_len, 1, dtype)["total"]

@@ -427,6 +427,8 @@ def config_from_args(args: argparse.Namespace):
     except UserError as exc:
         raise UserError(f"{args.acceptance}: {exc}" if args.acceptance else str(exc)) from None
     check_pair(target, draft)
+    if serving.gamma + 2 > target.max_seq_len:  # a request of one prompt token and one output token, verified over gamma + 1
+        raise UserError(f"--gamma {serving.gamma} is too large for the context: no request fits {target.name}'s {target.max_seq_len} positions with it")
     kv_cache_blocks(hw, target, draft if serving.gamma > 0 else None, serving)  # fits, or says by how much
     return hw, target, draft, acceptance, serving, workload
 

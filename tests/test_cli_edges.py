@@ -196,10 +196,15 @@ def test_rates_and_lengths_beyond_what_a_float_keeps_are_refused(argv, needle):
 # --- messages that help --------------------------------------------------------------------------
 
 
+def test_lengths_past_the_models_positions_are_refused():
+    code, _, err = simulator_cli(["plan", "--prompt-len", str(2**53)])
+    assert code == 2 and f"--prompt-len {2**53} + --output-len 256 exceed llama-2-7b's 4096 positions" in one_error_line(err)
+
+
 def test_a_gamma_too_large_for_the_context_says_so():
-    code, _, err = simulator_cli(["plan", "--gamma", "3000"])
+    code, _, err = simulator_cli(["plan", "--gamma", "4000"])
     line = one_error_line(err)
-    assert code == 2 and "--gamma 3000 is too large for the context" in line and "at most 1279 fits" in line  # llama-68m: 2048 positions
+    assert code == 2 and "--gamma 4000 is too large for the context" in line and "at most 3327 fits" in line  # llama-2-7b: 4096 positions
 
 
 @pytest.mark.parametrize("argv", [["plan", "--rate", "2", "--slo-ttft-p99=-2s", "--slo-tpot-p99", "50ms"],
