@@ -10,7 +10,7 @@ from simulator.errors import Parser, missing_extra, run_command
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m reference", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(
+    bench = sub.add_parser("bench", help="benchmarks that print measured figures", description="Benchmarks of the executor on this device.").add_subparsers(
         dest="bench", required=True
     )
     try:

@@ -529,7 +529,10 @@ def _run_bench(args) -> int:
 
 def add_parsers(sub, bench) -> None:
     """Register the run command on `sub` and the benchmark on `bench`; each sets `run=callable(args)`."""
-    p = sub.add_parser("attention", help="naive vs tiled FlashAttention vs Triton: agreement, time, memory, HBM bytes")
+    p = sub.add_parser("attention", help="naive vs tiled FlashAttention vs Triton: agreement, time, memory, HBM bytes",
+                       description="Run naive attention, the tiled FlashAttention reference in both loop orders and the Triton kernel on "
+                       "the same inputs; check each against fp64, and print forward time, peak memory and the HBM bytes each tiled "
+                       "loop counted beside the cost model's prediction. Exit code 1 if anything disagrees.")  # fmt: skip
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=500, help="N, queries and keys (default 500)")
@@ -558,7 +561,9 @@ def add_parsers(sub, bench) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_run_attention)
 
-    b = bench.add_parser("attention", help="CPU time and peak memory, naive vs tiled, over N; fits the memory exponent")
+    b = bench.add_parser("attention", help="CPU time and peak memory, naive vs tiled, over N; fits the memory exponent",
+                         description="Time and peak memory of naive and tiled (FA2) attention forward over sequence lengths N, "
+                         "the exponents of their growth, and a plot of both (--out).")  # fmt: skip
     b.add_argument("--seqlens", type=int, nargs="+", default=list(BENCH_SEQLENS), help="N values (default 512..16384)")
     b.add_argument("--head-dim", type=int, default=64)
     b.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")

@@ -22,14 +22,19 @@ RATIO_REQUIRED = 0.9  # issue 3: measured speedup >= 0.9 x Leviathan's predictio
 
 def add_parsers(sub, bench) -> None:
     """Register the run command on `sub` and the benchmark on `bench`; each sets `run=callable(args)`."""
-    run = sub.add_parser("specdec", help="autoregressive vs speculative decoding with the trained pair, measured")
+    run = sub.add_parser("specdec", help="autoregressive vs speculative decoding with the trained pair, measured",
+                         description="Run autoregressive and speculative decoding with a real draft/target pair on this device and "
+                         "print tokens/s, the acceptance rate alpha (overall and per position), the cost ratio c, and the "
+                         "measured speedup beside the one Leviathan's formula predicts from them.")  # fmt: skip
     _common(run)
     run.add_argument("--gamma", type=int, default=4, help="draft tokens per step (default 4)")
     run.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
     run.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
     run.set_defaults(run=run_specdec)
 
-    b = bench.add_parser("specdec", help="speedup over gamma at batch 1; checks it against Leviathan's formula")
+    b = bench.add_parser("specdec", help="speedup over gamma at batch 1; checks it against Leviathan's formula",
+                         description=f"Measured speedup over gamma at batch 1 against Leviathan's formula; exit code 1 when the "
+                         f"best gamma reaches less than {RATIO_REQUIRED} of it.")  # fmt: skip
     _common(b)
     b.add_argument("--gammas", default=BENCH_GAMMAS, help=f"comma-separated gammas (default {BENCH_GAMMAS})")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")

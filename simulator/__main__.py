@@ -108,6 +108,8 @@ def _run_fit_kernels(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from simulator import capacity
+
     parser = Parser(
         prog="python -m simulator",
         description="Predict LLM decoding performance (speculative decoding, FlashAttention) on a GPU.",
@@ -133,13 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=256, help="generated tokens (default: %(default)s)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8"], help="weight and activation dtype (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=None, help="search: mean Poisson arrival rate, requests per second")
-    p.add_argument("--slo-ttft-p99", default=None, help="search: p99 time to first token, e.g. 2s, 500ms, or a bare number of seconds")
-    p.add_argument("--slo-tpot-p99", default=None, help="search: p99 time per output token, e.g. 50ms or 0.05")
-    p.add_argument("--max-gpus", type=int, default=None, help="search: most GPUs to consider (default: 16)")
-    p.add_argument("--requests", type=int, default=None, help="search: requests simulated per replica (default: 500)")
+    together = "; --rate, --slo-ttft-p99 and --slo-tpot-p99 go together and start the search"
+    p.add_argument("--rate", type=float, default=None, help=f"search: mean Poisson arrival rate, requests per second{together}")
+    p.add_argument("--slo-ttft-p99", default=None, help=f"search: p99 time to first token, e.g. 2s, 500ms, or a bare number of seconds{together}")
+    p.add_argument("--slo-tpot-p99", default=None, help=f"search: p99 time per output token, e.g. 50ms or 0.05{together}")
+    p.add_argument("--max-gpus", type=int, default=None, help=f"search: most GPUs to consider (default: {capacity.DEFAULT_MAX_GPUS})")
+    p.add_argument("--requests", type=int, default=None, help=f"search: requests simulated per replica (default: {capacity.DEFAULT_REQUESTS})")
     p.add_argument("--seed", type=int, default=None, help="search: seed of arrivals and acceptance draws (default: 0)")
-    p.add_argument("--plot-dir", default=None, help="search: directory for the three plots (default: capacity_plots)")
+    p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to (default: {capacity.DEFAULT_PLOT_DIR})")
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
     p.set_defaults(run=_run_plan)
 
@@ -178,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator import calibration, simulate
 
     calibration.add_parsers(sub)
-    bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(dest="benchmark", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that print measured figures",
+                           description="Benchmarks of the simulator itself: each prints the figures it measured.").add_subparsers(dest="benchmark", required=True)  # fmt: skip
     simulate.add_parsers(sub, bench)
 
-    p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures")
+    p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures",
+                       description="List the shipped hardware profiles (hardware_profiles/*.yaml): name, every alias, SMs, SRAM per SM, "
+                       "memory, bandwidth, fp16 peak, the roofline ridge and how many figures are estimates.")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(run=_run_profiles)
     return parser

@@ -260,12 +260,13 @@ def profiles_table(profiles: dict[str, HardwareProfile], dtype: str = "fp16") ->
 
 
 def format_profiles(rows: list[dict]) -> str:
-    head = f"{'name':<16} {'aliases':<22} {'SMs':>4} {'SRAM/SM':>8} {'memory':>9} {'bandwidth':>11} {'fp16 peak':>13} {'ridge':>7} {'estimates':>9}"
+    width = max([16, *(len(r["name"]) for r in rows)])
+    head = f"{'name':<{width}} {'SMs':>4} {'SRAM/SM':>8} {'memory':>9} {'bandwidth':>11} {'fp16 peak':>13} {'ridge':>7} {'estimates':>9}  aliases"
     out = [head]
     for r in rows:
         out.append(
-            f"{r['name']:<16} {','.join(r['aliases'][:2])[:22]:<22} {r['sm_count']:>4} {r['sram_bytes_per_sm'] // 1024:>5} KiB "
+            f"{r['name']:<{width}} {r['sm_count']:>4} {r['sram_bytes_per_sm'] // 1024:>5} KiB "
             f"{r['memory_bytes'] / 2**30:>5.0f} GiB {_si(r['hbm_bytes_per_s'], 'B/s'):>11} {_si(r['peak_flops_per_s'], 'FLOP/s'):>13} "
-            f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}"
+            f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}  {', '.join(r['aliases'])}"
         )
     return "\n".join(out)

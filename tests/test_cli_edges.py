@@ -411,3 +411,71 @@ def test_specdec_bad_flags_are_one_line(argv, needle):
     code, out, err = reference_cli(["specdec", "--max-new-tokens", "4", *argv])
     assert code == 2 and out == "" and needle in one_error_line(err)
 
+
+
+# --- help a user can trust -----------------------------------------------------------------------
+
+
+def subcommands(parser, prefix: str = ""):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{prefix} {name}".strip(), sub
+                yield from subcommands(sub, f"{prefix} {name}")
+
+
+def reference_parser(monkeypatch):
+    """The parser `python -m reference` builds, taken at the moment it would parse."""
+    import argparse
+
+    from reference.__main__ import main
+
+    taken = {}
+
+    def take(self, argv=None, namespace=None):
+        taken["parser"] = self
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", take)
+    with pytest.raises(SystemExit):
+        main([])
+    return taken["parser"]
+
+
+def test_every_subcommand_has_a_description(monkeypatch):
+    from simulator.__main__ import build_parser
+
+    found = dict(subcommands(build_parser())) | {f"reference {k}": v for k, v in subcommands(reference_parser(monkeypatch))}
+    assert {"plan", "compare", "profiles", "bench simulate", "reference specdec", "reference bench attention"} <= set(found)
+    missing = [name for name, p in found.items() if not (p.description or "").strip()]
+    assert missing == []
+
+
+def test_plan_help_states_the_real_defaults_and_what_goes_together():
+    code, out, _ = simulator_cli(["plan", "--help"])
+    text = " ".join(out.split())
+    assert code == 0
+    assert f"(default: {capacity.DEFAULT_REQUESTS})" in text and f"(default: {capacity.DEFAULT_MAX_GPUS})" in text
+    assert f"(default: {capacity.DEFAULT_PLOT_DIR})" in text
+    assert text.count("--rate, --slo-ttft-p99 and --slo-tpot-p99 go together") == 3
+
+
+def test_profiles_shows_every_alias_whole():
+    from simulator.hardware import shipped_profiles
+
+    code, out, _ = simulator_cli(["profiles"])
+    assert code == 0
+    lines = out.splitlines()[1:]
+    for profile, line in zip(shipped_profiles().values(), lines, strict=True):
+        assert line.startswith(profile.name + " ") and line.endswith(", ".join(profile.aliases))
+
+
+def test_compare_tells_its_configurations_apart_with_units_per_row():
+    config = {"kind": "forward", "model": "stdlib-target-3m", "batch": 1, "context": 200, "query_tokens": 5, "dtype": "fp32"}
+    rows = [{"group": "forward", "config": config | {"query_tokens": q}, "predicted_s": 2e-3, "measured_s": 2.5e-3, "error": -0.2} for q in (5, 6)]
+    text = calibration.format_compare({"profile": "p", "device": "cpu", "rows": rows, "groups": {"forward": {"n": 2, "mape": 0.2, "median_ape": 0.2}}, "drift": None})
+    first, second = text.splitlines()[2:4]
+    assert first != second and first.endswith("query_tokens=5") and second.endswith("query_tokens=6")
+    assert first.count(" ms ") == 2 and "-20.0%" in first
