@@ -817,14 +817,16 @@ def plot_jobs(report: dict, query: CapacityQuery, plot_dir: str | Path, drafts: 
     chosen = report["recommendation"] or report["closest"]
     jobs = []
     points = [
-        {"label": r["label"], "meets_slo": r["meets_slo"], "output_tokens_per_s_per_gpu": r["output_tokens_per_s_per_gpu"],
+        {"label": r["label"], "meets_slo": r["meets_slo"], "binding": r["binding"], "output_tokens_per_s_per_gpu": r["output_tokens_per_s_per_gpu"],
          "tpot_p99_ms": r["tpot_p99_s"] * 1e3}
         for r in report["candidates"] if r["tpot_p99_s"] is not None
     ]  # fmt: skip
     if points:
         path = plot_dir / "pareto_throughput_vs_p99_tpot.png"
+        recommended = report["recommendation"]["label"] if report["recommendation"] else None
         jobs.append((str(path), lambda: plots.plot_pareto(path, points, "output_tokens_per_s_per_gpu", "tpot_p99_ms",
-                                                          f"{query.target.name} on {query.hw.name} at {query.rate_per_s:g} requests/s")))  # fmt: skip
+                                                          f"{query.target.name} on {query.hw.name} at {query.rate_per_s:g} requests/s",
+                                                          slo=query.slo_tpot_p99_s * 1e3, chosen=recommended)))  # fmt: skip
     name, gamma = _plot_draft(drafts, chosen, report["candidates"])
     if name is not None:
         ctx = query.prompt_tokens + query.output_tokens // 2

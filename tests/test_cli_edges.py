@@ -479,3 +479,53 @@ def test_compare_tells_its_configurations_apart_with_units_per_row():
     first, second = text.splitlines()[2:4]
     assert first != second and first.endswith("query_tokens=5") and second.endswith("query_tokens=6")
     assert first.count(" ms ") == 2 and "-20.0%" in first
+
+
+# --- plots that answer their question --------------------------------------------------------------
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions build, kept instead of saved."""
+    from simulator import plots
+
+    figures = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return Path(path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    return figures
+
+
+def legend_and_texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in (*ax.texts, *(ax.get_legend().get_texts() if ax.get_legend() else ()))]
+
+
+def test_pareto_plot_marks_the_slo_the_recommendation_and_why_others_miss(drawn, tmp_path):
+    from simulator.plots import plot_pareto
+
+    points = [{"label": "1 x TP 1, none", "meets_slo": True, "binding": "tpot", "x": 100.0, "y": 40.0},
+              {"label": "1 x TP 2, llama-68m g4", "meets_slo": True, "binding": "ttft", "x": 150.0, "y": 45.0},
+              {"label": "2 x TP 1, none", "meets_slo": False, "binding": "tpot", "x": 160.0, "y": 80.0},
+              {"label": "1 x TP 1, layer-skip g2", "meets_slo": False, "binding": "ttft", "x": 90.0, "y": 30.0}]  # fmt: skip
+    plot_pareto(tmp_path / "p.png", points, "x", "y", "t", slo=50.0, chosen="1 x TP 2, llama-68m g4")
+    (fig,) = drawn
+    texts = legend_and_texts(fig)
+    assert "recommended: 1 x TP 2, llama-68m g4" in texts and "SLO: y <= 50" in texts
+    assert "misses: TPOT p99 over its SLO" in texts and "misses: TTFT p99 over its SLO" in texts
+    assert any(list(line.get_ydata()) == [50.0, 50.0] for line in fig.axes[0].lines)  # the SLO line
+    assert {"1 x TP 2, llama-68m g4", "2 x TP 1, none"} <= set(texts)  # the front, labelled
+
+
+def test_verify_roofline_labels_the_ridge_and_says_batch_varies_along_each_curve(drawn, tmp_path):
+    from simulator.hardware import load_profile
+    from simulator.models import load_model
+    from simulator.plots import plot_verify_roofline
+
+    hw = load_profile("a100")
+    plot_verify_roofline(tmp_path / "r.png", hw, load_model("llama-2-7b"), load_model("llama-68m"), 0.7, 768)
+    texts = legend_and_texts(drawn[0])
+    assert f"ridge {hw.ridge_flops_per_byte():.0f} FLOP/B" in texts
+    assert "along each curve: batch 1 to 512, left to right" in texts
