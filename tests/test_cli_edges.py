@@ -529,3 +529,19 @@ def test_verify_roofline_labels_the_ridge_and_says_batch_varies_along_each_curve
     texts = legend_and_texts(drawn[0])
     assert f"ridge {hw.ridge_flops_per_byte():.0f} FLOP/B" in texts
     assert "along each curve: batch 1 to 512, left to right" in texts
+
+
+# --- the executor's edges ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324])
+def test_a_vanishing_temperature_samples_the_argmax_not_nan(temperature):
+    import torch
+
+    from reference.sampling import Sampling, warp
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [1.0, 1.0, 0.0, -2.0]])
+    p = warp(logits, Sampling(temperature=temperature))
+    assert torch.isfinite(p).all()
+    assert p.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]]  # ties share the mass, as T -> 0 does
+    assert torch.allclose(warp(logits, Sampling(temperature=0.7)), (logits / 0.7).softmax(-1), rtol=1e-6, atol=0)
