@@ -6,8 +6,8 @@ The property, for each generated input: the command exits 0 with valid output (J
 takes, files whole) or exits 2 with one line on stderr that names the input; never a traceback, never
 a hang (hypothesis's deadline bounds each case), never a half-written file.
 
-Budget: the `ci` profile (the default) runs each test's stated number of examples, about 300 in all,
-derandomized so that CI is reproducible; on two cores the file takes about a minute and a half.
+Budget: the `ci` profile (the default) runs each test's stated number of examples,
+derandomized so that CI is reproducible (349 examples; on two cores the file takes 40-60 s).
 `FUZZ_PROFILE=long` runs twenty times as many, each from fresh random draws.
 
 Commands whose valid runs measure or search for minutes (calibrate, compare, device-check, plan's
