@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from simulator.errors import run_command
+from simulator.errors import Parser, missing_extra, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reference", description=__doc__)
+    parser = Parser(prog="python -m reference", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(
+    bench = sub.add_parser("bench", help="benchmarks that print measured figures", description="Benchmarks of the executor on this device.").add_subparsers(
         dest="bench", required=True
     )
-    from reference import cli_attention, cli_specdec, device_check
+    try:
+        from reference import cli_attention, cli_specdec, device_check
+    except ModuleNotFoundError as exc:  # the core install has no torch
+        if missing_extra(exc) is None:
+            raise
+        print(f"error: {missing_extra(exc)}", file=sys.stderr)
+        return 2
 
     cli_specdec.add_parsers(sub, bench)
     cli_attention.add_parsers(sub, bench)

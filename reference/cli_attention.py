@@ -10,13 +10,13 @@ tiled over N and fits the exponent of peak memory in N (2 for naive, 1 for tiled
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
-from reference.timing import torch_threads
+from reference.timing import check_seed, torch_threads
 from simulator.attention import (
     Tiles,
     flash_backward_hbm_bytes,
@@ -25,8 +25,9 @@ from simulator.attention import (
     split_kv,
     standard_hbm_bytes,
 )
-from simulator.errors import UserError
+from simulator.errors import UserError, finite_json
 from simulator.hardware import load_profile
+from simulator.paths import check_plot_path, write_atomically
 
 DTYPES = ("fp16", "fp32", "bf16")
 BENCH_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -471,7 +472,7 @@ def plot_bench(result: dict, path: str) -> None:
     fig.suptitle(f"attention forward, d={result['head_dim']}, {result['dtype']}, Br={result['br']}, Bc={result['bc']}")
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=120))
     except OSError as exc:
         raise UserError(f"{path}: cannot write the plot: {exc.strerror}") from None
 
@@ -482,7 +483,7 @@ def _resolve_tiles(args) -> tuple[int | None, int | None, int | None, str]:
         return None, args.block_rows, args.block_cols, f"explicit Br={args.block_rows}, Bc={args.block_cols}"
     if args.sram_bytes is not None:
         if args.sram_bytes < 1:
-            raise UserError(f"SRAM size must be positive, got {args.sram_bytes} bytes")
+            raise UserError(f"--sram-bytes must be positive, got {args.sram_bytes}")
         return args.sram_bytes, None, None, f"SRAM {args.sram_bytes} bytes"
     hw = load_profile(args.gpu)
     return hw.sram_bytes_per_sm, None, None, f"SRAM {hw.sram_bytes_per_sm} bytes per SM of {hw.name}"
@@ -492,6 +493,7 @@ def _run_attention(args) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    check_seed(args.seed)
     if args.inputs:
         q, k, v = (t.to(device) for t in load_inputs(args.inputs))
     else:
@@ -507,26 +509,30 @@ def _run_attention(args) -> int:
             decode_queries=args.decode_queries, splits=args.splits,
             triton=not args.no_triton, backward=not args.no_backward, repeats=args.repeats,
         )  # fmt: skip
-    print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+    print(finite_json(result) if args.json else format_comparison(result))
     return 0 if result["ok"] else 1
 
 
 def _run_bench(args) -> int:
     if args.sram_bytes is not None and args.sram_bytes < 1:
-        raise UserError(f"SRAM size must be positive, got {args.sram_bytes} bytes")
+        raise UserError(f"--sram-bytes must be positive, got {args.sram_bytes}")
     sram_bytes = args.sram_bytes if args.sram_bytes is not None else load_profile(args.gpu).sram_bytes_per_sm
+    check_plot_path(Path(args.out))
     with torch_threads(args.threads):
         result = bench_attention(args.seqlens, args.head_dim, args.dtype, sram_bytes, args.repeats)
     result["threads"] = args.threads
-    plot_bench(result, args.out)
     result["plot"] = args.out
-    print(json.dumps(result, indent=2) if args.json else format_bench(result) + f"\nplot: {args.out}")
+    print(finite_json(result) if args.json else format_bench(result) + f"\nplot: {args.out}")
+    plot_bench(result, args.out)
     return 0
 
 
 def add_parsers(sub, bench) -> None:
     """Register the run command on `sub` and the benchmark on `bench`; each sets `run=callable(args)`."""
-    p = sub.add_parser("attention", help="naive vs tiled FlashAttention vs Triton: agreement, time, memory, HBM bytes")
+    p = sub.add_parser("attention", help="naive vs tiled FlashAttention vs Triton: agreement, time, memory, HBM bytes",
+                       description="Run naive attention, the tiled FlashAttention reference in both loop orders and the Triton kernel on "
+                       "the same inputs; check each against fp64, and print forward time, peak memory and the HBM bytes each tiled "
+                       "loop counted beside the cost model's prediction. Exit code 1 if anything disagrees.")  # fmt: skip
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=500, help="N, queries and keys (default 500)")
@@ -555,7 +561,9 @@ def add_parsers(sub, bench) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_run_attention)
 
-    b = bench.add_parser("attention", help="CPU time and peak memory, naive vs tiled, over N; fits the memory exponent")
+    b = bench.add_parser("attention", help="CPU time and peak memory, naive vs tiled, over N; fits the memory exponent",
+                         description="Time and peak memory of naive and tiled (FA2) attention forward over sequence lengths N, "
+                         "the exponents of their growth, and a plot of both (--out).")  # fmt: skip
     b.add_argument("--seqlens", type=int, nargs="+", default=list(BENCH_SEQLENS), help="N values (default 512..16384)")
     b.add_argument("--head-dim", type=int, default=64)
     b.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")

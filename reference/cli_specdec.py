@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
 from reference.drafts import ModelDraft, NgramDraft
-from reference.model import WEIGHTS_DIR, load_weights
+from reference.model import WEIGHTS_DIR, kv_cache_bytes, load_weights, physical_memory_bytes
 from reference.sampling import Sampling
 from reference.specdec import check_pair, measure_specdec, seeded_draws, speculative_generate, verify_pass_ratio
-from reference.timing import torch_threads
-from simulator.errors import UserError
+from reference.timing import check_seed, torch_threads
+from simulator.errors import UserError, finite_json
 from simulator.speculative import SpecDecResult, expected_tokens
 
 DEFAULT_PROMPT = "import os\n\n\ndef "
@@ -21,14 +22,19 @@ RATIO_REQUIRED = 0.9  # issue 3: measured speedup >= 0.9 x Leviathan's predictio
 
 def add_parsers(sub, bench) -> None:
     """Register the run command on `sub` and the benchmark on `bench`; each sets `run=callable(args)`."""
-    run = sub.add_parser("specdec", help="autoregressive vs speculative decoding with the trained pair, measured")
+    run = sub.add_parser("specdec", help="autoregressive vs speculative decoding with the trained pair, measured",
+                         description="Run autoregressive and speculative decoding with a real draft/target pair on this device and "
+                         "print tokens/s, the acceptance rate alpha (overall and per position), the cost ratio c, and the "
+                         "measured speedup beside the one Leviathan's formula predicts from them.")  # fmt: skip
     _common(run)
     run.add_argument("--gamma", type=int, default=4, help="draft tokens per step (default 4)")
     run.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
     run.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
     run.set_defaults(run=run_specdec)
 
-    b = bench.add_parser("specdec", help="speedup over gamma at batch 1; checks it against Leviathan's formula")
+    b = bench.add_parser("specdec", help="speedup over gamma at batch 1; checks it against Leviathan's formula",
+                         description=f"Measured speedup over gamma at batch 1 against Leviathan's formula; exit code 1 when the "
+                         f"best gamma reaches less than {RATIO_REQUIRED} of it.")  # fmt: skip
     _common(b)
     b.add_argument("--gammas", default=BENCH_GAMMAS, help=f"comma-separated gammas (default {BENCH_GAMMAS})")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats, median reported (default 5)")
@@ -58,8 +64,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args, gammas: list[int]):
+    if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {args.device!r} is not available here; use --device cpu")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    check_seed(args.seed)
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.batch < 1:
@@ -67,16 +78,30 @@ def _setup(args, gammas: list[int]):
     s = Sampling(args.temperature, args.top_k, args.top_p).check()
     prompt_ids = list(args.prompt.encode("utf-8"))
     target = load_weights(args.target, args.device)
+    models = [("target", args.target, target)]
     if args.draft == "model":
         draft = ModelDraft(load_weights(args.draft_model, args.device))
+        models.append(("draft", args.draft_model, draft.model))
+        if draft.vocab_size != target.spec.vocab_size:
+            raise UserError(f"{args.draft_model}: the draft's vocabulary ({draft.vocab_size} tokens) differs from the target's "
+                            f"({target.spec.vocab_size}); speculative sampling needs one vocabulary")  # fmt: skip
     elif args.draft == "layer-skip":
         draft = ModelDraft(target, layers=list(range(target.spec.n_layers // 2)))
     else:
         draft = NgramDraft(target.spec.vocab_size)
     for gamma in gammas:
         check_pair(target, draft, prompt_ids, gamma, s)
-    if len(prompt_ids) + args.max_new_tokens + max(gammas) + 1 > target.spec.max_seq_len:
-        raise UserError(f"prompt + --max-new-tokens exceed the target's {target.spec.max_seq_len} positions")
+    gamma = max(gammas)
+    for role, path, model in models:  # the last verify pass reads prompt + output + gamma positions and writes one more
+        room = model.spec.max_seq_len - len(prompt_ids) - args.max_new_tokens - 1
+        if gamma > room:
+            why = f" (--gamma {gamma} is too large for the context: at most {room} fits)" if room >= 1 else ""
+            raise UserError(f"{path}: the {role}'s {model.spec.max_seq_len} positions cannot hold the prompt's {len(prompt_ids)} tokens "
+                            f"+ --max-new-tokens {args.max_new_tokens} + gamma {gamma} + 1{why}")  # fmt: skip
+    positions = len(prompt_ids) + args.max_new_tokens + gamma + 1
+    cache_bytes = sum(kv_cache_bytes(model.spec, args.batch, positions) for _, _, model in models)
+    if cache_bytes > physical_memory_bytes():
+        raise UserError(f"--batch {args.batch}: the KV caches need {cache_bytes / 1e9:.3g} GB, more than this machine's {physical_memory_bytes() / 1e9:.3g} GB")
     prompt = torch.tensor([prompt_ids] * args.batch, device=args.device)
     return target, draft, prompt, s
 
@@ -90,7 +115,7 @@ def _run_specdec(args) -> int:
     target, draft, prompt, s = _setup(args, [args.gamma])
     result = measure_specdec(target, draft, prompt, args.max_new_tokens, [args.gamma], s, args.seed, args.repeats)
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print(finite_json(result.model_dump()))
         return 0
     sample = speculative_generate(target, draft, prompt[:1], args.max_new_tokens, args.gamma, s,
                                   seeded_draws(1, args.seed, args.device))  # fmt: skip
@@ -118,7 +143,7 @@ def _run_bench(args) -> int:
     ratio = best.speedup / best.speedup_formula
     ok = ratio >= RATIO_REQUIRED
     if args.json:
-        print(result.model_dump_json(indent=2))
+        print(finite_json(result.model_dump()))
         return 0 if ok else 1
     print(format_result(result))
     verdict = "PASS" if ok else "FAIL"

@@ -76,8 +76,8 @@ class Step:
 
 
 def check_budget(budget_s: float) -> float:
-    if math.isnan(budget_s) or budget_s < 0:
-        raise UserError(f"--budget-s must be a number of seconds >= 0, got {budget_s}")
+    if not math.isfinite(budget_s) or budget_s < 0:
+        raise UserError(f"--budget-s must be a finite number of seconds >= 0, got {budget_s}")
     return budget_s
 
 

@@ -11,16 +11,17 @@ entries are masked now and overwritten later).
 
 from __future__ import annotations
 
-import pickle
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from reference.linear import Linear
-from simulator.errors import UserError
+from simulator.errors import UserError, validation_message
 from simulator.models import ModelSpec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -178,16 +179,63 @@ def save_weights(model: Transformer, path: Path) -> None:
 
 
 def load_weights(path: Path | str, device: str = "cpu") -> Transformer:
-    """A `Transformer` from a file written by `save_weights` (for example `reference/weights/target.pt`)."""
+    """A `Transformer` from a file written by `save_weights` (for example `reference/weights/target.pt`).
+    Anything else (another format, a bare tensor, a spec that does not match its weights, weights that
+    are not finite, a model too large for this machine) is a UserError naming the file, raised before
+    the model is built."""
     path = Path(path)
     if not path.is_file():
         hint = "; `python -m reference.train` writes the trained pair" if path.parent == WEIGHTS_DIR else ""
         raise UserError(f"{path}: no such weights file{hint}")
+    not_ours = f"{path}: not a weights file written by save_weights"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        spec = ModelSpec(**blob["spec"])
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise UserError(f"{path}: not a weights file written by save_weights ({type(exc).__name__})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are not a weights file
+        raise UserError(f"{not_ours} ({type(exc).__name__})") from None
+    if not (isinstance(blob, dict) and isinstance(blob.get("spec"), dict) and isinstance(blob.get("state_dict"), dict)):
+        raise UserError(f"{not_ours} (expected a dict with `spec` and `state_dict`, got {type(blob).__name__})")
+    try:
+        spec = ModelSpec(**{str(k): v for k, v in blob["spec"].items()})
+    except ValidationError as exc:
+        raise UserError(f"{path}: spec: {validation_message(exc)}") from None
+    needed = model_bytes(spec)
+    if needed > physical_memory_bytes():
+        raise UserError(f"{path}: the spec's model needs {needed / 1e9:.3g} GB in float32, more than this machine's {physical_memory_bytes() / 1e9:.3g} GB")
+    state = blob["state_dict"]
+    held = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
+    if held != spec.n_params:  # before the shapes: a model of many layers takes a while to lay out
+        raise UserError(f"{path}: the spec's model has {spec.n_params} parameters, the state_dict {held}")
+    with torch.device("meta"):  # shapes without memory
+        wanted = {k: tuple(v.shape) for k, v in Transformer(spec).state_dict().items()}
+    for key, shape in wanted.items():
+        tensor = state.get(key)
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{path}: state_dict lacks {key}, which the spec's model has" if tensor is None else f"{path}: state_dict.{key} is not a tensor")
+        if tuple(tensor.shape) != shape:
+            raise UserError(f"{path}: state_dict.{key} has shape {list(tensor.shape)}; the spec's model needs {list(shape)}")
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{path}: state_dict.{key} is not all finite floating-point numbers")
+    extra = sorted(str(k) for k in set(state) - set(wanted))
+    if extra:
+        raise UserError(f"{path}: state_dict has {extra[0]}, which the spec's model has not" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     model = Transformer(spec)
-    model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval()
+
+
+def model_bytes(spec: ModelSpec) -> int:
+    """Bytes a `Transformer(spec)` takes while it is built: float32 weights, and the RoPE table
+    [max_seq_len, d_head/2, 2] in float32 with its float64 angles, cosines and sines beside it."""
+    return 4 * spec.n_params + (4 + 3 * 8) * spec.max_seq_len * spec.d_head // 2
+
+
+def kv_cache_bytes(spec: ModelSpec, batch: int, positions: int) -> int:
+    """Bytes of a float32 `KVCache` of `batch` rows and `positions` positions: K and V of every layer."""
+    return 2 * spec.n_layers * batch * spec.n_kv_heads * positions * spec.d_head * 4
+
+
+def physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # a system without sysconf: no limit known
+        return 2**63

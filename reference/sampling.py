@@ -39,10 +39,16 @@ def warp(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
     temperature 0: one-hot at the argmax (first on ties). Otherwise softmax(logits / T) restricted
     to the top_k largest (ties with the k-th kept) and then to the smallest prefix, in descending
-    order, whose mass reaches top_p (the nucleus; Holtzman et al. 2020), renormalised."""
+    order, whose mass reaches top_p (the nucleus; Holtzman et al. 2020), renormalised. A T whose
+    reciprocal the dtype cannot hold gives the limit T -> 0: the argmax, ties sharing its mass; a
+    small T otherwise divides the logits after their maximum is taken off (softmax does not change),
+    so that no logit / T overflows into NaN."""
     if s.temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    z = logits if s.temperature == 1 else logits / s.temperature
+    if 1.0 / s.temperature > torch.finfo(logits.dtype).max:
+        top = (logits == logits.amax(-1, keepdim=True)).to(logits.dtype)
+        return top / top.sum(-1, keepdim=True)
+    z = logits if s.temperature == 1 else (logits - logits.amax(-1, keepdim=True)) / s.temperature
     if s.top_k is not None and s.top_k < z.shape[-1]:
         kth = z.topk(s.top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))

@@ -101,6 +101,18 @@ class Stopwatch:
         return sum(a.elapsed_time(b) for a, b in pairs) / 1e3
 
 
+MAX_THREADS = 4096  # torch takes a C int; no host has more cores
+
+
+def check_seed(seed: int) -> int:
+    """A seed torch's generators take: a 64-bit count (numpy's take any whole number >= 0)."""
+    from simulator.errors import UserError
+
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be a whole number in [0, 2**63), got {seed}")
+    return seed
+
+
 @contextmanager
 def torch_threads(threads: int):
     """torch's intra-op thread count for one run (0 keeps torch's own), restored afterwards."""
@@ -108,8 +120,8 @@ def torch_threads(threads: int):
 
     from simulator.errors import UserError
 
-    if threads < 0:
-        raise UserError(f"threads must be 0 (torch's default) or positive, got {threads}")
+    if not 0 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads must be 0 (torch's default) or a positive count up to {MAX_THREADS}, got {threads}")
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

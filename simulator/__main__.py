@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from simulator import plan as plan_lib
-from simulator.errors import UserError, run_command
+from simulator.errors import Parser, UserError, finite_json, run_command
 from simulator.hardware import load_profile, shipped_profiles
 from simulator.models import load_model
 
@@ -23,26 +22,36 @@ def _run_plan(args: argparse.Namespace) -> int:
     result = plan_lib.build_plan(
         hw, target, draft, args.alpha, args.gamma, batch, args.prompt_len, args.output_len, args.dtype
     )
-    print(json.dumps(result, indent=2) if args.json else plan_lib.format_plan(result))
+    print(finite_json(result) if args.json else plan_lib.format_plan(result))
     return 0
 
 
 def _run_plan_search(args: argparse.Namespace) -> int:
-    from simulator import capacity
+    from pathlib import Path
 
+    from simulator import capacity
+    from simulator.paths import check_writable_dir
+
+    plot_dir = Path(args.plot_dir or capacity.DEFAULT_PLOT_DIR)
     query = capacity.build_query(
         args.gpu, args.model, args.rate, args.slo_ttft_p99, args.slo_tpot_p99, args.prompt_len, args.output_len,
         args.max_gpus, args.alpha, args.dtype, args.requests, args.seed,
     )  # fmt: skip
+    if args.gamma is not None:
+        plan_lib.check_gamma_fits(args.gamma, query.prompt_tokens, query.output_tokens, query.target)
     drafts = None if args.draft is None else [capacity.NO_DRAFT, args.draft]
+    check_writable_dir(plot_dir)
     report = capacity.search(
         query,
         drafts=drafts,
         gammas=capacity.GAMMAS if args.gamma is None else (args.gamma,),
         max_batches=capacity.MAX_BATCHES if args.batch is None else (args.batch,),
     )
-    report["plots"] = capacity.write_plots(report, query, args.plot_dir or capacity.DEFAULT_PLOT_DIR, drafts)
-    print(json.dumps(report, indent=2) if args.json else capacity.format_search(report))
+    jobs = capacity.plot_jobs(report, query, plot_dir, drafts)
+    report["plots"] = [path for path, _ in jobs]
+    print(finite_json(report) if args.json else capacity.format_search(report), flush=True)
+    for _, draw in jobs:  # after the result (which names them): a plot that fails loses no figure
+        draw()
     if report["recommendation"] is None:
         raise UserError(report["verdict"])
     return 0
@@ -50,8 +59,15 @@ def _run_plan_search(args: argparse.Namespace) -> int:
 
 def _run_profiles(args: argparse.Namespace) -> int:
     rows = plan_lib.profiles_table(shipped_profiles())
-    print(json.dumps(rows, indent=2) if args.json else plan_lib.format_profiles(rows))
+    print(finite_json(rows) if args.json else plan_lib.format_profiles(rows))
     return 0
+
+
+def _check_fit_counts(args: argparse.Namespace) -> None:
+    if args.fit_rows < 1:
+        raise UserError(f"--fit-rows must be >= 1, got {args.fit_rows}")
+    if getattr(args, "few_shot", 0) < 0:
+        raise UserError(f"--few-shot must be >= 0, got {args.few_shot}")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -60,11 +76,12 @@ def _run_validate(args: argparse.Namespace) -> int:
     from simulator import validate as val
     from simulator.paths import check_writable_dir
 
+    _check_fit_counts(args)
     if args.plot_dir:
         check_writable_dir(Path(args.plot_dir))
     folders = [Path(d) for d in (args.data or [str(val.DEFAULT_DATA_DIR)])]
     out = val.validate(folders, args.fit_gpu, args.holdout_gpu, args.few_shot, args.fit_rows, progress=val.progress_to_stderr)
-    print(json.dumps(val.public(out), indent=2, default=str) if args.json else val.format_validation(out))
+    print(finite_json(val.public(out)) if args.json else val.format_validation(out))
     if args.plot_dir:
         for path in val.plot_validation(out, Path(args.plot_dir)):
             print(f"validate: wrote {path}", file=sys.stderr)
@@ -80,6 +97,7 @@ def _run_fit_kernels(args: argparse.Namespace) -> int:
     from simulator.gpu_model.params import FITTED_PATH
     from simulator.paths import check_writable_file, write_json_atomic
 
+    _check_fit_counts(args)
     out_path = Path(args.out) if args.out else FITTED_PATH
     check_writable_file(out_path)
     folders = [Path(d) for d in (args.data or [str(val.DEFAULT_DATA_DIR)])]
@@ -90,7 +108,9 @@ def _run_fit_kernels(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from simulator import capacity
+
+    parser = Parser(
         prog="python -m simulator",
         description="Predict LLM decoding performance (speculative decoding, FlashAttention) on a GPU.",
     )
@@ -115,13 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=256, help="generated tokens (default: %(default)s)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8"], help="weight and activation dtype (default: %(default)s)")
-    p.add_argument("--rate", type=float, default=None, help="search: mean Poisson arrival rate, requests per second")
-    p.add_argument("--slo-ttft-p99", default=None, help="search: p99 time to first token, e.g. 2s, 500ms, or a bare number of seconds")
-    p.add_argument("--slo-tpot-p99", default=None, help="search: p99 time per output token, e.g. 50ms or 0.05")
-    p.add_argument("--max-gpus", type=int, default=None, help="search: most GPUs to consider (default: 16)")
-    p.add_argument("--requests", type=int, default=None, help="search: requests simulated per replica (default: 500)")
+    together = "; --rate, --slo-ttft-p99 and --slo-tpot-p99 go together and start the search"
+    p.add_argument("--rate", type=float, default=None, help=f"search: mean Poisson arrival rate, requests per second{together}")
+    p.add_argument("--slo-ttft-p99", default=None, help=f"search: p99 time to first token, e.g. 2s, 500ms, or a bare number of seconds{together}")
+    p.add_argument("--slo-tpot-p99", default=None, help=f"search: p99 time per output token, e.g. 50ms or 0.05{together}")
+    p.add_argument("--max-gpus", type=int, default=None, help=f"search: most GPUs to consider (default: {capacity.DEFAULT_MAX_GPUS})")
+    p.add_argument("--requests", type=int, default=None, help=f"search: requests simulated per replica (default: {capacity.DEFAULT_REQUESTS})")
     p.add_argument("--seed", type=int, default=None, help="search: seed of arrivals and acceptance draws (default: 0)")
-    p.add_argument("--plot-dir", default=None, help="search: directory for the three plots (default: capacity_plots)")
+    p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to (default: {capacity.DEFAULT_PLOT_DIR})")
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
     p.set_defaults(run=_run_plan)
 
@@ -160,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     from simulator import calibration, simulate
 
     calibration.add_parsers(sub)
-    bench = sub.add_parser("bench", help="benchmarks that print measured figures").add_subparsers(dest="benchmark", required=True)
+    bench = sub.add_parser("bench", help="benchmarks that print measured figures",
+                           description="Benchmarks of the simulator itself: each prints the figures it measured.").add_subparsers(dest="benchmark", required=True)  # fmt: skip
     simulate.add_parsers(sub, bench)
 
-    p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures")
+    p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures",
+                       description="List the shipped hardware profiles (hardware_profiles/*.yaml): name, every alias, SMs, SRAM per SM, "
+                       "memory, bandwidth, fp16 peak, the roofline ridge and how many figures are estimates.")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(run=_run_profiles)
     return parser

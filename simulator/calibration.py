@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -32,11 +30,11 @@ import yaml
 
 from simulator import attention as att
 from simulator import eager, executor_loop
-from simulator.errors import UserError
+from simulator.errors import UserError, finite_json
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec
-from simulator.paths import write_atomically
+from simulator.paths import check_plot_path, check_writable_file, write_atomically
 from simulator.roofline import elementwise, gemm
 
 # The calibration suite; `compare` uses none of these configurations (`held_out_overlap` checks).
@@ -237,16 +235,6 @@ def residual_summary(measurements: list[dict], hw: HardwareProfile) -> dict:
 # --- calibrate ----------------------------------------------------------------------------------
 
 
-def _check_writable(path: Path) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; give a file name for the profile")
-    if not directory.is_dir():
-        raise UserError(f"{path}: cannot write: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise UserError(f"{path}: cannot write: directory {directory} is not writable")
-
-
 def write_profile_atomically(data: dict, path: Path) -> None:
     """The profile as YAML, written atomically (`simulator.paths.write_atomically`)."""
 
@@ -437,9 +425,11 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
     """Measure, fit and write a profile to `out`; returns the written data."""
     from reference.timing import torch_threads
 
-    _check_writable(out)
+    check_writable_file(out)
     if threads < 1:  # one thread by default: on a shared machine two contend with other work
         raise UserError(f"--threads must be >= 1, got {threads}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
     with torch_threads(threads):
         facts, measurements = measure_calibration_suite(quick, repeats, log)
     fields, estimates = initial_profile(facts, measurements)
@@ -513,6 +503,8 @@ def check_same_device(hw: HardwareProfile, local_name: str) -> None:
 
 def compare(hw: HardwareProfile, quick: bool = False, repeats: int = 5, log=print) -> dict:
     """Measure and predict the held-out suite, with the thread count the profile was calibrated with."""
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
     from reference.timing import torch_threads
 
     with torch_threads(int((hw.calibration or {}).get("torch_threads") or 1)):
@@ -564,10 +556,11 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
 
 
 def format_compare(result: dict) -> str:
-    lines = [f"profile {result['profile']} (calibrated on {result['device']})", f"{'group':<24} {'config':<58} {'predicted':>11} {'measured':>11} {'error':>8}"]
+    lines = [f"profile {result['profile']} (calibrated on {result['device']})",
+             f"{'group':<24} {'predicted':>11} {'measured':>11} {'error':>8}  configuration"]  # fmt: skip
     for r in result["rows"]:
         cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k not in ("dtype", "ops"))
-        lines.append(f"{r['group']:<24} {cfg[:58]:<58} {r['predicted_s'] * 1e3:>9.3f}ms {r['measured_s'] * 1e3:>9.3f}ms {r['error']:>+7.1%}")
+        lines.append(f"{r['group']:<24} {r['predicted_s'] * 1e3:>8.3f} ms {r['measured_s'] * 1e3:>8.3f} ms {r['error']:>+8.1%}  {cfg}")
     lines.append("")
     for g, s in result["groups"].items():
         lines.append(f"{g:<24} n={s['n']:<3} MAPE {s['mape']:.1%}  median {s['median_ape']:.1%}")
@@ -606,7 +599,7 @@ def _log(msg: str) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     data = calibrate(Path(args.out), quick=args.quick, repeats=args.repeats, log=_log, threads=args.threads)
     if args.json:
-        print(json.dumps(data, indent=2))
+        print(finite_json(data))
     else:
         a = data["achievable"]
         print(f"wrote {args.out}: {data['name']} ({data['calibration']['device']})")
@@ -624,10 +617,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 def _run_compare(args: argparse.Namespace) -> int:
     hw = load_profile(args.gpu)
-    result = compare(hw, quick=args.quick, repeats=args.repeats, log=_log)
     if args.plot:
-        plot_compare(result, Path(args.plot))
-    print(json.dumps(result, indent=2) if args.json else format_compare(result))
+        check_plot_path(Path(args.plot))
+    result = compare(hw, quick=args.quick, repeats=args.repeats, log=_log)
+    print(finite_json(result) if args.json else format_compare(result))
+    if args.plot:
+        _log(f"compare: wrote {plot_compare(result, Path(args.plot))}")
     return 0
 
 
@@ -641,7 +636,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads to calibrate with; `compare` uses the same (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the written profile as JSON")
     p.set_defaults(run=_run_calibrate)
-    p = sub.add_parser("compare", help="predicted vs measured on held-out configurations of the local device")
+    p = sub.add_parser("compare", help="predicted vs measured on held-out configurations of the local device",
+                       description="Measure a held-out suite on this device (attention shapes, decode, verify and prefill passes, "
+                       "speculative decoding with the trained pair at gammas the calibration did not use), predict each from a profile "
+                       "`calibrate` wrote here, and print predicted, measured and error per configuration with the MAPE per group.")  # fmt: skip
     p.add_argument("--gpu", required=True, help="a profile written by `calibrate` on this device")
     p.add_argument("--quick", action="store_true", help="a few configurations only (for tests)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default: %(default)s)")

@@ -28,7 +28,7 @@ import os
 import sys
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
@@ -806,30 +806,41 @@ def format_search(report: dict, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def write_plots(report: dict, query: CapacityQuery, plot_dir: str | Path, drafts: Sequence[str] | None = None) -> list[str]:
-    """Throughput per GPU vs p99 TPOT (Pareto front marked), speedup over gamma and alpha, and the
-    verify pass's roofline with speedup over batch; returns the paths written. `drafts`: as given
-    to `search`."""
+def plot_jobs(report: dict, query: CapacityQuery, plot_dir: str | Path, drafts: Sequence[str] | None = None) -> list[tuple[str, Callable[[], Path]]]:
+    """The plots of a search, as (path, draw) pairs, so that their paths can be reported before any is
+    drawn: throughput per GPU vs p99 TPOT (Pareto front marked), speedup over gamma and alpha, and the
+    verify pass's roofline with speedup over batch. `drafts`: as given to `search`."""
     from simulator import plots
 
     plot_dir = Path(plot_dir)
     drafts = draft_models(query.target, drafts)
     chosen = report["recommendation"] or report["closest"]
-    paths = []
+    jobs = []
     points = [
-        {"label": r["label"], "meets_slo": r["meets_slo"], "output_tokens_per_s_per_gpu": r["output_tokens_per_s_per_gpu"],
+        {"label": r["label"], "meets_slo": r["meets_slo"], "binding": r["binding"], "output_tokens_per_s_per_gpu": r["output_tokens_per_s_per_gpu"],
          "tpot_p99_ms": r["tpot_p99_s"] * 1e3}
         for r in report["candidates"] if r["tpot_p99_s"] is not None
     ]  # fmt: skip
     if points:
-        paths.append(plots.plot_pareto(plot_dir / "pareto_throughput_vs_p99_tpot.png", points, "output_tokens_per_s_per_gpu",
-                                       "tpot_p99_ms", f"{query.target.name} on {query.hw.name} at {query.rate_per_s:g} requests/s"))  # fmt: skip
+        path = plot_dir / "pareto_throughput_vs_p99_tpot.png"
+        recommended = report["recommendation"]["label"] if report["recommendation"] else None
+        jobs.append((str(path), lambda: plots.plot_pareto(path, points, "output_tokens_per_s_per_gpu", "tpot_p99_ms",
+                                                          f"{query.target.name} on {query.hw.name} at {query.rate_per_s:g} requests/s",
+                                                          slo=query.slo_tpot_p99_s * 1e3, chosen=recommended)))  # fmt: skip
     name, gamma = _plot_draft(drafts, chosen, report["candidates"])
     if name is not None:
         ctx = query.prompt_tokens + query.output_tokens // 2
         batch = max(1, round(chosen["batch_mean"])) if chosen and chosen.get("batch_mean") else 1
-        paths.append(plots.plot_speedup_over_gamma_and_alpha(plot_dir / "speedup_over_gamma_and_alpha.png", query.hw,
-                                                             query.target, drafts[name], ctx, batch))  # fmt: skip
-        paths.append(plots.plot_verify_roofline(plot_dir / "verify_roofline.png", query.hw, query.target, drafts[name],
-                                                query.alpha, ctx, dtype=query.dtype))  # fmt: skip
-    return [str(p) for p in paths]
+        speedup, roofline = plot_dir / "speedup_over_gamma_and_alpha.png", plot_dir / "verify_roofline.png"
+        jobs.append((str(speedup), lambda: plots.plot_speedup_over_gamma_and_alpha(speedup, query.hw, query.target, drafts[name], ctx, batch)))
+        jobs.append((str(roofline), lambda: plots.plot_verify_roofline(roofline, query.hw, query.target, drafts[name], query.alpha, ctx,
+                                                                        dtype=query.dtype)))  # fmt: skip
+    return jobs
+
+
+def write_plots(report: dict, query: CapacityQuery, plot_dir: str | Path, drafts: Sequence[str] | None = None) -> list[str]:
+    """Draw every plot of `plot_jobs`; returns the paths written."""
+    jobs = plot_jobs(report, query, plot_dir, drafts)
+    for _, draw in jobs:
+        draw()
+    return [path for path, _ in jobs]

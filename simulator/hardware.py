@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from simulator.errors import UserError
+from simulator.errors import UserError, validation_message
 
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 
@@ -23,13 +23,20 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}  # dtypes a
 GENERATIONS = ("volta", "turing", "ampere", "ada", "hopper", "blackwell", "blackwell-rtx", "cdna3")
 INTERCONNECTS = ("nvlink", "pcie", "infinity-fabric")
 
-Fraction = Field(gt=0.0, le=1.0)
+# Physical ranges. A figure outside one is a typo or a slip of units, not a device: each bound lies
+# orders of magnitude past the extremes of the shipped profiles (in brackets), so it refuses only the
+# impossible, and the floors keep every time the cost model derives from a profile finite.
+Count = Annotated[int, Field(ge=1, le=10**6)]  # SMs, cores, L2 partitions [304]
+Bytes = Annotated[int, Field(ge=1, le=2**50)]  # up to 1 PiB [2.9e11 of HBM]
+BytesPerS = Annotated[float, Field(ge=1e6, le=1e15)]  # 1 MB/s to 1 PB/s [3.0e13 of L2]
+FlopsPerS = Annotated[float, Field(ge=1e6, le=1e18)]  # 1 MFLOP/s to 1 EFLOP/s [1.35e16 in fp4]
+Fraction = Field(ge=1e-3, le=1.0)  # of a peak; calibrate's fit keeps to [0.01, 1]
 
 
 class Achievable(BaseModel):
     """Fractions of peak that real kernels reach on this device, each in (0, 1]."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     bandwidth: float = Fraction  # of hbm_bytes_per_s, by a streaming kernel
     matmul: float = Fraction  # of peak_flops_per_s, by a large GEMM
@@ -40,30 +47,30 @@ class HardwareProfile(BaseModel):
     """One device. `sources` holds a citation for every number; `estimates` lists the numbers
     that no primary source confirms (they are used, but flagged)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     kind: Literal["gpu", "cpu"] = "gpu"
     aliases: list[str] = []
     generation: str | None = None  # architecture generation (GENERATIONS); required for a GPU
     compute_capability: str | None = None  # CUDA compute capability, e.g. "8.0"
-    sm_count: PositiveInt  # streaming multiprocessors (NVIDIA), compute units (AMD), cores (CPU)
-    sram_bytes_per_sm: PositiveInt  # shared memory (SMEM/LDS) per SM usable by one kernel; a core's L2 on a CPU
-    l2_bytes: PositiveInt
-    l2_partitions: PositiveInt | None = None  # L2 partitions that each cache what their own SMs read (data every SM reads is held in each); absent: one
-    memory_bytes: PositiveInt  # device memory (HBM/GDDR) capacity
-    hbm_bytes_per_s: PositiveFloat  # peak device-memory bandwidth
-    l2_bytes_per_s: PositiveFloat | None = None  # peak L2 read bandwidth; absent: re-reads priced at HBM speed
+    sm_count: Count  # streaming multiprocessors (NVIDIA), compute units (AMD), cores (CPU)
+    sram_bytes_per_sm: int = Field(ge=1024, le=2**50)  # at least a few rows of a tile (1 KiB); shared memory (SMEM/LDS) per SM usable by one kernel; a core's L2 on a CPU
+    l2_bytes: Bytes
+    l2_partitions: Count | None = None  # L2 partitions that each cache what their own SMs read (data every SM reads is held in each); absent: one
+    memory_bytes: Bytes  # device memory (HBM/GDDR) capacity
+    hbm_bytes_per_s: BytesPerS  # peak device-memory bandwidth
+    l2_bytes_per_s: BytesPerS | None = None  # peak L2 read bandwidth; absent: re-reads priced at HBM speed
     # a CPU's measured copy speed (bytes moved per second) by the bytes a copy moves (read + written),
     # from inside the caches to main memory; absent: one speed inside the last-level cache, one past it
-    copy_bytes_per_s_by_size: dict[PositiveInt, PositiveFloat] | None = None
-    peak_flops_per_s: dict[str, PositiveFloat]  # dense, by dtype; tensor-core figures where they exist
-    clock_hz: PositiveFloat  # boost clock
-    tdp_w: PositiveFloat | None = None  # required for a GPU
-    interconnect_bytes_per_s: PositiveFloat | None = None  # per-GPU link (NVLink, Infinity Fabric, else PCIe), both directions; required for a GPU
+    copy_bytes_per_s_by_size: dict[Bytes, BytesPerS] | None = None
+    peak_flops_per_s: dict[str, FlopsPerS]  # dense, by dtype; tensor-core figures where they exist
+    clock_hz: float = Field(ge=1e6, le=1e10)  # boost clock
+    tdp_w: float | None = Field(default=None, ge=1.0, le=1e5)  # required for a GPU
+    interconnect_bytes_per_s: BytesPerS | None = None  # per-GPU link (NVLink, Infinity Fabric, else PCIe), both directions; required for a GPU
     interconnect: str | None = None  # the link kind (INTERCONNECTS); required for a GPU
-    launch_overhead_s: PositiveFloat  # fixed cost of one kernel launch
-    ops_per_kernel: float = Field(default=1.0, ge=1.0)  # operators an executor issues per cost-model kernel (1: fused kernels; an eager executor issues several)
+    launch_overhead_s: float = Field(ge=1e-9, le=1.0)  # fixed cost of one kernel launch
+    ops_per_kernel: float = Field(default=1.0, ge=1.0, le=1e6)  # operators an executor issues per cost-model kernel (1: fused kernels; an eager executor issues several)
     achievable: Achievable
     sources: dict[str, str]
     estimates: list[str] = []
@@ -151,25 +158,26 @@ def _normalise(name: str) -> str:
 def profile_from_file(path: Path) -> HardwareProfile:
     """Load and validate one YAML file; every failure is a one-line UserError naming file and field."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a profile is a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
-        raise UserError(f"{path}:{line} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise UserError(f"{path}:{line} malformed YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed YAML: nested too deep") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a profile is a YAML mapping of fields, got {type(data).__name__}")
     try:
         return HardwareProfile.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(profile)"
-        msg = first["msg"].removeprefix("Value error, ")
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise UserError(f"{path}: field {field}: {msg}{more}") from None
+        raise UserError(f"{path}: {validation_message(exc)}") from None
 
 
 def shipped_profiles(directory: Path = PROFILE_DIR) -> dict[str, HardwareProfile]:

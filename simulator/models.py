@@ -9,28 +9,37 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from simulator.errors import UserError
+from simulator.errors import UserError, validation_message
+
+# Sizes a transformer can have: each ceiling lies far past the largest published model (in brackets),
+# so only a slip is refused, and every count the cost model derives stays exact in a float.
+Width = Annotated[int, Field(ge=1, le=2**20)]  # d_model, d_ff [53248 of d_ff]
+Heads = Annotated[int, Field(ge=1, le=2**14)]  # [128]
+Layers = Annotated[int, Field(ge=1, le=2**14)]  # [126]
+Vocab = Annotated[int, Field(ge=1, le=2**24)]  # [256k]
+Positions = Annotated[int, Field(ge=1, le=2**27)]  # [10M]
 
 
 class ModelSpec(BaseModel):
     """A Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
-    d_model: PositiveInt
-    n_layers: PositiveInt
-    n_heads: PositiveInt
-    n_kv_heads: PositiveInt
-    d_ff: PositiveInt
-    vocab_size: PositiveInt
-    max_seq_len: PositiveInt = 4096
+    d_model: Width
+    n_layers: Layers
+    n_heads: Heads
+    n_kv_heads: Heads
+    d_ff: Width
+    vocab_size: Vocab
+    max_seq_len: Positions = 4096
     tied_embeddings: bool = False
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = Field(default=10000.0, gt=0.0)
+    norm_eps: float = Field(default=1e-5, gt=0.0, lt=1.0)
     source: str = ""
 
     @model_validator(mode="after")
@@ -92,35 +101,37 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
 }  # fmt: skip
 
 
+# ModelSpec's fields by the names a HuggingFace config.json gives them (Llama/Mistral)
+HF_FIELDS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size", "vocab_size": "vocab_size",
+             "max_seq_len": "max_position_embeddings", "tied_embeddings": "tie_word_embeddings",
+             "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps"}  # fmt: skip
+
+
 def spec_from_hf_config(path: Path, name: str | None = None) -> ModelSpec:
     """Read a local HuggingFace `config.json` (Llama/Mistral field names)."""
     try:
-        cfg = json.loads(Path(path).read_text())
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a config.json is JSON") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed JSON: nested too deep") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: a config.json is a JSON object of fields, got {type(cfg).__name__}")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     missing = [k for k in required if k not in cfg]
     if missing:
         raise UserError(f"{path}: field {missing[0]} is missing; a Llama-style config.json needs {', '.join(required)}")
+    fields = {ours: cfg[theirs] for ours, theirs in HF_FIELDS.items() if cfg.get(theirs) is not None}
+    fields.setdefault("n_kv_heads", cfg["num_attention_heads"])
     try:
-        return ModelSpec(
-            name=name or cfg.get("_name_or_path") or Path(path).parent.name or "custom",
-            d_model=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            d_ff=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            source=str(path),
-        )
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise UserError(f"{path}: {str(exc).splitlines()[-1].strip()}") from None
+        return ModelSpec(name=name or str(cfg.get("_name_or_path") or Path(path).parent.name or "custom"), source=str(path), **fields)
+    except ValidationError as exc:
+        raise UserError(f"{path}: {validation_message(exc, HF_FIELDS)}") from None
 
 
 def load_model(name_or_path: str) -> ModelSpec:

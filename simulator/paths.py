@@ -26,7 +26,10 @@ def check_writable_file(path: Path) -> None:
     """A file whose folder takes a new file (it is written through a temporary file beside it)."""
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a file")
-    check_writable_dir(path.parent if str(path.parent) else Path("."))
+    try:
+        check_writable_dir(path.parent if str(path.parent) else Path("."))
+    except UserError as exc:
+        raise UserError(f"{path}: cannot write this file ({exc})") from None
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -51,3 +54,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
     (they are not JSON)."""
     text = json.dumps(data, indent=1, allow_nan=False) + "\n"
     write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def check_plot_path(path: Path) -> None:
+    """A plot's file: writable (`check_writable_file`) and of a format matplotlib can write, named
+    by its extension (none: PNG)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().removeprefix(".")
+    if suffix and suffix not in formats:
+        raise UserError(f"{path}: cannot write a plot as .{suffix}; use one of {', '.join('.' + f for f in sorted(formats))}")
+    check_writable_file(path)

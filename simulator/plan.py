@@ -11,6 +11,7 @@ from simulator.forward import forward, kv_bytes_per_token, step_time_s, weight_b
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
 from simulator.models import ModelSpec
 from simulator.speculative import SpecDecResult, SpecDecRow, expected_tokens, walltime_improvement
+from simulator.workload import MAX_TOKENS
 
 DEFAULT_GPU = "a100"
 DEFAULT_TARGET = "llama-2-7b"
@@ -27,12 +28,22 @@ def check_plan_inputs(alpha: float, gamma: int | None, batch: int, prompt_len: i
         raise UserError(f"--alpha must lie in [0, 1], got {alpha}")
     if gamma is not None and gamma < 0:
         raise UserError(f"--gamma must be >= 0, got {gamma}")
-    if batch < 1:
-        raise UserError(f"--batch must be >= 1, got {batch}")
-    if prompt_len < 1:
-        raise UserError(f"--prompt-len must be >= 1, got {prompt_len}")
-    if output_len < 1:
-        raise UserError(f"--output-len must be >= 1, got {output_len}")
+    for flag, count in (("--batch", batch), ("--prompt-len", prompt_len), ("--output-len", output_len)):
+        if count < 1:
+            raise UserError(f"{flag} must be >= 1, got {count}")
+        if count > MAX_TOKENS:  # past it a float no longer keeps the count whole
+            raise UserError(f"{flag} must be at most 2**53, got {count}")
+
+
+def check_gamma_fits(gamma: int, prompt_len: int, output_len: int, *models: ModelSpec) -> None:
+    """The last verify pass reads prompt + output + gamma positions and writes one more: each model
+    must hold them."""
+    for model in models:
+        room = model.max_seq_len - prompt_len - output_len - 1
+        if gamma > room:
+            why = f"at most {room} fits" if room >= 0 else "the prompt and output alone exceed it"
+            raise UserError(f"--gamma {gamma} is too large for the context: prompt {prompt_len} + output {output_len} + gamma + 1 "
+                            f"exceed {model.name}'s {model.max_seq_len} positions ({why})")
 
 
 def memory_bound_until_tokens(model: ModelSpec, hw: HardwareProfile, dtype: str = "fp16", limit: int = 1 << 16) -> int:
@@ -70,6 +81,10 @@ def build_plan(
     check_plan_inputs(alpha, gamma, batch, prompt_len, output_len)
     if draft.vocab_size != target.vocab_size:
         raise UserError(f"draft {draft.name} has vocabulary {draft.vocab_size}, target {target.name} has {target.vocab_size}; speculative decoding needs one vocabulary")
+    if prompt_len + output_len > target.max_seq_len:  # the rule the serving simulation applies to a request
+        raise UserError(f"--prompt-len {prompt_len} + --output-len {output_len} exceed {target.name}'s {target.max_seq_len} positions")
+    if gamma is not None:
+        check_gamma_fits(gamma, prompt_len, output_len, target)
     context_len = prompt_len + output_len // 2
     target_step = forward(target, hw, batch, context_len, 1, dtype)
     draft_step = forward(draft, hw, batch, context_len, 1, dtype)["total"]
@@ -245,12 +260,13 @@ def profiles_table(profiles: dict[str, HardwareProfile], dtype: str = "fp16") ->
 
 
 def format_profiles(rows: list[dict]) -> str:
-    head = f"{'name':<16} {'aliases':<22} {'SMs':>4} {'SRAM/SM':>8} {'memory':>9} {'bandwidth':>11} {'fp16 peak':>13} {'ridge':>7} {'estimates':>9}"
+    width = max([16, *(len(r["name"]) for r in rows)])
+    head = f"{'name':<{width}} {'SMs':>4} {'SRAM/SM':>8} {'memory':>9} {'bandwidth':>11} {'fp16 peak':>13} {'ridge':>7} {'estimates':>9}  aliases"
     out = [head]
     for r in rows:
         out.append(
-            f"{r['name']:<16} {','.join(r['aliases'][:2])[:22]:<22} {r['sm_count']:>4} {r['sram_bytes_per_sm'] // 1024:>5} KiB "
+            f"{r['name']:<{width}} {r['sm_count']:>4} {r['sram_bytes_per_sm'] // 1024:>5} KiB "
             f"{r['memory_bytes'] / 2**30:>5.0f} GiB {_si(r['hbm_bytes_per_s'], 'B/s'):>11} {_si(r['peak_flops_per_s'], 'FLOP/s'):>13} "
-            f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}"
+            f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}  {', '.join(r['aliases'])}"
         )
     return "\n".join(out)

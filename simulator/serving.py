@@ -161,7 +161,7 @@ class AcceptanceModel(BaseModel):
             if len(self.alphas) < gamma:
                 raise UserError(f"--alpha gives {len(self.alphas)} per-position rates but --gamma is {gamma}; give one per draft position")
         if self.kind == "empirical":
-            if not self.counts or any(c < 0 or not math.isfinite(c) for c in self.counts) or sum(self.counts) <= 0:
+            if not self.counts or any(c < 0 or not math.isfinite(c) for c in self.counts) or not 0 < sum(self.counts) < math.inf:
                 raise UserError("accepted-length counts must be finite, >= 0 and not all zero")
             if len(self.counts) - 1 < gamma:
                 raise UserError(f"the accepted-length counts were measured with gamma {len(self.counts) - 1}; --gamma {gamma} would need longer drafts")
@@ -337,6 +337,9 @@ class Timeline:
 # Configuration and KV-cache capacity
 
 
+MAX_BATCH_LIMIT = 2**20  # sequences one engine runs at once: far past any KV cache, and arrays of it fit in memory
+
+
 class ServingConfig(BaseModel):
     """The engine: batching limits, speculation, KV-cache layout, SLOs."""
 
@@ -360,6 +363,8 @@ class ServingConfig(BaseModel):
     def check(self) -> ServingConfig:
         if self.max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.max_batch > MAX_BATCH_LIMIT:
+            raise UserError(f"--max-batch must be at most {MAX_BATCH_LIMIT} (the engine keeps arrays of that length), got {self.max_batch}")
         if self.max_batched_tokens < 1:
             raise UserError(f"--max-batched-tokens must be >= 1, got {self.max_batched_tokens}")
         if self.gamma < 0:

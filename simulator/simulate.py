@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from simulator import plan as plan_lib
-from simulator.errors import UserError
+from simulator.errors import UserError, finite_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec, load_model
+from simulator.paths import check_plot_path, check_writable_file, write_atomically
 from simulator.serving import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCHED_TOKENS,
@@ -62,11 +63,15 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
     {"alpha": a}."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); an acceptance file is JSON") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed JSON: nested too deep") from None
     if isinstance(data, list):
         data = {"accepted_length_counts": data}
     if not isinstance(data, dict):
@@ -78,7 +83,7 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
             return AcceptanceModel(kind="positional", alphas=[float(a) for a in data["alpha_per_position"]])
         if data.get("alpha") is not None:
             return AcceptanceModel(kind="iid", alpha=float(data["alpha"]))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{path}: acceptance values must be numbers") from None
     raise UserError(f"{path}: none of accepted_length_counts, alpha_per_position, alpha found")
 
@@ -301,13 +306,17 @@ def csv_rows(report: dict) -> list[dict]:
 
 def write_csv(report: dict, path: str | Path) -> None:
     rows = csv_rows(report)
-    try:
-        with open(path, "w", newline="") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+
+    try:
+        write_atomically(Path(path), write)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
+        raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def write_plot(report: dict, path: str | Path) -> None:
@@ -342,11 +351,11 @@ def write_plot(report: dict, path: str | Path) -> None:
     c = report["config"]
     fig.suptitle(f"{c['model']} on {c['gpu']}, draft {c['draft']}, gamma {c['gamma']}")
     try:
-        fig.savefig(path)
+        write_atomically(Path(path), fig.savefig)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
+        raise UserError(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
     except ValueError as exc:  # an unknown image extension
-        raise UserError(f"{path}: {exc}") from None
+        raise UserError(f"{path}: cannot write the plot: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +390,8 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
 
 def config_from_args(args: argparse.Namespace):
     """(hw, target, draft, acceptance, serving, workload) from parsed options; UserError on bad input."""
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     hw = load_profile(args.gpu)
     target, draft = load_model(args.model), load_model(args.draft)
     if args.acceptance:
@@ -411,8 +422,13 @@ def config_from_args(args: argparse.Namespace):
             lengths=args.lengths,
         )
     workload.check()
-    acceptance.check(serving.gamma)
+    try:
+        acceptance.check(serving.gamma)
+    except UserError as exc:
+        raise UserError(f"{args.acceptance}: {exc}" if args.acceptance else str(exc)) from None
     check_pair(target, draft)
+    if serving.gamma + 2 > target.max_seq_len:  # a request of one prompt token and one output token, verified over gamma + 1
+        raise UserError(f"--gamma {serving.gamma} is too large for the context: no request fits {target.name}'s {target.max_seq_len} positions with it")
     kv_cache_blocks(hw, target, draft if serving.gamma > 0 else None, serving)  # fits, or says by how much
     return hw, target, draft, acceptance, serving, workload
 
@@ -425,15 +441,19 @@ def _progress_bar(total: int, desc: str):
 
 def run_simulate(args: argparse.Namespace) -> int:
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
+    if args.csv:
+        check_writable_file(Path(args.csv))
+    if args.plot:
+        check_plot_path(Path(args.plot))
     trace = load_trace(workload.trace_path, workload.requests) if workload.arrival == "trace" else None
     with _progress_bar(len(RUNS) * request_count(workload, trace), "simulate") as bar:
         report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, progress=bar.update, trace=trace,
                           intervals=not args.no_interval)  # fmt: skip
-    if args.csv:
-        write_csv(report, args.csv)
-    if args.plot:
-        write_plot(report, args.plot)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(finite_json(report) if args.json else format_report(report), flush=True)
+    for path, write in ((args.csv, write_csv), (args.plot, write_plot)):
+        if path:
+            write(report, path)
+            print(f"simulate: wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from simulator.errors import UserError
 
 _SECONDS_PER_UNIT = {"": 1.0, "s": 1.0, "sec": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "min": 60.0}
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zµ]*)\s*$")
+_DURATION = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-zµ]*)\s*$")
 
 
 def parse_duration_s(text: str, what: str = "duration") -> float:
@@ -19,4 +20,6 @@ def parse_duration_s(text: str, what: str = "duration") -> float:
     value = float(match.group(1)) * _SECONDS_PER_UNIT[match.group(2)]
     if value <= 0:
         raise UserError(f"{what}: must be positive, got {text!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{what}: must be a finite duration, got {text!r}")
     return value

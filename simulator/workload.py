@@ -22,6 +22,12 @@ from simulator.errors import UserError
 
 TRACE_COLUMNS = ("arrival_time_s", "prompt_tokens", "output_tokens")
 CHUNK = 4096  # requests drawn per numpy call
+# What a float keeps exact: a clock of float seconds still tells nanoseconds apart up to 2**22 s (48.5
+# days; its step there is 2**-30 s), and counts are whole up to 2**53. Past these a simulated latency
+# rounds to zero and a token count to its neighbour, so such input is refused, not simulated.
+MAX_TIME_S = 2.0**22
+MAX_TOKENS = 2**53
+MAX_RATE_PER_S = 1e9  # arrivals a nanosecond apart
 
 
 class Request(NamedTuple):
@@ -56,14 +62,18 @@ class WorkloadSpec(BaseModel):
         else:
             if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
                 raise UserError(f"--rate must be a finite number of requests per second > 0, got {self.rate_per_s}")
+            if self.rate_per_s > MAX_RATE_PER_S:
+                raise UserError(f"--rate must be at most {MAX_RATE_PER_S:g} requests per second (arrivals a nanosecond apart), got {self.rate_per_s:g}")
             if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
                 raise UserError(f"--burstiness must be > 0 (1 is Poisson, below 1 burstier), got {self.burstiness}")
-            if self.prompt_tokens < 1:
-                raise UserError(f"--prompt-len must be >= 1, got {self.prompt_tokens}")
-            if self.output_tokens < 1:
-                raise UserError(f"--output-len must be >= 1, got {self.output_tokens}")
+            for flag, tokens in (("--prompt-len", self.prompt_tokens), ("--output-len", self.output_tokens)):
+                if not 1 <= tokens <= MAX_TOKENS:
+                    raise UserError(f"{flag} must be >= 1 (at most 2**53), got {tokens}")
             if self.requests is None:
                 raise UserError("--requests is needed for a random arrival process")
+            if self.requests / self.rate_per_s > MAX_TIME_S:
+                raise UserError(f"--rate: {self.requests} requests at {self.rate_per_s:g}/s arrive over {self.requests / self.rate_per_s:.3g} s, "
+                                f"past the {MAX_TIME_S:.0f} s a simulated clock keeps to the nanosecond; raise --rate or lower --requests")
         if self.requests is not None and self.requests < 1:
             raise UserError(f"--requests must be >= 1, got {self.requests}")
         return self
@@ -105,27 +115,42 @@ class Trace(NamedTuple):
 
 
 def _whole(value: object, column: str, where: str) -> int:
+    wrong = f"{where}: {column} must be a whole number >= 1 (at most 2**53), got {_shown(value)}"
     if isinstance(value, bool):
-        raise UserError(f"{where}: {column} must be a whole number >= 1, got {value!r}")
+        raise UserError(wrong)
     try:
         number = float(value)  # accepts "512", "512.0", 512
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: {column} must be a whole number >= 1, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number) or number < 1:
-        raise UserError(f"{where}: {column} must be a whole number >= 1, got {value!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(wrong) from None
+    if not (1 <= number <= MAX_TOKENS) or number != int(number):
+        raise UserError(wrong)
     return int(number)
 
 
+def _shown(value: object) -> str:
+    """A cell as an error message shows it: whole, unless it is long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _time(value: object, where: str) -> float:
+    wrong = f"{where}: arrival_time_s must be a number of seconds >= 0 (at most 2**22), got {_shown(value)}"
     if isinstance(value, bool):
-        raise UserError(f"{where}: arrival_time_s must be a number of seconds >= 0, got {value!r}")
+        raise UserError(wrong)
     try:
         t_s = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: arrival_time_s must be a number of seconds >= 0, got {value!r}") from None
-    if not math.isfinite(t_s) or t_s < 0:
-        raise UserError(f"{where}: arrival_time_s must be a number of seconds >= 0, got {value!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(wrong) from None
+    if not 0 <= t_s <= MAX_TIME_S:  # NaN fails this too
+        raise UserError(wrong)
     return t_s
+
+
+def _csv_fields(line: str, where: str) -> list[str]:
+    try:
+        return next(csv.reader([line]), [])
+    except csv.Error as exc:
+        raise UserError(f"{where}: malformed CSV: {exc}") from None
 
 
 def _trace_rows(path: Path, text: str) -> Iterator[tuple[int, object, object, object]]:
@@ -136,7 +161,7 @@ def _trace_rows(path: Path, text: str) -> Iterator[tuple[int, object, object, ob
         header_at = next((i for i, line in enumerate(lines) if line.strip()), None)
         if header_at is None:
             raise UserError(f"{path}: empty trace; a CSV trace needs the header {','.join(TRACE_COLUMNS)}")
-        header = [h.strip() for h in next(csv.reader([lines[header_at]]))]
+        header = [h.strip() for h in _csv_fields(lines[header_at], f"{path}:{header_at + 1}")]
         missing = [c for c in TRACE_COLUMNS if c not in header]
         if missing:
             raise UserError(
@@ -146,7 +171,7 @@ def _trace_rows(path: Path, text: str) -> Iterator[tuple[int, object, object, ob
         for i in range(header_at + 1, len(lines)):
             if not lines[i].strip():
                 continue
-            fields = next(csv.reader([lines[i]]))
+            fields = _csv_fields(lines[i], f"{path}:{i + 1}")
             if len(fields) != len(header):
                 raise UserError(f"{path}:{i + 1}: {len(fields)} fields, the header has {len(header)}")
             yield (i + 1, *(fields[c].strip() for c in cols))
@@ -158,6 +183,8 @@ def _trace_rows(path: Path, text: str) -> Iterator[tuple[int, object, object, ob
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{i + 1}: malformed JSON: {exc.msg}") from None
+            except RecursionError:
+                raise UserError(f"{path}:{i + 1}: malformed JSON: nested too deep") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{i + 1}: a JSONL row is an object with keys {', '.join(TRACE_COLUMNS)}")
             missing = [c for c in TRACE_COLUMNS if c not in row]
@@ -173,9 +200,11 @@ def load_trace(path: str | Path, limit: int | None = None) -> Trace:
     the file and the line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a trace is a CSV or JSONL file") from None
     arrivals, prompts, outputs = [], [], []
     previous_s = 0.0
     for line, t, p, o in _trace_rows(path, text):

@@ -88,7 +88,7 @@ def qkv_file(tmp_path, q_shape, k_shape, v_shape, dtype=torch.float32):
         ([*SMALL, "--seqlen", "-3"], "must be positive"),
         ([*SMALL, "--head-dim", "0"], "must be positive"),
         ([*SMALL, "--sram-bytes", "100"], "cannot hold one FlashAttention block"),
-        ([*SMALL, "--sram-bytes", "0"], "SRAM size must be positive"),
+        ([*SMALL, "--sram-bytes", "0"], "--sram-bytes must be positive"),
         ([*SMALL, "--block-rows", "8"], "both Br and Bc"),
         ([*SMALL, "--block-rows", "0", "--block-cols", "8"], "both Br and Bc"),
         ([*SMALL, "--gpu", "no-such-gpu"], "unknown GPU"),
@@ -98,7 +98,7 @@ def qkv_file(tmp_path, q_shape, k_shape, v_shape, dtype=torch.float32):
         ([*SMALL, "--threads", "-1"], "threads"),
         (["attention", "--inputs", "/nonexistent/qkv.pt"], "no such file"),
         (["bench", "attention", "--seqlens", "64", "128"], "at least three"),
-        (["bench", "attention", "--seqlens", "64", "128", "256", "--sram-bytes", "-1"], "SRAM size must be positive"),
+        (["bench", "attention", "--seqlens", "64", "128", "256", "--sram-bytes", "-1"], "--sram-bytes must be positive"),
         (["bench", "attention", "--seqlens", "64", "128", "256", "--sram-bytes", "50"], "cannot hold"),
     ],
 )

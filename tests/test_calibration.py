@@ -71,10 +71,11 @@ def test_compare_refuses_a_profile_of_another_device(calibrated, tmp_path, capsy
 
 
 def test_unwritable_output_fails_before_measuring(tmp_path, capsys):
-    assert main(["calibrate", "--out", str(tmp_path / "missing-dir" / "p.yaml"), "--quick"]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["calibrate", "--out", str(tmp_path / "a-file" / "p.yaml"), "--quick"]) == 2
+    assert "cannot write this file" in capsys.readouterr().err
     assert main(["calibrate", "--out", str(tmp_path), "--quick"]) == 2
-    assert "is a directory" in capsys.readouterr().err
+    assert "is a folder, not a file" in capsys.readouterr().err
 
 
 def test_interrupted_calibration_leaves_no_file(tmp_path, monkeypatch, capsys):
