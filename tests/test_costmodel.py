@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from simulator.attention import (
@@ -57,11 +57,25 @@ def test_gemm_time_monotone_in_each_dimension(m, n, k, grow, axis):
     assert gemm(**bigger, hw=A100).time_s >= gemm(**dims, hw=A100).time_s
 
 
+def fa2_splits(model, batch, ctx, q):
+    """The split count of FlashAttention-2's split-KV heuristic for a pass's attention on A100."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+
+    dev = Dev.of([A100])
+    b, h, hk, d, n_q, n_kv = (np.asarray([float(x)]) for x in (batch, model.n_heads, model.n_kv_heads, model.d_head, q, ctx + q))
+    return float(kernels._fa2_geometry(dev, b, h, hk, d, n_q, n_kv)["splits"][0])
+
+
 @given(model=MODELS, batch=st.integers(1, 64), ctx=st.integers(0, 8192), q=st.integers(1, 64),
        grow=st.integers(1, 512), axis=st.sampled_from(["batch", "ctx", "q"]))  # fmt: skip
 def test_forward_time_monotone_in_batch_context_and_query_tokens(model, batch, ctx, q, grow, axis):
     base = {"batch": batch, "ctx": ctx, "q": q}
     big = dict(base, **{axis: base[axis] + grow})
+    # FlashAttention-2's split-KV heuristic picks its split count by wave efficiency, not by speed:
+    # where the count changes the library switches kernels and its time may fall (as measured
+    # tables show); the model follows the library there, so those pairs are not compared
+    assume(fa2_splits(model, **base) == fa2_splits(model, **big))
     t0 = step_time_s(model, A100, base["batch"], base["ctx"], base["q"])
     t1 = step_time_s(model, A100, big["batch"], big["ctx"], big["q"])
     # vLLM's FlashAttention-2 runs one query per sequence as another kernel (a KV group's query heads
