@@ -69,9 +69,14 @@ class SpecRun:
 
     @property
     def tokens_per_step(self) -> float:
-        """Mean tokens a row gains per target pass, n + 1 (counting overshoot past the end)."""
-        n = torch.arange(len(self.n_hist), dtype=torch.float64)
-        return float(((n + 1) * self.n_hist).sum() / self.n_hist.sum())
+        return tokens_per_step(self.n_hist)
+
+
+def tokens_per_step(n_hist: torch.Tensor) -> float:
+    """Mean tokens a row gains per target pass, n + 1 (counting overshoot past the end), from the
+    histogram of n, the draft tokens a pass accepted."""
+    n = torch.arange(len(n_hist), dtype=torch.float64)
+    return float(((n + 1) * n_hist).sum() / n_hist.sum())
 
 
 @torch.inference_mode()

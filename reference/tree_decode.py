@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from reference.model import KVCache, Transformer
 from reference.sampling import Sampling, fixed_token_probs, sample, warp
-from reference.specdec import Draw
+from reference.specdec import Draw, tokens_per_step
 from reference.tree import TokenTree, verify_tree
 
 
@@ -177,9 +177,7 @@ class TreeRun:
 
     @property
     def tokens_per_step(self) -> float:
-        """Mean tokens a row gains per target pass, n + 1 (counting overshoot past the end)."""
-        n = torch.arange(len(self.n_hist), dtype=torch.float64)
-        return float(((n + 1) * self.n_hist).sum() / self.n_hist.sum())
+        return tokens_per_step(self.n_hist)
 
 
 @torch.inference_mode()
