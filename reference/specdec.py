@@ -79,6 +79,21 @@ def tokens_per_step(n_hist: torch.Tensor) -> float:
     return float(((n + 1) * n_hist).sum() / n_hist.sum())
 
 
+def start_generation(target: Transformer, draft, prompt: torch.Tensor, room: int):
+    """A speculative loop's state before its first step: the token buffer of `room` columns
+    holding the prompt, each row's length, and the target's cache holding all of the prompt but
+    its last token (which the first pass feeds); the draft started on the prompt."""
+    B, P = prompt.shape
+    buf = torch.zeros(B, room, dtype=torch.long, device=prompt.device)
+    buf[:, :P] = prompt
+    lengths = torch.full((B,), P, dtype=torch.long, device=prompt.device)
+    cache = target.new_cache(B, room)
+    if P > 1:
+        target(prompt[:, :-1], cache)
+    draft.start(prompt, room)
+    return buf, lengths, cache
+
+
 @torch.inference_mode()
 def speculative_generate(
     target: Transformer,
@@ -99,13 +114,7 @@ def speculative_generate(
     dev, V = prompt.device, target.spec.vocab_size
     total = P + max_new_tokens
     room = total + gamma + 1  # finished rows keep stepping in place; their writes land past `total`
-    buf = torch.zeros(B, room, dtype=torch.long, device=dev)
-    buf[:, :P] = prompt
-    lengths = torch.full((B,), P, dtype=torch.long, device=dev)
-    cache = target.new_cache(B, room)
-    if P > 1:
-        target(prompt[:, :-1], cache)
-    draft.start(prompt, room)
+    buf, lengths, cache = start_generation(target, draft, prompt, room)
     history = []  # per step (p, q, n, lengths before the step)
     ahead = torch.arange(gamma, device=dev)
     last = prompt[:, -1:]  # [B, 1]: each row's last token, the one the target cache lacks

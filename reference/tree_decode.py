@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from reference.model import KVCache, Transformer
 from reference.sampling import Sampling, fixed_token_probs, sample, warp
-from reference.specdec import Draw, tokens_per_step
+from reference.specdec import Draw, start_generation, tokens_per_step
 from reference.tree import TokenTree, verify_tree
 
 
@@ -194,13 +194,7 @@ def tree_generate(
     dev, N, D = prompt.device, draft.n_nodes, draft.depth
     total = P + max_new_tokens
     room = total + N + 1  # finished rows keep stepping in place; their writes land past `total`
-    buf = torch.zeros(B, room, dtype=torch.long, device=dev)
-    buf[:, :P] = prompt
-    lengths = torch.full((B,), P, dtype=torch.long, device=dev)
-    cache = target.new_cache(B, room)
-    if P > 1:
-        target(prompt[:, :-1], cache)
-    draft.start(prompt, room)
+    buf, lengths, cache = start_generation(target, draft, prompt, room)
     history = []  # per step (tree, accepted path, n, lengths before the step)
     ahead = torch.arange(D, device=dev)
     while True:
