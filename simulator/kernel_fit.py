@@ -291,13 +291,17 @@ class GroupFit:
     def timer_values(self, gpus) -> dict[str, np.ndarray]:
         """Every timer parameter as an array over rows measured on the given GPUs (their hosts)."""
         gpus = np.asarray(gpus, dtype=object)
-        out = {}
-        for name, value in self.timer.items():
-            dev = np.zeros(len(gpus))
-            for gpu, deltas in self.timer_host.items():
-                dev[gpus == gpu] = deltas.get(name, 0.0)
-            out[name] = value * np.exp(dev)
-        return out
+        deviation = {name: np.zeros(len(gpus)) for name in self.timer}
+        for gpu, deltas in self.timer_host.items():
+            for name, delta in deltas.items():
+                deviation[name][gpus == gpu] = delta
+        return timer_rows(self.timer, deviation)
+
+
+def timer_rows(timer: dict[str, float], deviation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Timer parameters per row: each common value times e^(the row's host deviation), within the
+    parameter's bounds (the fit and its predictions both price rows so)."""
+    return {name: np.clip(value * np.exp(deviation[name]), *sources.TIMER_BOUNDS[name]) for name, value in timer.items()}
 
 
 def predict(group: Group, fit: GroupFit, frame: pd.DataFrame, profiles: dict[str, HardwareProfile], ctx: dict | None = None) -> np.ndarray:
@@ -363,10 +367,8 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
         P = {n: np.full(len(frame), v) for n, v in common.items()}
         for j, n in enumerate(per_gen):
             P[n] = np.clip(P[n] * np.exp(deltas[gen_index, j]), spec[n].low, spec[n].high)
-        T = {n: np.full(len(frame), v) for n, v in timer.items()}
-        for j, n in enumerate(tnames if hosts else []):
-            T[n] = np.clip(T[n] * np.exp(host[gpu_index, j]), *sources.TIMER_BOUNDS[n])
-        pred = group.predict(P, T, dev, frame, ctx or {})
+        deviation = {n: host[gpu_index, j] if hosts else np.zeros(len(frame)) for j, n in enumerate(tnames)}
+        pred = group.predict(P, timer_rows(timer, deviation), dev, frame, ctx or {})
         r = w * np.nan_to_num(np.log(np.maximum(pred, 1e-30)) - y)
         return np.concatenate([r, prior_weight * x[ncommon:]])
 

@@ -268,17 +268,18 @@ def _coverage(residuals: dict, logo_pred: dict) -> tuple[dict, dict]:
     device model ships; a collective's per link kind and pooled, for a link no GPU in the data has)."""
     coverage: dict = {}
     intervals: dict = {}
+    pooled: dict = {}  # key -> (GPU of each residual, log residuals)
     for key, per_gpu in residuals.items():
         gpus = np.concatenate([np.full(len(r), g, dtype=object) for g, r in per_gpu])
         ratios = np.log(np.concatenate([r for _, r in per_gpu]))
+        pooled[key] = (gpus, ratios)
         lo, hi = weighted_quantiles(ratios, gpus, INTERVAL)
         intervals[key] = {"low": float(np.exp(lo)), "high": float(np.exp(hi)), "gpus": sorted({g for g, _ in per_gpu})}
     for (gpu, kind), (pred, measured, key) in logo_pred.items():
         for k in (key, kind):  # the GPU's class where another GPU shares it, else the kind pooled
-            gpus = np.concatenate([np.full(len(r), g, dtype=object) for g, r in residuals[k]])
+            gpus, ratios = pooled[k]
             others = gpus != gpu
             if others.any():
-                ratios = np.log(np.concatenate([r for _, r in residuals[k]]))
                 lo, hi = weighted_quantiles(ratios[others], gpus[others], INTERVAL)
                 inside = (measured >= pred * np.exp(lo)) & (measured <= pred * np.exp(hi))
                 coverage.setdefault(gpu, {})[kind] = float(inside.mean())

@@ -79,7 +79,14 @@ GEMM_TILES_M = (64, 128, 256)
 GEMM_TILES_N = (64, 128, 256)
 GEMM_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 UNQUANTIZED = ("bf16", "fp16")
-_GEMM_CONFIGS = tuple(np.asarray(c, dtype=float) for c in zip(*[(bm, bn, s) for bm in GEMM_TILES_M for bn in GEMM_TILES_N for s in GEMM_SPLITS], strict=True))
+
+
+def _configs(splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.asarray(c, dtype=float) for c in zip(*[(bm, bn, s) for bm in GEMM_TILES_M for bn in GEMM_TILES_N for s in splits], strict=True))
+
+
+_GEMM_CONFIGS = _configs(GEMM_SPLITS)
+_UNSPLIT_CONFIGS = _configs((1,))  # the scaled-MM kernels of quantized GEMMs pick a tile config by m and never split K
 
 
 def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0):
@@ -101,7 +108,7 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     hit_w = resident(A + C + weight_copies * W, l2)
     kernel_s = P["c_kernel"] / f + P["t_kernel_us"] * 1e-6
     # every tile config at once: configs along axis 0, rows along axis 1
-    bm, bn, s = (c[:, None] for c in _GEMM_CONFIGS)
+    bm, bn, s = (c[:, None] for c in (_GEMM_CONFIGS if dtype in UNQUANTIZED else _UNSPLIT_CONFIGS))
     split = s > 1
     tiles = np.ceil(m / bm) * np.ceil(n / bn) * s
     ks = np.ceil(k / s)
@@ -120,8 +127,6 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
     # the library's heuristics split K only into slices of at least ~k_slice (a smooth penalty)
     t = t * np.where(split, 1.0 + (P["k_slice"] / ks) ** 4, 1.0)
-    if dtype not in UNQUANTIZED:  # the scaled-MM kernels pick a tile config by m and never split K
-        t = np.where(split, np.inf, t)
     L = np.log(t)
     low = L.min(axis=0)
     soft = low - np.log(np.exp(-SOFTMIN_SHARPNESS * (L - low)).sum(axis=0)) / SOFTMIN_SHARPNESS
