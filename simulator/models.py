@@ -7,13 +7,13 @@ builds a real network from the same object.
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from simulator.errors import UserError, validation_message
+from simulator.paths import read_json
 
 # Sizes a transformer can have: each ceiling lies far past the largest published model (in brackets),
 # so only a slip is refused, and every count the cost model derives stays exact in a float.
@@ -110,16 +110,7 @@ HF_FIELDS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads
 
 def spec_from_hf_config(path: Path, name: str | None = None) -> ModelSpec:
     """Read a local HuggingFace `config.json` (Llama/Mistral field names)."""
-    try:
-        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a config.json is JSON") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
-    except RecursionError:
-        raise UserError(f"{path}: malformed JSON: nested too deep") from None
+    cfg = read_json(path, "a config.json")
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: a config.json is a JSON object of fields, got {type(cfg).__name__}")
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")

@@ -1,4 +1,5 @@
-"""Output paths checked before any work is done, and files written whole or not at all."""
+"""Output paths checked before any work is done, files written whole or not at all, and JSON input
+files read with one line for whatever is wrong with them."""
 
 from __future__ import annotations
 
@@ -66,3 +67,18 @@ def check_plot_path(path: Path) -> None:
     if suffix and suffix not in formats:
         raise UserError(f"{path}: cannot write a plot as .{suffix}; use one of {', '.join('.' + f for f in sorted(formats))}")
     check_writable_file(path)
+
+
+def read_json(path: Path, what: str):
+    """The JSON value in `path` (`what` names the kind of file in the message); a file that cannot
+    be read, is not UTF-8 or is not JSON is one UserError line naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); {what} is JSON") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: malformed JSON: nested too deep") from None

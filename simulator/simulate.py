@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 import time
@@ -22,7 +21,7 @@ from simulator import plan as plan_lib
 from simulator.errors import UserError, finite_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec, load_model
-from simulator.paths import check_plot_path, check_writable_file, write_atomically
+from simulator.paths import check_plot_path, check_writable_file, read_json, write_atomically
 from simulator.serving import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCHED_TOKENS,
@@ -62,16 +61,7 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
     0..gamma drafts were accepted; a bare list means the same), {"alpha_per_position": [...]} or
     {"alpha": a}."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); an acceptance file is JSON") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
-    except RecursionError:
-        raise UserError(f"{path}: malformed JSON: nested too deep") from None
+    data = read_json(path, "an acceptance file")
     if isinstance(data, list):
         data = {"accepted_length_counts": data}
     if not isinstance(data, dict):
