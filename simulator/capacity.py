@@ -836,11 +836,3 @@ def plot_jobs(report: dict, query: CapacityQuery, plot_dir: str | Path, drafts: 
         jobs.append((str(roofline), lambda: plots.plot_verify_roofline(roofline, query.hw, query.target, drafts[name], query.alpha, ctx,
                                                                         dtype=query.dtype)))  # fmt: skip
     return jobs
-
-
-def write_plots(report: dict, query: CapacityQuery, plot_dir: str | Path, drafts: Sequence[str] | None = None) -> list[str]:
-    """Draw every plot of `plot_jobs`; returns the paths written."""
-    jobs = plot_jobs(report, query, plot_dir, drafts)
-    for _, draw in jobs:
-        draw()
-    return [path for path, _ in jobs]
