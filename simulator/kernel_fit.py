@@ -82,8 +82,10 @@ def _predict_gemm(dtype: str):
 
 def _predict_attention(library: str):
     def predict(P, T, dev, f, ctx):
-        t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")))
-        graph = (f["framework"] == "vllm").to_numpy()
+        timers = [sources.attention_timer(fw, library, v) for fw, v in zip(f["framework"], f["version"], strict=True)]
+        write = np.array([tm.cache_write for tm in timers], dtype=bool)
+        t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")), cache_write=write)
+        graph = np.array([tm.graph for tm in timers], dtype=bool)
         return np.where(graph, sources.timed(t, sources.attention_timer("vllm"), T, dev), t)
 
     return predict
@@ -347,7 +349,7 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     hosts = gpus if len(gpus) > 1 else []  # one GPU's host is its common value
     nd, nh = len(gens) * len(per_gen), len(hosts) * len(tnames)
     x0 += [(start.fitted.generation.get(g, {}).get(n, 0.0) if start else 0.0) for g in gens for n in per_gen]
-    x0 += [(start.timer_host.get(g, {}).get(n, 0.0) if start else 0.0) for g in hosts for n in tnames]
+    x0 += [start.timer_host.get(g, {}).get(n, 0.0) if start else _host_start(frame, dev, g, n) for g in hosts for n in tnames]
     lo += [-2.0] * (nd + nh)
     hi += [2.0] * (nd + nh)
     x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
@@ -390,6 +392,16 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     timer_host = {g: {n: float(host[i, j]) for j, n in enumerate(tnames)} for i, g in enumerate(hosts)}
     return GroupFit(group.name, Fitted(group.family, {k: float(v) for k, v in common.items()}, generation),
                     {k: float(v) for k, v in timer.items()}, len(frame), timer_host)  # fmt: skip
+
+
+def _host_start(frame: pd.DataFrame, dev: Dev, gpu: str, name: str) -> float:
+    """Where a host's timer floor starts in the fit: at the shortest time its table shows (no floor
+    can be longer), as a log-deviation from the common start. A floor started below every time
+    the kernels take would bind on no row and give the fit no slope to follow."""
+    rows = (frame["gpu"] == gpu).to_numpy()
+    shortest = frame["measured_s"].to_numpy()[rows].min()
+    bound = shortest * dev.clock_hz[rows][0] if name == "c_floor" else shortest * 1e6
+    return float(np.clip(np.log(bound / sources.TIMER_START[name]), -2.0, 2.0))
 
 
 def calibration_mask(frame: pd.DataFrame) -> np.ndarray:

@@ -556,3 +556,42 @@ def test_k_is_split_only_into_slices_the_library_allows():
     # 64 slices of 1024: 64 programs per output tile, far faster than the 16 slices of 4096 the
     # library would be held to with at most 16 splits
     assert time(8, 64, 65536, 1024.0) < 0.5 * time(8, 64, 65536, 4096.0)
+
+
+def test_vllm_attention_timers_see_the_cache_write_only_where_forward_does_it():
+    """aiconfigurator's collector times `impl.forward`: vLLM's FlashAttention backend moved the K/V
+    cache write out of it in 0.16, FlashInfer's kept it; another source times device kernels."""
+    from simulator.gpu_model import sources
+
+    assert sources.attention_timer("vllm", "fa2", "0.14.0").cache_write
+    assert not sources.attention_timer("vllm", "fa2", "0.19.0").cache_write
+    assert not sources.attention_timer("vllm", "fa2", "v0.16.0rc1").cache_write
+    assert sources.attention_timer("vllm", "flashinfer", "0.19.0").cache_write
+    assert sources.attention_timer("vllm", "fa2", "main").cache_write  # no release named: as before the split
+    assert sources.attention_timer("vllm", "fa2", "0.19.0").graph
+    assert sources.attention_timer("nccl-tests") == sources.KERNEL_ONLY
+
+
+def test_a_timer_without_the_cache_write_drops_exactly_that_kernel_row_by_row():
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile("a100")] * 3)
+    P = Fitted.start("fa2").values(dev.generation)
+    args = (np.array([1.0, 8.0, 64.0]), 32, 8, 128, np.array([1.0, 512.0, 1.0]), np.array([4096.0, 512.0, 128.0]))
+    full = kernels.attention_time(P, dev, "fa2", *args)
+    without = kernels.attention_time(P, dev, "fa2", *args, cache_write=np.array([False, False, True]))
+    assert (without[:2] < full[:2]).all() and without[2] == full[2]
+    # the write is one kernel's fixed time plus the new tokens' K and V read and written: at least the kernel
+    assert (full[:2] - without[:2] >= P["c_kernel"][:2] / dev.clock_hz[:2] * (1 - 1e-12)).all()
+
+
+def test_grouped_query_decode_through_the_swapped_path_runs_one_more_kernel():
+    """FA2 swaps a decode call's query-head group into the rows; the tables of A100, L40S and RTX
+    PRO 6000 all step up by one small kernel from MHA to GQA decode of the same shape, and by two
+    more (the transposing copies) with several sequences and KV heads."""
+    from simulator.gpu_model import kernels
+
+    mha, gqa, gqa_batched = (int(kernels.attention_kernels("fa2", b, h, hk, 1, 64)[0]) for b, h, hk in ((1, 8, 8), (1, 8, 2), (4, 8, 2)))
+    assert gqa == mha + 1 and gqa_batched == gqa + 2

@@ -201,7 +201,11 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     total = np.where(swapped, q_blocks * per_split * splits, total)
     most = np.where(swapped, per_split, most)
     programs = b * heads * q_blocks * splits
-    copies = swapped & (b > 1) & (hk > 1)  # Q in and O out transposed by copy kernels
+    # kernels besides the attention kernel that pass over Q/O: Q in and O out transposed by copies
+    # with several sequences and KV heads, and one more on every swapped call (the tables of all
+    # three FlashAttention GPUs step up by one small kernel from MHA to grouped-query decode of the
+    # same shape: 1.0-1.8 us at one sequence and <= 64 keys)
+    copies = 2.0 * (swapped & (b > 1) & (hk > 1)) + swapped
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies)
 
 
@@ -246,19 +250,20 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     most = np.minimum(most, chunk_blocks)
     programs = b * hk * q_blocks * splits
     return dict(heads=hk, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
-                copies=np.zeros(b.shape, dtype=bool))  # fmt: skip
+                copies=np.zeros(b.shape))  # fmt: skip
 
 
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
 
 
-def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0):
+def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True):
     """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
     `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
     causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
     K and V into the cache (`kv_bytes` per element: 2 bf16, 1 fp8; fp8 K/V run fp8 MMAs in FlashInfer).
-    Kernels: the cache write, the attention kernel, a combine kernel when K/V are split, and for
-    FA2's swapped decode with several sequences and KV heads the two transposing copies."""
+    Kernels: the cache write (left out where `cache_write`, a bool or one per row, is false: a
+    timer that does not see it, `sources.attention_timer`), the attention kernel, a combine kernel
+    when K/V are split, FA2's swapped decode's copies, and with fp8 K/V the query's quantization."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     occupancy = P.get("ctas_per_sm", np.ones(b.shape))
@@ -287,11 +292,11 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
         return memory_time(nbytes, dev, P["f_bw"], P["f_l2"], P["u_l2"], working_set)
 
     main = np.maximum(schedule, mem(2.0 * q_bytes + cache)) + kernel_s
-    cache_write = mem(new_kv + tokens * hk * d * 2.0 * kv_bytes) + kernel_s
+    write = mem(new_kv + tokens * hk * d * 2.0 * kv_bytes) + kernel_s
     combine = np.where(g["splits"] > 1, mem(g["splits"] * b * h * n_q * (d + 1) * 4.0 + q_bytes) + kernel_s, 0.0)
-    copies = np.where(g["copies"], 2.0 * (mem(2.0 * q_bytes) + kernel_s), 0.0)
+    copies = g["copies"] * (mem(2.0 * q_bytes) + kernel_s)
     quantize_q = np.where(kv_bytes < 2, mem(q_bytes * 1.5) + kernel_s, 0.0)
-    return main + cache_write + combine + copies + quantize_q
+    return main + np.where(cache_write, write, 0.0) + combine + copies + quantize_q
 
 
 def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108):
@@ -299,4 +304,4 @@ def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm
     dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), {}, np.array(["?"], dtype=object))
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
     g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0)
-    return 2 + (g["splits"] > 1) + 2 * g["copies"] + (np.asarray(kv_bytes) < 2)
+    return 2 + (g["splits"] > 1) + g["copies"] + (np.asarray(kv_bytes) < 2)

@@ -8,7 +8,11 @@ of the benchmark. The sources the model knows, from their published harness code
   graph and the graph replayed back to back between two CUDA events; latency = elapsed / replays
   / calls per replay. A GEMM replay runs 6 layers (6 weight copies, one shared input) for bf16 and
   fp8, 1 for fp8_block and nvfp4; fp8_block runs eagerly (no graph), so the host's Python and
-  launch work bounds it. An attention replay is one `impl.forward` (cache write and attention).
+  launch work bounds it. An attention replay is one `impl.forward` of the backend
+  (collector/vllm/collect_attn.py), which writes the new tokens' K/V into the cache, except where
+  the backend moved the write out of `forward` into `do_kv_cache_update` (FlashAttention from
+  vLLM 0.16: vllm-project/vllm PR #25954, tracking issue #32335; FlashInfer's split, PR #32514,
+  was closed unmerged, so its `forward` is taken to keep the write).
   Replaying a small graph costs the host and the GPU's front end a fixed time per replay that no
   kernel can go below (`c_floor`, in cycles of the GPU clock: it is ~15-19 k cycles on every GPU
   measured, 7-12 us); fp8 activations are quantized by a kernel of their own inside the call.
@@ -22,6 +26,7 @@ of the benchmark. The sources the model knows, from their published harness code
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +41,7 @@ class Timer:
     calls_per_replay: int = 1
     weight_copies: int = 1  # distinct weight matrices cycled through between two uses of one
     eager_host: bool = False  # an eager call whose host work can bound it
+    cache_write: bool = True  # an attention call's time includes writing the new tokens' K/V into the cache
 
 
 KERNEL_ONLY = Timer()
@@ -50,8 +56,22 @@ def gemm_timer(framework: str, dtype: str) -> Timer:
     return KERNEL_ONLY
 
 
-def attention_timer(framework: str) -> Timer:
-    return Timer(graph=True) if framework == "vllm" else KERNEL_ONLY
+FA2_SPLIT_CACHE_WRITE = (0, 16)  # the first vLLM release whose FlashAttention `forward` leaves the cache write out
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "0.19.0" or "v0.14.0rc1"; () when it names none."""
+    m = re.match(r"v?(\d+)\.(\d+)", str(version))
+    return (int(m[1]), int(m[2])) if m else ()
+
+
+def attention_timer(framework: str, library: str = "fa2", version: str = "") -> Timer:
+    """What an attention row of `framework` (at `version`, running `library`) timed."""
+    if framework != "vllm":
+        return KERNEL_ONLY
+    release = _release(version)
+    split = library == "fa2" and len(release) == 2 and release >= FA2_SPLIT_CACHE_WRITE
+    return Timer(graph=True, cache_write=not split)
 
 
 TIMER_PARAMS = ("c_floor", "t_host_us")
