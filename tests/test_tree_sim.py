@@ -1,0 +1,273 @@
+"""The simulator's tree speculation: shapes, the acceptance table, the expected length of a tree,
+the best tree of a node budget against brute force, the pricing of a tree step, `plan --tree`
+and its answers to bad input. Acceptance tables here are test fixtures, not measurements."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from simulator import tree as T
+from simulator.errors import UserError
+from simulator.forward import forward
+from simulator.hardware import load_profile
+from simulator.models import load_model
+from simulator.speculative import expected_tokens_positional
+from tests.cli_run import simulator_cli
+
+ACCEPT = [[0.6, 0.15, 0.08, 0.04], [0.5, 0.15, 0.07], [0.4, 0.12, 0.06], [0.35, 0.1], [0.3, 0.1]]
+
+
+def table(accept=ACCEPT, **over) -> dict:
+    data = {"kind": "tree_acceptance", "draft": "medusa", "target": "tiny-target", "target_sha256": "ab12", "temperature": 0.0,
+            "accept": accept, "steps": 400, "tree": [[0], [1], [0, 0]], "source": "test fixture"}  # fmt: skip
+    data.update(over)
+    return data
+
+
+def acc_of(accept=ACCEPT, **over) -> T.TreeAcceptance:
+    return T.check_tree_acceptance(table(accept, **over), "fixture.json")
+
+
+@pytest.fixture
+def acc_file(tmp_path):
+    def write(**over):
+        path = tmp_path / "acc.json"
+        path.write_text(json.dumps(table(**over)))
+        return path
+
+    return write
+
+
+# --- shapes --------------------------------------------------------------------------------
+
+
+def test_full_tree_shape_and_count():
+    tree = T.parse_tree("3x2x1")
+    assert len(tree) == T.full_tree_nodes((3, 2, 1)) == 3 + 6 + 6
+    assert T.level_sizes(tree) == [3, 6, 6]
+    assert T.check_tree([list(p) for p in tree]) == tree
+    assert T.parse_tree("[[0],[1],[0,0]]") == ((0,), (1,), (0, 0))
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("[[0],[0,0],[1,0]]", "not a tree"),
+    ("[[0],[0]]", "listed twice"),
+    ("[[0],[-1]]", "ranks >= 0"),
+    ("[]", "non-empty"),
+    ("[[0],[]]", "non-empty list of ranks"),
+    ("[[0],", "not valid JSON"),
+    ("3x0", "branching factor must be >= 1"),
+    ("best:0", "N >= 1"),
+    ("best:x", "N >= 1"),
+    ("tree", "not a shape"),
+])  # fmt: skip
+def test_bad_tree_specs_are_one_line(spec, words):
+    with pytest.raises(UserError, match=words):
+        T.parse_tree(spec, acc_of())
+
+
+def test_a_tree_larger_than_the_context_is_refused_before_it_is_built():
+    with pytest.raises(UserError, match="do not fit the context"):
+        T.parse_tree("1000x1000x1000", max_nodes=4000)  # 10^9 nodes: counted, never built
+    assert len(T.parse_tree("2x2", max_nodes=6)) == 6
+
+
+# --- acceptance ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("over", "field"), [
+    ({"kind": "acceptance"}, "field kind"),
+    ({"draft": "linear"}, "field draft"),
+    ({"target": ""}, "field target"),
+    ({"temperature": -1}, "field temperature"),
+    ({"steps": 0}, "field steps"),
+    ({"steps": True}, "field steps"),
+    ({"accept": []}, "field accept"),
+    ({"accept": [[0.5], 0.3]}, "field accept"),
+    ({"accept": [[0.5, 1.2]]}, r"field accept\[0\]\[1\]"),
+    ({"accept": [[0.5, "x"]]}, r"field accept\[0\]\[1\]"),
+    ({"accept": [[0.6, 0.5]]}, r"field accept\[0\]: .*sum to 1.1"),
+    ({"tree": [[0, 0]]}, "field tree: not a tree"),
+    ({"tree": [[0], [0, 0]], "accept": [[0.5]]}, "field tree: reaches depth 2"),
+])  # fmt: skip
+def test_bad_acceptance_tables_name_the_file_and_field(over, field):
+    with pytest.raises(UserError, match=f"fixture.json: {field}"):
+        acc_of(**over)
+
+
+def test_expected_tokens_by_hand_and_its_law():
+    acc = acc_of([[0.6, 0.2], [0.5, 0.1]])
+    tree = ((0,), (1,), (0, 0))
+    assert T.expected_tokens(tree, acc) == pytest.approx(1 + 0.6 + 0.2 + 0.6 * 0.5, abs=1e-15)
+    pmf = T.accepted_length_pmf(tree, acc)
+    assert pmf == pytest.approx([1 - 0.8, 0.8 - 0.3, 0.3], abs=1e-15)
+    assert sum(pmf * [1, 2, 3]) == pytest.approx(T.expected_tokens(tree, acc), abs=1e-12)
+    with pytest.raises(UserError, match="covers depths 1..2 but the tree reaches depth 3"):
+        T.expected_tokens(((0,), (0, 0), (0, 0, 0)), acc)
+
+
+def test_a_chain_is_linear_speculation_with_positional_rates():
+    acc = acc_of()
+    chain = tuple((0,) * k for k in range(1, 6))
+    assert T.expected_tokens(chain, acc) == pytest.approx(expected_tokens_positional([row[0] for row in ACCEPT]), abs=1e-12)
+
+
+# --- the best tree of a budget ---------------------------------------------------------------
+
+rows = st.lists(st.floats(0, 1), min_size=1, max_size=3).map(lambda r: [x / max(1.0, sum(r)) for x in r])
+
+
+@given(st.lists(rows, min_size=1, max_size=3), st.integers(1, 5))
+def test_greedy_best_tree_equals_brute_force(accept, n):
+    acc = acc_of(accept, tree=[[0]])
+    candidates = [p for d in range(1, len(accept) + 1) for p in _paths(accept, d)]
+    if len(candidates) < n:
+        with pytest.raises(UserError, match="measures only"):
+            T.best_tree(acc, n)
+        return
+    best = T.best_tree(acc, n)
+    assert len(best) == n and T.check_tree([list(p) for p in best]) == best
+    brute = max(T.expected_tokens(t, acc) for t in T.all_trees(candidates, n))
+    assert T.expected_tokens(best, acc) == pytest.approx(brute, abs=1e-12)
+
+
+def _paths(accept, d):
+    return [tuple(p) for p in itertools.product(*(range(len(accept[i])) for i in range(d)))]
+
+
+def test_brute_force_catches_a_greedy_that_ranks_by_the_local_rate():
+    """The mutant: add the frontier node with the largest own rate, not path probability."""
+    accept = [[0.6, 0.3], [0.5], [0.9]]
+    acc = acc_of(accept, tree=[[0]])
+    frontier, chosen = [(0,), (1,)], []
+    for _ in range(3):
+        node = max(frontier, key=lambda p: acc.rate(len(p), p[-1]))
+        frontier.remove(node)
+        chosen.append(node)
+        frontier += [node + (r,) for r in range(len(accept[len(node)]))] if len(node) < len(accept) else []
+    mutant = tuple(sorted(chosen, key=lambda p: (len(p), p)))
+    assert T.expected_tokens(mutant, acc) == pytest.approx(2.17) and T.expected_tokens(T.best_tree(acc, 3), acc) == pytest.approx(2.2)
+
+
+def test_best_tree_grows_monotonically_and_beats_the_chain():
+    acc = acc_of()
+    lengths = [T.expected_tokens(T.best_tree(acc, n), acc) for n in range(1, 65)]
+    assert all(b >= a for a, b in zip(lengths, lengths[1:], strict=False))
+    for n in range(1, 6):
+        chain = tuple((0,) * k for k in range(1, n + 1))
+        assert lengths[n - 1] >= T.expected_tokens(chain, acc) - 1e-12
+
+
+# --- pricing -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def a100():
+    return load_profile("a100")
+
+
+def test_verify_pass_prices_root_plus_nodes(a100):
+    m = load_model("llama-2-7b")
+    assert T.verify_pass(m, a100, 2, 640, 15)["total"].time_s == forward(m, a100, 2, 640, 16)["total"].time_s
+
+
+def test_the_verify_pass_turns_compute_bound_at_batch_times_nodes(a100):
+    m = load_model("llama-2-7b")
+    t = {(b, n): T.verify_pass(m, a100, b, 640, n)["total"].time_s for b in (1, 128) for n in (0, 15)}
+    assert t[1, 15] / t[1, 0] < 1.1  # 16 tokens: memory-bound, almost free
+    assert t[128, 15] / t[128, 0] > 3  # 2048 tokens: past the ridge, the tree's 16x tokens cost compute
+
+
+def test_medusa_heads_and_draft_tree_costs(a100):
+    m, d = load_model("llama-2-7b"), load_model("llama-68m")
+    one = T.medusa_heads_cost(m, a100, 4, 1)
+    assert T.medusa_heads_cost(m, a100, 4, 3).time_s == pytest.approx(3 * one.time_s)
+    assert one.flops == 2 * 4 * (m.d_model * m.d_model + m.d_model * m.vocab_size)
+    assert T.medusa_heads_bytes(m, 2) == 2 * 2 * (4096 * 4096 + 4096 * 32000)
+    chain = T.parse_tree("1x1x1")
+    passes = sum(forward(d, a100, 4, 640 + j, 1)["total"].time_s for j in range(3))
+    assert T.draft_tree_cost(d, a100, 4, 640, chain).time_s == pytest.approx(passes)
+    wide = T.draft_tree_cost(d, a100, 4, 640, T.parse_tree("4x4x4")).time_s
+    assert wide == pytest.approx(sum(forward(d, a100, 4, 640 + c, q)["total"].time_s for c, q in ((0, 1), (1, 4), (5, 16))))
+
+
+def test_stops_paying_is_the_first_batch_without_a_speedup(a100):
+    m = load_model("llama-2-7b")
+    acc = acc_of()
+    tree = T.best_tree(acc, 64)
+    tokens = T.expected_tokens(tree, acc)
+    b = T.stops_paying_at_batch(m, None, a100, 640, tree, tokens)
+    assert b is not None and b > 1
+
+    def speedup(batch):
+        propose, verify = T.tree_step_s(m, None, a100, batch, 640, tree)
+        return tokens / (propose + verify) * forward(m, a100, batch, 640, 1)["total"].time_s
+
+    assert speedup(b - 1) > 1 >= speedup(b)
+
+
+# --- plan --tree ---------------------------------------------------------------------------
+
+
+def test_plan_medusa_best_tree_json(acc_file):
+    path = acc_file()
+    code, out, err = simulator_cli(["plan", "--draft", "medusa", "--tree", "best:64", "--gpu", "a100", "--model", "llama-2-7b",
+                                    "--acceptance", path, "--json"])  # fmt: skip
+    assert code == 0, err
+    p = json.loads(out)
+    assert p["tree"]["nodes"] == 64 and len(p["tree"]["paths"]) == 64
+    acc = T.load_tree_acceptance(path)
+    assert p["expected_tokens_per_step"] == pytest.approx(T.expected_tokens(T.best_tree(acc, 64), acc))
+    assert p["acceptance"]["target"] == "tiny-target" and not p["acceptance"]["measured_on_plan_target"]
+    assert p["acceptance"]["source"] == "test fixture"
+    assert p["speedup_over_autoregressive"] == pytest.approx(p["tokens_per_s"] / p["autoregressive_tokens_per_s"])
+    assert p["speedup_over_linear"] == pytest.approx(p["tokens_per_s"] / p["linear"]["tokens_per_s"])
+    assert p["linear"]["alpha_assumed"] and p["stops_paying_at_batch"] >= 1
+    code, text, _ = simulator_cli(["plan", "--draft", "medusa", "--tree", "best:64", "--acceptance", path])
+    assert code == 0 and "not on llama-2-7b" in text and "stops paying at batch" in text
+
+
+def test_plan_draft_model_tree(acc_file):
+    path = acc_file(draft="tree")
+    code, out, err = simulator_cli(["plan", "--draft", "llama-68m", "--tree", "3x2x1", "--acceptance", path, "--json"])
+    assert code == 0, err
+    p = json.loads(out)
+    assert p["draft"] == "llama-68m" and p["tree"]["nodes"] == 15 and p["tree"]["medusa_heads"] is None
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--draft", "medusa"], "needs --tree"),
+    (["--draft", "medusa", "--tree", "best:0"], "N >= 1"),
+    (["--draft", "medusa", "--tree", "[[1,0]]"], "not a tree"),
+    (["--draft", "medusa", "--tree", "3x3x3x3x3x3x3x3"], "do not fit the context"),
+    (["--draft", "medusa", "--tree", "1x1x1x1x1x1"], "covers depths 1..5 but the tree reaches depth 6"),
+    (["--draft", "medusa", "--tree", "best:1000"], "measures only"),
+    (["--draft", "llama-68m", "--tree", "2x2"], "measured with draft 'medusa'"),
+    (["--draft", "medusa", "--tree", "2x2", "--gamma", "3"], "--gamma does not apply"),
+    (["--draft", "medusa", "--tree", "2x2", "--rate", "5"], "search"),
+    (["--draft", "medusa", "--tree", "2x2", "--batch", "0"], "--batch must be >= 1"),
+])  # fmt: skip
+def test_plan_tree_bad_input_is_one_line_exit_2(acc_file, args, words):
+    code, out, err = simulator_cli(["plan", *args, "--acceptance", acc_file()])
+    assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+
+
+def test_plan_tree_without_a_table_asks_for_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "DEFAULT_MEDUSA_ACCEPTANCE", tmp_path / "absent.json")
+    code, _, err = simulator_cli(["plan", "--draft", "medusa", "--tree", "2x2"])
+    assert code == 2 and "--acceptance FILE" in err
+    code, _, err = simulator_cli(["plan", "--draft", "llama-68m", "--tree", "2x2"])
+    assert code == 2 and "--acceptance FILE" in err
+    code, _, err = simulator_cli(["plan", "--acceptance", str(tmp_path / "a.json")])
+    assert code == 2 and "goes with --tree" in err
+
+
+def test_default_table_is_the_executors_measured_file():
+    assert T.DEFAULT_MEDUSA_ACCEPTANCE.parts[-3:] == ("reference", "weights", "medusa_acceptance.json")
+    assert math.isfinite(T.SUM_TOLERANCE)
