@@ -554,3 +554,162 @@ def tree_plan_from_args(args) -> dict:
     linear_draft = draft if draft is not None else load_model(plan_lib.DEFAULT_DRAFT)
     batch = 1 if args.batch is None else args.batch
     return build_tree_plan(hw, target, draft, tree, acc, args.tree, linear_draft, args.alpha, batch, args.prompt_len, args.output_len, args.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# `simulate --tree`: a serving engine that speculates with a tree
+
+
+@dataclass(frozen=True)
+class TreeSpeculation:
+    """What speculates in a tree-speculative engine: `tree` proposed by Medusa heads (`draft` None)
+    or by a draft model, scored by `acceptance`."""
+
+    tree: Tree
+    draft: ModelSpec | None
+    acceptance: TreeAcceptance
+    spec: str  # the --tree text
+
+    @property
+    def name(self) -> str:
+        return MEDUSA if self.draft is None else self.draft.name
+
+    def acceptance_model(self):
+        """The accepted-length law as the engine draws it: `serving.AcceptanceModel` of kind
+        'empirical' over 0..N accepted (zero past the tree's depth), N the tree's nodes."""
+        from simulator.serving import AcceptanceModel
+
+        pmf = accepted_length_pmf(self.tree, self.acceptance)
+        return AcceptanceModel(kind="empirical", counts=[*pmf.tolist(), *[0.0] * (len(self.tree) + 1 - pmf.size)])
+
+    def summary(self, target: ModelSpec) -> dict:
+        return {"spec": self.spec, "nodes": len(self.tree), "depth": depth(self.tree), "nodes_per_depth": level_sizes(self.tree),
+                "proposer": self.name, "expected_tokens_per_step": expected_tokens(self.tree, self.acceptance),
+                "acceptance": acceptance_summary(self.acceptance, target)}  # fmt: skip
+
+    def engine(self, *args, **kwargs):
+        """A `TreeEngine` with `serving.Engine`'s arguments (`serving.simulate_serving(engine=...)`)."""
+        return TreeEngine(*args, speculation=self, **kwargs)
+
+
+def speculation_from_args(tree_spec: str | None, draft_name: str | None, acceptance_path: str | None, target: ModelSpec) -> TreeSpeculation:
+    """`--tree` / `--draft medusa` / `--acceptance` of `simulate`, checked: the smallest request (one
+    prompt and one output token) must leave room for the tree's N + 1 positions."""
+    from simulator.models import load_model
+
+    medusa = draft_name == MEDUSA
+    if tree_spec is None:
+        raise UserError("--draft medusa needs --tree: a shape such as 3x2x1, rank paths such as [[0],[1],[0,0]], or best:N")
+    draft = None if medusa else load_model(draft_name)
+    acc = resolve_acceptance(acceptance_path, medusa)
+    tree = parse_tree(tree_spec, acc, max_nodes=target.max_seq_len - 3)
+    check_proposer(acc, draft, target)
+    check_covers(tree, acc)
+    return TreeSpeculation(tree, draft, acc, tree_spec)
+
+
+def tree_kv_cache_blocks(hw: HardwareProfile, target: ModelSpec, speculation: TreeSpeculation, cfg) -> tuple[int, int]:
+    """(blocks, bytes per block per GPU) of a tree engine: `serving.kv_cache_blocks` with the draft
+    model's weights and KV cache, or with Medusa's heads' weights (no KV cache of their own)."""
+    from simulator.forward import weight_bytes
+    from simulator.serving import kv_cache_blocks
+
+    if speculation.draft is not None:
+        return kv_cache_blocks(hw, target, speculation.draft, cfg)
+    blocks, bytes_per_block = kv_cache_blocks(hw, target, None, cfg)  # checks the target alone fits
+    usable_bytes = hw.memory_bytes * cfg.memory_utilization - weight_bytes(target, cfg.dtype, cfg.tp)
+    heads = medusa_heads_bytes(target, depth(speculation.tree), cfg.dtype, cfg.tp)
+    blocks = int((usable_bytes - heads) // bytes_per_block)
+    if blocks < 1:
+        raise UserError(f"{target.name} + {depth(speculation.tree)} Medusa heads ({heads / 1e9:.2f} GB) leave no room on {hw.name} "
+                        f"for one KV block of {cfg.block_tokens} tokens")  # fmt: skip
+    return blocks, bytes_per_block
+
+
+def _engine_base():
+    from simulator.serving import Engine
+
+    return Engine
+
+
+class TreeEngine(_engine_base()):
+    """`serving.Engine` speculating with a tree of N nodes: gamma = N, so each verify pass carries
+    N + 1 query tokens per sequence and reserves N + 1 KV entries of lookahead (released but for
+    the accepted path after the step), the number accepted drawn from the tree's accepted-length
+    law, and each speculative step's time grown by the proposer's: Medusa heads over the batch, or
+    one draft pass per tree level. Without speculation (above `spec_off_above_batch`) a draft model
+    runs one pass to keep its cache in step, as the linear engine's does; Medusa's heads do not run.
+    The planned steps of the base engine are kept and only their times grown, so the span
+    planner and its per-step reference stay one code path."""
+
+    def __init__(self, env, hw, target, draft, acceptance, cfg, rng, on_progress=None, time_scale=1.0, *, speculation: TreeSpeculation):
+        import simpy
+
+        from simulator.serving import PassCost, draft_tp
+
+        if cfg.gamma != len(speculation.tree):
+            raise UserError(f"a tree engine verifies the tree's {len(speculation.tree)} nodes per step, not gamma {cfg.gamma}")
+        super().__init__(env, hw, target, None, acceptance, cfg, rng, on_progress, time_scale)  # no draft model of the base's
+        self.speculation = speculation
+        self.gamma = cfg.gamma
+        acceptance.check(self.gamma)
+        self.accept_cdf = np.cumsum(acceptance.pmf(self.gamma))
+        self.accept_cdf[-1] = 1.0
+        self.mean_tokens = acceptance.mean_tokens(self.gamma)
+        self.n_blocks, self.bytes_per_block = tree_kv_cache_blocks(hw, target, speculation, cfg)
+        self.watermark_blocks = int(cfg.watermark_fraction * self.n_blocks)
+        self.kv = simpy.Container(env, capacity=self.n_blocks, init=self.n_blocks)
+        self.levels = [1, *level_sizes(speculation.tree)][:-1]  # query tokens of draft pass l: the nodes of depth l
+        d = speculation.draft
+        self.tree_draft_cost = PassCost(d, hw, cfg.dtype, draft_tp(d, cfg.tp), time_scale) if d is not None else None
+        self._time_scale, self._heads_s = time_scale, {}
+
+    def _medusa_s(self, batch: int) -> float:
+        t = self._heads_s.get(batch)
+        if t is None:
+            cost = medusa_heads_cost(self.target, self.target_cost.device, batch, depth(self.speculation.tree), self.cfg.dtype, self.cfg.tp)
+            t = self._heads_s[batch] = self._time_scale * cost.time_s
+        return t
+
+    def _propose_s(self, q: int, n: int, ctx_sum):
+        """Proposer seconds of steps over `n` decoding sequences whose contexts sum to `ctx_sum` (an array, one per step)."""
+        ctx_sum = np.asarray(ctx_sum, dtype=float)
+        if n == 0:
+            return np.zeros(ctx_sum.shape)
+        if self.tree_draft_cost is None:
+            return np.full(ctx_sum.shape, self._medusa_s(n) if q > 1 else 0.0)
+        levels = self.levels if q > 1 else [1]
+        before = np.cumsum([0, *levels[:-1]])  # nodes in the draft's cache ahead of level l
+        return sum(self.tree_draft_cost.uniform_s(n, size, ctx_sum + n * b) for size, b in zip(levels, before, strict=True))
+
+    def _plan_span(self, q: int, max_steps: int) -> np.ndarray:
+        super()._plan_span(q, max_steps)
+        q, cum, reserved, tokens, step_s, _ = self._span
+        R, n, k = self.run, self.run.n, step_s.size
+        if q > 1:  # tokens generated before each step: 0, then the running sums
+            before = np.concatenate([[0], cum[: k - 1].sum(axis=1)]) if k else np.zeros(0)
+        else:
+            before = n * np.arange(k)
+        step_s = step_s + self._propose_s(q, n, int(R.ctx[:n].sum()) + before)
+        ends_s = step_s.cumsum()
+        self._span = (q, cum, reserved, tokens, step_s, ends_s)
+        return ends_s
+
+    def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> np.ndarray:
+        super()._plan_mixed(q, chunks)
+        q, decoding, rows, sizes, step_s = self._mixed
+        R, n = self.run, self.run.n
+        n_dec = int(decoding.sum())
+        ctx_dec = int(R.ctx[:n][decoding].sum())
+        if self.tree_draft_cost is not None:  # the draft reads the prompts too: its first pass carries the chunks
+            finishing = int((R.prefilled[rows] + sizes >= R.target[rows]).sum())
+            keys = ctx_dec + n_dec
+            step_s += float(self.tree_draft_cost.mixed_s(n_dec, 1, keys, len(rows), int(sizes.sum()), int((R.prefilled[rows] + sizes).sum()), n_dec + finishing))
+            if q > 1 and n_dec:
+                levels = self.levels[1:]
+                before = np.cumsum([1, *levels[:-1]]) if levels else []
+                step_s += sum(float(self.tree_draft_cost.uniform_s(n_dec, size, ctx_dec + n_dec * b)) for size, b in zip(levels, before, strict=True))
+        elif q > 1 and n_dec:
+            step_s += self._medusa_s(n_dec)
+        self._mixed = (q, decoding, rows, sizes, float(step_s))
+        return np.array([float(step_s)])

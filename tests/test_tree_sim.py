@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -271,3 +272,90 @@ def test_plan_tree_without_a_table_asks_for_one(tmp_path, monkeypatch):
 def test_default_table_is_the_executors_measured_file():
     assert T.DEFAULT_MEDUSA_ACCEPTANCE.parts[-3:] == ("reference", "weights", "medusa_acceptance.json")
     assert math.isfinite(T.SUM_TOLERANCE)
+
+
+# --- simulate --tree: a tree-speculative serving engine ---------------------------------------
+
+
+def _stream(n=60, rate=30.0, seed=3):
+    from simulator.workload import WorkloadSpec, make_stream
+
+    spec = WorkloadSpec(arrival="poisson", rate_per_s=rate, requests=n, prompt_tokens=200, output_tokens=60, lengths="uniform")
+    return list(make_stream(spec, np.random.default_rng(seed)))
+
+
+def _serve(speculation, cfg, stream, seed=5):
+    from simulator.serving import simulate_serving
+
+    return simulate_serving(load_profile("a100"), load_model("llama-2-7b"), speculation.draft, speculation.acceptance_model(), cfg,
+                            iter(stream), np.random.default_rng(seed), engine=speculation.engine)  # fmt: skip
+
+
+def _figures(r):
+    return [r["throughput"]["output_tokens_per_s"], r["engine"]["steps"], r["kv_cache"]["capacity_blocks"], r["requests"]["preemptions"],
+            *(r["latency_s"][m][s] for m in ("ttft", "tpot", "e2e") for s in ("mean", "p99"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_draft_chain_tree_serves_as_linear_drafting(chunked):
+    """A draft model's 1x1x1x1 tree is linear drafting with gamma 4 and per-position rates: one
+    draft pass of one token per level, the same lookahead, the same accepted-length law, so the
+    same run, draw for draw."""
+    from simulator.serving import AcceptanceModel, ServingConfig, simulate_serving
+
+    rates = [0.8, 0.6, 0.5, 0.3]
+    acc = acc_of([[a] for a in rates], draft="tree")
+    sp = T.TreeSpeculation(T.parse_tree("1x1x1x1"), load_model("llama-68m"), acc, "1x1x1x1")
+    cfg = ServingConfig(gamma=4, chunked_prefill=chunked, max_batched_tokens=1024)
+    stream = _stream()
+    tree = _serve(sp, cfg, stream)
+    linear = simulate_serving(load_profile("a100"), load_model("llama-2-7b"), load_model("llama-68m"), AcceptanceModel(kind="positional", alphas=rates),
+                              cfg, iter(stream), np.random.default_rng(5))  # fmt: skip
+    assert _figures(tree) == pytest.approx(_figures(linear), rel=1e-9)
+    assert tree["engine"]["expected_tokens_per_verify"] == pytest.approx(expected_tokens_positional(rates))
+
+
+def test_medusa_engine_spans_equal_single_steps_and_pay_for_heads():
+    from simulator.serving import ServingConfig, kv_cache_blocks
+
+    acc = acc_of()
+    sp = T.TreeSpeculation(T.best_tree(acc, 16), None, acc, "best:16")
+    stream = _stream()
+    fast = _serve(sp, ServingConfig(gamma=16, check_invariants=True), stream)
+    slow = _serve(sp, ServingConfig(gamma=16, max_span_steps=1, check_invariants=True), stream)
+    assert _figures(fast) == pytest.approx(_figures(slow), rel=1e-9)
+    assert fast["requests"]["completed"] == len(stream)
+    assert abs(fast["engine"]["tokens_per_verify"] - T.expected_tokens(sp.tree, acc)) < 0.1
+    m, hw = load_model("llama-2-7b"), load_profile("a100")
+    blocks, per_block = kv_cache_blocks(hw, m, None, ServingConfig(gamma=16))
+    heads = T.medusa_heads_bytes(m, T.depth(sp.tree))
+    usable = hw.memory_bytes * ServingConfig().memory_utilization - 2 * m.n_params
+    assert fast["kv_cache"]["capacity_blocks"] == int((usable - heads) // per_block) < blocks
+
+
+def test_simulate_tree_cli(acc_file):
+    path = acc_file()
+    code, out, err = simulator_cli(["simulate", "--draft", "medusa", "--tree", "best:16", "--acceptance", path, "--requests", "40",
+                                    "--rate", "2", "--no-interval", "--json"])  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["config"]["draft"] == "medusa" and r["config"]["gamma"] == 16 and r["config"]["tree"]["nodes"] == 16
+    assert r["config"]["tree"]["acceptance"]["source"] == "test fixture"
+    assert r["speculative"]["requests"]["completed"] == 40
+    code, text, _ = simulator_cli(["simulate", "--draft", "medusa", "--tree", "2x2", "--acceptance", path, "--requests", "10", "--no-interval"])
+    assert code == 0 and "tree 2x2 (6 nodes" in text and "not on llama-2-7b" in text
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--draft", "medusa"], "needs --tree"),
+    (["--draft", "medusa", "--tree", "2x2", "--gamma", "3"], "do not apply to a tree"),
+    (["--draft", "medusa", "--tree", "2x2", "--alpha", "0.5"], "do not apply to a tree"),
+    (["--draft", "medusa", "--tree", "best:0"], "N >= 1"),
+    (["--draft", "medusa", "--tree", "[[0],[2,0]]"], "not a tree"),
+    (["--draft", "medusa", "--tree", "4096x1"], "do not fit the context"),
+    (["--draft", "medusa", "--tree", "2x2x2x2x2x2"], "covers depths 1..5 but the tree reaches depth 6"),
+    (["--draft", "llama-68m", "--tree", "2x2"], "measured with draft 'medusa'"),
+])  # fmt: skip
+def test_simulate_tree_bad_input_is_one_line_exit_2(acc_file, args, words):
+    code, out, err = simulator_cli(["simulate", *args, "--acceptance", acc_file(), "--requests", "5", "--no-interval"])
+    assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
