@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ MEDUSA = "medusa"  # `--draft medusa`: heads on the target, no draft model
 # The measured acceptance the executor writes (`reference specdec --draft medusa --acceptance-out`).
 DEFAULT_MEDUSA_ACCEPTANCE = Path(__file__).resolve().parent.parent / "reference" / "weights" / "medusa_acceptance.json"
 SUM_TOLERANCE = 1e-9  # accept[d] sums over ranks to at most 1 within float rounding
+PATHS_PRINTED = 128  # rank paths `plan --tree` prints; --json carries all
 MAX_BATCH_SEARCH = 1 << 16  # where the tree stops paying is searched up to this batch
 SHAPE = re.compile(r"[0-9]+(x[0-9]+)*")
 
@@ -143,12 +145,6 @@ def depth(tree: Tree) -> int:
 def level_sizes(tree: Tree) -> list[int]:
     """[D] nodes at depths 1..D."""
     return np.bincount([len(p) for p in tree], minlength=depth(tree) + 1)[1:].tolist()
-
-
-def format_tree(tree: Tree, limit: int = 12) -> str:
-    """Rank paths in Medusa's notation, the first `limit` of them."""
-    shown = ", ".join("[" + ",".join(map(str, p)) + "]" for p in tree[:limit])
-    return "[" + shown + (f", ... {len(tree) - limit} more" if len(tree) > limit else "") + "]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,10 +288,9 @@ def best_tree(acc: TreeAcceptance, n: int) -> Tree:
 def all_trees(candidates: list[tuple[int, ...]], n: int):
     """Every tree of `n` nodes drawn from `candidates` (prefix-closed subsets): the brute-force
     reference `best_tree` is tested against (exponential; tiny tables only)."""
-    pool = set(candidates)
     for subset in itertools.combinations(candidates, n):
         chosen = set(subset)
-        if all(len(p) == 1 or p[:-1] in chosen for p in chosen) and chosen <= pool:
+        if all(len(p) == 1 or p[:-1] in chosen for p in chosen):
             yield tuple(sorted(chosen, key=lambda p: (len(p), p)))
 
 
@@ -500,10 +495,13 @@ def format_tree_plan(p: dict) -> str:
     proposer = f"Medusa heads on {p['target']} ({t['medusa_heads']} heads, one per depth)" if p["draft"] == MEDUSA else f"draft model {p['draft']}, one pass per level"
     stop = (f"at batch {p['stops_paying_at_batch']} (speedup over autoregressive <= 1 from there)" if p["stops_paying_at_batch"] is not None
             else f"not up to batch {p['stops_paying_search_limit']}")  # fmt: skip
-    tree = f"[{', '.join('[' + ','.join(map(str, q)) + ']' for q in t['paths'][:24])}{', ...' if t['nodes'] > 24 else ''}]"
+    shown = [("[" + ",".join(map(str, q)) + "]") for q in t["paths"][:PATHS_PRINTED]]
+    if t["nodes"] > PATHS_PRINTED:
+        shown.append(f"... {t['nodes'] - PATHS_PRINTED} more in --json")
+    wrapped = textwrap.wrap(" ".join(shown), 100, break_on_hyphens=False)
     lines = [
         f"Tree        {t['spec']}: {t['nodes']} nodes, depth {t['depth']}, nodes per depth {t['nodes_per_depth']}; proposed by {proposer}",
-        f"            rank paths {tree}",
+        *(f"{'rank paths' if i == 0 else '':<12}{line}" for i, line in enumerate(wrapped)),
         f"Acceptance  {a['file']}: {a['draft']} candidates on {a['target']}, temperature {a['temperature']:g}, {a['steps']} verify steps",
         f"            {a['note']}",
         f"            produced by: {a['source']}",

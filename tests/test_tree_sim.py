@@ -19,7 +19,7 @@ from simulator.forward import forward
 from simulator.hardware import load_profile
 from simulator.models import load_model
 from simulator.speculative import expected_tokens_positional
-from tests.cli_run import simulator_cli
+from tests.cli_run import ROOT, simulator_cli
 
 ACCEPT = [[0.6, 0.15, 0.08, 0.04], [0.5, 0.15, 0.07], [0.4, 0.12, 0.06], [0.35, 0.1], [0.3, 0.1]]
 
@@ -359,3 +359,15 @@ def test_simulate_tree_cli(acc_file):
 def test_simulate_tree_bad_input_is_one_line_exit_2(acc_file, args, words):
     code, out, err = simulator_cli(["simulate", *args, "--acceptance", acc_file(), "--requests", "5", "--no-interval"])
     assert code == 2 and out == "" and err.count("\n") == 1 and words in err, err
+
+
+def test_the_readme_example_is_what_plan_prints(monkeypatch):
+    """The README's `plan --draft medusa --tree best:64` example, line for line (the fixture table)."""
+    monkeypatch.chdir(ROOT)  # the example names the table by its path from the repository root
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("$ python -m simulator plan --draft medusa --tree best:64", 1)[1].split("```", 1)[0]
+    expected = [line for line in block.splitlines()[2:] if line.strip() and "(64 paths)" not in line]
+    code, out, err = simulator_cli(["plan", "--draft", "medusa", "--tree", "best:64", "--gpu", "a100", "--model", "llama-2-7b",
+                                    "--acceptance", "tests/data/tree_acceptance_fixture.json"])  # fmt: skip
+    assert code == 0, err
+    assert len(expected) > 10 and all(line in out.splitlines() for line in expected)
