@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator import tree as T
@@ -371,3 +371,49 @@ def test_the_readme_example_is_what_plan_prints(monkeypatch):
                                     "--acceptance", "tests/data/tree_acceptance_fixture.json"])  # fmt: skip
     assert code == 0, err
     assert len(expected) > 10 and all(line in out.splitlines() for line in expected)
+
+
+# --- fuzz: tree specs and tree acceptance files --------------------------------------------------
+
+NASTY = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                  st.text(max_size=6), st.lists(st.integers(-2, 3), max_size=3), st.lists(st.lists(st.floats(-1, 2), max_size=3), max_size=3))  # fmt: skip
+SPECS = st.one_of(
+    st.text(max_size=12),
+    st.builds(lambda n: f"best:{n}", st.integers(-3, 10**12)),
+    st.lists(st.integers(0, 5000), min_size=1, max_size=4).map(lambda b: "x".join(map(str, b))),
+    st.lists(st.lists(st.integers(-1, 10**20), max_size=4), max_size=5).map(json.dumps),
+)
+
+
+def _answer(code, out, err):
+    """Exit 0 with JSON a strict reader takes, or exit 2 with one line on stderr and nothing on stdout."""
+    if code == 0:
+        json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    else:
+        assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), (code, err)
+
+
+@settings(max_examples=40)
+@given(field=st.sampled_from(["kind", "draft", "target", "target_sha256", "temperature", "accept", "steps", "tree", "source"]),
+       value=NASTY, drop=st.booleans())  # fmt: skip
+def test_fuzz_tree_acceptance_files(tmp_path_factory, field, value, drop):
+    data = table()
+    if drop:
+        del data[field]
+    else:
+        data[field] = value
+    path = tmp_path_factory.mktemp("acc") / "acc.json"
+    path.write_text(json.dumps(data))
+    code, out, err = simulator_cli(["plan", "--draft", "medusa", "--tree", "2x2", "--acceptance", path, "--json"])
+    _answer(code, out, err)
+    if code == 2:
+        assert str(path) in err
+
+
+@settings(max_examples=40)
+@given(spec=SPECS)
+def test_fuzz_tree_specs(tmp_path_factory, spec):
+    path = tmp_path_factory.mktemp("acc") / "acc.json"
+    path.write_text(json.dumps(table()))
+    code, out, err = simulator_cli(["plan", "--draft", "medusa", "--tree", spec, "--acceptance", path, "--batch", "1", "--json"])
+    _answer(code, out, err)
