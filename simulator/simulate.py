@@ -350,7 +350,8 @@ def write_plot(report: dict, path: str | Path) -> None:
         ax.set_ylabel(ylabel)
     axes[0, 1].legend()
     c = report["config"]
-    fig.suptitle(f"{c['model']} on {c['gpu']}, draft {c['draft']}, gamma {c['gamma']}")
+    spec = f"tree {c['tree']['spec']} ({c['tree']['nodes']} nodes)" if "tree" in c else f"gamma {c['gamma']}"
+    fig.suptitle(f"{c['model']} on {c['gpu']}, draft {c['draft']}, {spec}")
     try:
         write_atomically(Path(path), fig.savefig)
     except OSError as exc:
@@ -475,7 +476,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     """Wall-clock speed of the simulator: simulated requests and engine steps per second, per run."""
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
-    print(f"bench simulate: {target.name} on {hw.name}, draft {draft.name}, gamma {serving.gamma}, "
+    speculation = f"tree {draft.spec} ({serving.gamma} nodes)" if isinstance(draft, TreeSpeculation) else f"gamma {serving.gamma}"
+    print(f"bench simulate: {target.name} on {hw.name}, draft {draft.name}, {speculation}, "
           f"{workload.requests if workload.arrival != 'trace' else 'trace'} requests")  # fmt: skip
     print(f"{'run':<16}{'wall s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
     for name in RUNS:

@@ -57,7 +57,7 @@ MEDUSA = "medusa"  # `--draft medusa`: heads on the target, no draft model
 DEFAULT_MEDUSA_ACCEPTANCE = Path(__file__).resolve().parent.parent / "reference" / "weights" / "medusa_acceptance.json"
 SUM_TOLERANCE = 1e-9  # accept[d] sums over ranks to at most 1 within float rounding
 PATHS_PRINTED = 128  # rank paths `plan --tree` prints; --json carries all
-MAX_BATCH_SEARCH = 1 << 16  # where the tree stops paying is searched up to this batch
+MAX_BATCH_SEARCH = 4096  # where the tree stops paying is searched up to this batch (as `batching.crossover_batch`)
 SHAPE = re.compile(r"[0-9]+(x[0-9]+)*")
 
 
