@@ -103,39 +103,62 @@ def parse_tree(spec: str, acceptance: TreeAcceptance | None = None, max_nodes: i
     or `best:N` (`best_tree` of N nodes from `acceptance`). `max_nodes`: the most the context
     holds (a one-line error past it, checked before a full tree is built)."""
     spec = spec.strip()
+    shown = _shown(spec)
     if spec.startswith("best:"):
         count = spec.removeprefix("best:")
-        if not count.isdigit() or int(count) < 1:
-            raise UserError(f"--tree {spec}: best:N takes a whole number of nodes N >= 1")
-        n = int(count)
-        _check_size(spec, n, max_nodes)
+        if not re.fullmatch("[0-9]+", count) or not count.strip("0"):
+            raise UserError(f"--tree {shown}: best:N takes a whole number of nodes N >= 1")
+        n = _count(count, shown)
+        _check_size(shown, n, max_nodes)
         if acceptance is None:
-            raise UserError(f"--tree {spec}: best:N needs an acceptance table (--acceptance FILE)")
+            raise UserError(f"--tree {shown}: best:N needs an acceptance table (--acceptance FILE)")
         return best_tree(acceptance, n)
     if SHAPE.fullmatch(spec):
-        branching = tuple(int(b) for b in spec.split("x"))
+        branching = tuple(_count(b, shown) for b in spec.split("x"))
         if min(branching) < 1:
-            raise UserError(f"--tree {spec}: every branching factor must be >= 1")
-        _check_size(spec, full_tree_nodes(branching), max_nodes)
+            raise UserError(f"--tree {shown}: every branching factor must be >= 1")
+        _check_size(shown, full_tree_nodes(branching), max_nodes)
         return full_tree(branching)
     if spec.startswith("["):
         try:
             paths = json.loads(spec)
-        except (json.JSONDecodeError, RecursionError):
-            raise UserError(f"--tree {spec}: not valid JSON; rank paths look like [[0],[1],[0,0]]") from None
+        except (ValueError, RecursionError):  # malformed, or a number past Python's digit limit
+            raise UserError(f"--tree {shown}: not valid JSON; rank paths look like [[0],[1],[0,0]]") from None
         tree = check_tree(paths, "--tree")
-    elif Path(spec).is_file():
-        tree = check_tree(read_json(Path(spec), "a tree file"), spec)
+    elif _is_file(spec):
+        tree = check_tree(read_json(Path(spec), "a tree file"), shown)
     else:
-        raise UserError(f"--tree {spec}: not a shape AxBxC (e.g. 3x2x1), best:N, a JSON list of rank paths or a JSON file of one")
-    _check_size(spec, len(tree), max_nodes)
+        raise UserError(f"--tree {shown}: not a shape AxBxC (e.g. 3x2x1), best:N, a JSON list of rank paths or a JSON file of one")
+    _check_size(shown, len(tree), max_nodes)
     return tree
 
 
-def _check_size(spec: str, nodes: int, max_nodes: int | None) -> None:
+COUNT_DIGITS = 15  # node counts and branching factors past 10^15 fit no context
+
+
+def _count(text: str, shown: str) -> int:
+    digits = text.lstrip("0") or "0"
+    if len(digits) > COUNT_DIGITS:
+        raise UserError(f"--tree {shown}: a count of {len(digits)} digits; no context holds that many nodes")
+    return int(digits)
+
+
+def _shown(spec: str, width: int = 60) -> str:
+    """The spec as an error message quotes it: at most `width` characters."""
+    return spec if len(spec) <= width else spec[:width] + f"... ({len(spec)} characters)"
+
+
+def _is_file(spec: str) -> bool:
+    try:
+        return Path(spec).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+def _check_size(shown: str, nodes: int, max_nodes: int | None) -> None:
     if max_nodes is not None and nodes > max_nodes:
         room = f"at most {max_nodes} fit" if max_nodes >= 0 else "the prompt and output alone fill it"
-        raise UserError(f"--tree {spec}: {nodes} nodes do not fit the context ({room} beside the prompt, the output and the root)")
+        raise UserError(f"--tree {shown}: {nodes} nodes do not fit the context ({room} beside the prompt, the output and the root)")
 
 
 def depth(tree: Tree) -> int:
@@ -441,7 +464,7 @@ def build_tree_plan(
     plan_lib.check_plan_inputs(alpha, None, batch, prompt_len, output_len)
     if prompt_len + output_len > target.max_seq_len:
         raise UserError(f"--prompt-len {prompt_len} + --output-len {output_len} exceed {target.name}'s {target.max_seq_len} positions")
-    _check_size(tree_spec, len(tree), target.max_seq_len - prompt_len - output_len - 1)
+    _check_size(_shown(tree_spec), len(tree), target.max_seq_len - prompt_len - output_len - 1)
     check_proposer(acc, draft, target)
     check_covers(tree, acc)
     context_len = prompt_len + output_len // 2

@@ -66,6 +66,12 @@ def test_full_tree_shape_and_count():
     ("3x0", "branching factor must be >= 1"),
     ("best:0", "N >= 1"),
     ("best:x", "N >= 1"),
+    ("best:\u00b2", "N >= 1"),  # a digit to str.isdigit, not to int()
+    ("best:000", "N >= 1"),
+    ("best:" + "9" * 5000, "no context holds"),  # past int()'s digit limit
+    ("3x" + "9" * 5000, "no context holds"),
+    ("[[" + "9" * 5000 + "]]", "not valid JSON"),
+    ("a" * 5000, "not a shape"),  # too long a name for a file
     ("tree", "not a shape"),
 ])  # fmt: skip
 def test_bad_tree_specs_are_one_line(spec, words):
@@ -269,6 +275,13 @@ def test_plan_tree_without_a_table_asks_for_one(tmp_path, monkeypatch):
     assert code == 2 and "goes with --tree" in err
 
 
+def test_a_number_past_the_digit_limit_is_one_line(tmp_path):
+    path = tmp_path / "acc.json"
+    path.write_text('{"kind": ' + "9" * 5000 + "}")
+    code, out, err = simulator_cli(["plan", "--draft", "medusa", "--tree", "2x2", "--acceptance", path])
+    assert code == 2 and out == "" and err.count("\n") == 1 and "digits" in err and str(path) in err
+
+
 def test_default_table_is_the_executors_measured_file():
     assert T.DEFAULT_MEDUSA_ACCEPTANCE.parts[-3:] == ("reference", "weights", "medusa_acceptance.json")
     assert math.isfinite(T.SUM_TOLERANCE)
@@ -411,7 +424,7 @@ def test_fuzz_tree_acceptance_files(tmp_path_factory, field, value, drop):
 
 
 @settings(max_examples=40)
-@given(spec=SPECS)
+@given(spec=st.one_of(SPECS, st.sampled_from(["best:\u00b2", "best:" + "9" * 5000, "[[" + "9" * 5000 + "]]", "a" * 5000, "x", "1x", "best:"])))
 def test_fuzz_tree_specs(tmp_path_factory, spec):
     path = tmp_path_factory.mktemp("acc") / "acc.json"
     path.write_text(json.dumps(table()))
