@@ -88,13 +88,13 @@ def check_tree(paths, what: str = "--tree") -> Tree:
     seen: set[tuple[int, ...]] = set()
     for p in paths:
         if not isinstance(p, list) or not p or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in p):
-            raise UserError(f"{what}: every rank path is a non-empty list of ranks >= 0 (0 = most likely), got {json.dumps(p)}")
+            raise UserError(f"{what}: every rank path is a non-empty list of ranks >= 0 (0 = most likely), got {_quote(p)}")
         if tuple(p) in seen:
-            raise UserError(f"{what}: rank path {json.dumps(p)} is listed twice")
+            raise UserError(f"{what}: rank path {_quote(p)} is listed twice")
         seen.add(tuple(p))
     for p in seen:
         if len(p) > 1 and p[:-1] not in seen:
-            raise UserError(f"{what}: not a tree: {json.dumps(list(p))} is listed but its parent {json.dumps(list(p[:-1]))} is not")
+            raise UserError(f"{what}: not a tree: {_quote(list(p))} is listed but its parent {_quote(list(p[:-1]))} is not")
     return tuple(sorted(seen, key=lambda p: (len(p), p)))
 
 
@@ -146,6 +146,11 @@ def _count(text: str, shown: str) -> int:
 def _shown(spec: str, width: int = 60) -> str:
     """The spec as an error message quotes it: at most `width` characters."""
     return spec if len(spec) <= width else spec[:width] + f"... ({len(spec)} characters)"
+
+
+def _quote(value) -> str:
+    """A JSON value as an error message quotes it (`_shown`)."""
+    return _shown(json.dumps(value))
 
 
 def _is_file(spec: str) -> bool:
@@ -207,24 +212,24 @@ def check_tree_acceptance(data, path: str) -> TreeAcceptance:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a tree acceptance file is a JSON object with kind 'tree_acceptance'")
     if data.get("kind") != "tree_acceptance":
-        raise bad("kind", f"must be 'tree_acceptance', got {json.dumps(data.get('kind'))}")
+        raise bad("kind", f"must be 'tree_acceptance', got {_quote(data.get('kind'))}")
     if data.get("draft") not in ("medusa", "tree"):
-        raise bad("draft", f"must be 'medusa' or 'tree', got {json.dumps(data.get('draft'))}")
+        raise bad("draft", f"must be 'medusa' or 'tree', got {_quote(data.get('draft'))}")
     for field in ("target", "target_sha256", "source"):
         if not isinstance(data.get(field), str) or not data[field]:
             raise bad(field, "must be a non-empty string")
     if not _number(data.get("temperature")) or data["temperature"] < 0:
-        raise bad("temperature", f"must be a number >= 0, got {json.dumps(data.get('temperature'))}")
+        raise bad("temperature", f"must be a number >= 0, got {_quote(data.get('temperature'))}")
     steps = data.get("steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise bad("steps", f"must be a whole number of verify steps >= 1, got {json.dumps(steps)}")
+        raise bad("steps", f"must be a whole number of verify steps >= 1, got {_quote(steps)}")
     accept = data.get("accept")
     if not isinstance(accept, list) or not accept or not all(isinstance(row, list) for row in accept):
         raise bad("accept", "must be a non-empty list with one list of per-rank rates per depth")
     for d, row in enumerate(accept):
         for r, a in enumerate(row):
             if not _number(a) or not 0.0 <= a <= 1.0:
-                raise bad(f"accept[{d}][{r}]", f"must be a probability in [0, 1], got {json.dumps(a)}")
+                raise bad(f"accept[{d}][{r}]", f"must be a probability in [0, 1], got {_quote(a)}")
         if sum(row) > 1.0 + SUM_TOLERANCE:
             raise bad(f"accept[{d}]", f"rates over ranks at depth {d + 1} sum to {sum(row):.6g} > 1 (at most one child is accepted)")
     tree = check_tree(data.get("tree"), f"{path}: field tree")
