@@ -14,6 +14,10 @@ SEARCH_OPTIONS = ("rate", "slo_ttft_p99", "slo_tpot_p99", "max_gpus", "requests"
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    if args.tree is not None or args.draft == "medusa":
+        return _run_tree_plan(args)
+    if args.acceptance is not None:
+        raise UserError("--acceptance takes a tree acceptance table and goes with --tree")
     if any(getattr(args, name) is not None for name in SEARCH_OPTIONS):
         return _run_plan_search(args)
     hw = load_profile(args.gpu)
@@ -23,6 +27,16 @@ def _run_plan(args: argparse.Namespace) -> int:
         hw, target, draft, args.alpha, args.gamma, batch, args.prompt_len, args.output_len, args.dtype
     )
     print(finite_json(result) if args.json else plan_lib.format_plan(result))
+    return 0
+
+
+def _run_tree_plan(args: argparse.Namespace) -> int:
+    from simulator import tree
+
+    if any(getattr(args, name) is not None for name in SEARCH_OPTIONS):
+        raise UserError("--tree and --draft medusa price one configuration; the search (--rate with an SLO) takes linear drafts only")
+    result = tree.tree_plan_from_args(args)
+    print(finite_json(result) if args.json else tree.format_tree_plan(result))
     return 0
 
 
@@ -128,13 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias (see `profiles`), or a path to a YAML profile (default: %(default)s)")
     p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or path to a HuggingFace config.json (default: %(default)s)")
-    p.add_argument("--draft", default=None, help=f"draft model name or config.json (default: {plan_lib.DEFAULT_DRAFT}; in a search: every compatible draft and layer-skip, or none and this one)")
+    p.add_argument("--draft", default=None, help=f"draft model name or config.json, or medusa (heads on the target; needs --tree) (default: {plan_lib.DEFAULT_DRAFT}; in a search: every compatible draft and layer-skip, or none and this one)")
     p.add_argument("--alpha", type=float, default=plan_lib.DEFAULT_ALPHA, help="acceptance rate in [0, 1] (default: %(default)s, an assumption; measure yours with `python -m reference specdec`)")
     p.add_argument("--gamma", type=int, default=None, help="draft tokens per step to report on (default: the recommended one); the table spans 0..max(8, gamma); in a search: try only this gamma")
     p.add_argument("--batch", type=int, default=None, help="sequences decoded together (default: 1); in a search: try only this max batch")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=256, help="generated tokens (default: %(default)s)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32", "fp8"], help="weight and activation dtype (default: %(default)s)")
+    p.add_argument("--tree", default=None, metavar="SPEC", help="tree speculation: a full tree AxBxC (e.g. 3x2x1), rank paths as JSON ([[0],[1],[0,0]]) "
+                   "or a JSON file of them, or best:N (the best N-node tree for the acceptance table); with --draft medusa: Medusa heads, "
+                   "else a draft-model tree; compared with linear drafting at --alpha")
+    p.add_argument("--acceptance", default=None, metavar="FILE", help="with --tree: tree acceptance JSON written by `python -m reference specdec "
+                   "--acceptance-out` (default for --draft medusa: reference/weights/medusa_acceptance.json where present)")
     together = "; --rate, --slo-ttft-p99 and --slo-tpot-p99 go together and start the search"
     p.add_argument("--rate", type=float, default=None, help=f"search: mean Poisson arrival rate, requests per second{together}")
     p.add_argument("--slo-ttft-p99", default=None, help=f"search: p99 time to first token, e.g. 2s, 500ms, or a bare number of seconds{together}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -82,3 +83,5 @@ def read_json(path: Path, what: str):
         raise UserError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from None
     except RecursionError:
         raise UserError(f"{path}: malformed JSON: nested too deep") from None
+    except ValueError:  # JSON allows any number of digits; int() refuses past Python's limit
+        raise UserError(f"{path}: a number in it has more than {sys.get_int_max_str_digits()} digits") from None

@@ -949,11 +949,13 @@ def simulate_serving(
     rng: np.random.Generator,
     on_progress: Callable[[int], None] | None = None,
     time_scale: float = 1.0,
+    engine: Callable[..., Engine] = Engine,
 ) -> dict:
     """Run one engine over `requests` until every request has completed or been rejected.
-    `time_scale` multiplies every pass's time (an interval bound: see `interval_scales`)."""
+    `time_scale` multiplies every pass's time (an interval bound: see `interval_scales`); `engine`
+    makes the engine from `Engine`'s arguments (a tree engine: `tree.TreeSpeculation.engine`)."""
     env = simpy.Environment()
-    engine = Engine(env, hw, target, draft, acceptance, cfg, rng, on_progress, time_scale)
+    engine = engine(env, hw, target, draft, acceptance, cfg, rng, on_progress, time_scale)
     env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed))
     env.process(engine_process(env, engine))
     env.run()

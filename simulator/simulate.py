@@ -26,6 +26,7 @@ from simulator.serving import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCHED_TOKENS,
     AcceptanceModel,
+    Engine,
     ServingConfig,
     check_pair,
     draft_tp,
@@ -34,6 +35,7 @@ from simulator.serving import (
     simulate_serving,
     span,
 )
+from simulator.tree import MEDUSA, TreeSpeculation, speculation_from_args, tree_kv_cache_blocks
 from simulator.units import parse_duration_s
 from simulator.workload import Trace, WorkloadSpec, load_trace, make_stream, request_count
 
@@ -81,7 +83,7 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
 def simulate(
     hw: HardwareProfile,
     target: ModelSpec,
-    draft: ModelSpec,
+    draft: ModelSpec | TreeSpeculation,
     acceptance: AcceptanceModel,
     serving: ServingConfig,
     workload: WorkloadSpec,
@@ -97,25 +99,28 @@ def simulate(
     already loaded. With `intervals` (on a GPU profile) each run is repeated with every pass at
     the low and at the high end of the device model's 80% interval (`serving.interval_scales`, at
     the run's mean batch and the workload's mean context), same seeds: its report's `interval`
-    bounds each latency statistic and the throughput."""
+    bounds each latency statistic and the throughput. `draft`: the draft model, or a tree
+    (`tree.TreeSpeculation`, from --tree / --draft medusa) whose engine verifies N = gamma nodes."""
     serving.check()
     workload.check()
     acceptance.check(serving.gamma)
     if workload.arrival == "trace" and trace is None:
         trace = load_trace(workload.trace_path, workload.requests)
+    speculation = draft if isinstance(draft, TreeSpeculation) else None
     configs = {
-        "speculative": (draft, serving),
+        "speculative": (draft, serving) if speculation is None else (speculation.draft, serving),
         "autoregressive": (None, serving.model_copy(update={"gamma": 0, "spec_off_above_batch": None})),
     }
+    engines = {"speculative": speculation.engine if speculation else Engine, "autoregressive": Engine}
     workload_seed, acceptance_seed = np.random.SeedSequence(seed).spawn(2)
     reports = {}
     for name in runs:
         run_draft, run_cfg = configs[name]
 
-        def run(scale: float = 1.0, report_progress=None, run_draft=run_draft, run_cfg=run_cfg):
+        def run(scale: float = 1.0, report_progress=None, run_draft=run_draft, run_cfg=run_cfg, engine=engines[name]):
             requests = make_stream(workload, np.random.default_rng(workload_seed), trace)
             return simulate_serving(hw, target, run_draft, acceptance, run_cfg, requests, np.random.default_rng(acceptance_seed),
-                                    report_progress, scale)  # fmt: skip
+                                    report_progress, scale, engine)  # fmt: skip
 
         reports[name] = run(report_progress=progress)
         scales = interval_scales(hw, target, run_cfg, reports[name]["batch"]["mean"], _mean_context(workload, trace)) if intervals else None
@@ -128,7 +133,7 @@ def simulate(
             "draft": draft.name,
             "dtype": serving.dtype,
             "tp": serving.tp,
-            "draft_tp": draft_tp(draft, serving.tp),
+            "draft_tp": draft_tp(draft, serving.tp) if speculation is None else draft_tp(speculation.draft, serving.tp) if speculation.draft else None,
             "gamma": serving.gamma,
             "acceptance": acceptance.model_dump(),
             "workload": workload.model_dump(),
@@ -142,6 +147,7 @@ def simulate(
             "slo_ttft_s": serving.slo_ttft_s,
             "slo_tpot_s": serving.slo_tpot_s,
             "seed": seed,
+            **({"tree": speculation.summary(target)} if speculation else {}),
         },
         **reports,
     }
@@ -204,8 +210,13 @@ def format_report(report: dict) -> str:
         stream = f"{c['requests']} {kind} requests at {w['rate_per_s']:g}/s, prompt {w['prompt_tokens']}, output {w['output_tokens']} tokens ({w['lengths']})"
     first = report[runs[0]]["kv_cache"]
     slo = [f"TTFT <= {_ms(c['slo_ttft_s'])} ms" if c["slo_ttft_s"] else "", f"TPOT <= {_ms(c['slo_tpot_s'])} ms" if c["slo_tpot_s"] else ""]
+    if "tree" in c:
+        tree, tacc = c["tree"], c["tree"]["acceptance"]
+        alpha = (f"tree {tree['spec']} ({tree['nodes']} nodes, depth {tree['depth']}, {tree['expected_tokens_per_step']:.3f} tokens/step expected), "
+                 f"acceptance from {tacc['file']} ({tacc['note']})")  # fmt: skip
     lines = [
-        f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), draft {c['draft']}, gamma {c['gamma']}, {alpha}",
+        f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), draft {c['draft']}"
+        + (f", gamma {c['gamma']}" if "tree" not in c else "") + f", {alpha}",
         f"{stream}; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
         + (", chunked prefill" if c["chunked_prefill"] else "")
         + (f", speculation off above batch {c['spec_off_above_batch']}" if c["spec_off_above_batch"] is not None else ""),
@@ -339,7 +350,8 @@ def write_plot(report: dict, path: str | Path) -> None:
         ax.set_ylabel(ylabel)
     axes[0, 1].legend()
     c = report["config"]
-    fig.suptitle(f"{c['model']} on {c['gpu']}, draft {c['draft']}, gamma {c['gamma']}")
+    spec = f"tree {c['tree']['spec']} ({c['tree']['nodes']} nodes)" if "tree" in c else f"gamma {c['gamma']}"
+    fig.suptitle(f"{c['model']} on {c['gpu']}, draft {c['draft']}, {spec}")
     try:
         write_atomically(Path(path), fig.savefig)
     except OSError as exc:
@@ -355,10 +367,13 @@ def write_plot(report: dict, path: str | Path) -> None:
 def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> None:
     p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias, or a path to a YAML profile (default: %(default)s)")
     p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or HuggingFace config.json (default: %(default)s)")
-    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json (default: %(default)s)")
-    p.add_argument("--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per speculative step (default: %(default)s)")
+    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json, or medusa (heads on the target; needs --tree) (default: %(default)s)")
+    p.add_argument("--gamma", type=int, default=None, help=f"draft tokens per speculative step (default: {DEFAULT_GAMMA}; not with --tree)")
+    p.add_argument("--tree", default=None, metavar="SPEC", help="speculate with a tree: AxBxC, rank paths as JSON or a JSON file, or best:N; "
+                   "proposed by --draft (medusa: heads on the target) and scored by --acceptance")
     p.add_argument("--alpha", default=None, help=f"acceptance rate in [0, 1], or comma-separated rates per draft position (default: {plan_lib.DEFAULT_ALPHA}, an assumption)")
-    p.add_argument("--acceptance", metavar="FILE", default=None, help="JSON of measured accepted lengths ({\"accepted_length_counts\": [...]}); overrides --alpha")
+    p.add_argument("--acceptance", metavar="FILE", default=None, help="JSON of measured accepted lengths ({\"accepted_length_counts\": [...]}); overrides --alpha; "
+                   "with --tree: a tree acceptance table (default for --draft medusa: reference/weights/medusa_acceptance.json where present)")
     p.add_argument("--rate", type=float, default=8.0, help="mean arrival rate, requests per second (default: %(default)s)")
     p.add_argument("--requests", type=int, default=requests_default, help=f"requests to simulate (default: {requests_default or DEFAULT_REQUESTS}; with --trace: every row)")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson", help="arrival process (default: %(default)s)")
@@ -383,16 +398,24 @@ def config_from_args(args: argparse.Namespace):
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     hw = load_profile(args.gpu)
-    target, draft = load_model(args.model), load_model(args.draft)
-    if args.acceptance:
-        acceptance = load_acceptance(args.acceptance)
+    tree = args.tree is not None or args.draft == MEDUSA
+    if tree:  # the draft is a tree (Medusa heads or a draft model's), scored by a tree acceptance table
+        if args.gamma is not None or args.alpha is not None:
+            raise UserError("--gamma and --alpha do not apply to a tree: --tree sets the nodes verified per step, --acceptance their acceptance")
+        target = load_model(args.model)
+        draft = speculation_from_args(args.tree, args.draft, args.acceptance, target)
+        acceptance = draft.acceptance_model()
     else:
-        acceptance = parse_alpha(args.alpha if args.alpha is not None else str(plan_lib.DEFAULT_ALPHA))
+        target, draft = load_model(args.model), load_model(args.draft)
+        if args.acceptance:
+            acceptance = load_acceptance(args.acceptance)
+        else:
+            acceptance = parse_alpha(args.alpha if args.alpha is not None else str(plan_lib.DEFAULT_ALPHA))
     serving = ServingConfig(
         max_batch=args.max_batch,
         max_batched_tokens=args.max_batched_tokens,
         chunked_prefill=args.chunked_prefill,
-        gamma=args.gamma,
+        gamma=len(draft.tree) if tree else DEFAULT_GAMMA if args.gamma is None else args.gamma,
         spec_off_above_batch=args.spec_off_above_batch,
         dtype=args.dtype,
         tp=args.tp,
@@ -416,6 +439,9 @@ def config_from_args(args: argparse.Namespace):
         acceptance.check(serving.gamma)
     except UserError as exc:
         raise UserError(f"{args.acceptance}: {exc}" if args.acceptance else str(exc)) from None
+    if tree:  # parse_tree left room for a request of one prompt and one output token
+        tree_kv_cache_blocks(hw, target, draft, serving)
+        return hw, target, draft, acceptance, serving, workload
     check_pair(target, draft)
     if serving.gamma + 2 > target.max_seq_len:  # a request of one prompt token and one output token, verified over gamma + 1
         raise UserError(f"--gamma {serving.gamma} is too large for the context: no request fits {target.name}'s {target.max_seq_len} positions with it")
@@ -450,7 +476,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     """Wall-clock speed of the simulator: simulated requests and engine steps per second, per run."""
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
-    print(f"bench simulate: {target.name} on {hw.name}, draft {draft.name}, gamma {serving.gamma}, "
+    speculation = f"tree {draft.spec} ({serving.gamma} nodes)" if isinstance(draft, TreeSpeculation) else f"gamma {serving.gamma}"
+    print(f"bench simulate: {target.name} on {hw.name}, draft {draft.name}, {speculation}, "
           f"{workload.requests if workload.arrival != 'trace' else 'trace'} requests")  # fmt: skip
     print(f"{'run':<16}{'wall s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
     for name in RUNS:
