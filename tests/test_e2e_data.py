@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from cli_run import one_error_line, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simulator import e2e
 from simulator.e2e.__main__ import main as e2e_main
 from simulator.errors import UserError
-from tests.cli_run import one_error_line, run_main
 
 URL = "https://example.org/bench"
 GOOD = {
