@@ -97,6 +97,13 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {
         _spec("llama-68m", 768, 2, 12, 12, 3072, 32000, 2048, "JackFram/llama-68m config.json (SpecInfer draft)"),
         _spec("tinyllama-1.1b", 2048, 22, 32, 4, 5632, 32000, 2048, "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json"),
         _spec("llama-3.2-1b", 2048, 16, 32, 8, 8192, 128256, 131072, "meta-llama/Llama-3.2-1B config.json", tied_embeddings=True, rope_theta=500000.0),
+        # Models of the published serving measurements (simulator/e2e), from their config.json at
+        # https://huggingface.co/{repo}/blob/main/config.json. Qwen2.5's QKV biases and Qwen3's q/k RMSNorms
+        # are not priced (vectors per layer, under 0.1% of the weights). Llama 3.1 needs no entry of its
+        # own: its config.json has Llama 3's shapes, only a longer context (131072) and RoPE scaling.
+        _spec("qwen2.5-0.5b", 896, 24, 14, 2, 4864, 151936, 32768, "Qwen/Qwen2.5-0.5B-Instruct config.json", tied_embeddings=True, rope_theta=1000000.0, norm_eps=1e-6),
+        _spec("qwen3-8b", 4096, 36, 32, 8, 12288, 151936, 40960, "Qwen/Qwen3-8B config.json (head_dim 128 = hidden / heads)", rope_theta=1000000.0, norm_eps=1e-6),
+        _spec("qwen3-14b", 5120, 40, 40, 8, 17408, 151936, 40960, "Qwen/Qwen3-14B config.json (head_dim 128 = hidden / heads)", rope_theta=1000000.0, norm_eps=1e-6),
     )
 }  # fmt: skip
 
