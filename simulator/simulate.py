@@ -43,6 +43,7 @@ DEFAULT_GAMMA = 4
 DEFAULT_REQUESTS = 1000
 BENCH_REQUESTS = 100_000  # the speed target: 100k requests of Llama-2-7B on an A100 with speculation
 RUNS = ("speculative", "autoregressive")
+NO_DRAFT = "none"  # --draft none: plain decoding only
 
 
 def parse_alpha(text: str) -> AcceptanceModel:
@@ -83,7 +84,7 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
 def simulate(
     hw: HardwareProfile,
     target: ModelSpec,
-    draft: ModelSpec | TreeSpeculation,
+    draft: ModelSpec | TreeSpeculation | None,
     acceptance: AcceptanceModel,
     serving: ServingConfig,
     workload: WorkloadSpec,
@@ -100,8 +101,11 @@ def simulate(
     the low and at the high end of the device model's 80% interval (`serving.interval_scales`, at
     the run's mean batch and the workload's mean context), same seeds: its report's `interval`
     bounds each latency statistic and the throughput. `draft`: the draft model, or a tree
-    (`tree.TreeSpeculation`, from --tree / --draft medusa) whose engine verifies N = gamma nodes."""
+    (`tree.TreeSpeculation`, from --tree / --draft medusa) whose engine verifies N = gamma nodes;
+    None (or gamma 0): plain decoding, the 'autoregressive' run only."""
     serving.check()
+    if draft is None or serving.gamma == 0:
+        runs = tuple(r for r in runs if r != "speculative")
     workload.check()
     acceptance.check(serving.gamma)
     if workload.arrival == "trace" and trace is None:
@@ -130,10 +134,10 @@ def simulate(
         "config": {
             "gpu": hw.name,
             "model": target.name,
-            "draft": draft.name,
+            "draft": NO_DRAFT if draft is None else draft.name,
             "dtype": serving.dtype,
             "tp": serving.tp,
-            "draft_tp": draft_tp(draft, serving.tp) if speculation is None else draft_tp(speculation.draft, serving.tp) if speculation.draft else None,
+            "draft_tp": None if draft is None else draft_tp(draft, serving.tp) if speculation is None else draft_tp(speculation.draft, serving.tp) if speculation.draft else None,
             "gamma": serving.gamma,
             "acceptance": acceptance.model_dump(),
             "workload": workload.model_dump(),
@@ -215,8 +219,8 @@ def format_report(report: dict) -> str:
         alpha = (f"tree {tree['spec']} ({tree['nodes']} nodes, depth {tree['depth']}, {tree['expected_tokens_per_step']:.3f} tokens/step expected), "
                  f"acceptance from {tacc['file']} ({tacc['note']})")  # fmt: skip
     lines = [
-        f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), draft {c['draft']}"
-        + (f", gamma {c['gamma']}" if "tree" not in c else "") + f", {alpha}",
+        f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), "
+        + (f"draft {c['draft']}" + (f", gamma {c['gamma']}" if "tree" not in c else "") + f", {alpha}" if c["gamma"] else "no speculation (plain decoding)"),
         f"{stream}; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
         + (", chunked prefill" if c["chunked_prefill"] else "")
         + (f", speculation off above batch {c['spec_off_above_batch']}" if c["spec_off_above_batch"] is not None else ""),
@@ -367,7 +371,7 @@ def write_plot(report: dict, path: str | Path) -> None:
 def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> None:
     p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias, or a path to a YAML profile (default: %(default)s)")
     p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or HuggingFace config.json (default: %(default)s)")
-    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json, or medusa (heads on the target; needs --tree) (default: %(default)s)")
+    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json, medusa (heads on the target; needs --tree), or none: plain decoding only, as does --gamma 0 (default: %(default)s)")
     p.add_argument("--gamma", type=int, default=None, help=f"draft tokens per speculative step (default: {DEFAULT_GAMMA}; not with --tree)")
     p.add_argument("--tree", default=None, metavar="SPEC", help="speculate with a tree: AxBxC, rank paths as JSON or a JSON file, or best:N; "
                    "proposed by --draft (medusa: heads on the target) and scored by --acceptance")
@@ -393,6 +397,11 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and acceptance draws (default: %(default)s)")
 
 
+def runs_of(draft, serving: ServingConfig) -> tuple[str, ...]:
+    """The runs `simulate` makes: both, or only 'autoregressive' without a draft (or with gamma 0)."""
+    return RUNS if draft is not None and serving.gamma > 0 else ("autoregressive",)
+
+
 def config_from_args(args: argparse.Namespace):
     """(hw, target, draft, acceptance, serving, workload) from parsed options; UserError on bad input."""
     if args.seed < 0:
@@ -406,7 +415,8 @@ def config_from_args(args: argparse.Namespace):
         draft = speculation_from_args(args.tree, args.draft, args.acceptance, target)
         acceptance = draft.acceptance_model()
     else:
-        target, draft = load_model(args.model), load_model(args.draft)
+        target = load_model(args.model)
+        draft = None if args.draft.strip().lower() == NO_DRAFT or args.gamma == 0 else load_model(args.draft)
         if args.acceptance:
             acceptance = load_acceptance(args.acceptance)
         else:
@@ -415,7 +425,7 @@ def config_from_args(args: argparse.Namespace):
         max_batch=args.max_batch,
         max_batched_tokens=args.max_batched_tokens,
         chunked_prefill=args.chunked_prefill,
-        gamma=len(draft.tree) if tree else DEFAULT_GAMMA if args.gamma is None else args.gamma,
+        gamma=len(draft.tree) if tree else 0 if draft is None else DEFAULT_GAMMA if args.gamma is None else args.gamma,
         spec_off_above_batch=args.spec_off_above_batch,
         dtype=args.dtype,
         tp=args.tp,
@@ -443,6 +453,9 @@ def config_from_args(args: argparse.Namespace):
         tree_kv_cache_blocks(hw, target, draft, serving)
         return hw, target, draft, acceptance, serving, workload
     check_pair(target, draft)
+    if draft is None:
+        kv_cache_blocks(hw, target, None, serving)
+        return hw, target, draft, acceptance, serving, workload
     if serving.gamma + 2 > target.max_seq_len:  # a request of one prompt token and one output token, verified over gamma + 1
         raise UserError(f"--gamma {serving.gamma} is too large for the context: no request fits {target.name}'s {target.max_seq_len} positions with it")
     kv_cache_blocks(hw, target, draft if serving.gamma > 0 else None, serving)  # fits, or says by how much
@@ -462,7 +475,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.plot:
         check_plot_path(Path(args.plot))
     trace = load_trace(workload.trace_path, workload.requests) if workload.arrival == "trace" else None
-    with _progress_bar(len(RUNS) * request_count(workload, trace), "simulate") as bar:
+    with _progress_bar(len(runs_of(draft, serving)) * request_count(workload, trace), "simulate") as bar:
         report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, progress=bar.update, trace=trace,
                           intervals=not args.no_interval)  # fmt: skip
     print(finite_json(report) if args.json else format_report(report), flush=True)
@@ -477,10 +490,10 @@ def run_bench(args: argparse.Namespace) -> int:
     """Wall-clock speed of the simulator: simulated requests and engine steps per second, per run."""
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
     speculation = f"tree {draft.spec} ({serving.gamma} nodes)" if isinstance(draft, TreeSpeculation) else f"gamma {serving.gamma}"
-    print(f"bench simulate: {target.name} on {hw.name}, draft {draft.name}, {speculation}, "
+    print(f"bench simulate: {target.name} on {hw.name}, draft {NO_DRAFT if draft is None else draft.name}, {speculation}, "
           f"{workload.requests if workload.arrival != 'trace' else 'trace'} requests")  # fmt: skip
     print(f"{'run':<16}{'wall s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
-    for name in RUNS:
+    for name in runs_of(draft, serving):
         t0 = time.perf_counter()
         report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, runs=(name,), intervals=False)
         wall_s = time.perf_counter() - t0
