@@ -41,6 +41,7 @@ from simulator.workload import Trace, WorkloadSpec, load_trace, make_stream, req
 
 DEFAULT_GAMMA = 4
 DEFAULT_REQUESTS = 1000
+DEFAULT_RATE_PER_S = 8.0  # open loop without --rate
 BENCH_REQUESTS = 100_000  # the speed target: 100k requests of Llama-2-7B on an A100 with speculation
 RUNS = ("speculative", "autoregressive")
 NO_DRAFT = "none"  # --draft none: plain decoding only
@@ -124,7 +125,7 @@ def simulate(
         def run(scale: float = 1.0, report_progress=None, run_draft=run_draft, run_cfg=run_cfg, engine=engines[name]):
             requests = make_stream(workload, np.random.default_rng(workload_seed), trace)
             return simulate_serving(hw, target, run_draft, acceptance, run_cfg, requests, np.random.default_rng(acceptance_seed),
-                                    report_progress, scale, engine)  # fmt: skip
+                                    report_progress, scale, engine, workload.concurrency)  # fmt: skip
 
         reports[name] = run(report_progress=progress)
         scales = interval_scales(hw, target, run_cfg, reports[name]["batch"]["mean"], _mean_context(workload, trace)) if intervals else None
@@ -211,7 +212,10 @@ def format_report(report: dict) -> str:
         stream = f"{c['requests']} requests replayed from {w['trace_path']}"
     else:
         kind = "Poisson" if w["arrival"] == "poisson" else f"gamma-process (burstiness {w['burstiness']:g})"
-        stream = f"{c['requests']} {kind} requests at {w['rate_per_s']:g}/s, prompt {w['prompt_tokens']}, output {w['output_tokens']} tokens ({w['lengths']})"
+        pace = "requests sent at once" if math.isinf(w["rate_per_s"]) else f"{kind} requests at {w['rate_per_s']:g}/s"
+        stream = f"{c['requests']} {pace}, prompt {w['prompt_tokens']}, output {w['output_tokens']} tokens ({w['lengths']})"
+    if w["concurrency"] is not None:
+        stream += f"; closed loop, {w['concurrency']} users (each sends its next request when its last completes)"
     first = report[runs[0]]["kv_cache"]
     slo = [f"TTFT <= {_ms(c['slo_ttft_s'])} ms" if c["slo_ttft_s"] else "", f"TPOT <= {_ms(c['slo_tpot_s'])} ms" if c["slo_tpot_s"] else ""]
     if "tree" in c:
@@ -378,7 +382,10 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--alpha", default=None, help=f"acceptance rate in [0, 1], or comma-separated rates per draft position (default: {plan_lib.DEFAULT_ALPHA}, an assumption)")
     p.add_argument("--acceptance", metavar="FILE", default=None, help="JSON of measured accepted lengths ({\"accepted_length_counts\": [...]}); overrides --alpha; "
                    "with --tree: a tree acceptance table (default for --draft medusa: reference/weights/medusa_acceptance.json where present)")
-    p.add_argument("--rate", type=float, default=8.0, help="mean arrival rate, requests per second (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=None, help="mean arrival rate, requests per second, or inf: every request at once "
+                   "(default: 8, or inf with --concurrency)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N", help="closed loop, as `vllm bench serve --max-concurrency N`: "
+                   "at most N requests in flight, each user sending its next request when its last completes (default: open loop)")
     p.add_argument("--requests", type=int, default=requests_default, help=f"requests to simulate (default: {requests_default or DEFAULT_REQUESTS}; with --trace: every row)")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson", help="arrival process (default: %(default)s)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma-process shape: 1 is Poisson, below 1 burstier (default: %(default)s)")
@@ -433,11 +440,12 @@ def config_from_args(args: argparse.Namespace):
         slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),
     ).check()
     if args.trace:
-        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests)
+        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests, concurrency=args.concurrency)
     else:
         workload = WorkloadSpec(
             arrival=args.arrival,
-            rate_per_s=args.rate,
+            rate_per_s=args.rate if args.rate is not None else DEFAULT_RATE_PER_S if args.concurrency is None else math.inf,
+            concurrency=args.concurrency,
             burstiness=args.burstiness,
             requests=args.requests if args.requests is not None else DEFAULT_REQUESTS,
             prompt_tokens=args.prompt_len,
