@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from simulator import plan as plan_lib
+from simulator.engine import DEFAULT_ENGINE, ENGINE_NAMES, engine_overhead
 from simulator.errors import UserError, finite_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec, load_model
@@ -140,6 +141,7 @@ def simulate(
             "tp": serving.tp,
             "draft_tp": None if draft is None else draft_tp(draft, serving.tp) if speculation is None else draft_tp(speculation.draft, serving.tp) if speculation.draft else None,
             "gamma": serving.gamma,
+            "engine": serving.engine.model_dump(),
             "acceptance": acceptance.model_dump(),
             "workload": workload.model_dump(),
             "requests": request_count(workload, trace),
@@ -225,7 +227,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), "
         + (f"draft {c['draft']}" + (f", gamma {c['gamma']}" if "tree" not in c else "") + f", {alpha}" if c["gamma"] else "no speculation (plain decoding)"),
-        f"{stream}; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
+        f"{stream}; engine {c['engine']['name']}" + (" (kernels only)" if c["engine"]["name"] == "ideal" else " (host overheads added)")
+        + f"; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
         + (", chunked prefill" if c["chunked_prefill"] else "")
         + (f", speculation off above batch {c['spec_off_above_batch']}" if c["spec_off_above_batch"] is not None else ""),
         f"KV cache ({runs[0]}): {first['capacity_blocks']} blocks x {first['block_tokens']} tokens = {first['capacity_tokens']} tokens",
@@ -402,6 +405,8 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp8"], help="weight, activation and KV dtype (default: %(default)s)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine; the draft is split alike where its heads allow (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and acceptance draws (default: %(default)s)")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"host overheads of a serving engine added to the kernels: {', '.join(ENGINE_NAMES)} "
+                   "(ideal: kernels only; vllm and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
 
 
 def runs_of(draft, serving: ServingConfig) -> tuple[str, ...]:
@@ -429,6 +434,7 @@ def config_from_args(args: argparse.Namespace):
         else:
             acceptance = parse_alpha(args.alpha if args.alpha is not None else str(plan_lib.DEFAULT_ALPHA))
     serving = ServingConfig(
+        engine=engine_overhead(args.engine),
         max_batch=args.max_batch,
         max_batched_tokens=args.max_batched_tokens,
         chunked_prefill=args.chunked_prefill,
