@@ -8,13 +8,12 @@ emitted tokens (continued from the target after a short step) must equal the tar
 joint law within 1e-9, for hypothesis-generated toy language models with zeros, disjoint
 supports, p = q, one-hot distributions and temperature / top-k / top-p warping.
 
-Negative controls: each known-wrong variant, made from the real code by one textual edit or
-written as the wrong draft it describes, must make the same check fail.
+Negative controls: each known-wrong variant, the real `verify` with one of its steps (module
+functions) replaced, or written as the wrong draft it describes, must make the same check fail.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from dataclasses import dataclass
 from functools import cache
@@ -137,27 +136,36 @@ def draft_step_greedy(logits, s, w):
     return int(q.argmax()), q
 
 
-def mutate_verify(old: str, new: str):
-    """The real `verify` with one line edited: a mutant that differs from it in exactly one place."""
-    source = inspect.getsource(verify)
-    assert old in source, f"mutation target {old!r} no longer in verify(); update the negative control"
-    namespace = dict(vars(sampling))
-    exec(source.replace(old, new), namespace)
-    return namespace["verify"]
+def always_accept(u, p_d, q_d):
+    """Wrong: accepts every draft token."""
+    return torch.ones_like(p_d, dtype=torch.bool)
 
 
+def draw_without_scaling(mass, v):
+    """Wrong: draws from the residual as if it summed to 1."""
+    return torch.searchsorted(mass.cumsum(-1), v[:, None].to(mass.dtype), right=True)[:, 0]
+
+
+def bonus_from_wrong_position(p, q):
+    """Wrong: the bonus token from p_{gamma-1}, the distribution of the last draft position."""
+    gamma = q.shape[1]
+    return torch.cat(((p[:, :gamma] - q).clamp_min(0), p[:, gamma - 1 : gamma]), dim=1)
+
+
+def bonus_from_q(p, q):
+    """Wrong: the bonus token from the draft's q_{gamma-1} instead of the target's p_gamma."""
+    gamma = q.shape[1]
+    return torch.cat(((p[:, :gamma] - q).clamp_min(0), q[:, gamma - 1 : gamma]), dim=1)
+
+
+# name -> (the verifier's seams replaced: {function name in reference.sampling: wrong variant}, draft step)
 MUTANTS = {
-    "always_accept": (
-        mutate_verify("accepted = u * q_d < p_d", "accepted = torch.ones_like(p_d, dtype=torch.bool)"),
-        draft_step,
-    ),
-    "unnormalised_residual": (mutate_verify("v[:, None].to(cdf.dtype) * cdf[:, -1:]", "v[:, None].to(cdf.dtype)"), draft_step),
-    "bonus_from_wrong_position": (
-        mutate_verify("p[:, gamma:]), dim=1)", "p[:, gamma - 1 : gamma]), dim=1)"),
-        draft_step,
-    ),
-    "draft_probs_before_warping": (verify, draft_step_prewarp),
-    "greedy_draft_reported_as_sampled": (verify, draft_step_greedy),
+    "always_accept": ({"accept": always_accept}, draft_step),
+    "unnormalised_residual": ({"sample_unnormalised": draw_without_scaling}, draft_step),
+    "bonus_from_wrong_position": ({"next_token_sources": bonus_from_wrong_position}, draft_step),
+    "bonus_from_q": ({"next_token_sources": bonus_from_q}, draft_step),
+    "draft_probs_before_warping": ({}, draft_step_prewarp),
+    "greedy_draft_reported_as_sampled": ({}, draft_step_greedy),
 }
 
 
@@ -335,12 +343,17 @@ def test_warp_is_a_distribution_within_the_filters(zs):
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
-def test_negative_control_is_caught(name):
-    """The property test above fails on each wrong variant: hypothesis finds a case it gets wrong."""
-    verifier, step = MUTANTS[name]
+def test_negative_control_is_caught(name, monkeypatch):
+    """The property test above fails on each wrong variant: hypothesis finds a case it gets wrong.
+    A wrong verifier is the real `verify` with one of its steps replaced through its module name."""
+    seams, step = MUTANTS[name]
+    for seam, wrong in seams.items():
+        assert callable(getattr(sampling, seam)), f"verify's step {seam} is gone; update the negative control"
+        monkeypatch.setattr(sampling, seam, wrong)
     bad = find(
         cases(),
-        lambda case: law_error(case, verifier, step) > 1e-3,
+        lambda case: law_error(case, verify, step) > 1e-3,
         settings=settings(max_examples=400, deadline=None, derandomize=True, database=None, phases=[Phase.generate]),
     )
-    assert law_error(bad, verifier, step) > 1e-3
+    assert law_error(bad, verify, step) > 1e-3
+
