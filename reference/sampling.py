@@ -83,6 +83,13 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.minimum(p, q).sum(-1)
 
 
+def working_dtype(x: torch.Tensor) -> torch.dtype:
+    """The verifier's arithmetic: float64, or float32 on Apple's MPS, which has no float64. The
+    residual's running sum and the scaled uniform in float16 / bfloat16 would be off by up to 5e-4
+    (an 11-bit / 8-bit significand); after the upcast the law is that of the inputs' own values."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
 def accept(u: torch.Tensor, p_d: torch.Tensor, q_d: torch.Tensor) -> torch.Tensor:
     """Accept d_i with probability min(1, p_i(d_i) / q_i(d_i)): u_i < p/q <=> u_i q < p, with no
     division (q_i(d_i) > 0, since d_i was drawn from q_i). [B, gamma] -> bool [B, gamma]."""
@@ -114,9 +121,12 @@ def verify(
     q [B, gamma, V]: the warped draft distributions each draft token was drawn from;
     draft_tokens [B, gamma]; u [B, gamma], v [B]: uniform draws in [0, 1).
     Returns n_accepted [B] in 0..gamma and next_token [B].
-    Its steps (`accept`, `next_token_sources`, `sample_unnormalised`) are module functions, so a
-    test can replace one with a known-wrong variant."""
+    Computed in `working_dtype` (float64; float32 on MPS) whatever the inputs' dtype. Its steps
+    (`accept`, `next_token_sources`, `sample_unnormalised`) are module functions, so a test can
+    replace one with a known-wrong variant."""
     B, gamma = draft_tokens.shape
+    work = working_dtype(p)
+    p, q, u, v = p.to(work), q.to(work), u.to(work), v.to(work)
     at_d = draft_tokens[..., None]
     # p_i(d_i) and q_i(d_i): [B, gamma]
     p_d = p[:, :gamma].gather(-1, at_d)[..., 0]

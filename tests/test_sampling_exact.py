@@ -357,3 +357,62 @@ def test_negative_control_is_caught(name, monkeypatch):
     )
     assert law_error(bad, verify, step) > 1e-3
 
+
+# ---- low-precision inputs: the law of the inputs' own values, not of float16 arithmetic ----
+
+LOW_V, LOW_GAMMA, GRID = 8, 2, 1 << 16
+GRID_TOLERANCE = LOW_V / (2 * GRID)  # TV of a midpoint grid's law: each token's interval of v is off by <= 1 / GRID
+
+
+def verifier_law_closed_form(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(law [gamma+1, V] of (n, next token), acceptance thresholds a [gamma]) of the verifier on p, q,
+    d as given (float64): n = k with probability a_0 ... a_{k-1} (1 - a_k), a_i = min(1, p_i(d_i) / q_i(d_i)),
+    then the token from norm(max(0, p_k - q_k)), or from norm(p_gamma) after gamma acceptances."""
+    gamma = q.shape[0]
+    a = (p[torch.arange(gamma), d] / q[torch.arange(gamma), d]).clamp(max=1)
+    reach = torch.cumprod(torch.cat((torch.ones(1, dtype=p.dtype), a)), 0)  # [gamma+1] P(n >= k)
+    p_n = reach - torch.cat((reach[1:], torch.zeros(1, dtype=p.dtype)))  # [gamma+1] P(n = k)
+    sources = torch.cat(((p[:gamma] - q).clamp_min(0), p[gamma:]))
+    return p_n[:, None] * sources / sources.sum(-1, keepdim=True), a
+
+
+def verifier_law_on_a_grid(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The law of `verify(p, q, d, u, v)` [gamma+1, V]: u at the midpoints of the cells [0, 1) is cut
+    into by the thresholds a, v on a grid of GRID midpoints (uniforms passed as float32, as drawn)."""
+    gamma, V = q.shape
+    law = torch.zeros(gamma + 1, V, dtype=torch.float64)
+    v = ((torch.arange(GRID, dtype=torch.float64) + 0.5) / GRID).float()
+    mids, lengths = zip(*(cells([float(x)]) for x in a), strict=True)
+    for combo in itertools.product(*(range(len(m)) for m in mids)):
+        u = torch.tensor([float(mids[i][j]) for i, j in enumerate(combo)], dtype=torch.float32)
+        weight = float(torch.prod(torch.stack([lengths[i][j] for i, j in enumerate(combo)])))
+        n, t = verify(p.expand(GRID, -1, -1), q.expand(GRID, -1, -1), d.expand(GRID, -1), u.expand(GRID, -1), v)
+        law.index_put_((n, t), torch.full((GRID,), weight / GRID, dtype=torch.float64), accumulate=True)
+    return law
+
+
+def low_precision_errors(dtype: torch.dtype, trials: int = 3) -> list[float]:
+    """TV between the law of `verify` on float16 / bfloat16 inputs and the exact law of those same
+    values upcast, for seeded random distributions."""
+    g = torch.Generator().manual_seed(0)
+    errors = []
+    for _ in range(trials):
+        p = (torch.randn(LOW_GAMMA + 1, LOW_V, generator=g, dtype=torch.float64) * 1.5).softmax(-1).to(dtype)
+        q = (torch.randn(LOW_GAMMA, LOW_V, generator=g, dtype=torch.float64) * 1.5).softmax(-1).to(dtype)
+        d = torch.multinomial(q.double(), 1, generator=g)[:, 0]
+        want, a = verifier_law_closed_form(p.double(), q.double(), d)
+        errors.append(0.5 * float((verifier_law_on_a_grid(p, q, d, a) - want).abs().sum()))
+    return errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_low_precision_inputs_give_the_law_of_their_upcast_values(dtype):
+    assert max(low_precision_errors(dtype)) <= GRID_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_the_same_check_catches_a_verifier_without_the_upcast(dtype, monkeypatch):
+    """Negative control: residual sums and the scaled uniform in the inputs' dtype are off by
+    2.6e-4 to 3e-3 in TV here, some 4 to 50 times the grid's tolerance of 6.1e-5."""
+    monkeypatch.setattr(sampling, "working_dtype", lambda x: x.dtype)
+    assert min(low_precision_errors(dtype)) > GRID_TOLERANCE
