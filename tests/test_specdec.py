@@ -187,11 +187,29 @@ def test_output_law_passes_a_powered_g_test(pair, kind, setting, record_property
     assert p_value > SIGNIFICANCE
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_the_bonus_token_passes_a_powered_g_test(pair, setting):
+    """gamma 1 and the first two tokens: whenever the first draft is accepted, the second token is
+    the bonus token drawn from p after it, which the test above (gamma 3) never reaches."""
+    target, draft = pair
+    s = SETTINGS[setting]
+    law = two_token_law(target, PROMPT, s)
+    p_value, tv = g_test(run_two_tokens(target, ModelDraft(draft), s, rows_needed(law), seed=99, gamma=1), law)
+    assert p_value > SIGNIFICANCE, f"TV {tv:.4f}"
+
+
 # ---- negative controls: known-wrong samplers, made by replacing one step of the real code ----
 
 
 def always_accept(u, p_d, q_d):
     return torch.ones_like(p_d, dtype=torch.bool)
+
+
+def bonus_from_q(p, q):
+    """The bonus token drawn from the draft's last distribution q_gamma instead of the target's p."""
+    gamma = q.shape[1]
+    return torch.cat(((p[:, :gamma] - q).clamp_min(0), q[:, gamma - 1 :]), dim=1)
 
 
 def draft_reports_prewarp_q(monkeypatch):
@@ -227,6 +245,32 @@ def test_g_test_catches_wrong_samplers(pair, mutant, monkeypatch):
     law = two_token_law(target, PROMPT, s)
     p_value, tv = g_test(run_two_tokens(target, ModelDraft(draft), s, rows_needed(law), seed=7), law)
     assert p_value < SIGNIFICANCE, f"{mutant} mutant not caught (TV {tv:.4f})"
+
+
+@torch.no_grad()
+def bonus_from_q_law(target: Transformer, draft: Transformer, prompt: list[int], s: Sampling) -> torch.Tensor:
+    """The joint law [V, V] of the first two tokens, gamma 1, when the bonus comes from q: the first
+    token x is the accepted draft with mass min(p, q)(x), followed by a draw from q; or the residual
+    (p - min(p, q))(x), followed by the next step's first token, distributed as the target's p(. | x)."""
+    p1 = two_token_law(target, prompt, s).sum(1)
+    q1 = warp(copy.deepcopy(draft).double()(torch.tensor([prompt]))[0, -1], s)
+    accepted = torch.minimum(p1, q1)
+    after = two_token_law(target, prompt, s) / p1.clamp_min(1e-300)[:, None]  # [V, V] p(. | x)
+    return accepted[:, None] * q1[None, :] + (p1 - accepted)[:, None] * after
+
+
+@pytest.mark.slow
+def test_the_bonus_g_test_catches_a_bonus_drawn_from_q(pair, monkeypatch):
+    """The mutant's law is computed exactly: it lies farther than TV_DETECTED from the target's, so
+    the sample size above gives at least the stated power against it."""
+    target, draft = pair
+    s = SETTINGS["warped"]
+    law = two_token_law(target, PROMPT, s)
+    mutant_tv = 0.5 * float((bonus_from_q_law(target, draft, PROMPT, s) - law).abs().sum())
+    assert mutant_tv > TV_DETECTED
+    monkeypatch.setattr(sampling, "next_token_sources", bonus_from_q)
+    p_value, tv = g_test(run_two_tokens(target, ModelDraft(draft), s, rows_needed(law), seed=99, gamma=1), law)
+    assert p_value < SIGNIFICANCE, f"bonus-from-q mutant not caught (TV {tv:.4f}, exact {mutant_tv:.4f})"
 
 
 # ---- the CLI: bad input is one line on stderr and exit code 2 ----
