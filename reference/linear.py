@@ -38,7 +38,7 @@ PACK_ROWS = 4  # the row count oneDNN lays the weight out for; its kernel serves
 TUNE_SAMPLES = 5  # timed samples per candidate, of TUNE_CALLS calls each; the median decides
 TUNE_CALLS = 3
 TUNE_BUDGET_S = 5.0  # fewer samples and calls where one round of the candidates is this slow (at least 1 x 1)
-TUNE_NOTICE_S = 2.0  # a tuning expected to take longer prints one line on stderr
+TUNE_NOTICE_S = 5.0  # a tuning expected to take longer (one round over the budget) prints one line on stderr
 
 
 def row_bucket(rows: int) -> int:
