@@ -342,6 +342,51 @@ def test_warp_is_a_distribution_within_the_filters(zs):
         assert float(base[kept].sum()) >= s.top_p - 1e-12 or bool(kept.all())
 
 
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# around every dtype's thresholds: 1 / max (the reciprocal overflows below it) and its smallest normal number
+EDGES = sorted({x for d in DTYPES for t in (1 / torch.finfo(d).max, torch.finfo(d).tiny) for x in (t / 2, t, t * 2)})
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    z=st.lists(st.one_of(value, st.sampled_from([1e4, -1e4, 3e38, -3e38])), min_size=1, max_size=8),
+    temperature=st.one_of(st.floats(5e-324, 1e-2), st.sampled_from(EDGES)),
+    dtype=st.sampled_from(DTYPES),
+    top=st.sampled_from([(None, 1.0), (2, 1.0), (None, 0.5)]),
+    flush_denormal=st.booleans(),
+)
+def test_warp_at_tiny_temperatures_is_never_nan(z, temperature, dtype, top, flush_denormal):
+    """Below the dtype's smallest normal number T acts as T -> 0; above it the logits are divided.
+    Either way a distribution, also where subnormal numbers are flushed to zero."""
+    most = torch.finfo(dtype).max  # finite logits stay finite in the dtype (3e38 is inf in float16)
+    logits = torch.tensor([x if abs(x) == float("inf") else min(max(x, -most), most) for x in z], dtype=torch.float64).to(dtype)
+    if torch.isinf(logits).all():
+        logits[0] = 0.0
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        p = warp(logits, Sampling(temperature, *top))
+    finally:
+        torch.set_flush_denormal(False)
+    assert not p.isnan().any() and bool((p >= 0).all())
+    assert abs(float(p.double().sum()) - 1) < 1e-2  # bfloat16's 8-bit significand
+    assert bool((p[torch.isinf(logits)] == 0).all())
+    assert float(p[logits.argmax()]) == float(p.max())  # the most likely token keeps the most mass
+
+
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["subnormals", "flushed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_warp_at_every_threshold_is_the_argmax(dtype, flush_denormal):
+    """At and around the thresholds of every dtype (a subnormal T read as 0 gave 0 / 0 = NaN)."""
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9, float("-inf")], dtype=dtype)
+    torch.set_flush_denormal(flush_denormal)
+    try:
+        ps = [warp(logits, Sampling(t)) for t in EDGES]
+    finally:
+        torch.set_flush_denormal(False)
+    for t, p in zip(EDGES, ps, strict=True):
+        assert p.tolist() == [0.0, 1.0, 0.0, 0.0, 0.0], t
+
+
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_negative_control_is_caught(name, monkeypatch):
     """The property test above fails on each wrong variant: hypothesis finds a case it gets wrong.
