@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import time
+import weakref
 
 import pytest
 import torch
@@ -94,6 +95,28 @@ def test_rows_accept_different_lengths(pair):
     )
     assert 0 < int(run.accepted.sum()) < int(run.reached.sum())  # some drafts rejected, some accepted
     assert 1.0 < run.tokens_per_step < 5.0
+
+
+def test_a_run_keeps_no_distributions_of_past_steps(pair, monkeypatch):
+    """The acceptance statistics are running sums: a step's p [B, gamma+1, V] and q [B, gamma, V] are
+    freed once the next step has made its own, so a run's memory does not grow as steps x batch x
+    gamma x vocabulary. Counted with weak references to every p and q the run makes."""
+    target, draft = pair
+    made, most_alive = [], []
+
+    def track(t: torch.Tensor) -> torch.Tensor:
+        made.append(weakref.ref(t))
+        most_alive.append(sum(r() is not None for r in made))
+        return t
+
+    real_warp = specdec.warp
+    monkeypatch.setattr(specdec, "warp", lambda logits, s: track(real_warp(logits, s)))
+    d = ModelDraft(draft)
+    real_propose = d.propose
+    d.propose = lambda *args: (lambda dq: (dq[0], track(dq[1])))(real_propose(*args))
+    run = speculative_generate(target, d, PROMPTS, 60, 3, Sampling(), seeded_draws(3, 0))
+    assert run.steps >= 20 and len(made) == 2 * run.steps
+    assert max(most_alive) <= 4  # this step's p and q, and the last step's until the names are rebound
 
 
 def test_ngram_draft_copies_what_followed_the_last_match():
