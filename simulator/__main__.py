@@ -57,6 +57,38 @@ def _run_plan_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from simulator import sweep
+    from simulator.parallel import Runner
+    from simulator.paths import check_writable_file
+
+    out = Path(args.out)
+    check_writable_file(out)
+    points = sweep.expand(sweep.load_spec(args.spec), args.spec)
+    sweep.check_points(points, args.spec)
+    runner = Runner(args.workers, ray=args.ray, ray_address=args.ray_address)
+    with tqdm(total=0, desc="sweep", unit="point", file=sys.stderr, mininterval=0.5, leave=False) as bar:
+
+        def on_total(todo: int, skipped: int) -> None:
+            bar.total = todo
+            bar.refresh()
+
+        counts = sweep.run_sweep(points, out, resume=args.resume, runner=runner, progress=bar.update, on_total=on_total)
+    print(f"sweep: {counts['simulated']} points simulated, {counts['skipped']} already in {out}; {counts['rows']} rows "
+          f"({runner.backend})")  # fmt: skip
+    return 0
+
+
+def _add_runner_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=int, default=None, help=f"{what} run on this many local processes, or CPUs of a local Ray (default: the cores this process may use)")
+    p.add_argument("--ray", action="store_true", help=f"run the {what} on a local Ray started for this command (needs {'.[ray]'!r})")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help=f"run the {what} on the Ray cluster at ADDR (host:port or ray://host:port; its nodes need this package)")
+
+
 def _run_profiles(args: argparse.Namespace) -> int:
     rows = plan_lib.profiles_table(shipped_profiles())
     print(finite_json(rows) if args.json else plan_lib.format_profiles(rows))
@@ -184,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print measured figures",
                            description="Benchmarks of the simulator itself: each prints the figures it measured.").add_subparsers(dest="benchmark", required=True)  # fmt: skip
     simulate.add_parsers(sub, bench)
+
+    p = sub.add_parser(
+        "sweep",
+        help="simulate every point of a grid or list of configurations, one Parquet row each",
+        description="Read a YAML spec (fixed options, a grid of option: [values] and/or a list of points; keys are simulate's "
+        "options: gpu, model, draft, gamma, alpha, max_batch, max_batched_tokens, tp, chunked_prefill, rate, arrival, burstiness, "
+        "requests, prompt_len, output_len, lengths, dtype, seed, ...), check every point, then simulate each (with and without "
+        "speculation, as simulate does) and write one row per point (its options and the simulate --json report, flattened) "
+        "to a Parquet file, rewritten atomically after every completed point.",
+    )
+    p.add_argument("spec", help="the sweep spec (YAML)")
+    p.add_argument("--out", required=True, help="the Parquet file to write (read by pandas.read_parquet)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and simulate only the points missing there")
+    _add_runner_options(p, "simulations")
+    p.set_defaults(run=_run_sweep)
 
     p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures",
                        description="List the shipped hardware profiles (hardware_profiles/*.yaml): name, every alias, SMs, SRAM per SM, "
