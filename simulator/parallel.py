@@ -77,8 +77,15 @@ class Runner:
         return "in process" if self.workers == 1 else f"process pool ({self.workers} workers)"
 
     def __enter__(self) -> Runner:
-        if self.use_ray:
+        return self
+
+    def _start_ray(self):
+        """Ray, started (local) or joined (`ray_address`) on first use: a run with nothing to
+        simulate starts nothing."""
+        if self._ray is None:
             ray = import_ray()
+            if ray.is_initialized():  # this process already joined a Ray (a notebook, a test): use it, leave it running
+                return ray
             try:
                 if self.ray_address:
                     ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -89,7 +96,7 @@ class Runner:
                 reason = " ".join(str(exc).split())[:200]
                 raise UserError(f"cannot start or reach Ray at {where}: {reason}") from None
             self._ray = ray
-        return self
+        return self._ray
 
     def __exit__(self, *exc_info) -> None:
         if self._pool is not None:
@@ -126,7 +133,7 @@ class Runner:
                 future.cancel()
 
     def _ray_unordered(self, fn: Callable, jobs: dict) -> Iterator[tuple[Hashable, object]]:
-        ray = self._ray
+        ray = self._start_ray()
         remote = ray.remote(num_cpus=1)(fn)
         refs = {remote.remote(job): key for key, job in jobs.items()}
         pending = list(refs)
