@@ -46,8 +46,8 @@ def _run_plan_search(args: argparse.Namespace) -> int:
     prices = gpu_choice.parse_prices(args.price or [], list(queries))
     drafts = None if args.draft is None else [capacity.NO_DRAFT, args.draft]
     cross = len(queries) > 1 or bool(prices)
-    check_writable_dir(plot_dir)
     runner = Runner(args.workers, ray=args.ray, ray_address=args.ray_address)
+    check_writable_dir(plot_dir)
     reports, jobs = {}, []
     for name, query in queries.items():
         reports[name] = capacity.search(
@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         "at the prompt length, from the GPU profile and the cost model. With --rate and --slo-ttft-p99 "
         "and/or --slo-tpot-p99: search replicas x tensor parallelism, draft, gamma and max batch, "
         "screen with the cost model, simulate the survivors in parallel, and recommend the fewest GPUs "
-        "that meet the SLO (exit code 2 with the binding constraint when none does).",
+        "that meet the SLO (exit code 2 with the binding constraint when none does). With --gpu a100,h100,...: search each "
+        "GPU type and name the one that needs the fewest GPUs and, given --price GPU=USD_PER_HOUR, the cheapest per million "
+        "output tokens.",
     )
     p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias (see `profiles`), or a path to a YAML profile (default: %(default)s); in a search: a comma-separated list compares GPU types")
     p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or path to a HuggingFace config.json (default: %(default)s)")
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gpus", type=int, default=None, help=f"search: most GPUs to consider (default: {capacity.DEFAULT_MAX_GPUS})")
     p.add_argument("--requests", type=int, default=None, help=f"search: requests simulated per replica (default: {capacity.DEFAULT_REQUESTS})")
     p.add_argument("--seed", type=int, default=None, help="search: seed of arrivals and acceptance draws (default: 0)")
-    p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to (default: {capacity.DEFAULT_PLOT_DIR}; with several GPU types, one subfolder each)")
+    p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to, one subfolder per GPU type when there are several (default: {capacity.DEFAULT_PLOT_DIR})")
     p.add_argument("--price", action="append", default=None, metavar="GPU=USD_PER_HOUR", help="search: price of one GPU of a type searched, USD per hour (repeatable; no built-in prices): adds the cost per million output tokens and the cheapest type")
     _add_runner_options(p, "search's simulations")
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
