@@ -162,7 +162,7 @@ def test_bench_simulate_prints_speeds_and_the_million_run_its_memory(monkeypatch
     assert code == 0, err
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
     assert set(rows) == {"speculative", "autoregressive"}
-    assert all(int(r[1]) == 60 and float(r[3]) > 0 for r in rows.values())  # requests done, requests/s
+    assert all(int(r[2]) == 60 and float(r[4]) > 0 for r in rows.values())  # requests done, requests/s
     monkeypatch.setattr(simulate, "MILLION", 50)  # the --million path, on a small count
     code, out, err = cli(["bench", "simulate", "--million", "--prompt-len", "64", "--output-len", "16"], capsys)
     assert code == 0, err
