@@ -184,3 +184,22 @@ def test_ray_gives_the_rows_of_the_process_pool(tmp_path):
     a, b = pd.read_parquet(pool), pd.read_parquet(on_ray)
     assert len(a) == 4
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_tree_points_sweep_like_simulate_runs_them(tmp_path):
+    """A grid over Medusa trees: `draft: medusa` is the target's heads, not a model to look up; each
+    row is the `simulate` report of its tree."""
+    acceptance = "tests/data/tree_acceptance_fixture.json"
+    spec = {"fixed": {**SMALL, "draft": "medusa", "acceptance": acceptance}, "grid": {"tree": ["best:4", "best:8"]}}
+    points = sweep.expand(spec)
+    sweep.check_points(points)
+    rows = [sweep.run_point((i, p)) for i, p in enumerate(points)]
+    assert [r["tree"] for r in rows] == ["best:4", "best:8"]
+    code, out, err = simulator_cli(["simulate", "--draft", "medusa", "--tree", "best:8", "--acceptance", acceptance, "--requests", "30",
+                                    "--prompt-len", "128", "--output-len", "32", "--rate", "4", "--json"])  # fmt: skip
+    assert code == 0, err
+    report = sweep.flatten(json.loads(out))  # with its intervals, which a sweep leaves out by default
+    shared = report.keys() & rows[1].keys()
+    assert len(shared) > 100 and all(report[k] == rows[1][k] for k in shared)
+    with pytest.raises(UserError, match="tree"):
+        sweep.check_points(sweep.expand({"fixed": {**SMALL, "draft": "medusa", "acceptance": acceptance}, "grid": {"tree": ["best:0"]}}))
