@@ -184,6 +184,28 @@ def parse_tree_spec(spec: str, max_nodes: int | None = None) -> list[tuple[int, 
     return sorted(paths, key=lambda p: (len(p), p))
 
 
+def best_tree(top_accuracy: list[list[float]], n_nodes: int) -> list[tuple[int, ...]]:
+    """Medusa's sparse tree of n_nodes (Cai et al. 2024, sec. 3.3.1): from each head's held-out
+    accuracy at rank r, a_d(r) = P(the true token is head d's r-th candidate) (the differences of
+    top_accuracy[d - 1], its cumulative top-1 .. top-k accuracies), take node (r_1, .., r_d) with
+    value prod_d a_d(r_d), the chance it is on the accepted path if heads err independently, and
+    add the most valuable node whose parent is in the tree until there are n_nodes. A node is worth
+    no more than its parent, so the greedy choice is a tree and maximises the expected length
+    1 + sum of the values over trees of n_nodes."""
+    rank_accuracy = [[cum[r] - (cum[r - 1] if r else 0.0) for r in range(len(cum))] for cum in top_accuracy]
+    chosen: list[tuple[int, ...]] = []
+    value = {(): 1.0}
+    frontier = {(r,): rank_accuracy[0][r] for r in range(len(rank_accuracy[0]))}
+    while len(chosen) < n_nodes and frontier:
+        node = max(frontier, key=lambda p: (frontier[p], [-r for r in p]))  # ties: shallower ranks first
+        value[node] = frontier.pop(node)
+        chosen.append(node)
+        if len(node) < len(rank_accuracy):  # its children become candidates
+            row = rank_accuracy[len(node)]
+            frontier |= {node + (r,): value[node] * row[r] for r in range(len(row))}
+    return sorted(chosen, key=lambda p: (len(p), p))
+
+
 def tree_layout(paths: list[tuple[int, ...]]) -> tuple[list[int], list[int], list[int]]:
     """Rank paths in breadth-first order -> (parent, depth, rank) of nodes 0..N-1, node 0 the root:
     node i + 1 is paths[i]."""

@@ -39,7 +39,7 @@ if __name__ == "__main__":  # before torch loads: fixed thread counts, so every 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from reference.medusa import MedusaHeads, file_sha256, head_accuracy, medusa_loss, save_heads  # noqa: E402
+from reference.medusa import MedusaHeads, best_tree, file_sha256, head_accuracy, medusa_loss, save_heads  # noqa: E402
 from reference.model import WEIGHTS_DIR, Transformer, load_weights, save_weights  # noqa: E402
 from simulator.models import ModelSpec  # noqa: E402
 
@@ -61,8 +61,9 @@ DRAFT_STEPS = 1200
 SEED = 1234
 THREADS = 2
 MEDUSA_HEADS = 4  # Medusa-1 used 5 on Vicuna; 4 fit the 10-minute budget on 2 cores with room
-MEDUSA_STEPS = 1000
+MEDUSA_STEPS = 600
 MEDUSA_TOP = 10  # held-out accuracy reported for the top 1 .. 10 candidates of each head
+MEDUSA_TREE_NODES = 32  # issue 15's node budget for the Medusa tree
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
 
 
@@ -174,6 +175,14 @@ def train_medusa(target: Transformer, data: torch.Tensor, steps: int, n_heads: i
     return heads.eval()
 
 
+def write_medusa_tree(accuracy: list[list[float]], path: Path, n_nodes: int = MEDUSA_TREE_NODES) -> list[tuple[int, ...]]:
+    """The sparse tree `specdec --draft medusa` uses by default: Medusa's greedy choice of n_nodes
+    from the heads' held-out accuracy per rank (`medusa.best_tree`), as rank paths."""
+    paths = best_tree(accuracy, n_nodes)
+    path.write_text(json.dumps([list(p) for p in paths]) + "\n")
+    return paths
+
+
 def main_medusa(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m reference.train medusa", description="Train Medusa heads for the trained target.")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder holding target.pt and manifest.json; medusa.pt goes there")
@@ -183,9 +192,14 @@ def main_medusa(argv: list[str]) -> int:
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     manifest_path, target_path = args.out / "manifest.json", args.out / "target.pt"
-    manifest = json.loads(manifest_path.read_text())
-    target_sha = file_sha256(target_path)
-    if manifest["weights_sha256"]["target"] != target_sha:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded = manifest["weights_sha256"]["target"]
+        target_sha = file_sha256(target_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {args.out}: needs target.pt and the manifest.json that describes it (`python -m reference.train`): {exc}", file=sys.stderr)
+        return 2
+    if recorded != target_sha:
         print(f"error: {target_path} is not the target manifest.json describes (sha256 differs)", file=sys.stderr)
         return 2
     target = load_weights(target_path).requires_grad_(False)
@@ -213,6 +227,7 @@ def main_medusa(argv: list[str]) -> int:
         "held_out_accuracy": {"top": MEDUSA_TOP, "per_head": accuracy},
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_medusa_tree(accuracy, args.out / "medusa_tree.json")
     for k, acc in enumerate(accuracy):
         print(f"head {k + 1} (token t+{k + 2}): top-1 {acc[0]:.3f}  top-3 {acc[2]:.3f}  top-{MEDUSA_TOP} {acc[-1]:.3f}")
     print(f"{t_s:.0f} s ({cpu_s:.0f} CPU s) for {args.steps} steps")

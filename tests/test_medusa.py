@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from cli_run import reference_cli
+from cli_run import reference_cli, run_main
 from hypothesis import given
 from hypothesis import strategies as st
 from test_specdec import PROMPT, SIGNIFICANCE, TV_DETECTED, g_test, per_row_draws, rows_needed, toy, two_token_law
@@ -19,6 +19,7 @@ from reference import tree_decode
 from reference.medusa import (
     MedusaDraft,
     MedusaHeads,
+    best_tree,
     file_sha256,
     full_tree_paths,
     load_heads,
@@ -28,12 +29,13 @@ from reference.medusa import (
     tree_layout,
     verify_typical,
 )
-from reference.model import WEIGHTS_DIR, load_weights
+from reference.model import WEIGHTS_DIR, Transformer, load_weights
 from reference.sampling import Sampling, fixed_token_probs, warp
 from reference.specdec import autoregressive_generate, seeded_draws
 from reference.tree import Rule, TokenTree, verify_tree
-from reference.tree_decode import tree_generate
+from reference.tree_decode import expected_tokens_per_step, tree_generate
 from simulator.errors import UserError
+from simulator.models import ModelSpec
 
 PROMPTS = torch.tensor([[0, 1, 2, 3], [4, 4, 4, 4], [3, 1, 0, 2]])
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]  # a sparse tree: 7 nodes, depth 3
@@ -107,6 +109,35 @@ def test_full_tree_paths_lay_out_a_tree(branching):
     assert len(paths) == sum(sizes[1:]) == len(full_tree_paths(tuple(branching)))
     parent, depth, _ = tree_layout(paths)
     assert all(parent[i] < i and depth[parent[i]] == depth[i] - 1 for i in range(1, len(parent)))
+
+
+@given(st.lists(st.lists(st.floats(0, 1), min_size=1, max_size=3), min_size=1, max_size=3), st.integers(1, 12))
+def test_best_tree_is_a_tree_of_the_most_valuable_nodes(steps, n_nodes):
+    """Medusa's greedy tree: prefix-closed, of min(n_nodes, all) nodes, and worth as much as the
+    n_nodes most valuable nodes of all (so no tree of that size is worth more)."""
+    top_accuracy = []
+    for row in steps:  # cumulative accuracies: nondecreasing, at most 1
+        cum, total = [], 0.0
+        for x in row:
+            total = min(1.0, total + x / len(row))
+            cum.append(total)
+        top_accuracy.append(cum)
+    paths = best_tree(top_accuracy, n_nodes)
+    width = [len(r) for r in top_accuracy]
+    everything = parse_tree_spec("x".join(map(str, width)))
+    assert len(paths) == min(n_nodes, len(everything)) and len(set(paths)) == len(paths)
+    assert all(p[:-1] in paths for p in paths if len(p) > 1)
+    rank_acc = [[c[r] - (c[r - 1] if r else 0.0) for r in range(len(c))] for c in top_accuracy]
+
+    def value(p):
+        v = 1.0
+        for d, r in enumerate(p):
+            v *= rank_acc[d][r]
+        return v
+
+    best = sorted((value(p) for p in everything), reverse=True)[: len(paths)]
+    assert sum(value(p) for p in paths) == pytest.approx(sum(best), abs=1e-12)
+    assert expected_tokens_per_step(rank_acc, paths) == pytest.approx(1 + sum(best), abs=1e-12)
 
 
 @torch.no_grad()
@@ -341,3 +372,34 @@ def test_cli_heads_for_another_target_are_refused(tmp_path):
     save_heads(random_heads(load_weights(TARGET_FILE), 3, seed=9).float(), "0" * 64, path)
     code, out, err = reference_cli(["specdec", "--draft", "medusa", "--heads", path, *QUICK])
     assert code == 2 and "another target" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- training ----
+
+
+def test_medusa_training_is_seeded_and_lowers_the_loss():
+    from reference import train
+
+    spec = ModelSpec(name="toy-long", d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32, vocab_size=8, max_seq_len=train.SEQ_LEN)
+    torch.manual_seed(0)
+    target = Transformer(spec).eval().requires_grad_(False)
+    data = torch.arange(4000) % 8  # a cycle: the token k ahead is a function of the current one
+    runs = [train.train_medusa(target, data, 12, 2, 1e-2, seed=5) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values(), strict=True))
+    x = next(train.batches(data, 1, 9, extra=2))
+    _, h = target(x[:, : train.SEQ_LEN], hidden=True)
+    fresh = MedusaHeads(16, 8, 2).init_from(target)
+    with torch.no_grad():
+        assert float(medusa_loss(runs[0], h, x)) < float(medusa_loss(fresh, h, x))
+
+
+def test_medusa_stage_refuses_a_target_the_manifest_does_not_describe(tmp_path):
+    from reference import train
+
+    (tmp_path / "target.pt").write_bytes(b"not the target")
+    (tmp_path / "manifest.json").write_text(json.dumps({"weights_sha256": {"target": "0" * 64}}))
+    code, out, err = run_main(train.main, ["medusa", "--out", tmp_path, "--steps", "1"])
+    assert code == 2 and "sha256 differs" in err and not (tmp_path / "medusa.pt").exists()
+    (tmp_path / "manifest.json").unlink()
+    code, out, err = run_main(train.main, ["medusa", "--out", tmp_path, "--steps", "1"])
+    assert code == 2 and "manifest.json" in err and len(err.strip().splitlines()) == 1
