@@ -190,7 +190,9 @@ def _run_tree(args) -> int:
         tv = first_token_tv(target, draft, prompt_ids, s, args.tv_samples, args.seed, verifier)
         out |= {"typical_eps": args.typical_eps, "typical_delta": args.typical_delta, "first_token_tv": tv, "tv_samples": args.tv_samples}
     if args.acceptance_out is not None:
-        source = "python -m reference " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["specdec"] else f"python -m reference specdec --draft {args.draft} --tree {spec}"
+        # the command line as given, or (called as a library) the options that shaped the measurement
+        given = sys.argv[1:2] == ["specdec"]
+        source = "python -m reference specdec " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if given else f"python -m reference specdec --draft {args.draft} --tree {spec}"
         write_json_atomic(Path(args.acceptance_out), acceptance_file(result, args.draft, file_sha256(args.target), source))
     if args.json:
         print(finite_json(out))

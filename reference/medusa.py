@@ -79,7 +79,12 @@ def head_accuracy(heads: MedusaHeads, target: Transformer, data: torch.Tensor, s
     K = heads.n_heads
     n = (len(data) - K - 1) // seq_len
     x = data[torch.arange(n)[:, None] * seq_len + torch.arange(seq_len + K + 1)]  # [n, seq_len + K + 1]
-    ranks = torch.cat([heads(target(c[:, :seq_len], hidden=True)[1]).topk(top, dim=-1).indices for c in x.split(32)])  # [n, T, K, top]
+    ranks = []
+    for chunk in x.split(32):
+        with torch.enable_grad():  # F.linear in the target's layers (see `reference.linear`), as in training; no graph: its weights are frozen
+            h = target(chunk[:, :seq_len], hidden=True)[1]
+        ranks.append(heads(h.detach()).topk(top, dim=-1).indices)
+    ranks = torch.cat(ranks)  # [n, T, K, top]
     acc = []
     for k in range(K):
         y = x[:, k + 2 : k + 2 + seq_len]

@@ -156,6 +156,7 @@ def evaluate(target: Transformer, draft: Transformer, data: torch.Tensor) -> dic
 def train_medusa(target: Transformer, data: torch.Tensor, steps: int, n_heads: int, peak_lr: float, seed: int) -> MedusaHeads:
     """AdamW on Medusa-1's loss (`medusa.medusa_loss`), the target frozen and run in float32 as at
     inference (its hidden states are what the heads will read), the heads' W2 started from its unembedding."""
+    target.requires_grad_(False)
     torch.manual_seed(seed)
     heads = MedusaHeads(target.spec.d_model, target.spec.vocab_size, n_heads).init_from(target)
     opt = torch.optim.AdamW(heads.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -163,8 +164,9 @@ def train_medusa(target: Transformer, data: torch.Tensor, steps: int, n_heads: i
     for step, x in enumerate(batches(data, steps, seed, extra=n_heads)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, peak_lr)
-        with torch.no_grad():
-            _, h = target(x[:, :SEQ_LEN], hidden=True)  # [BATCH, SEQ_LEN, d]
+        # the target's weights do not require grad, so no graph is kept; with grad mode on, its layers
+        # take F.linear rather than timing kernels per row count, so every run computes alike
+        _, h = target(x[:, :SEQ_LEN], hidden=True)  # [BATCH, SEQ_LEN, d]
         loss = medusa_loss(heads, h, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
