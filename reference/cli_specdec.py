@@ -27,6 +27,7 @@ BENCH_GAMMAS = "1,2,3,4,5,6"
 RATIO_REQUIRED = 0.9  # issue 3: measured speedup >= 0.9 x Leviathan's prediction at the best gamma
 DEFAULT_TREE = "3x2x1"
 MEDUSA_TREE = WEIGHTS_DIR / "medusa_tree.json"  # the sparse tree chosen from the heads' measured acceptance
+TV_SAMPLES = 2000
 TYPICAL_EPS, TYPICAL_DELTA = 0.09, 0.3  # Medusa's defaults (posterior_threshold, posterior_alpha; Cai et al. 2024)
 
 
@@ -52,8 +53,9 @@ def add_parsers(sub, bench) -> None:
     run.add_argument("--typical-eps", type=float, default=TYPICAL_EPS,
                      help=f"typical acceptance: accept x when p(x) > min(eps, delta exp(-H(p))) (default eps {TYPICAL_EPS})")  # fmt: skip
     run.add_argument("--typical-delta", type=float, default=TYPICAL_DELTA, help=f"typical acceptance's delta (default {TYPICAL_DELTA})")
-    run.add_argument("--tv-samples", type=int, default=2000,
-                     help="with typical acceptance: runs whose first tokens estimate its law's distance from the target's (default 2000)")  # fmt: skip
+    run.add_argument("--tv-samples", type=int, default=None,
+                     help=f"tree drafts: runs whose first tokens estimate the output law's distance from the target's "
+                     f"(default {TV_SAMPLES} with typical acceptance, none with exact unless given)")  # fmt: skip
     run.add_argument("--acceptance-out", default=None,
                      help="tree drafts: write the measured acceptance per depth and rank (tree_acceptance JSON, read by the simulator)")  # fmt: skip
     run.set_defaults(run=run_specdec)
@@ -148,7 +150,11 @@ def run_specdec(args) -> int:
         raise UserError("--acceptance typical needs fixed candidates: --draft medusa, or --draft tree --tree-top (a sampled tree is verified exactly only)")
     if args.acceptance == "typical" and not (0 < args.typical_eps <= 1 and args.typical_delta > 0):
         raise UserError(f"typical acceptance needs 0 < --typical-eps <= 1 and --typical-delta > 0, got {args.typical_eps} and {args.typical_delta}")
-    if args.tv_samples < 1:
+    if args.tv_samples is not None and not tree_draft:
+        raise UserError(f"--tv-samples is for tree drafts (--draft tree or medusa), not --draft {args.draft}")
+    if args.tv_samples is None and args.acceptance == "typical":
+        args.tv_samples = TV_SAMPLES
+    if args.tv_samples is not None and args.tv_samples < 1:
         raise UserError(f"--tv-samples must be >= 1, got {args.tv_samples}")
     if args.acceptance_out is not None:
         check_writable_file(Path(args.acceptance_out))
@@ -187,8 +193,10 @@ def _run_tree(args) -> int:
     result = measure_tree(target, draft, paths, prompt, args.max_new_tokens, s, args.seed, args.repeats, verifier)
     out = asdict(result)
     if typical:
+        out |= {"typical_eps": args.typical_eps, "typical_delta": args.typical_delta}
+    if args.tv_samples is not None:
         tv = first_token_tv(target, draft, prompt_ids, s, args.tv_samples, args.seed, verifier)
-        out |= {"typical_eps": args.typical_eps, "typical_delta": args.typical_delta, "first_token_tv": tv, "tv_samples": args.tv_samples}
+        out |= {"first_token_tv": tv, "tv_samples": args.tv_samples}
     if args.acceptance_out is not None:
         # the command line as given, or (called as a library) the options that shaped the measurement
         given = sys.argv[1:2] == ["specdec"]

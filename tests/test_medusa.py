@@ -314,11 +314,12 @@ QUICK = ["--max-new-tokens", "6", "--repeats", "1", "--threads", "1"]
 def test_cli_medusa_reports_and_writes_the_acceptance_file(heads_file, tmp_path):
     out_file = tmp_path / "acc.json"
     code, out, err = reference_cli(["specdec", "--draft", "medusa", "--heads", heads_file, "--tree", "[[0],[1],[0,0]]", "--temperature", "0",
-                                    "--batch", "2", "--acceptance-out", out_file, "--json", *QUICK])  # fmt: skip
+                                    "--batch", "2", "--acceptance-out", out_file, "--tv-samples", "20", "--json", *QUICK])  # fmt: skip
     assert code == 0, err
     result = json.loads(out)
     assert result["exact"] is True and result["acceptance"] == "exact" and result["tree"] == [[0], [1], [0, 0]]
     assert result["tokens_per_step"] >= 1 and result["speedup"] > 0 and len(result["reach"]) == 2
+    assert result["tv_samples"] == 20 and 0 <= result["first_token_tv"] <= 1 and "typical_eps" not in result
     acc = json.loads(out_file.read_text())
     assert acc["kind"] == "tree_acceptance" and acc["draft"] == "medusa" and acc["target_sha256"] == file_sha256(TARGET_FILE)
     assert acc["temperature"] == 0.0 and acc["tree"] == [[0], [1], [0, 0]] and acc["steps"] == result["steps"]
@@ -353,6 +354,8 @@ def test_cli_typical_is_labelled_inexact_and_reports_its_divergence(heads_file):
         (["--draft", "tree", "--acceptance", "typical"], "fixed candidates"),
         (["--draft", "model", "--tree", "2x2"], "for tree drafts"),
         (["--draft", "model", "--acceptance-out", "x.json"], "for tree drafts"),
+        (["--draft", "ngram", "--tv-samples", "10"], "for tree drafts"),
+        (["--draft", "medusa", "--tv-samples", "0"], "--tv-samples must be"),
         (["--draft", "medusa", "--tree-top"], "for --draft tree"),
         (["--draft", "medusa", "--acceptance", "typical", "--typical-eps", "0"], "typical-eps"),
         (["--draft", "medusa", "--tree", "[[0],[0,0],[0,0,0],[0,0,0,0]]"], "Medusa heads"),
