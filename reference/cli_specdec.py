@@ -185,6 +185,8 @@ def _run_tree(args) -> int:
             raise UserError(f"--tree {spec}: --draft tree takes a full tree AxBxC (rank paths are for --draft medusa)")
         branching = tuple(1 + max(p[d] for p in paths if len(p) > d) for d in range(max(len(p) for p in paths)))
         model = load_weights(args.draft_model, args.device)
+        if args.tree_top and max(branching) > model.spec.vocab_size:
+            raise UserError(f"--tree {spec} --tree-top: {max(branching)} candidates per node out of the draft's vocabulary of {model.spec.vocab_size}")
         draft = TreeDraft(model, branching, top=args.tree_top)
     check_pair(target, draft, prompt_ids, 1, Sampling(args.temperature, args.top_k, args.top_p))
     _, _, prompt, s = _setup(args, [len(paths)], target=target, draft=draft)

@@ -350,6 +350,8 @@ def test_cli_typical_is_labelled_inexact_and_reports_its_divergence(heads_file):
         (["--draft", "medusa", "--tree", "2x0"], ">= 1"),
         (["--draft", "medusa", "--tree", "2x-2"], ">= 1"),
         (["--draft", "tree", "--tree", "40x25"], "more than the"),
+        (["--draft", "tree", "--tree", "300", "--tree-top"], "vocabulary of 256"),
+        (["--draft", "medusa", "--tree", "[[300]]"], "vocabulary of 256"),
         (["--draft", "tree", "--tree", "[[0],[0,0],[1]]"], "full tree"),
         (["--draft", "tree", "--acceptance", "typical"], "fixed candidates"),
         (["--draft", "model", "--tree", "2x2"], "for tree drafts"),
