@@ -408,3 +408,19 @@ def test_medusa_stage_refuses_a_target_the_manifest_does_not_describe(tmp_path):
     (tmp_path / "manifest.json").unlink()
     code, out, err = run_main(train.main, ["medusa", "--out", tmp_path, "--steps", "1"])
     assert code == 2 and "manifest.json" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "medusa.pt").is_file(), reason="trained heads not present")
+def test_trained_heads_match_the_manifest_and_decode_greedily_as_the_target():
+    manifest = json.loads((WEIGHTS_DIR / "manifest.json").read_text())["medusa"]
+    assert manifest["target_sha256"] == file_sha256(TARGET_FILE) and manifest["weights_sha256"] == file_sha256(WEIGHTS_DIR / "medusa.pt")
+    target = load_weights(TARGET_FILE)
+    heads = load_heads(WEIGHTS_DIR / "medusa.pt", target, TARGET_FILE)
+    assert heads.n_heads == manifest["heads"]
+    paths = parse_tree_spec(str(WEIGHTS_DIR / "medusa_tree.json"), max_nodes=32)
+    prompts = torch.tensor([list(b"import os\n"), list(b"def main(a"), list(b"    return")])
+    greedy = Sampling(0.0)
+    want = autoregressive_generate(target, prompts, 40, greedy, seeded_draws(3, 0))
+    run = tree_generate(target, MedusaDraft(target, heads, paths), prompts, 40, greedy, seeded_draws(3, 0))
+    assert torch.equal(run.tokens, want)
+    assert run.tokens_per_step > 1.5  # the heads' candidates are accepted often: their hidden state is the right one
