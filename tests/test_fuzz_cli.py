@@ -7,7 +7,7 @@ takes, files whole) or exits 2 with one line on stderr that names the input; nev
 a hang (hypothesis's deadline bounds each case), never a half-written file.
 
 Budget: the `ci` profile (the default) runs each test's stated number of examples,
-derandomized so that CI is reproducible (374 examples; on two cores the file takes 40-60 s).
+derandomized so that CI is reproducible (384 examples; on two cores the file takes 40-60 s).
 `FUZZ_PROFILE=long` runs twenty times as many, each from fresh random draws.
 
 Commands whose valid runs measure or search for minutes (calibrate, compare, device-check, plan's
@@ -411,6 +411,25 @@ def test_specdec_flags(flags):
     argv = {"--max-new-tokens": "3", "--repeats": "1", **flags}
     code, out, err = reference_cli(["specdec", "--json", "--prompt", "ab", *(f"{f}={v}" for f, v in argv.items())])
     check_answer(code, out, err, [n for f in flags for n in flag_names(f)] + ["top_k", "top_p", "temperature", "gamma"])
+
+
+TREE_TEXT = st.one_of(st.sampled_from(["2x1", "3x2x1", "0x2", "[[0],[1],[0,0]]", "[[0,0]]", "[[1]]", "[]", "1x" * 40 + "1", "best:4"]), TEXT,
+                      st.lists(st.lists(st.integers(-2, 4), max_size=3), max_size=3).map(json.dumps))  # fmt: skip
+TREE_SPECDEC_FLAGS = {"--tree": TREE_TEXT, "--typical-eps": FLAG_TEXT, "--typical-delta": FLAG_TEXT, "--tv-samples": small_ints(-2, 3),
+                      "--temperature": FLAG_TEXT, "--batch": sizes(-2, 2)}  # fmt: skip
+
+
+@fuzz(10)
+@given(flags=st.dictionaries(st.sampled_from(list(TREE_SPECDEC_FLAGS)), st.none(), min_size=1, max_size=2).flatmap(
+    lambda chosen: st.fixed_dictionaries({f: TREE_SPECDEC_FLAGS[f] for f in chosen})),
+    draft=st.sampled_from(["medusa", "tree"]), acceptance=st.sampled_from(["exact", "typical"]))  # fmt: skip
+def test_specdec_tree_flags(flags, draft, acceptance):
+    pytest.importorskip("torch")
+    argv = {"--max-new-tokens": "3", "--repeats": "1", "--tree": "2x1", **flags}
+    code, out, err = reference_cli(["specdec", "--json", "--prompt", "abc", "--draft", draft, "--acceptance", acceptance,
+                                    *(f"{f}={v}" for f, v in argv.items())])  # fmt: skip
+    event(f"exit {code}")
+    check_answer(code, out, err, [n for f in flags for n in flag_names(f)] + ["tree", "typical", "temperature", "acceptance", "draft", "batch"])
 
 
 ATTENTION_FLAGS = {"--batch": sizes(-1, 2), "--heads": sizes(-1, 2), "--seqlen": sizes(-1, 40), "--head-dim": sizes(-1, 16),
