@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from reference.drafts import ModelDraft, NgramDraft
+from reference.medusa import MedusaDraft, file_sha256, load_heads, parse_tree_spec, verify_typical
 from reference.model import WEIGHTS_DIR, kv_cache_bytes, load_weights, physical_memory_bytes
 from reference.sampling import Sampling
 from reference.specdec import check_pair, measure_specdec, seeded_draws, speculative_generate, verify_pass_ratio
 from reference.timing import check_seed, torch_threads
+from reference.tree_decode import TreeDraft, TreeMeasurement, first_token_tv, measure_tree
 from simulator.errors import UserError, finite_json
+from simulator.paths import check_writable_file, write_json_atomic
 from simulator.speculative import SpecDecResult, expected_tokens
 
 DEFAULT_PROMPT = "import os\n\n\ndef "
 BENCH_GAMMAS = "1,2,3,4,5,6"
 RATIO_REQUIRED = 0.9  # issue 3: measured speedup >= 0.9 x Leviathan's prediction at the best gamma
+DEFAULT_TREE = "3x2x1"
+MEDUSA_TREE = WEIGHTS_DIR / "medusa_tree.json"  # the sparse tree chosen from the heads' measured acceptance
+TV_SAMPLES = 2000
+TYPICAL_EPS, TYPICAL_DELTA = 0.09, 0.3  # Medusa's defaults (posterior_threshold, posterior_alpha; Cai et al. 2024)
 
 
 def add_parsers(sub, bench) -> None:
@@ -30,6 +41,23 @@ def add_parsers(sub, bench) -> None:
     run.add_argument("--gamma", type=int, default=4, help="draft tokens per step (default 4)")
     run.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
     run.add_argument("--repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
+    run.add_argument("--tree", default=None,
+                     help=f"tree drafts: a full tree AxBxC, or rank paths as inline JSON or a JSON file, e.g. [[0],[1],[0,0]] "
+                     f"(default: {DEFAULT_TREE}; for medusa the committed reference/weights/medusa_tree.json)")  # fmt: skip
+    run.add_argument("--tree-top", action="store_true",
+                     help="--draft tree: each node's children are the draft's most likely tokens (fixed candidates), not samples")  # fmt: skip
+    run.add_argument("--heads", default=str(WEIGHTS_DIR / "medusa.pt"), help="Medusa heads file (for --draft medusa)")
+    run.add_argument("--acceptance", choices=("exact", "typical"), default="exact",
+                     help="exact: multi-step speculative sampling, the target's law; typical: Medusa's typical acceptance, "
+                     "INEXACT (tree drafts with fixed candidates only)")  # fmt: skip
+    run.add_argument("--typical-eps", type=float, default=TYPICAL_EPS,
+                     help=f"typical acceptance: accept x when p(x) > min(eps, delta exp(-H(p))) (default eps {TYPICAL_EPS})")  # fmt: skip
+    run.add_argument("--typical-delta", type=float, default=TYPICAL_DELTA, help=f"typical acceptance's delta (default {TYPICAL_DELTA})")
+    run.add_argument("--tv-samples", type=int, default=None,
+                     help=f"tree drafts: runs whose first tokens estimate the output law's distance from the target's "
+                     f"(default {TV_SAMPLES} with typical acceptance, none with exact unless given)")  # fmt: skip
+    run.add_argument("--acceptance-out", default=None,
+                     help="tree drafts: write the measured acceptance per depth and rank (tree_acceptance JSON, read by the simulator)")  # fmt: skip
     run.set_defaults(run=run_specdec)
 
     b = bench.add_parser("specdec", help="speedup over gamma at batch 1; checks it against Leviathan's formula",
@@ -44,8 +72,9 @@ def add_parsers(sub, bench) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--draft", choices=("model", "layer-skip", "ngram"), default="model",
-                   help="model: the small trained draft; layer-skip: the target's first half; ngram: prompt lookup")  # fmt: skip
+    p.add_argument("--draft", choices=("model", "layer-skip", "ngram", "tree", "medusa"), default="model",
+                   help="model: the small trained draft; layer-skip: the target's first half; ngram: prompt lookup; "
+                   "tree: the small draft proposing a token tree (--tree); medusa: Medusa heads on the target (--tree)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (default off)")
     p.add_argument(
@@ -63,7 +92,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="torch intra-op threads (default 1: steady timings on a shared machine; 0: torch's default)")  # fmt: skip
 
 
-def _setup(args, gammas: list[int]):
+def _setup(args, gammas: list[int], target=None, draft=None):
     if args.device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", args.device):
         raise UserError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -77,9 +106,12 @@ def _setup(args, gammas: list[int]):
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     s = Sampling(args.temperature, args.top_k, args.top_p).check()
     prompt_ids = list(args.prompt.encode("utf-8"))
-    target = load_weights(args.target, args.device)
+    target = load_weights(args.target, args.device) if target is None else target
     models = [("target", args.target, target)]
-    if args.draft == "model":
+    if draft is not None:  # a tree draft, built by the caller
+        if isinstance(draft, TreeDraft):
+            models.append(("draft", args.draft_model, draft.model))
+    elif args.draft == "model":
         draft = ModelDraft(load_weights(args.draft_model, args.device))
         models.append(("draft", args.draft_model, draft.model))
         if draft.vocab_size != target.spec.vocab_size:
@@ -107,8 +139,105 @@ def _setup(args, gammas: list[int]):
 
 
 def run_specdec(args) -> int:
+    tree_draft = args.draft in ("tree", "medusa")
+    for flag, given in (("--tree", args.tree is not None), ("--acceptance-out", args.acceptance_out is not None),
+                        ("--acceptance typical", args.acceptance == "typical"), ("--tree-top", args.tree_top and args.draft != "tree")):  # fmt: skip
+        if given and not tree_draft:
+            raise UserError(f"{flag} is for tree drafts (--draft tree or medusa), not --draft {args.draft}")
+    if args.tree_top and args.draft == "medusa":
+        raise UserError("--tree-top is for --draft tree; Medusa's candidates are always its heads' top-k")
+    if args.acceptance == "typical" and args.draft == "tree" and not args.tree_top:
+        raise UserError("--acceptance typical needs fixed candidates: --draft medusa, or --draft tree --tree-top (a sampled tree is verified exactly only)")
+    if args.acceptance == "typical" and not (0 < args.typical_eps <= 1 and args.typical_delta > 0):
+        raise UserError(f"typical acceptance needs 0 < --typical-eps <= 1 and --typical-delta > 0, got {args.typical_eps} and {args.typical_delta}")
+    if args.tv_samples is not None and not tree_draft:
+        raise UserError(f"--tv-samples is for tree drafts (--draft tree or medusa), not --draft {args.draft}")
+    if args.tv_samples is None and args.acceptance == "typical":
+        args.tv_samples = TV_SAMPLES
+    if args.tv_samples is not None and args.tv_samples < 1:
+        raise UserError(f"--tv-samples must be >= 1, got {args.tv_samples}")
+    if args.acceptance_out is not None:
+        check_writable_file(Path(args.acceptance_out))
     with torch_threads(args.threads):
-        return _run_specdec(args)
+        return _run_tree(args) if tree_draft else _run_specdec(args)
+
+
+def _tree_spec(args) -> str:
+    if args.tree is not None:
+        return args.tree
+    return str(MEDUSA_TREE) if args.draft == "medusa" and MEDUSA_TREE.is_file() else DEFAULT_TREE
+
+
+def _run_tree(args) -> int:
+    spec = _tree_spec(args)
+    prompt_ids = list(args.prompt.encode("utf-8"))
+    target = load_weights(args.target, args.device)
+    # the tree pass writes every node after the prompt and the output (tree_generate's room)
+    room = target.spec.max_seq_len - len(prompt_ids) - args.max_new_tokens - 1
+    if room < 1:
+        raise UserError(f"{args.target}: the target's {target.spec.max_seq_len} positions cannot hold the prompt's {len(prompt_ids)} tokens "
+                        f"+ --max-new-tokens {args.max_new_tokens} + a tree")  # fmt: skip
+    paths = parse_tree_spec(spec, max_nodes=room)
+    if args.draft == "medusa":
+        draft = MedusaDraft(target, load_heads(args.heads, target, args.target), paths)
+    else:
+        if len(paths) != len(set(paths)) or paths != parse_tree_spec(_full_shape(paths)):
+            raise UserError(f"--tree {spec}: --draft tree takes a full tree AxBxC (rank paths are for --draft medusa)")
+        branching = tuple(1 + max(p[d] for p in paths if len(p) > d) for d in range(max(len(p) for p in paths)))
+        model = load_weights(args.draft_model, args.device)
+        if args.tree_top and max(branching) > model.spec.vocab_size:
+            raise UserError(f"--tree {spec} --tree-top: {max(branching)} candidates per node out of the draft's vocabulary of {model.spec.vocab_size}")
+        draft = TreeDraft(model, branching, top=args.tree_top)
+    check_pair(target, draft, prompt_ids, 1, Sampling(args.temperature, args.top_k, args.top_p))
+    _, _, prompt, s = _setup(args, [len(paths)], target=target, draft=draft)
+    typical = args.acceptance == "typical"
+    verifier = (lambda tree, p, u, v: verify_typical(tree, p, args.typical_eps, args.typical_delta)) if typical else None
+    result = measure_tree(target, draft, paths, prompt, args.max_new_tokens, s, args.seed, args.repeats, verifier)
+    out = asdict(result)
+    if typical:
+        out |= {"typical_eps": args.typical_eps, "typical_delta": args.typical_delta}
+    if args.tv_samples is not None:
+        tv = first_token_tv(target, draft, prompt_ids, s, args.tv_samples, args.seed, verifier)
+        out |= {"first_token_tv": tv, "tv_samples": args.tv_samples}
+    if args.acceptance_out is not None:
+        # the command line as given, or (called as a library) the options that shaped the measurement
+        given = sys.argv[1:2] == ["specdec"]
+        source = "python -m reference specdec " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if given else f"python -m reference specdec --draft {args.draft} --tree {spec}"
+        write_json_atomic(Path(args.acceptance_out), acceptance_file(result, args.draft, file_sha256(args.target), source))
+    if args.json:
+        print(finite_json(out))
+        return 0
+    print(format_tree(result, out.get("first_token_tv"), args.tv_samples))
+    return 0
+
+
+def _full_shape(paths: list[tuple[int, ...]]) -> str:
+    """The full tree AxBxC with the largest rank + 1 at every depth of `paths`."""
+    depth = max(len(p) for p in paths)
+    return "x".join(str(1 + max(p[d] for p in paths if len(p) > d)) for d in range(depth))
+
+
+def acceptance_file(r: TreeMeasurement, draft: str, target_sha256: str, source: str) -> dict:
+    """The tree acceptance file of the executor/simulator contract."""
+    return {"kind": "tree_acceptance", "draft": draft, "target": r.target, "target_sha256": target_sha256,
+            "temperature": r.temperature, "accept": r.accept, "steps": r.steps, "tree": r.tree, "source": source}  # fmt: skip
+
+
+def format_tree(r: TreeMeasurement, tv: float | None, tv_samples: int) -> str:
+    label = "exact (multi-step speculative sampling: the target's law)" if r.exact else "typical acceptance: INEXACT, not the target's law"
+    lines = [
+        f"target {r.target}  draft {r.draft}  device {r.device}",
+        f"tree             {len(r.tree)} nodes, depth {max(len(p) for p in r.tree)}   verification: {label}",
+        f"autoregressive   {r.autoregressive_tokens_per_s:10.1f} tokens/s",
+        f"tree speculative {r.tokens_per_s:10.1f} tokens/s   speedup {r.speedup:.3f}",
+        f"tokens per step  {r.tokens_per_step:10.3f}   (accepted + 1, over {r.steps} verify steps; from the rank table by the contract's formula: {r.expected_tokens_per_step:.3f})",
+        "P(>= d accepted)  " + ", ".join(f"d{d} {x:.3f}" for d, x in enumerate(r.reach, start=1)),
+        "accept[depth][rank] (P the rank-r candidate is accepted | its parent was):",
+    ]
+    lines += [f"  depth {d}: " + ", ".join(f"{a:.3f}" for a in row) for d, row in enumerate(r.accept, start=1)]
+    if tv is not None:
+        lines.append(f"first token: TV from the target's law {tv:.4f} (estimated from {tv_samples} runs)")
+    return "\n".join(lines)
 
 
 def _run_specdec(args) -> int:

@@ -13,7 +13,8 @@ per row below 4 rows), `transposed` 376 us at one row, `packed` 566 / 584 us at 
 but `packed` costs some 20 us per call more than the others on a draft-sized (128-wide) weight.
 So the choice is timed, not fixed: on the first call with a given number of rows (exact up to 8,
 then by power of two) each candidate runs a few times and the fastest serves that row count from
-then on. Autograd, other devices and dtypes take `F.linear`. The copies and choices are rebuilt
+then on. A row count so large that one call takes seconds (a long prefill) is timed with fewer
+calls, to fit TUNE_BUDGET_S, and a tuning expected to last over TUNE_NOTICE_S says so on stderr. Autograd, other devices and dtypes take `F.linear`. The copies and choices are rebuilt
 when the weight changes (its storage, or its version counter: a weight made under
 `torch.inference_mode` has none, so changing one in place is not seen there).
 """
@@ -21,6 +22,7 @@ when the weight changes (its storage, or its version counter: a weight made unde
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -35,24 +37,45 @@ KERNELS = {
 PACK_ROWS = 4  # the row count oneDNN lays the weight out for; its kernel serves any other count too
 TUNE_SAMPLES = 5  # timed samples per candidate, of TUNE_CALLS calls each; the median decides
 TUNE_CALLS = 3
+TUNE_BUDGET_S = 5.0  # fewer samples and calls where one round of the candidates is this slow (at least 1 x 1)
+TUNE_NOTICE_S = 5.0  # a tuning expected to take longer (one round over the budget) prints one line on stderr
 
 
 def row_bucket(rows: int) -> int:
     return rows if rows <= 8 else 1 << (rows - 1).bit_length()
 
 
+def tune_plan(round_s: float) -> tuple[int, int]:
+    """(samples, calls per sample) for candidates whose one round, one call each, takes `round_s`
+    seconds: TUNE_SAMPLES x TUNE_CALLS, cut to fit TUNE_BUDGET_S, never below one call."""
+    fit = int(TUNE_BUDGET_S // round_s) if round_s > 0 else TUNE_SAMPLES * TUNE_CALLS
+    calls = max(1, min(TUNE_CALLS, fit // TUNE_SAMPLES))
+    return max(1, min(TUNE_SAMPLES, fit // calls)), calls
+
+
 def fastest(copies: dict[str, torch.Tensor], x: torch.Tensor) -> str:
     """The candidate with the lowest median time on `x`, the candidates timed in turns."""
-    samples: dict[str, list[float]] = {kind: [] for kind in copies}
-    for kind, w in copies.items():
-        KERNELS[kind](x, w)  # warm-up: first-call setup (oneDNN builds its primitive) stays out
-    for _ in range(TUNE_SAMPLES):
-        for kind, w in copies.items():
-            start = time.perf_counter()
-            for _ in range(TUNE_CALLS):
-                KERNELS[kind](x, w)
-            samples[kind].append(time.perf_counter() - start)
-    return min(samples, key=lambda kind: statistics.median(samples[kind]))
+
+    def timed(kind: str, calls: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            KERNELS[kind](x, copies[kind])
+        return time.perf_counter() - start
+
+    for kind in copies:
+        timed(kind, 1)  # warm-up: first-call setup (oneDNN builds its primitive) stays out
+    first = {kind: timed(kind, 1) for kind in copies}  # one round, one call each: sizes the tuning
+    samples, calls = tune_plan(sum(first.values()))
+    if samples * calls * sum(first.values()) > TUNE_NOTICE_S:
+        d_out, d_in = copies["linear"].shape
+        print(f"tuning the linear layer {d_in}x{d_out} for {x.numel() // d_in} rows: about "
+              f"{samples * calls * sum(first.values()):.0f} s (once per shape)", file=sys.stderr, flush=True)  # fmt: skip
+    reused = calls == 1  # a round of single calls is a sample already
+    times = {kind: [first[kind]] if reused else [] for kind in copies}
+    for _ in range(samples - reused):
+        for kind in copies:
+            times[kind].append(timed(kind, calls))
+    return min(times, key=lambda kind: statistics.median(times[kind]))
 
 
 class Linear(nn.Linear):

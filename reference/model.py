@@ -85,8 +85,10 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         layers: list[int] | None = None,
         tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V].
+        hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] -> logits [B, T, V]; with `hidden`, (logits, h) and h [B, T, d] the final
+        normed hidden state the unembedding reads (what Medusa heads read, `reference.medusa`).
 
         With a cache, the tokens extend each row at its own length and the cache advances by T.
         `layers` runs only those blocks (a layer-skip draft); its cache then has len(layers) layers.
@@ -123,11 +125,17 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.lengths = cache.lengths + T
             cache.limit = n_keys
+        if hidden:
+            h = self.norm(x)
+            return self.unembed(h), h
         return self.logits(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and unembedding: [B, T, d] -> [B, T, V]."""
-        h = self.norm(x)
+        return self.unembed(self.norm(x))
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """The normed hidden state [..., d] -> logits [..., V]."""
         return h @ self.embed.weight.T if self.head is None else self.head(h)
 
 

@@ -39,13 +39,15 @@ def warp(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
     temperature 0: one-hot at the argmax (first on ties). Otherwise softmax(logits / T) restricted
     to the top_k largest (ties with the k-th kept) and then to the smallest prefix, in descending
-    order, whose mass reaches top_p (the nucleus; Holtzman et al. 2020), renormalised. A T whose
-    reciprocal the dtype cannot hold gives the limit T -> 0: the argmax, ties sharing its mass; a
-    small T otherwise divides the logits after their maximum is taken off (softmax does not change),
-    so that no logit / T overflows into NaN."""
+    order, whose mass reaches top_p (the nucleus; Holtzman et al. 2020), renormalised. A T below the
+    smallest normal number of the logits' dtype (1.2e-38 in float32 and bfloat16, 6.1e-5 in float16)
+    gives the limit T -> 0: the argmax, ties sharing its mass (such a T is a subnormal number, which
+    flush-to-zero arithmetic reads as 0, or its reciprocal overflows); a small T otherwise divides
+    the logits after their maximum is taken off (softmax does not change), so that no logit / T
+    overflows into NaN."""
     if s.temperature == 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    if 1.0 / s.temperature > torch.finfo(logits.dtype).max:
+    if s.temperature < torch.finfo(logits.dtype).tiny:  # then 1 / T may overflow, or T flush to 0 (0 / 0 = NaN)
         top = (logits == logits.amax(-1, keepdim=True)).to(logits.dtype)
         return top / top.sum(-1, keepdim=True)
     z = logits if s.temperature == 1 else (logits - logits.amax(-1, keepdim=True)) / s.temperature
@@ -83,6 +85,34 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.minimum(p, q).sum(-1)
 
 
+def working_dtype(x: torch.Tensor) -> torch.dtype:
+    """The verifier's arithmetic: float64, or float32 on Apple's MPS, which has no float64. The
+    residual's running sum and the scaled uniform in float16 / bfloat16 would be off by up to 5e-4
+    (an 11-bit / 8-bit significand); after the upcast the law is that of the inputs' own values."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def accept(u: torch.Tensor, p_d: torch.Tensor, q_d: torch.Tensor) -> torch.Tensor:
+    """Accept d_i with probability min(1, p_i(d_i) / q_i(d_i)): u_i < p/q <=> u_i q < p, with no
+    division (q_i(d_i) > 0, since d_i was drawn from q_i). [B, gamma] -> bool [B, gamma]."""
+    return u * q_d < p_d
+
+
+def next_token_sources(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What the token after n accepted drafts is drawn from, for every n, unnormalised: on a rejection
+    at position n < gamma the residual max(0, p_n - q_n); after gamma acceptances p_gamma itself,
+    the bonus token. p [B, gamma+1, V], q [B, gamma, V] -> [B, gamma+1, V]."""
+    gamma = q.shape[1]
+    return torch.cat(((p[:, :gamma] - q).clamp_min(0), p[:, gamma:]), dim=1)
+
+
+def sample_unnormalised(mass: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF of norm(mass), as in `sample`, with the draw scaled instead of the mass: the
+    smallest x with v * total < cdf(x). mass [B, V] >= 0, v [B] -> [B]; V where no x qualifies."""
+    cdf = mass.cumsum(-1)
+    return torch.searchsorted(cdf, v[:, None].to(cdf.dtype) * cdf[:, -1:], right=True)[:, 0]
+
+
 def verify(
     p: torch.Tensor, q: torch.Tensor, draft_tokens: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,25 +122,23 @@ def verify(
     p [B, gamma+1, V]: warped target distributions after the prefix and after each draft token;
     q [B, gamma, V]: the warped draft distributions each draft token was drawn from;
     draft_tokens [B, gamma]; u [B, gamma], v [B]: uniform draws in [0, 1).
-    Returns n_accepted [B] in 0..gamma and next_token [B]."""
+    Returns n_accepted [B] in 0..gamma and next_token [B].
+    Computed in `working_dtype` (float64; float32 on MPS) whatever the inputs' dtype. Its steps
+    (`accept`, `next_token_sources`, `sample_unnormalised`) are module functions, so a test can
+    replace one with a known-wrong variant."""
     B, gamma = draft_tokens.shape
+    work = working_dtype(p)
+    p, q, u, v = p.to(work), q.to(work), u.to(work), v.to(work)
     at_d = draft_tokens[..., None]
     # p_i(d_i) and q_i(d_i): [B, gamma]
     p_d = p[:, :gamma].gather(-1, at_d)[..., 0]
     q_d = q.gather(-1, at_d)[..., 0]
-    # accept d_i with probability min(1, p_i(d_i) / q_i(d_i)):  u_i < p/q  <=>  u_i q < p  (q_i(d_i) > 0: d_i ~ q_i)
-    accepted = u * q_d < p_d
+    accepted = accept(u, p_d, q_d)
     # n = length of the run of acceptances from the start; later positions are discarded
     n = accepted.cumprod(-1).sum(-1)  # [B] int64
-    # the next token comes from position n: on a rejection (n < gamma) from the residual
-    # norm(max(0, p_n - q_n)); after gamma acceptances from p_gamma, the bonus token. Residuals at
-    # every draft position, then p_gamma itself, make both one gather: [B, gamma+1, V].
-    residuals = torch.cat(((p[:, :gamma] - q).clamp_min(0), p[:, gamma:]), dim=1)
+    # the next token comes from position n: one gather from the residuals and the bonus distribution
     at_n = n[:, None, None].expand(B, 1, p.shape[-1])
-    residual = residuals.gather(1, at_n)[:, 0]  # [B, V], not normalised: the draw is scaled instead
-    # inverse CDF of norm(residual): the smallest x with v * mass < cdf(x), as in `sample`
-    cdf = residual.cumsum(-1)
-    token = torch.searchsorted(cdf, v[:, None].to(cdf.dtype) * cdf[:, -1:], right=True)[:, 0]
+    token = sample_unnormalised(next_token_sources(p, q).gather(1, at_n)[:, 0], v)  # [B]
     # a rejection means p_n(d) < q_n(d), so some x has p_n(x) > q_n(x) and the mass is > 0; float
     # rounding can leave none (p_n = q_n but for rounding), and then the token is p_n's most likely
     return n, torch.where(token < p.shape[-1], token, p.gather(1, at_n)[:, 0].argmax(-1))

@@ -3,7 +3,7 @@
 Both loops are batched; in the speculative one each row accepts its own number of draft tokens
 per step, so rows drift apart, and every cache keeps per-row lengths. The only host sync per step
 reads the shortest and longest row length: whether every row is done, and how far attention reads.
-Statistics are kept as tensors per step and reduced once at the end.
+Statistics are running sums kept on the device: a run's memory does not grow with its steps.
 """
 
 from __future__ import annotations
@@ -115,7 +115,10 @@ def speculative_generate(
     total = P + max_new_tokens
     room = total + gamma + 1  # finished rows keep stepping in place; their writes land past `total`
     buf, lengths, cache = start_generation(target, draft, prompt, room)
-    history = []  # per step (p, q, n, lengths before the step)
+    # statistics as running sums on the device (no host sync), so no step's p or q outlives the next step
+    beta_sum = torch.zeros(gamma, dtype=torch.float64, device=dev)
+    n_hist = torch.zeros(gamma + 1, dtype=torch.long, device=dev)
+    steps = 0
     ahead = torch.arange(gamma, device=dev)
     last = prompt[:, -1:]  # [B, 1]: each row's last token, the one the target cache lacks
     while True:
@@ -129,7 +132,12 @@ def speculative_generate(
             q = fixed_token_probs(d, V, target.embed.weight.dtype)
         p = warp(target(torch.cat((last, d), dim=1), cache), s)  # [B, gamma+1, V]: one pass scores every draft
         n, nxt = verify(p, q, d, u[:, gamma : 2 * gamma], u[:, 2 * gamma])
-        history.append((p, q, n, lengths))  # statistics are reduced after the loop, off the critical path
+        # rows still active before the step; draft position i was looked at iff n >= i
+        active = lengths < total  # [B]
+        reached = (ahead <= n[:, None]) & active[:, None]  # [B, gamma]
+        beta_sum += (acceptance_probability(p[:, :gamma], q).double() * reached).sum(0)
+        n_hist.index_add_(0, n, active.long())
+        steps += 1
         # emit d_1..d_n then the next token at position lengths + n (overwriting d_n+1); past it is scratch
         buf.scatter_(1, lengths[:, None] + ahead, d)
         last = nxt[:, None]
@@ -141,13 +149,7 @@ def speculative_generate(
         draft.rollback(lengths, longest)
         if shortest == total:
             break
-    # statistics of the rows still active at each step: draft position i was looked at iff n >= i
-    p, q, n, before = (torch.stack(h) for h in zip(*history, strict=True))  # [steps, B, ...]
-    beta, active = acceptance_probability(p[..., :gamma, :], q), before < total  # [steps, B, gamma], [steps, B]
-    reached = (ahead <= n[..., None]) & active[..., None]
-    beta_sum = (beta.double() * reached).sum((0, 1))
-    n_hist = torch.zeros(gamma + 1, dtype=torch.long, device=dev).index_add_(0, n[active], torch.ones_like(n[active]))
-    return SpecRun(buf[:, :total], len(history), beta_sum.cpu(), n_hist.cpu())
+    return SpecRun(buf[:, :total], steps, beta_sum.cpu(), n_hist.cpu())
 
 
 def check_pair(target: Transformer, draft: Draft, prompt: list[int], gamma: int, s: Sampling) -> None:

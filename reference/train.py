@@ -1,6 +1,7 @@
 """Train the executor's draft/target pair on the Python standard library's own source files.
 
     python -m reference.train            # writes reference/weights/{target,draft}.pt and manifest.json
+    python -m reference.train medusa     # then Medusa heads for that target: medusa.pt, in manifest.json
 
 Every machine with Python has this text, so the pair is reproducible anywhere: bytes are the
 vocabulary (256), the files are read in sorted order, batches come from a seeded generator, and
@@ -12,6 +13,10 @@ The target also learns to exit early after half its layers (LayerSkip, Elhoushi 
 the target with its top layers skipped is a usable self-speculative draft. The draft model is
 distilled from the target (soft labels; DistillSpec, Zhou et al. 2024), since the acceptance rate
 is 1 - TV(p, q) and matching the target's distribution is exactly what raises it.
+
+The Medusa stage trains K heads on the frozen target's last hidden state (Medusa-1, Cai et al. 2024;
+`reference.medusa`) on the same corpus and split, seeded, and records in the manifest the sha256 of
+the target they were trained for, so heads are never used with another target.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ if __name__ == "__main__":  # before torch loads: fixed thread counts, so every 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from reference.model import WEIGHTS_DIR, Transformer, save_weights  # noqa: E402
+from reference.medusa import MedusaHeads, best_tree, file_sha256, head_accuracy, medusa_loss, save_heads  # noqa: E402
+from reference.model import WEIGHTS_DIR, Transformer, load_weights, save_weights  # noqa: E402
 from simulator.models import ModelSpec  # noqa: E402
 
 TARGET_SPEC = ModelSpec(
@@ -54,6 +60,10 @@ TARGET_STEPS = 1400
 DRAFT_STEPS = 1200
 SEED = 1234
 THREADS = 2
+MEDUSA_HEADS = 4  # Medusa-1 used 5 on Vicuna; 4 fit the 10-minute budget on 2 cores with room
+MEDUSA_STEPS = 600
+MEDUSA_TOP = 10  # held-out accuracy reported for the top 1 .. 10 candidates of each head
+MEDUSA_TREE_NODES = 32  # issue 15's node budget for the Medusa tree
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
 
 
@@ -64,10 +74,10 @@ def stdlib_corpus() -> bytes:
     return b"\n".join(p.read_bytes() for p in files)
 
 
-def batches(data: torch.Tensor, steps: int, seed: int):
-    """`steps` batches of [BATCH, SEQ_LEN + 1] byte windows at seeded random offsets."""
+def batches(data: torch.Tensor, steps: int, seed: int, extra: int = 0):
+    """`steps` batches of [BATCH, SEQ_LEN + 1 + extra] byte windows at seeded random offsets."""
     g = torch.Generator().manual_seed(seed)
-    span = torch.arange(SEQ_LEN + 1)
+    span = torch.arange(SEQ_LEN + 1 + extra)
     for _ in range(steps):
         starts = torch.randint(0, len(data) - SEQ_LEN - 1, (BATCH,), generator=g)
         yield data[starts[:, None] + span]
@@ -143,8 +153,95 @@ def evaluate(target: Transformer, draft: Transformer, data: torch.Tensor) -> dic
     return out
 
 
+def train_medusa(target: Transformer, data: torch.Tensor, steps: int, n_heads: int, peak_lr: float, seed: int) -> MedusaHeads:
+    """AdamW on Medusa-1's loss (`medusa.medusa_loss`), the target frozen and run in float32 as at
+    inference (its hidden states are what the heads will read), the heads' W2 started from its unembedding."""
+    target.requires_grad_(False)
+    torch.manual_seed(seed)
+    heads = MedusaHeads(target.spec.d_model, target.spec.vocab_size, n_heads).init_from(target)
+    opt = torch.optim.AdamW(heads.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    t0 = time.perf_counter()
+    for step, x in enumerate(batches(data, steps, seed, extra=n_heads)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, peak_lr)
+        # the target's weights do not require grad, so no graph is kept; with grad mode on, its layers
+        # take F.linear rather than timing kernels per row count, so every run computes alike
+        _, h = target(x[:, :SEQ_LEN], hidden=True)  # [BATCH, SEQ_LEN, d]
+        loss = medusa_loss(heads, h, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.0f} s", flush=True)
+    return heads.eval()
+
+
+def write_medusa_tree(accuracy: list[list[float]], path: Path, n_nodes: int = MEDUSA_TREE_NODES) -> list[tuple[int, ...]]:
+    """The sparse tree `specdec --draft medusa` uses by default: Medusa's greedy choice of n_nodes
+    from the heads' held-out accuracy per rank (`medusa.best_tree`), as rank paths."""
+    paths = best_tree(accuracy, n_nodes)
+    path.write_text(json.dumps([list(p) for p in paths]) + "\n")
+    return paths
+
+
+def main_medusa(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reference.train medusa", description="Train Medusa heads for the trained target.")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder holding target.pt and manifest.json; medusa.pt goes there")
+    parser.add_argument("--heads", type=int, default=MEDUSA_HEADS, help=f"number of heads K (default {MEDUSA_HEADS})")
+    parser.add_argument("--steps", type=int, default=MEDUSA_STEPS, help=f"training steps (default {MEDUSA_STEPS})")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+    manifest_path, target_path = args.out / "manifest.json", args.out / "target.pt"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        recorded = manifest["weights_sha256"]["target"]
+        target_sha = file_sha256(target_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {args.out}: needs target.pt and the manifest.json that describes it (`python -m reference.train`): {exc}", file=sys.stderr)
+        return 2
+    if recorded != target_sha:
+        print(f"error: {target_path} is not the target manifest.json describes (sha256 differs)", file=sys.stderr)
+        return 2
+    target = load_weights(target_path).requires_grad_(False)
+    corpus = stdlib_corpus()
+    data = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
+    n_val = len(data) // 50  # the pair's split: the last 2% held out
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    heads = train_medusa(target, data[:-n_val], args.steps, args.heads, 1e-3, SEED + 2)
+    t_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    save_heads(heads, target_sha, args.out / "medusa.pt")
+    accuracy = head_accuracy(heads, target, data[-n_val:], SEQ_LEN, MEDUSA_TOP)
+    manifest["medusa"] = {
+        "heads": args.heads,
+        "steps": args.steps,
+        "seed": SEED + 2,
+        "batch": BATCH,
+        "seq_len": SEQ_LEN,
+        "corpus_sha256": hashlib.sha256(corpus).hexdigest(),
+        "target_sha256": target_sha,
+        "weights_sha256": file_sha256(args.out / "medusa.pt"),
+        "params": sum(p.numel() for p in heads.parameters()),
+        "train_time_s": round(t_s, 1),
+        "train_cpu_s": round(cpu_s, 1),  # CPU seconds over both threads: what the run costs whatever else shares the machine
+        "threads": THREADS,
+        "held_out_accuracy": {"top": MEDUSA_TOP, "per_head": accuracy},
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_medusa_tree(accuracy, args.out / "medusa_tree.json")
+    for k, acc in enumerate(accuracy):
+        print(f"head {k + 1} (token t+{k + 2}): top-1 {acc[0]:.3f}  top-3 {acc[2]:.3f}  top-{MEDUSA_TOP} {acc[-1]:.3f}")
+    print(f"{t_s:.0f} s ({cpu_s:.0f} CPU s) for {args.steps} steps")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reference.train", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["medusa"]:
+        return main_medusa(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m reference.train", description=__doc__.split("\n\n")[0],
+                                     epilog="`python -m reference.train medusa --help`: the Medusa heads stage")  # fmt: skip
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder for target.pt, draft.pt, manifest.json")
     parser.add_argument("--target-steps", type=int, default=TARGET_STEPS)
     parser.add_argument("--draft-steps", type=int, default=DRAFT_STEPS)

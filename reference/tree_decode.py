@@ -11,6 +11,7 @@ dropped by the cache's length, so the cache again holds exactly the committed se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from reference.model import KVCache, Transformer
 from reference.sampling import Sampling, fixed_token_probs, sample, warp
 from reference.specdec import Draw, start_generation, tokens_per_step
-from reference.tree import TokenTree, verify_tree
+from reference.tree import TokenTree, TreeVerdict, verify_tree
 
 
 def tree_attention(tree: TokenTree, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,13 +162,15 @@ class TreeDraft:
 class TreeRun:
     """One tree-speculative generation: its tokens, how many candidates each step accepted, and
     which child was accepted at each depth: the acceptance per depth and candidate rank that
-    Medusa's sparse trees are built from (Cai et al. 2024)."""
+    Medusa's sparse trees are built from (Cai et al. 2024). A candidate's rank is its place among
+    its siblings, or for a draft with `node_rank` (Medusa's rank paths) the rank its path names."""
 
     tokens: torch.Tensor  # [B, P + max_new_tokens]
     steps: int  # target passes
     n_hist: torch.Tensor  # [depth + 1] (row, step) pairs of active rows by number of accepted candidates
     tried: torch.Tensor  # [depth] pairs whose verifier tried the children of its node at depth d
-    accepted_rank: torch.Tensor  # [depth, K] pairs that accepted there the child tried k-th
+    accepted_rank: torch.Tensor  # [depth, K] pairs that accepted there the child of rank k
+    offered: torch.Tensor  # [depth, K] pairs whose accepted node at depth d had a child of rank k
 
     @property
     def acceptance(self) -> torch.Tensor:
@@ -176,22 +179,36 @@ class TreeRun:
         return self.accepted_rank.double() / self.tried.double()[:, None]
 
     @property
+    def rank_acceptance(self) -> torch.Tensor:
+        """[depth, K] P(the child of rank k is accepted | its parent was accepted and has it), float64,
+        the tree acceptance file's `accept`; NaN where no accepted parent had such a child."""
+        return self.accepted_rank.double() / self.offered.double()
+
+    @property
     def tokens_per_step(self) -> float:
         return tokens_per_step(self.n_hist)
 
 
+Verifier = Callable[[TokenTree, torch.Tensor, torch.Tensor, torch.Tensor], TreeVerdict]  # (tree, p, u [B, N], v [B])
+
+
 @torch.inference_mode()
 def tree_generate(
-    target: Transformer, draft: TreeDraft, prompt: torch.Tensor, max_new_tokens: int, s: Sampling, draw: Draw
-) -> TreeRun:
+    target: Transformer, draft, prompt: torch.Tensor, max_new_tokens: int, s: Sampling, draw: Draw,
+    verifier: Verifier | None = None,
+) -> TreeRun:  # fmt: skip
     """prompt [B, P] -> `TreeRun` with tokens [B, P + max_new_tokens], distributed exactly as
     `specdec.autoregressive_generate` with the target (and equal to it token for token when greedy).
     Per step: the draft's tree (its trees may be ragged: size[b] nodes in row b), one target pass
-    over every node, `verify_tree`, the accepted path's K and V kept.
+    over every node, `verify_tree` (or `verifier`, e.g. Medusa's inexact typical acceptance), the
+    accepted path's K and V kept. A draft with `needs_hidden` (`medusa.MedusaDraft`) gets the
+    target's hidden state at each row's last accepted node, where the next token was drawn.
 
     Invariant per row b, holding lengths[b] tokens: the target cache holds all but the last one."""
     B, P = prompt.shape
     dev, N, D = prompt.device, draft.n_nodes, draft.depth
+    needs_hidden = getattr(draft, "needs_hidden", False)
+    rows = torch.arange(B, device=dev)
     total = P + max_new_tokens
     room = total + N + 1  # finished rows keep stepping in place; their writes land past `total`
     buf, lengths, cache = start_generation(target, draft, prompt, room)
@@ -204,8 +221,10 @@ def tree_generate(
         at_nodes = F.pad(u[:, : 2 * (N - 1)].unflatten(1, (2, N - 1)), (1, 0))  # [B, 2, N]: node 0, the root, draws nothing
         tree = draft.propose(buf, lengths, s, at_nodes[:, 0])
         base = cache.lengths  # the root's slot: lengths - 1
-        p = warp(target(tree.tokens, cache, tree=tree_attention(tree, base)), s)  # [B, N, V]: one pass scores every node
-        verdict = verify_tree(tree, p, at_nodes[:, 1], u[:, -1])
+        out = target(tree.tokens, cache, tree=tree_attention(tree, base), hidden=needs_hidden)  # one pass scores every node
+        logits, h = out if needs_hidden else (out, None)  # [B, N, V], [B, N, d]
+        p = warp(logits, s)
+        verdict = (verifier or verify_tree)(tree, p, at_nodes[:, 1], u[:, -1])
         n = verdict.n
         path = F.pad(verdict.path, (0, D - verdict.path.shape[1]), value=-1)  # [B, D]: pruned trees may be shallower
         history.append((tree, path, n, lengths))  # statistics are reduced after the loop, off the critical path
@@ -217,21 +236,144 @@ def tree_generate(
         shortest, longest = min(per_row), max(per_row)
         # the root stays at its slot; the accepted nodes move to the slots after it
         keep_path(cache, base[:, None] + path.clamp_min(0), base[:, None] + 1 + ahead, lengths - 1, longest - 1)
-        draft.rollback(path, lengths, longest)
+        if needs_hidden:  # the hidden state at the last accepted node (the root if none), which drew the next token
+            end = torch.where(n > 0, path.gather(1, (n - 1).clamp_min(0)[:, None])[:, 0], 0)
+            draft.rollback(path, lengths, longest, h[rows, end])
+        else:
+            draft.rollback(path, lengths, longest)
         if shortest == total:
             break
     # statistics of the rows still active at each step
-    width = max(tree.children().shape[-1] for tree, *_ in history)  # the most children any node had
+    fixed_rank = getattr(draft, "node_rank", None)
+    labels = [tree.rank() if fixed_rank is None else torch.tensor(fixed_rank, device=dev).expand(B, -1) for tree, *_ in history]
+    width = max(int(label.max()) for label in labels) + 1  # the largest rank any node had, plus one
     n_hist = torch.zeros(D + 1, dtype=torch.long, device=dev)
     tried = torch.zeros(D, dtype=torch.long, device=dev)
     accepted_rank = torch.zeros(D, width, dtype=torch.long, device=dev)
-    for tree, path, n, before in history:
+    offered = torch.zeros(D, width, dtype=torch.long, device=dev)
+    ranks = torch.arange(width, device=dev)
+    for (tree, path, n, before), label in zip(history, labels, strict=True):
         active = before < total  # [B]
         n_hist.index_add_(0, n[active], torch.ones_like(n[active]))
         # depth d tried the children of the path's node at depth d, if it had any: [B, D]
         at = torch.cat((torch.zeros_like(path[:, :1]), path[:, :-1]), 1).clamp_min(0)
-        has_children = tree.children()[:, :, 0].gather(1, at) >= 0
-        tried += ((ahead <= n[:, None]) & has_children & active[:, None]).sum(0)
-        rank = torch.where(path >= 0, tree.rank().gather(1, path.clamp_min(0)), -1)  # [B, D]: -1 where none was accepted
-        accepted_rank += ((rank[..., None] == torch.arange(width, device=dev)) & active[:, None, None]).sum(0)
-    return TreeRun(buf[:, :total], len(history), n_hist.cpu(), tried.cpu(), accepted_rank.cpu())
+        kids = tree.children()  # [B, N, K]
+        kids_at = kids.gather(1, at[..., None].expand(-1, -1, kids.shape[-1]))  # [B, D, K]: the children tried at depth d
+        reached = (ahead <= n[:, None]) & active[:, None]  # [B, D]
+        tried += (reached & (kids_at[..., 0] >= 0)).sum(0)
+        kid_rank = torch.where(kids_at >= 0, label.gather(1, kids_at.clamp_min(0).flatten(1)).view_as(kids_at), -1)
+        offered += ((kid_rank[..., None] == ranks) & reached[..., None, None]).any(2).sum(0)
+        rank = torch.where(path >= 0, label.gather(1, path.clamp_min(0)), -1)  # [B, D]: -1 where none was accepted
+        accepted_rank += ((rank[..., None] == ranks) & active[:, None, None]).sum(0)
+    return TreeRun(buf[:, :total], len(history), n_hist.cpu(), tried.cpu(), accepted_rank.cpu(), offered.cpu())
+
+
+@dataclass
+class TreeMeasurement:
+    """Tree speculation measured against autoregressive decoding on one device (`measure_tree`).
+    tokens_per_step counts the token after the accepted path (Medusa's acceptance length);
+    reach[d - 1] = P(a step accepts d candidates or more); accept[d - 1][r] = P(the candidate of
+    rank r at depth d is accepted | its parent was accepted and has it), ranks no step offered left off."""
+
+    device: str
+    target: str
+    draft: str
+    tree: list[list[int]]  # the rank paths measured with
+    exact: bool
+    acceptance: str  # "exact" (multi-step speculative sampling) or "typical" (Medusa's, inexact)
+    temperature: float
+    steps: int  # verify steps, all rows and repeats' sequences
+    tokens_per_step: float
+    reach: list[float]
+    accept: list[list[float]]
+    expected_tokens_per_step: float  # from accept and the tree by the contract's formula (`expected_tokens_per_step`)
+    autoregressive_tokens_per_s: float
+    tokens_per_s: float
+    speedup: float
+
+
+def expected_tokens_per_step(accept: list[list[float]], paths: list[tuple[int, ...]]) -> float:
+    """1 + sum over the tree's nodes n of prod over the nodes m on the root-to-n path of
+    accept[depth(m) - 1][rank(m)] (the executor/simulator contract; Cai et al. 2024's expected
+    acceptance length of a sparse tree): the chance each node is on the accepted path, plus the
+    token after it. Ranks past a depth's list count 0."""
+
+    def a(d: int, r: int) -> float:
+        row = accept[d - 1] if d - 1 < len(accept) else []
+        return row[r] if r < len(row) else 0.0
+
+    total = 1.0
+    for path in paths:
+        prob = 1.0
+        for d, r in enumerate(path, start=1):
+            prob *= a(d, r)
+        total += prob
+    return total
+
+
+def pooled_accept(runs: list[TreeRun]) -> list[list[float]]:
+    """accept[d - 1][r] over every run: accepted / offered, per depth up to the last rank offered."""
+    width = max(r.offered.shape[1] for r in runs)
+    D = max(r.offered.shape[0] for r in runs)
+    accepted = torch.zeros(D, width, dtype=torch.float64)
+    offered = torch.zeros(D, width, dtype=torch.float64)
+    for r in runs:
+        accepted[: r.offered.shape[0], : r.offered.shape[1]] += r.accepted_rank
+        offered[: r.offered.shape[0], : r.offered.shape[1]] += r.offered
+    table = []
+    for d in range(D):
+        seen = (offered[d] > 0).nonzero()
+        last = int(seen.max()) + 1 if len(seen) else 0
+        table.append([float(accepted[d, k] / offered[d, k]) if offered[d, k] > 0 else 0.0 for k in range(last)])
+    return table
+
+
+def measure_tree(
+    target: Transformer, draft, paths: list[tuple[int, ...]], prompt: torch.Tensor, max_new_tokens: int, s: Sampling,
+    seed: int, repeats: int, verifier: Verifier | None = None, sequences: int = 1,
+) -> TreeMeasurement:  # fmt: skip
+    """Medians of `repeats` rounds, autoregressive and tree-speculative in turns (`measure_interleaved`);
+    each round generates `sequences` continuations (seeds seed, seed + 1, ...); acceptance pooled
+    over the last round's sequences and rows."""
+    from reference.specdec import autoregressive_generate, seeded_draws
+    from reference.timing import measure_interleaved
+
+    B, dev = prompt.shape[0], prompt.device
+    seeds = range(seed, seed + sequences)
+    runs: list[TreeRun] = []
+
+    def autoregressive():
+        for k in seeds:
+            autoregressive_generate(target, prompt, max_new_tokens, s, seeded_draws(B, k, dev))
+
+    def speculative():
+        runs[:] = [tree_generate(target, draft, prompt, max_new_tokens, s, seeded_draws(B, k, dev), verifier) for k in seeds]
+
+    timings = measure_interleaved({"autoregressive": autoregressive, "tree": speculative}, repeats)
+    new_tokens = sequences * B * max_new_tokens
+    ar_tps, tps = new_tokens / timings["autoregressive"].median_s, new_tokens / timings["tree"].median_s
+    n_hist = sum(r.n_hist for r in runs)
+    reach = n_hist.flip(0).cumsum(0).flip(0)[1:].double() / n_hist.sum()  # [D]: P(n >= d)
+    accept = pooled_accept(runs)
+    return TreeMeasurement(
+        device=str(dev), target=target.spec.name, draft=draft.name, tree=[list(p) for p in paths],
+        exact=verifier is None, acceptance="exact" if verifier is None else "typical", temperature=s.temperature,
+        steps=int(n_hist.sum()), tokens_per_step=tokens_per_step(n_hist), reach=[float(x) for x in reach],
+        accept=accept, expected_tokens_per_step=expected_tokens_per_step(accept, paths),
+        autoregressive_tokens_per_s=ar_tps, tokens_per_s=tps, speedup=tps / ar_tps,
+    )  # fmt: skip
+
+
+@torch.inference_mode()
+def first_token_tv(target: Transformer, draft, prompt: list[int], s: Sampling, samples: int, seed: int, verifier: Verifier | None = None) -> float:
+    """Total variation between the law of the first generated token, estimated from `samples`
+    independent tree-speculative runs, and the target's own warped distribution after the prompt:
+    0.5 sum_x |count(x) / samples - p(x)|. Exact verification gives sampling noise only, about
+    sqrt(V / samples) at most; an inexact rule adds its bias."""
+    from reference.specdec import seeded_draws
+
+    x = torch.tensor([prompt], device=target.embed.weight.device)
+    run = tree_generate(target, draft, x.expand(samples, -1), 1, s, seeded_draws(samples, seed, x.device), verifier)
+    counts = torch.bincount(run.tokens[:, -1], minlength=target.spec.vocab_size).double()
+    p = warp(target(x)[0, -1].double(), s)
+    return float(0.5 * (counts / samples - p).abs().sum())

@@ -10,7 +10,7 @@ from simulator.errors import Parser, UserError, finite_json, run_command
 from simulator.hardware import load_profile, shipped_profiles
 from simulator.models import load_model
 
-SEARCH_OPTIONS = ("rate", "slo_ttft_p99", "slo_tpot_p99", "max_gpus", "requests", "seed", "plot_dir")
+SEARCH_OPTIONS = ("rate", "slo_ttft_p99", "slo_tpot_p99", "max_gpus", "requests", "seed", "plot_dir", "price")
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -43,32 +43,82 @@ def _run_tree_plan(args: argparse.Namespace) -> int:
 def _run_plan_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from simulator import capacity
+    from simulator import capacity, gpu_choice
+    from simulator.parallel import Runner
     from simulator.paths import check_writable_dir
 
     plot_dir = Path(args.plot_dir or capacity.DEFAULT_PLOT_DIR)
-    query = capacity.build_query(
-        args.gpu, args.model, args.rate, args.slo_ttft_p99, args.slo_tpot_p99, args.prompt_len, args.output_len,
-        args.max_gpus, args.alpha, args.dtype, args.requests, args.seed,
-    )  # fmt: skip
+    queries = {}
+    for gpu in gpu_choice.parse_gpus(args.gpu):
+        query = capacity.build_query(
+            gpu, args.model, args.rate, args.slo_ttft_p99, args.slo_tpot_p99, args.prompt_len, args.output_len,
+            args.max_gpus, args.alpha, args.dtype, args.requests, args.seed,
+        )  # fmt: skip
+        queries.setdefault(query.hw.name, query)
     if args.gamma is not None:
         plan_lib.check_gamma_fits(args.gamma, query.prompt_tokens, query.output_tokens, query.target)
+    prices = gpu_choice.parse_prices(args.price or [], list(queries))
     drafts = None if args.draft is None else [capacity.NO_DRAFT, args.draft]
+    cross = len(queries) > 1 or bool(prices)
+    runner = Runner(args.workers, ray=args.ray, ray_address=args.ray_address)
     check_writable_dir(plot_dir)
-    report = capacity.search(
-        query,
-        drafts=drafts,
-        gammas=capacity.GAMMAS if args.gamma is None else (args.gamma,),
-        max_batches=capacity.MAX_BATCHES if args.batch is None else (args.batch,),
-    )
-    jobs = capacity.plot_jobs(report, query, plot_dir, drafts)
+    reports, jobs = {}, []
+    for name, query in queries.items():
+        reports[name] = capacity.search(
+            query,
+            drafts=drafts,
+            gammas=capacity.GAMMAS if args.gamma is None else (args.gamma,),
+            max_batches=capacity.MAX_BATCHES if args.batch is None else (args.batch,),
+            runner=runner,
+        )
+        jobs += capacity.plot_jobs(reports[name], query, plot_dir / name if cross else plot_dir, drafts)
+    if cross:
+        report = gpu_choice.cross_report(reports, prices)
+        failed = report["fewest_gpus"] is None
+        formatted = gpu_choice.format_cross
+    else:
+        report = reports[name]
+        failed = report["recommendation"] is None
+        formatted = capacity.format_search
     report["plots"] = [path for path, _ in jobs]
-    print(finite_json(report) if args.json else capacity.format_search(report), flush=True)
+    print(finite_json(report) if args.json else formatted(report), flush=True)
     for _, draw in jobs:  # after the result (which names them): a plot that fails loses no figure
         draw()
-    if report["recommendation"] is None:
+    if failed:
         raise UserError(report["verdict"])
     return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from simulator import sweep
+    from simulator.parallel import Runner
+    from simulator.paths import check_writable_file
+
+    out = Path(args.out)
+    check_writable_file(out)
+    points = sweep.expand(sweep.load_spec(args.spec), args.spec)
+    sweep.check_points(points, args.spec)
+    runner = Runner(args.workers, ray=args.ray, ray_address=args.ray_address)
+    with tqdm(total=0, desc="sweep", unit="point", file=sys.stderr, mininterval=0.5, leave=False) as bar:
+
+        def on_total(todo: int, skipped: int) -> None:
+            bar.total = todo
+            bar.refresh()
+
+        counts = sweep.run_sweep(points, out, resume=args.resume, runner=runner, progress=bar.update, on_total=on_total)
+    print(f"sweep: {counts['simulated']} points simulated, {counts['skipped']} already in {out}; {counts['rows']} rows "
+          f"({runner.backend})")  # fmt: skip
+    return 0
+
+
+def _add_runner_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=int, default=None, help=f"{what} run on this many local processes, or CPUs of a local Ray (default: the cores this process may use)")
+    p.add_argument("--ray", action="store_true", help=f"run the {what} on a local Ray started for this command (needs {'.[ray]'!r})")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help=f"run the {what} on the Ray cluster at ADDR (host:port or ray://host:port; its nodes need this package)")
 
 
 def _run_profiles(args: argparse.Namespace) -> int:
@@ -173,9 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         "at the prompt length, from the GPU profile and the cost model. With --rate and --slo-ttft-p99 "
         "and/or --slo-tpot-p99: search replicas x tensor parallelism, draft, gamma and max batch, "
         "screen with the cost model, simulate the survivors in parallel, and recommend the fewest GPUs "
-        "that meet the SLO (exit code 2 with the binding constraint when none does).",
+        "that meet the SLO (exit code 2 with the binding constraint when none does). With --gpu a100,h100,...: search each "
+        "GPU type and name the one that needs the fewest GPUs and, given --price GPU=USD_PER_HOUR, the cheapest per million "
+        "output tokens.",
     )
-    p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias (see `profiles`), or a path to a YAML profile (default: %(default)s)")
+    p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias (see `profiles`), or a path to a YAML profile (default: %(default)s); in a search: a comma-separated list compares GPU types")
     p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or path to a HuggingFace config.json (default: %(default)s)")
     p.add_argument("--draft", default=None, help=f"draft model name or config.json, or medusa (heads on the target; needs --tree) (default: {plan_lib.DEFAULT_DRAFT}; in a search: every compatible draft and layer-skip, or none and this one)")
     p.add_argument("--alpha", type=float, default=plan_lib.DEFAULT_ALPHA, help="acceptance rate in [0, 1] (default: %(default)s, an assumption; measure yours with `python -m reference specdec`)")
@@ -196,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gpus", type=int, default=None, help=f"search: most GPUs to consider (default: {capacity.DEFAULT_MAX_GPUS})")
     p.add_argument("--requests", type=int, default=None, help=f"search: requests simulated per replica (default: {capacity.DEFAULT_REQUESTS})")
     p.add_argument("--seed", type=int, default=None, help="search: seed of arrivals and acceptance draws (default: 0)")
-    p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to (default: {capacity.DEFAULT_PLOT_DIR})")
+    p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to, one subfolder per GPU type when there are several (default: {capacity.DEFAULT_PLOT_DIR})")
+    p.add_argument("--price", action="append", default=None, metavar="GPU=USD_PER_HOUR", help="search: price of one GPU of a type searched, USD per hour (repeatable; no built-in prices): adds the cost per million output tokens and the cheapest type")
+    _add_runner_options(p, "search's simulations")
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
     p.set_defaults(run=_run_plan)
 
@@ -254,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print measured figures",
                            description="Benchmarks of the simulator itself: each prints the figures it measured.").add_subparsers(dest="benchmark", required=True)  # fmt: skip
     simulate.add_parsers(sub, bench)
+
+    p = sub.add_parser(
+        "sweep",
+        help="simulate every point of a grid or list of configurations, one Parquet row each",
+        description="Read a YAML spec (fixed options, a grid of option: [values] and/or a list of points; keys are simulate's "
+        "options: gpu, model, draft, gamma, alpha, max_batch, max_batched_tokens, tp, chunked_prefill, rate, arrival, burstiness, "
+        "requests, prompt_len, output_len, lengths, dtype, seed, ...), check every point, then simulate each (with and without "
+        "speculation, as simulate does) and write one row per point (its options and the simulate --json report, flattened) "
+        "to a Parquet file, rewritten atomically after every completed point.",
+    )
+    p.add_argument("spec", help="the sweep spec (YAML)")
+    p.add_argument("--out", required=True, help="the Parquet file to write (read by pandas.read_parquet)")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and simulate only the points missing there")
+    _add_runner_options(p, "simulations")
+    p.set_defaults(run=_run_sweep)
 
     p = sub.add_parser("profiles", help="list the shipped GPU profiles with key figures",
                        description="List the shipped hardware profiles (hardware_profiles/*.yaml): name, every alias, SMs, SRAM per SM, "

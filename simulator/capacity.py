@@ -5,7 +5,7 @@ degree, a draft (none, each compatible built-in draft model, the target itself w
 skipped), gamma and max batch size. A fast analytical screen from the cost model drops what
 cannot work (memory for the weights and the batch's KV cache, a TTFT bound, a TPOT estimate,
 decode throughput); the survivors are simulated with the SimPy serving engine of `serving.py`,
-in parallel over the machine's cores, each from a seed fixed by the candidate, so a search is
+in parallel over the machine's cores or on Ray (`parallel.Runner`), each from a seed fixed by the candidate, so a search is
 reproducible. The search goes up in GPU count and stops `extra_gpu_counts` GPU counts after the
 first one at which a candidate meets the SLO.
 
@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import sys
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
 
@@ -512,19 +510,11 @@ def rank_key(row: dict) -> tuple:
     return (not row["meets_slo"], row["gpus"], _two_figures(cost) if cost else math.inf, row["slo_ratio"], row["label"])
 
 
-def _run_all(jobs: dict[Candidate, tuple], max_workers: int, executor_box: list, bar) -> dict[Candidate, dict]:
-    """Simulate `jobs` on the pool (created on first use), in-process when max_workers is 1."""
+def _run_all(jobs: dict[Candidate, tuple], runner, bar) -> dict[Candidate, dict]:
+    """Simulate `jobs` on `runner` (an entered `parallel.Runner`)."""
     results: dict[Candidate, dict] = {}
-    if max_workers == 1 or len(jobs) == 1:
-        for c, job in jobs.items():
-            results[c] = run_simulation(job)
-            bar.update(1)
-        return results
-    if not executor_box:
-        executor_box.append(ProcessPoolExecutor(max_workers=max_workers))
-    futures = {executor_box[0].submit(run_simulation, job): c for c, job in jobs.items()}
-    for future in as_completed(futures):
-        results[futures[future]] = future.result()
+    for c, result in runner.unordered(run_simulation, jobs):
+        results[c] = result
         bar.update(1)
     return results
 
@@ -539,9 +529,13 @@ def search(
     progress: bool = True,
     extra_gpu_counts: int = EXTRA_GPU_COUNTS,
     max_simulations: int = MAX_SIMULATIONS,
+    runner=None,
 ) -> dict:
-    """Screen the candidate space, simulate the survivors from the fewest GPUs up, rank; a report dict."""
+    """Screen the candidate space, simulate the survivors from the fewest GPUs up, rank; a report dict.
+    `runner`: a `parallel.Runner` (not yet entered) to simulate on; default: `max_workers` local processes."""
     from tqdm import tqdm
+
+    from simulator.parallel import Runner
 
     query.check()
     for name, values in (("gamma", gammas), ("max batch", max_batches), ("tensor-parallel degree", tp_degrees)):
@@ -555,33 +549,29 @@ def search(
     screens = {c: screen(c, query, draft_specs, costs, max_batches) for c in space}
     passed = sorted((c for c in space if screens[c].passes), key=lambda c: (c.gpus, screens[c].ratio, c.label))
     levels = sorted({c.gpus for c in passed})
-    max_workers = max_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    runner = runner or Runner(max_workers)
 
     results: dict[Candidate, dict] = {}
-    executor_box: list[ProcessPoolExecutor] = []
     last_level = None
     truncated = False
-    with tqdm(total=0, desc="plan search", unit="sim", file=sys.stderr, mininterval=0.5, leave=False, disable=not progress) as bar:
-        try:
-            for i, gpus in enumerate(levels):
-                if last_level is not None and i > last_level:
-                    break
-                level = [c for c in passed if c.gpus == gpus]
-                room = max_simulations - len(results)
-                if room < len(level):
-                    truncated = True
-                    level = level[:room]
-                if not level:
-                    break
-                bar.total += len(level)
-                bar.refresh()
-                done = _run_all({c: simulation_job(c, query, draft_specs) for c in level}, max_workers, executor_box, bar)
-                results.update(done)
-                if last_level is None and any(candidate_row(c, r, screens[c], query)["meets_slo"] for c, r in done.items()):
-                    last_level = i + extra_gpu_counts
-        finally:
-            if executor_box:
-                executor_box[0].shutdown(cancel_futures=True)
+    bar = tqdm(total=0, desc="plan search", unit="sim", file=sys.stderr, mininterval=0.5, leave=False, disable=not progress)
+    with bar, runner:
+        for i, gpus in enumerate(levels):
+            if last_level is not None and i > last_level:
+                break
+            level = [c for c in passed if c.gpus == gpus]
+            room = max_simulations - len(results)
+            if room < len(level):
+                truncated = True
+                level = level[:room]
+            if not level:
+                break
+            bar.total += len(level)
+            bar.refresh()
+            done = _run_all({c: simulation_job(c, query, draft_specs) for c in level}, runner, bar)
+            results.update(done)
+            if last_level is None and any(candidate_row(c, r, screens[c], query)["meets_slo"] for c, r in done.items()):
+                last_level = i + extra_gpu_counts
 
     rows = sorted((candidate_row(c, r, screens[c], query) for c, r in results.items()), key=rank_key)
     recommendation = rows[0] if rows and rows[0]["meets_slo"] else None

@@ -12,11 +12,12 @@ are preempted: their blocks are freed and they return to the head of the queue, 
 recomputed (their prompt and the tokens generated so far prefilled again).
 
 Speed: a step's time comes from `PassCost`, the cost model of `forward()` regrouped into a part
-memoised by token count and a closed-form attention part. Between scheduling events (an
+memoised by token count and an attention part memoised by batch size and key count (profiled:
+pricing attention afresh for every planned span took about 60% of a run). Between scheduling events (an
 arrival that could join, a request finishing, the cache running out) every step is a decode
 step over the same batch, so the engine plans such a span of steps at once with numpy and
-waits once; `max_span_steps=1` plans every step on its own (the slow reference; a test holds
-the two to the same result, random acceptance draws included).
+waits once; `max_span_steps=1` plans every step on its own and, with attention priced afresh,
+is the slow reference (a test holds the two to the same result, random acceptance draws included).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ WATERMARK_FRACTION = 0.01
 DEFAULT_MAX_BATCH = 256  # vLLM SchedulerConfig.max_num_seqs
 DEFAULT_MAX_BATCHED_TOKENS = 8192  # an assumption: tokens one step may carry (vLLM's is per deployment)
 SPAN_ELEMENTS_MAX = 1 << 18  # bound on steps x batch drawn at once in a speculative span
+ATTENTION_MEMO_KEYS = 1024  # key counts priced per call of the device model's attention (a block of the memo)
 
 # ---------------------------------------------------------------------------------------------
 # Step time: forward() regrouped for speed
@@ -80,6 +82,7 @@ class PassCost:
         self.kv_heads = kv_heads_per_gpu(model, tp)
         self._dense_s: dict[int, float] = {}
         self._head_s: dict[int, float] = {}
+        self._attention_memo: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (sequences, q) -> block -> [ATTENTION_MEMO_KEYS] s
 
     def dense_s(self, tokens: int) -> float:
         """Every kernel of every layer except attention, plus the embedding, for `tokens` tokens."""
@@ -106,10 +109,43 @@ class PassCost:
 
     def attention_s(self, sequences: int, tokens: int, keys):
         """All layers' attention for `sequences` sequences bringing `tokens` new tokens in all over
-        `keys` keys in all; `keys` may be a numpy array (one value per step)."""
+        `keys` keys in all; `keys` may be a numpy array (one value per step).
+
+        Whole key counts are memoised per (sequences, q) in blocks of ATTENTION_MEMO_KEYS
+        consecutive counts: a serving run meets the same batch sizes and nearby key counts again
+        and again, and the device model's attention costs about a millisecond a call almost
+        whatever its length, so a miss prices the whole block in one call. The device model
+        prices each context on its own (elementwise), so a memoised value is the value a direct
+        call gives (`attention_s_direct`; a test holds the two together)."""
         if sequences == 0 or tokens == 0:
             return np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0
         q = max(1, round(tokens / sequences))
+        arr = np.asarray(keys)
+        if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:
+            return self.attention_s_direct(sequences, q, keys)
+        flat = arr.ravel()
+        block = flat // ATTENTION_MEMO_KEYS
+        offset = flat - block * ATTENTION_MEMO_KEYS
+        memo = self._attention_memo.setdefault((sequences, q), {})
+        lo, hi = int(block.min()), int(block.max())
+        if lo == hi:
+            t = self._memo_block(memo, sequences, q, lo)[offset]
+        else:
+            t = np.empty(flat.shape)
+            for b in np.unique(block).tolist():
+                sel = block == b
+                t[sel] = self._memo_block(memo, sequences, q, b)[offset[sel]]
+        return t.reshape(arr.shape) if arr.ndim else float(t[0])
+
+    def _memo_block(self, memo: dict, sequences: int, q: int, b: int) -> np.ndarray:
+        table = memo.get(b)
+        if table is None:
+            start = b * ATTENTION_MEMO_KEYS
+            table = memo[b] = self.attention_s_direct(sequences, q, np.arange(start, start + ATTENTION_MEMO_KEYS))
+        return table
+
+    def attention_s_direct(self, sequences: int, q: int, keys):
+        """`attention_s` from the device model, without the memo (the reference)."""
         context = np.maximum(np.asarray(keys, dtype=float) / sequences - q, 0.0)
         t = self.device.attention_s(sequences, q, context, self.heads, self.kv_heads, self.model.d_head, self.dtype)
         return self.n_layers * (t if np.ndim(keys) else float(t))

@@ -44,6 +44,7 @@ DEFAULT_GAMMA = 4
 DEFAULT_REQUESTS = 1000
 DEFAULT_RATE_PER_S = 8.0  # open loop without --rate
 BENCH_REQUESTS = 100_000  # the speed target: 100k requests of Llama-2-7B on an A100 with speculation
+MILLION = 1_000_000  # bench simulate --million: the memory and completeness target
 RUNS = ("speculative", "autoregressive")
 NO_DRAFT = "none"  # --draft none: plain decoding only
 
@@ -500,21 +501,43 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size (getrusage: KiB on Linux, bytes on macOS); None where
+    the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """Wall-clock speed of the simulator: simulated requests and engine steps per second, per run."""
+    """Wall-clock speed of the simulator: simulated requests and engine steps per second, per run;
+    with --million, one speculative run of a million requests and the process's peak memory."""
+    if args.million:
+        args.requests = MILLION
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
     speculation = f"tree {draft.spec} ({serving.gamma} nodes)" if isinstance(draft, TreeSpeculation) else f"gamma {serving.gamma}"
     print(f"bench simulate: {target.name} on {hw.name}, draft {NO_DRAFT if draft is None else draft.name}, {speculation}, "
           f"{workload.requests if workload.arrival != 'trace' else 'trace'} requests")  # fmt: skip
-    print(f"{'run':<16}{'wall s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
-    for name in runs_of(draft, serving):
-        t0 = time.perf_counter()
+    # CPU seconds beside wall seconds: on a shared machine the wall clock counts other processes' time too
+    print(f"{'run':<16}{'wall s':>10}{'cpu s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
+    for name in ("speculative",) if args.million else runs_of(draft, serving):
+        t0, c0 = time.perf_counter(), time.process_time()
         report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, runs=(name,), intervals=False)
-        wall_s = time.perf_counter() - t0
+        wall_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         r = report[name]
         done = r["requests"]["completed"] + r["requests"]["rejected"]
         steps = r["engine"]["steps"]
-        print(f"{name:<16}{wall_s:>10.2f}{done:>10}{steps:>14}{done / wall_s:>13.0f}{steps / wall_s:>12.0f}")
+        print(f"{name:<16}{wall_s:>10.2f}{cpu_s:>10.2f}{done:>10}{steps:>14}{done / wall_s:>13.0f}{steps / wall_s:>12.0f}")
+        if done != r["requests"]["arrived"]:
+            raise UserError(f"{name}: {r['requests']['arrived']} requests arrived but {done} completed or were rejected")
+    if args.million:
+        peak = peak_rss_bytes()
+        r = report["speculative"]["requests"]
+        print(f"completed {r['completed']} + rejected {r['rejected']} == arrived {r['arrived']}; "
+              f"peak RSS {'unknown' if peak is None else f'{peak / 2**20:.0f} MiB'}")  # fmt: skip
     return 0
 
 
@@ -537,7 +560,9 @@ def add_parsers(sub, bench) -> None:
     b = bench.add_parser(
         "simulate",
         help="simulator speed: simulated requests/s and engine steps/s",
-        description=f"Time the serving simulation (default {BENCH_REQUESTS} requests) with and without speculation.",
+        description=f"Time the serving simulation (default {BENCH_REQUESTS} requests) with and without speculation; "
+        f"--million: {MILLION} requests with speculation and the peak memory.",
     )
     _add_options(b, BENCH_REQUESTS)
+    b.add_argument("--million", action="store_true", help=f"one speculative run of {MILLION} requests: wall time, peak RSS, and completed + rejected == arrived")
     b.set_defaults(run=run_bench)

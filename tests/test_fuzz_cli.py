@@ -1,13 +1,13 @@
 """A fuzz suite over every entry point that reads user input: profiles (YAML text and values), traces
 (CSV and JSONL), HuggingFace config.json files, acceptance files, weights files, data manifests and
-tables, and the numeric flags of every command.
+tables, sweep specs, and the numeric flags of every command.
 
 The property, for each generated input: the command exits 0 with valid output (JSON a strict reader
 takes, files whole) or exits 2 with one line on stderr that names the input; never a traceback, never
 a hang (hypothesis's deadline bounds each case), never a half-written file.
 
 Budget: the `ci` profile (the default) runs each test's stated number of examples,
-derandomized so that CI is reproducible (349 examples; on two cores the file takes 40-60 s).
+derandomized so that CI is reproducible (384 examples; on two cores the file takes 40-60 s).
 `FUZZ_PROFILE=long` runs twenty times as many, each from fresh random draws.
 
 Commands whose valid runs measure or search for minutes (calibrate, compare, device-check, plan's
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cli_run import reference_cli, simulator_cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from simulator.hardware import PROFILE_DIR
@@ -243,6 +243,40 @@ ACCEPTANCE = st.one_of(
 )
 
 
+SWEEP_KEYS = st.sampled_from(["gpu", "model", "draft", "gamma", "max_batch", "tp", "chunked_prefill", "rate", "lengths", "seed",
+                               "prompt_len", "output_len", "tree", "gama", "fixed", "grid", "points", ""])  # fmt: skip
+SWEEP_VALUES = st.one_of(NASTY, st.sampled_from(["a100", "h100", "llama-2-7b", "llama-68m", "medusa", "none", "best:4", "fixed", True]))
+SWEEP_SPECS = st.one_of(
+    st.fixed_dictionaries({"grid": st.dictionaries(SWEEP_KEYS, st.one_of(st.lists(SWEEP_VALUES, max_size=2), SWEEP_VALUES), max_size=2)},
+                          optional={"fixed": st.dictionaries(SWEEP_KEYS, SWEEP_VALUES, max_size=2),
+                                    "points": st.one_of(st.lists(st.dictionaries(SWEEP_KEYS, SWEEP_VALUES, max_size=2), max_size=2), NASTY)}),
+    NASTY,
+)  # fmt: skip
+
+
+@fuzz(25)
+@given(spec=SWEEP_SPECS, raw=st.one_of(st.none(), st.binary(max_size=40)))
+def test_sweep_specs(spec, raw):
+    """A sweep spec (YAML; kept to small simulations): rows in a Parquet file pandas reads, or one
+    line naming the spec, and no output file."""
+    import pandas as pd
+
+    with workdir() as d:
+        path, out_path = d / "spec.yaml", d / "rows.parquet"
+        if raw is not None:
+            path.write_bytes(raw)
+        else:
+            if isinstance(spec, dict):
+                spec = {**spec, "fixed": {**(spec.get("fixed") if isinstance(spec.get("fixed"), dict) else {}),
+                                          "requests": 6, "prompt_len": 64, "output_len": 8}}  # fmt: skip
+            path.write_text(yaml.safe_dump(spec))
+        code, out, err = simulator_cli(["sweep", path, "--out", out_path, "--workers", "1"])
+        event(f"exit {code}")
+        check_answer(code, out, err, [str(path), "spec"], json_out=False, outputs=(out_path,))
+        if code == 0:
+            assert len(pd.read_parquet(out_path)) >= 1
+
+
 @fuzz(25)
 @given(data=ACCEPTANCE, raw=st.one_of(st.none(), st.binary(max_size=40)))
 def test_acceptance_files(data, raw):
@@ -377,6 +411,25 @@ def test_specdec_flags(flags):
     argv = {"--max-new-tokens": "3", "--repeats": "1", **flags}
     code, out, err = reference_cli(["specdec", "--json", "--prompt", "ab", *(f"{f}={v}" for f, v in argv.items())])
     check_answer(code, out, err, [n for f in flags for n in flag_names(f)] + ["top_k", "top_p", "temperature", "gamma"])
+
+
+TREE_TEXT = st.one_of(st.sampled_from(["2x1", "3x2x1", "0x2", "[[0],[1],[0,0]]", "[[0,0]]", "[[1]]", "[]", "1x" * 40 + "1", "best:4"]), TEXT,
+                      st.lists(st.lists(st.integers(-2, 4), max_size=3), max_size=3).map(json.dumps))  # fmt: skip
+TREE_SPECDEC_FLAGS = {"--tree": TREE_TEXT, "--typical-eps": FLAG_TEXT, "--typical-delta": FLAG_TEXT, "--tv-samples": small_ints(-2, 3),
+                      "--temperature": FLAG_TEXT, "--batch": sizes(-2, 2)}  # fmt: skip
+
+
+@fuzz(10)
+@given(flags=st.dictionaries(st.sampled_from(list(TREE_SPECDEC_FLAGS)), st.none(), min_size=1, max_size=2).flatmap(
+    lambda chosen: st.fixed_dictionaries({f: TREE_SPECDEC_FLAGS[f] for f in chosen})),
+    draft=st.sampled_from(["medusa", "tree"]), acceptance=st.sampled_from(["exact", "typical"]))  # fmt: skip
+def test_specdec_tree_flags(flags, draft, acceptance):
+    pytest.importorskip("torch")
+    argv = {"--max-new-tokens": "3", "--repeats": "1", "--tree": "2x1", **flags}
+    code, out, err = reference_cli(["specdec", "--json", "--prompt", "abc", "--draft", draft, "--acceptance", acceptance,
+                                    *(f"{f}={v}" for f, v in argv.items())])  # fmt: skip
+    event(f"exit {code}")
+    check_answer(code, out, err, [n for f in flags for n in flag_names(f)] + ["tree", "typical", "temperature", "acceptance", "draft", "batch"])
 
 
 ATTENTION_FLAGS = {"--batch": sizes(-1, 2), "--heads": sizes(-1, 2), "--seqlen": sizes(-1, 40), "--head-dim": sizes(-1, 16),

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference.linear import KERNELS, Linear, row_bucket
+from reference import linear
+from reference.linear import KERNELS, Linear, row_bucket, tune_plan
 
 
 @pytest.fixture
@@ -75,3 +76,47 @@ def test_copies_survive_deepcopy(layer):
         assert twin.kernel_choices() == {}  # re-tuned on its own first call
         x = torch.randn(3, 48)
         torch.testing.assert_close(twin(x), layer(x))
+
+
+def test_a_long_tuning_says_so_once_on_stderr(layer, capsys, monkeypatch):
+    """Stubbed: with a notice threshold of 0 s every tuning is long enough to be announced."""
+    monkeypatch.setattr(linear, "TUNE_NOTICE_S", 0.0)
+    with torch.inference_mode():
+        layer(torch.randn(5, 48))
+        layer(torch.randn(5, 48))  # the same row count: chosen already, nothing tuned or said
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("tuning the linear layer 48x80 for 5 rows: about ") and err.endswith(" s (once per shape)\n")
+
+
+def test_a_tuning_under_the_threshold_is_silent(layer, capsys, monkeypatch):
+    """Stubbed the other way (a loaded machine can make even this layer's tuning take seconds)."""
+    monkeypatch.setattr(linear, "TUNE_NOTICE_S", float("inf"))
+    with torch.inference_mode():
+        layer(torch.randn(6, 48))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_slow_tuning_is_cut_to_its_budget(layer, monkeypatch):
+    """With no budget left each candidate runs once to warm up and once timed, and the chosen one serves."""
+    monkeypatch.setattr(linear, "TUNE_BUDGET_S", 0.0)
+    calls = {kind: 0 for kind in KERNELS}
+
+    def counting(kind):
+        kernel = KERNELS[kind]
+        return lambda x, w: (calls.__setitem__(kind, calls[kind] + 1), kernel(x, w))[1]
+
+    for kind in list(KERNELS):
+        monkeypatch.setitem(KERNELS, kind, counting(kind))
+    with torch.inference_mode():
+        layer(torch.randn(7, 48))
+    chosen = layer.kernel_choices()[7]
+    copies, _ = layer._state()
+    assert {kind: calls[kind] for kind in copies} == {kind: 2 + (kind == chosen) for kind in copies}
+
+
+@pytest.mark.parametrize("round_s,plan", [(0.0, (5, 3)), (1e-4, (5, 3)), (0.4, (5, 2)), (1.0, (5, 1)), (2.0, (2, 1)), (3.0, (1, 1)), (107.0, (1, 1))])
+def test_tune_plan_fits_the_budget(round_s, plan):
+    samples, calls = tune_plan(round_s)
+    assert (samples, calls) == plan
+    assert samples * calls * round_s <= linear.TUNE_BUDGET_S or (samples, calls) == (1, 1)

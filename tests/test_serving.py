@@ -4,6 +4,7 @@ and the engine's invariants (nothing lost, KV within capacity, spans equal singl
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -231,7 +232,13 @@ engine_configs = st.fixed_dictionaries(
 )
 
 
-def _engine_case(c, span_steps=1 << 20):
+def _engine_case(c, span_steps=1 << 20, memo=True):
+    if not memo:  # the reference: every attention priced by the device model on the spot
+        direct = lambda self, sequences, tokens, keys: (  # noqa: E731
+            PassCost.attention_s_direct(self, sequences, max(1, round(tokens / sequences)), keys) if sequences and tokens
+            else (np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0))  # fmt: skip
+        with mock.patch.object(PassCost, "attention_s", direct):
+            return _engine_case(c, span_steps)
     cfg = ServingConfig(
         max_batch=c["max_batch"], max_batched_tokens=c["max_batched_tokens"], chunked_prefill=c["chunked"],
         gamma=c["gamma"], spec_off_above_batch=c["spec_off"], max_span_steps=span_steps, check_invariants=True,
@@ -260,8 +267,9 @@ def test_every_request_completes_or_is_rejected_and_kv_stays_within_capacity(c):
 @given(c=engine_configs)
 def test_spans_equal_single_steps(c):
     """The fast path (spans of decode steps planned at once, cut by arrivals, with the random draws
-    rewound) gives the result of planning every step alone."""
-    fast, slow = _engine_case(c), _engine_case(c, span_steps=1)
+    rewound, attention from the memo) gives the result of planning every step alone and pricing
+    every attention afresh."""
+    fast, slow = _engine_case(c), _engine_case(c, span_steps=1, memo=False)
     assert fast["requests"] == slow["requests"]
     assert fast["engine"]["steps"] == slow["engine"]["steps"]
     assert fast["engine"]["speculative_steps"] == slow["engine"]["speculative_steps"]
@@ -273,6 +281,26 @@ def test_spans_equal_single_steps(c):
         assert a["count"] == b["count"]
         for key in ("mean", "p50", "p99", "max"):
             assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-9, abs=1e-12))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    model=st.sampled_from(["llama-2-7b", "llama-68m", "llama-3-8b"]),
+    sequences=st.integers(1, 300),
+    q=st.integers(1, 8),
+    keys=st.lists(st.integers(0, 3 * 2**20), min_size=1, max_size=50),
+    shape=st.sampled_from(["scalar", "1d", "2d"]),
+)
+def test_attention_memo_gives_the_device_models_values(model, sequences, q, keys, shape):
+    """Memoised attention equals a fresh call of the device model, bit for bit, whatever the calls
+    before it filled the memo with (a second call reads what the first priced)."""
+    cost = PassCost(load_model(model), A100)
+    keys_in = {"scalar": keys[0], "1d": np.array(keys), "2d": np.array(keys * 2).reshape(2, -1)}[shape]
+    direct = cost.attention_s_direct(sequences, q, keys_in)
+    for _ in range(2):
+        memo = cost.attention_s(sequences, sequences * q, keys_in)
+        assert np.shape(memo) == np.shape(direct)
+        assert np.array_equal(memo, direct)
 
 
 def test_preemption_under_memory_pressure_and_everyone_finishes():

@@ -155,3 +155,16 @@ def test_model_too_large_says_by_how_much(capsys):
     code, _, err = cli(["simulate", "--model", "llama-2-70b", "--draft", "llama-68m"], capsys)
     # 69B + 68M parameters in fp16 are 138.1 GB against 0.9 x 85.9 GB usable
     assert code == 2 and "weights need 138.1 GB" in err and "short by 60.8 GB" in err
+
+
+def test_bench_simulate_prints_speeds_and_the_million_run_its_memory(monkeypatch, capsys):
+    code, out, err = cli(["bench", "simulate", "--requests", "60", "--prompt-len", "64", "--output-len", "16"], capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    assert set(rows) == {"speculative", "autoregressive"}
+    assert all(int(r[2]) == 60 and float(r[4]) > 0 for r in rows.values())  # requests done, requests/s
+    monkeypatch.setattr(simulate, "MILLION", 50)  # the --million path, on a small count
+    code, out, err = cli(["bench", "simulate", "--million", "--prompt-len", "64", "--output-len", "16"], capsys)
+    assert code == 0, err
+    assert "50 requests" in out.splitlines()[0] and "autoregressive" not in out
+    assert "== arrived 50; peak RSS " in out and out.rstrip().endswith("MiB")

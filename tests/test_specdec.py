@@ -4,11 +4,10 @@ token, batched equals unbatched, the output law passes a powered G-test, and bad
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
-import textwrap
 import time
+import weakref
 
 import pytest
 import torch
@@ -98,6 +97,28 @@ def test_rows_accept_different_lengths(pair):
     assert 1.0 < run.tokens_per_step < 5.0
 
 
+def test_a_run_keeps_no_distributions_of_past_steps(pair, monkeypatch):
+    """The acceptance statistics are running sums: a step's p [B, gamma+1, V] and q [B, gamma, V] are
+    freed once the next step has made its own, so a run's memory does not grow as steps x batch x
+    gamma x vocabulary. Counted with weak references to every p and q the run makes."""
+    target, draft = pair
+    made, most_alive = [], []
+
+    def track(t: torch.Tensor) -> torch.Tensor:
+        made.append(weakref.ref(t))
+        most_alive.append(sum(r() is not None for r in made))
+        return t
+
+    real_warp = specdec.warp
+    monkeypatch.setattr(specdec, "warp", lambda logits, s: track(real_warp(logits, s)))
+    d = ModelDraft(draft)
+    real_propose = d.propose
+    d.propose = lambda *args: (lambda dq: (dq[0], track(dq[1])))(real_propose(*args))
+    run = speculative_generate(target, d, PROMPTS, 60, 3, Sampling(), seeded_draws(3, 0))
+    assert run.steps >= 20 and len(made) == 2 * run.steps
+    assert max(most_alive) <= 4  # this step's p and q, and the last step's until the names are rebound
+
+
 def test_ngram_draft_copies_what_followed_the_last_match():
     hist = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2, 0, 0], [5, 6, 7, 8, 0, 0, 0, 0, 0, 0]])
     lengths = torch.tensor([8, 4])
@@ -165,10 +186,10 @@ PROMPT = [0, 3, 1]
 SETTINGS = {"t1": Sampling(1.0), "warped": Sampling(0.8, top_k=4, top_p=0.9)}
 
 
-def run_two_tokens(target, d, s: Sampling, rows: int, seed: int) -> torch.Tensor:
+def run_two_tokens(target, d, s: Sampling, rows: int, seed: int, gamma: int = 3) -> torch.Tensor:
     """Counts [V * V] of the first two tokens of `rows` independent speculative generations, one batch."""
     prompt = torch.tensor([PROMPT]).expand(rows, -1)
-    out = speculative_generate(target, d, prompt, 2, 3, s, seeded_draws(rows, seed)).tokens[:, len(PROMPT) :]
+    out = speculative_generate(target, d, prompt, 2, gamma, s, seeded_draws(rows, seed)).tokens[:, len(PROMPT) :]
     return torch.bincount(out[:, 0] * target.spec.vocab_size + out[:, 1], minlength=target.spec.vocab_size**2)
 
 
@@ -189,35 +210,90 @@ def test_output_law_passes_a_powered_g_test(pair, kind, setting, record_property
     assert p_value > SIGNIFICANCE
 
 
-def mutate(fn, old: str, new: str, module):
-    """`fn` (a function or method of `module`) with one textual edit: a mutant of the real code."""
-    source = inspect.getsource(fn)
-    assert old in source, f"{old!r} is no longer in {fn.__qualname__}; update the negative control"
-    namespace = dict(vars(module))
-    exec(textwrap.dedent(source.replace(old, new)), namespace)
-    return namespace[fn.__name__]
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_the_bonus_token_passes_a_powered_g_test(pair, setting):
+    """gamma 1 and the first two tokens: whenever the first draft is accepted, the second token is
+    the bonus token drawn from p after it, which the test above (gamma 3) never reaches."""
+    target, draft = pair
+    s = SETTINGS[setting]
+    law = two_token_law(target, PROMPT, s)
+    p_value, tv = g_test(run_two_tokens(target, ModelDraft(draft), s, rows_needed(law), seed=99, gamma=1), law)
+    assert p_value > SIGNIFICANCE, f"TV {tv:.4f}"
 
 
-ALWAYS_ACCEPT = ("verify", "accepted = u * q_d < p_d", "accepted = torch.ones_like(p_d, dtype=torch.bool)")
-PREWARP = ("propose", "qs.append(q)", "qs.append(logits.softmax(-1))")
-GREEDY = ("propose", "d = sample(q, w[:, i])", "d = q.argmax(-1)")
+# ---- negative controls: known-wrong samplers, made by replacing one step of the real code ----
+
+
+def always_accept(u, p_d, q_d):
+    return torch.ones_like(p_d, dtype=torch.bool)
+
+
+def bonus_from_q(p, q):
+    """The bonus token drawn from the draft's last distribution q_gamma instead of the target's p."""
+    gamma = q.shape[1]
+    return torch.cat(((p[:, :gamma] - q).clamp_min(0), q[:, gamma - 1 :]), dim=1)
+
+
+def draft_reports_prewarp_q(monkeypatch):
+    """The draft samples from the warped q but reports softmax(logits), the distribution before warping."""
+    warped = {}
+
+    def report_unwarped(logits, s):
+        warped["q"] = warp(logits, s)
+        return logits.softmax(-1)
+
+    monkeypatch.setattr(drafts, "warp", report_unwarped)
+    monkeypatch.setattr(drafts, "sample", lambda q, w: sampling.sample(warped["q"], w))
+
+
+def draft_takes_argmax(monkeypatch):
+    """The draft takes q's argmax but reports q as the distribution it sampled from."""
+    monkeypatch.setattr(drafts, "sample", lambda q, w: q.argmax(-1))
+
+
+MUTANTS = {
+    "always-accept": lambda mp: mp.setattr(sampling, "accept", always_accept),
+    "prewarp-q": draft_reports_prewarp_q,
+    "greedy-draft": draft_takes_argmax,
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "mutation", [ALWAYS_ACCEPT, PREWARP, GREEDY], ids=["always-accept", "prewarp-q", "greedy-draft"]
-)
-def test_g_test_catches_wrong_samplers(pair, mutation, monkeypatch):
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_g_test_catches_wrong_samplers(pair, mutant, monkeypatch):
     target, draft = pair
-    what, old, new = mutation
-    if what == "verify":
-        monkeypatch.setattr(specdec, "verify", mutate(sampling.verify, old, new, sampling))
-    else:
-        monkeypatch.setattr(ModelDraft, "propose", mutate(ModelDraft.propose, old, new, drafts))
+    MUTANTS[mutant](monkeypatch)
     s = SETTINGS["warped"]
     law = two_token_law(target, PROMPT, s)
     p_value, tv = g_test(run_two_tokens(target, ModelDraft(draft), s, rows_needed(law), seed=7), law)
-    assert p_value < SIGNIFICANCE, f"{what} mutant not caught (TV {tv:.4f})"
+    assert p_value < SIGNIFICANCE, f"{mutant} mutant not caught (TV {tv:.4f})"
+
+
+@torch.no_grad()
+def bonus_from_q_law(target: Transformer, draft: Transformer, prompt: list[int], s: Sampling) -> torch.Tensor:
+    """The joint law [V, V] of the first two tokens, gamma 1, when the bonus comes from q: the first
+    token x is the accepted draft with mass min(p, q)(x), followed by a draw from q; or the residual
+    (p - min(p, q))(x), followed by the next step's first token, distributed as the target's p(. | x)."""
+    p1 = two_token_law(target, prompt, s).sum(1)
+    q1 = warp(copy.deepcopy(draft).double()(torch.tensor([prompt]))[0, -1], s)
+    accepted = torch.minimum(p1, q1)
+    after = two_token_law(target, prompt, s) / p1.clamp_min(1e-300)[:, None]  # [V, V] p(. | x)
+    return accepted[:, None] * q1[None, :] + (p1 - accepted)[:, None] * after
+
+
+@pytest.mark.slow
+def test_the_bonus_g_test_catches_a_bonus_drawn_from_q(pair, monkeypatch):
+    """The mutant's law is computed exactly: it lies farther than TV_DETECTED from the target's, so
+    the sample size above gives at least the stated power against it."""
+    target, draft = pair
+    s = SETTINGS["warped"]
+    law = two_token_law(target, PROMPT, s)
+    mutant_tv = 0.5 * float((bonus_from_q_law(target, draft, PROMPT, s) - law).abs().sum())
+    assert mutant_tv > TV_DETECTED
+    monkeypatch.setattr(sampling, "next_token_sources", bonus_from_q)
+    p_value, tv = g_test(run_two_tokens(target, ModelDraft(draft), s, rows_needed(law), seed=99, gamma=1), law)
+    assert p_value < SIGNIFICANCE, f"bonus-from-q mutant not caught (TV {tv:.4f}, exact {mutant_tv:.4f})"
 
 
 # ---- the CLI: bad input is one line on stderr and exit code 2 ----
