@@ -140,6 +140,10 @@ def _run_validate(args: argparse.Namespace) -> int:
     from simulator import validate as val
     from simulator.paths import check_writable_dir
 
+    if args.e2e:
+        return _run_validate_e2e(args)
+    if args.results is not None or args.max_requests is not None:
+        raise UserError("--results and --max-requests go with --e2e")
     _check_fit_counts(args)
     if args.plot_dir:
         check_writable_dir(Path(args.plot_dir))
@@ -149,6 +153,37 @@ def _run_validate(args: argparse.Namespace) -> int:
     if args.plot_dir:
         for path in val.plot_validation(out, Path(args.plot_dir)):
             print(f"validate: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _run_validate_e2e(args: argparse.Namespace) -> int:
+    from simulator import e2e_validate as ev
+    from simulator import validate as val
+
+    kernel_flags = [flag for flag, v in (("--data", args.data), ("--fit-gpu", args.fit_gpu), ("--holdout-gpu", args.holdout_gpu),
+                                         ("--few-shot", args.few_shot), ("--plot-dir", args.plot_dir)) if v]  # fmt: skip
+    if kernel_flags:
+        raise UserError(f"{kernel_flags[0]} is an option of the kernel validation, not of --e2e")
+    max_requests = ev.DEFAULT_MAX_REQUESTS if args.max_requests is None else args.max_requests
+    out = ev.validate_e2e(args.results, max_requests, progress=val.progress_to_stderr)
+    print(finite_json(out) if args.json else ev.format_e2e(out))
+    return 0
+
+
+def _run_fit_engine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulator import e2e_validate as ev
+    from simulator.engine import FITTED_PATH
+    from simulator.paths import check_writable_file, write_json_atomic
+
+    if args.max_requests < 1:
+        raise UserError(f"--max-requests must be >= 1, got {args.max_requests}")
+    out_path = Path(args.out) if args.out else FITTED_PATH
+    check_writable_file(out_path)
+    fitted = ev.fit_engines(args.results, args.max_requests, progress=lambda msg: print(f"fit-engine: {msg}", file=sys.stderr, flush=True))
+    write_json_atomic(out_path, fitted)
+    print(f"fit-engine: wrote {out_path} (engines {', '.join(fitted['engines'])}, fit rows {', '.join(map(str, fitted['fit_rows']))})")
     return 0
 
 
@@ -237,7 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-rows", type=int, default=FIT_ROWS_PER_GPU, metavar="N", help="rows of each GPU a fit samples, fixed seed (default: %(default)s); every row is predicted")
     p.add_argument("--plot-dir", default=None, help="write one predicted-vs-measured plot per kind (PNG) into this folder")
     p.add_argument("--json", action="store_true", help="print the result as JSON (layout in the README)")
+    p.add_argument("--e2e", action="store_true", help="instead: predict every published end-to-end serving result (bench serve: TTFT, TPOT, "
+                   "output tokens/s) with its engine's preset and with --engine ideal, and report median and mean APE on the held-out rows")
+    p.add_argument("--results", default=None, metavar="CSV", help="with --e2e: a results file with the columns of simulator/e2e/published_serving.csv (default: that file)")
+    p.add_argument("--max-requests", type=int, default=None, metavar="N", help="with --e2e: requests simulated per open- or closed-loop row (default: 200)")
     p.set_defaults(run=_run_validate)
+
+    p = sub.add_parser(
+        "fit-engine",
+        help="fit the vllm and sglang engine presets (host overheads) to the fit rows of the published serving results",
+        description="Fit each engine's host-time coefficients (simulator.engine: per step, per sequence, per token, per eager layer, per "
+        "request, per prompt token) by Levenberg-Marquardt on the log errors of TTFT, TPOT and output tokens/s of that engine's fit rows "
+        "(simulator.e2e.split), simulating each row, and write them with the data's SHA-256 to simulator/engine_fitted.json (or --out).",
+    )
+    p.add_argument("--results", default=None, metavar="CSV", help="results file (default: simulator/e2e/published_serving.csv)")
+    p.add_argument("--out", default=None, help="where to write the fit (default: the shipped simulator/engine_fitted.json)")
+    p.add_argument("--max-requests", type=int, default=200, metavar="N", help="requests simulated per open- or closed-loop row (default: %(default)s)")
+    p.set_defaults(run=_run_fit_engine)
 
     p = sub.add_parser(
         "fit-kernels",

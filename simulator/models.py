@@ -127,9 +127,22 @@ def spec_from_hf_config(path: Path, name: str | None = None) -> ModelSpec:
     fields = {ours: cfg[theirs] for ours, theirs in HF_FIELDS.items() if cfg.get(theirs) is not None}
     fields.setdefault("n_kv_heads", cfg["num_attention_heads"])
     try:
-        return ModelSpec(name=name or str(cfg.get("_name_or_path") or Path(path).parent.name or "custom"), source=str(path), **fields)
+        spec = ModelSpec(name=name or "custom", source=str(path), **fields)
     except ValidationError as exc:
         raise UserError(f"{path}: {validation_message(exc, HF_FIELDS)}") from None
+    return spec if name else spec.model_copy(update={"name": hf_model_name(cfg, spec.n_params)})
+
+
+def hf_model_name(cfg: dict, n_params: int) -> str:
+    """What a config.json calls its model: its `_name_or_path` (the HuggingFace id it was saved
+    from), else its `model_type` and size (`llama-6.7B`), never the folder it sits in."""
+    saved_as = cfg.get("_name_or_path")
+    if isinstance(saved_as, str) and saved_as.strip():
+        return saved_as.strip()
+    model_type = cfg.get("model_type")
+    kind = model_type.strip() if isinstance(model_type, str) and model_type.strip() else "model"
+    size = f"{n_params / 1e9:.3g}B" if n_params >= 1e9 else f"{n_params / 1e6:.3g}M"
+    return f"{kind}-{size}"
 
 
 def load_model(name_or_path: str) -> ModelSpec:

@@ -32,6 +32,7 @@ import simpy
 from pydantic import BaseModel, ConfigDict
 
 from simulator.device_model import device_model
+from simulator.engine import IDEAL, EngineOverhead
 from simulator.errors import UserError
 from simulator.forward import check_tp, forward, kv_bytes_per_token, kv_heads_per_gpu, layer_costs, weight_bytes
 from simulator.hardware import HardwareProfile
@@ -395,6 +396,7 @@ class ServingConfig(BaseModel):
     slo_tpot_s: float | None = None
     max_span_steps: int = 1 << 20  # decode steps planned at once; 1 plans every step alone (the reference)
     check_invariants: bool = False  # assert KV and request accounting after every step (tests)
+    engine: EngineOverhead = IDEAL  # host time added to the kernels per step and per request (simulator.engine)
 
     def check(self) -> ServingConfig:
         if self.max_batch < 1:
@@ -712,6 +714,7 @@ class Engine:
         dec_keys = ctx_dec + n_dec * q
         n_chunks = len(chunks)
         step_s = self.target_cost.mixed_s(n_dec, q, dec_keys, n_chunks, chunk_tokens, chunk_keys, n_dec * q + finishing)
+        step_s += self.cfg.engine.step_host_s(n_dec + n_chunks, n_dec * q + chunk_tokens, self.target.n_layers, True, self.gamma if q > 1 else 0)
         if self.draft_cost is not None:  # the draft reads the same prompts and keeps its own KV cache
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps its cache in step
             for j in range(passes):
@@ -763,7 +766,7 @@ class Engine:
             tokens = np.full(k, n)
             ctx_sum = int(ctx.sum()) + n * steps
             cum = None
-        step_s = self.target_cost.uniform_s(n, q, ctx_sum)
+        step_s = self.target_cost.uniform_s(n, q, ctx_sum) + self.cfg.engine.step_host_s(n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0)
         if self.draft_cost is not None:
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps the draft's cache in step
             # draft pass j reads contexts ctx_i + j: [k, passes] -> [k]
@@ -986,13 +989,24 @@ def simulate_serving(
     on_progress: Callable[[int], None] | None = None,
     time_scale: float = 1.0,
     engine: Callable[..., Engine] = Engine,
+    concurrency: int | None = None,
 ) -> dict:
     """Run one engine over `requests` until every request has completed or been rejected.
     `time_scale` multiplies every pass's time (an interval bound: see `interval_scales`); `engine`
-    makes the engine from `Engine`'s arguments (a tree engine: `tree.TreeSpeculation.engine`)."""
+    makes the engine from `Engine`'s arguments (a tree engine: `tree.TreeSpeculation.engine`);
+    `concurrency` N: closed loop, N users each sending its next request when its last completes."""
     env = simpy.Environment()
-    engine = engine(env, hw, target, draft, acceptance, cfg, rng, on_progress, time_scale)
-    env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed))
+    users = simpy.Container(env, capacity=concurrency, init=concurrency) if concurrency else None
+
+    def progress(n: int) -> None:  # requests completed or rejected: their users are free again
+        if users is not None:
+            users.put(n)
+        if on_progress:
+            on_progress(n)
+
+    engine = engine(env, hw, target, draft, acceptance, cfg, rng, progress if users is not None else on_progress, time_scale)
+    api_s = None if cfg.engine.ideal else (lambda r: cfg.engine.request_in_s(r.prompt_tokens))
+    env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed, users, api_s))
     env.process(engine_process(env, engine))
     env.run()
     rejected = sum(v["count"] for v in engine.rejected.values())

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from simulator import plan as plan_lib
+from simulator.engine import DEFAULT_ENGINE, ENGINE_NAMES, engine_overhead
 from simulator.errors import UserError, finite_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec, load_model
@@ -41,9 +42,11 @@ from simulator.workload import Trace, WorkloadSpec, load_trace, make_stream, req
 
 DEFAULT_GAMMA = 4
 DEFAULT_REQUESTS = 1000
+DEFAULT_RATE_PER_S = 8.0  # open loop without --rate
 BENCH_REQUESTS = 100_000  # the speed target: 100k requests of Llama-2-7B on an A100 with speculation
 MILLION = 1_000_000  # bench simulate --million: the memory and completeness target
 RUNS = ("speculative", "autoregressive")
+NO_DRAFT = "none"  # --draft none: plain decoding only
 
 
 def parse_alpha(text: str) -> AcceptanceModel:
@@ -84,7 +87,7 @@ def load_acceptance(path: str | Path) -> AcceptanceModel:
 def simulate(
     hw: HardwareProfile,
     target: ModelSpec,
-    draft: ModelSpec | TreeSpeculation,
+    draft: ModelSpec | TreeSpeculation | None,
     acceptance: AcceptanceModel,
     serving: ServingConfig,
     workload: WorkloadSpec,
@@ -101,8 +104,11 @@ def simulate(
     the low and at the high end of the device model's 80% interval (`serving.interval_scales`, at
     the run's mean batch and the workload's mean context), same seeds: its report's `interval`
     bounds each latency statistic and the throughput. `draft`: the draft model, or a tree
-    (`tree.TreeSpeculation`, from --tree / --draft medusa) whose engine verifies N = gamma nodes."""
+    (`tree.TreeSpeculation`, from --tree / --draft medusa) whose engine verifies N = gamma nodes;
+    None (or gamma 0): plain decoding, the 'autoregressive' run only."""
     serving.check()
+    if draft is None or serving.gamma == 0:
+        runs = tuple(r for r in runs if r != "speculative")
     workload.check()
     acceptance.check(serving.gamma)
     if workload.arrival == "trace" and trace is None:
@@ -121,7 +127,7 @@ def simulate(
         def run(scale: float = 1.0, report_progress=None, run_draft=run_draft, run_cfg=run_cfg, engine=engines[name]):
             requests = make_stream(workload, np.random.default_rng(workload_seed), trace)
             return simulate_serving(hw, target, run_draft, acceptance, run_cfg, requests, np.random.default_rng(acceptance_seed),
-                                    report_progress, scale, engine)  # fmt: skip
+                                    report_progress, scale, engine, workload.concurrency)  # fmt: skip
 
         reports[name] = run(report_progress=progress)
         scales = interval_scales(hw, target, run_cfg, reports[name]["batch"]["mean"], _mean_context(workload, trace)) if intervals else None
@@ -131,11 +137,12 @@ def simulate(
         "config": {
             "gpu": hw.name,
             "model": target.name,
-            "draft": draft.name,
+            "draft": NO_DRAFT if draft is None else draft.name,
             "dtype": serving.dtype,
             "tp": serving.tp,
-            "draft_tp": draft_tp(draft, serving.tp) if speculation is None else draft_tp(speculation.draft, serving.tp) if speculation.draft else None,
+            "draft_tp": None if draft is None else draft_tp(draft, serving.tp) if speculation is None else draft_tp(speculation.draft, serving.tp) if speculation.draft else None,
             "gamma": serving.gamma,
+            "engine": serving.engine.model_dump(),
             "acceptance": acceptance.model_dump(),
             "workload": workload.model_dump(),
             "requests": request_count(workload, trace),
@@ -208,7 +215,10 @@ def format_report(report: dict) -> str:
         stream = f"{c['requests']} requests replayed from {w['trace_path']}"
     else:
         kind = "Poisson" if w["arrival"] == "poisson" else f"gamma-process (burstiness {w['burstiness']:g})"
-        stream = f"{c['requests']} {kind} requests at {w['rate_per_s']:g}/s, prompt {w['prompt_tokens']}, output {w['output_tokens']} tokens ({w['lengths']})"
+        pace = "requests sent at once" if math.isinf(w["rate_per_s"]) else f"{kind} requests at {w['rate_per_s']:g}/s"
+        stream = f"{c['requests']} {pace}, prompt {w['prompt_tokens']}, output {w['output_tokens']} tokens ({w['lengths']})"
+    if w["concurrency"] is not None:
+        stream += f"; closed loop, {w['concurrency']} users (each sends its next request when its last completes)"
     first = report[runs[0]]["kv_cache"]
     slo = [f"TTFT <= {_ms(c['slo_ttft_s'])} ms" if c["slo_ttft_s"] else "", f"TPOT <= {_ms(c['slo_tpot_s'])} ms" if c["slo_tpot_s"] else ""]
     if "tree" in c:
@@ -216,9 +226,10 @@ def format_report(report: dict) -> str:
         alpha = (f"tree {tree['spec']} ({tree['nodes']} nodes, depth {tree['depth']}, {tree['expected_tokens_per_step']:.3f} tokens/step expected), "
                  f"acceptance from {tacc['file']} ({tacc['note']})")  # fmt: skip
     lines = [
-        f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), draft {c['draft']}"
-        + (f", gamma {c['gamma']}" if "tree" not in c else "") + f", {alpha}",
-        f"{stream}; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
+        f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), "
+        + (f"draft {c['draft']}" + (f", gamma {c['gamma']}" if "tree" not in c else "") + f", {alpha}" if c["gamma"] else "no speculation (plain decoding)"),
+        f"{stream}; engine {c['engine']['name']}" + (" (kernels only)" if c["engine"]["name"] == "ideal" else " (host overheads added)")
+        + f"; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
         + (", chunked prefill" if c["chunked_prefill"] else "")
         + (f", speculation off above batch {c['spec_off_above_batch']}" if c["spec_off_above_batch"] is not None else ""),
         f"KV cache ({runs[0]}): {first['capacity_blocks']} blocks x {first['block_tokens']} tokens = {first['capacity_tokens']} tokens",
@@ -368,14 +379,17 @@ def write_plot(report: dict, path: str | Path) -> None:
 def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> None:
     p.add_argument("--gpu", default=plan_lib.DEFAULT_GPU, help="device name or alias, or a path to a YAML profile (default: %(default)s)")
     p.add_argument("--model", default=plan_lib.DEFAULT_TARGET, help="target model name or HuggingFace config.json (default: %(default)s)")
-    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json, or medusa (heads on the target; needs --tree) (default: %(default)s)")
+    p.add_argument("--draft", default=plan_lib.DEFAULT_DRAFT, help="draft model name or config.json, medusa (heads on the target; needs --tree), or none: plain decoding only, as does --gamma 0 (default: %(default)s)")
     p.add_argument("--gamma", type=int, default=None, help=f"draft tokens per speculative step (default: {DEFAULT_GAMMA}; not with --tree)")
     p.add_argument("--tree", default=None, metavar="SPEC", help="speculate with a tree: AxBxC, rank paths as JSON or a JSON file, or best:N; "
                    "proposed by --draft (medusa: heads on the target) and scored by --acceptance")
     p.add_argument("--alpha", default=None, help=f"acceptance rate in [0, 1], or comma-separated rates per draft position (default: {plan_lib.DEFAULT_ALPHA}, an assumption)")
     p.add_argument("--acceptance", metavar="FILE", default=None, help="JSON of measured accepted lengths ({\"accepted_length_counts\": [...]}); overrides --alpha; "
                    "with --tree: a tree acceptance table (default for --draft medusa: reference/weights/medusa_acceptance.json where present)")
-    p.add_argument("--rate", type=float, default=8.0, help="mean arrival rate, requests per second (default: %(default)s)")
+    p.add_argument("--rate", type=float, default=None, help="mean arrival rate, requests per second, or inf: every request at once "
+                   "(default: 8, or inf with --concurrency)")
+    p.add_argument("--concurrency", type=int, default=None, metavar="N", help="closed loop, as `vllm bench serve --max-concurrency N`: "
+                   "at most N requests in flight, each user sending its next request when its last completes (default: open loop)")
     p.add_argument("--requests", type=int, default=requests_default, help=f"requests to simulate (default: {requests_default or DEFAULT_REQUESTS}; with --trace: every row)")
     p.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson", help="arrival process (default: %(default)s)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma-process shape: 1 is Poisson, below 1 burstier (default: %(default)s)")
@@ -392,6 +406,13 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp8"], help="weight, activation and KV dtype (default: %(default)s)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine; the draft is split alike where its heads allow (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and acceptance draws (default: %(default)s)")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"host overheads of a serving engine added to the kernels: {', '.join(ENGINE_NAMES)} "
+                   "(ideal: kernels only; vllm and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
+
+
+def runs_of(draft, serving: ServingConfig) -> tuple[str, ...]:
+    """The runs `simulate` makes: both, or only 'autoregressive' without a draft (or with gamma 0)."""
+    return RUNS if draft is not None and serving.gamma > 0 else ("autoregressive",)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -407,16 +428,18 @@ def config_from_args(args: argparse.Namespace):
         draft = speculation_from_args(args.tree, args.draft, args.acceptance, target)
         acceptance = draft.acceptance_model()
     else:
-        target, draft = load_model(args.model), load_model(args.draft)
+        target = load_model(args.model)
+        draft = None if args.draft.strip().lower() == NO_DRAFT or args.gamma == 0 else load_model(args.draft)
         if args.acceptance:
             acceptance = load_acceptance(args.acceptance)
         else:
             acceptance = parse_alpha(args.alpha if args.alpha is not None else str(plan_lib.DEFAULT_ALPHA))
     serving = ServingConfig(
+        engine=engine_overhead(args.engine),
         max_batch=args.max_batch,
         max_batched_tokens=args.max_batched_tokens,
         chunked_prefill=args.chunked_prefill,
-        gamma=len(draft.tree) if tree else DEFAULT_GAMMA if args.gamma is None else args.gamma,
+        gamma=len(draft.tree) if tree else 0 if draft is None else DEFAULT_GAMMA if args.gamma is None else args.gamma,
         spec_off_above_batch=args.spec_off_above_batch,
         dtype=args.dtype,
         tp=args.tp,
@@ -424,11 +447,12 @@ def config_from_args(args: argparse.Namespace):
         slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),
     ).check()
     if args.trace:
-        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests)
+        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests, concurrency=args.concurrency)
     else:
         workload = WorkloadSpec(
             arrival=args.arrival,
-            rate_per_s=args.rate,
+            rate_per_s=args.rate if args.rate is not None else DEFAULT_RATE_PER_S if args.concurrency is None else math.inf,
+            concurrency=args.concurrency,
             burstiness=args.burstiness,
             requests=args.requests if args.requests is not None else DEFAULT_REQUESTS,
             prompt_tokens=args.prompt_len,
@@ -444,6 +468,9 @@ def config_from_args(args: argparse.Namespace):
         tree_kv_cache_blocks(hw, target, draft, serving)
         return hw, target, draft, acceptance, serving, workload
     check_pair(target, draft)
+    if draft is None:
+        kv_cache_blocks(hw, target, None, serving)
+        return hw, target, draft, acceptance, serving, workload
     if serving.gamma + 2 > target.max_seq_len:  # a request of one prompt token and one output token, verified over gamma + 1
         raise UserError(f"--gamma {serving.gamma} is too large for the context: no request fits {target.name}'s {target.max_seq_len} positions with it")
     kv_cache_blocks(hw, target, draft if serving.gamma > 0 else None, serving)  # fits, or says by how much
@@ -463,7 +490,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.plot:
         check_plot_path(Path(args.plot))
     trace = load_trace(workload.trace_path, workload.requests) if workload.arrival == "trace" else None
-    with _progress_bar(len(RUNS) * request_count(workload, trace), "simulate") as bar:
+    with _progress_bar(len(runs_of(draft, serving)) * request_count(workload, trace), "simulate") as bar:
         report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, progress=bar.update, trace=trace,
                           intervals=not args.no_interval)  # fmt: skip
     print(finite_json(report) if args.json else format_report(report), flush=True)
@@ -492,11 +519,11 @@ def run_bench(args: argparse.Namespace) -> int:
         args.requests = MILLION
     hw, target, draft, acceptance, serving, workload = config_from_args(args)
     speculation = f"tree {draft.spec} ({serving.gamma} nodes)" if isinstance(draft, TreeSpeculation) else f"gamma {serving.gamma}"
-    print(f"bench simulate: {target.name} on {hw.name}, draft {draft.name}, {speculation}, "
+    print(f"bench simulate: {target.name} on {hw.name}, draft {NO_DRAFT if draft is None else draft.name}, {speculation}, "
           f"{workload.requests if workload.arrival != 'trace' else 'trace'} requests")  # fmt: skip
     # CPU seconds beside wall seconds: on a shared machine the wall clock counts other processes' time too
     print(f"{'run':<16}{'wall s':>10}{'cpu s':>10}{'requests':>10}{'engine steps':>14}{'requests/s':>13}{'steps/s':>12}")
-    for name in ("speculative",) if args.million else RUNS:
+    for name in ("speculative",) if args.million else runs_of(draft, serving):
         t0, c0 = time.perf_counter(), time.process_time()
         report = simulate(hw, target, draft, acceptance, serving, workload, args.seed, runs=(name,), intervals=False)
         wall_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0

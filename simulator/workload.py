@@ -1,5 +1,7 @@
 """Request streams for the serving simulation: Poisson arrivals, bursty gamma-process arrivals,
-and replay of a trace file (CSV or JSONL of arrival time, prompt length, output length).
+every request at once (rate inf), and replay of a trace file (CSV or JSONL of arrival time, prompt
+length, output length); open loop, or closed loop as `vllm bench serve --max-concurrency N` runs it
+(N users, each sending its next request when its last one completes).
 
 A stream is an iterator of `Request`s in arrival order; `request_source` is the SimPy process
 that releases them into an engine at their arrival times. Random streams are drawn in chunks
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import numpy as np
+import simpy
 from pydantic import BaseModel, ConfigDict
 
 from simulator.errors import UserError
@@ -40,8 +43,11 @@ class Request(NamedTuple):
 class WorkloadSpec(BaseModel):
     """Where requests come from. `arrival`: 'poisson' (exponential gaps at `rate_per_s`),
     'gamma' (gamma-distributed gaps with mean 1 / rate_per_s and shape `burstiness`), or
-    'trace' (rows of `trace_path`). Random streams draw prompt and output lengths as `lengths`
-    says: 'fixed' (every request the same) or 'uniform' (integers on [1, 2 n - 1], mean n)."""
+    'trace' (rows of `trace_path`); a rate of inf sends every request at time 0. Random streams
+    draw prompt and output lengths as `lengths` says: 'fixed' (every request the same) or
+    'uniform' (integers on [1, 2 n - 1], mean n). `concurrency` N closes the loop: at most N
+    requests are in flight; a request due while N are is sent when one completes (the semaphore
+    of `vllm bench serve --max-concurrency`, whose clock starts when the request is sent)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,6 +59,7 @@ class WorkloadSpec(BaseModel):
     output_tokens: int = 256
     lengths: Literal["fixed", "uniform"] = "fixed"
     trace_path: str | None = None
+    concurrency: int | None = None  # closed loop: users; None: open loop
 
     def check(self) -> WorkloadSpec:
         """Raise a UserError naming the option that is out of range; return self."""
@@ -60,9 +67,9 @@ class WorkloadSpec(BaseModel):
             if not self.trace_path:
                 raise UserError("arrival 'trace' needs a trace file (--trace FILE)")
         else:
-            if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
-                raise UserError(f"--rate must be a finite number of requests per second > 0, got {self.rate_per_s}")
-            if self.rate_per_s > MAX_RATE_PER_S:
+            if not self.rate_per_s > 0:
+                raise UserError(f"--rate must be a number of requests per second > 0 (inf: every request at once), got {self.rate_per_s}")
+            if MAX_RATE_PER_S < self.rate_per_s < math.inf:
                 raise UserError(f"--rate must be at most {MAX_RATE_PER_S:g} requests per second (arrivals a nanosecond apart), got {self.rate_per_s:g}")
             if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
                 raise UserError(f"--burstiness must be > 0 (1 is Poisson, below 1 burstier), got {self.burstiness}")
@@ -76,6 +83,8 @@ class WorkloadSpec(BaseModel):
                                 f"past the {MAX_TIME_S:.0f} s a simulated clock keeps to the nanosecond; raise --rate or lower --requests")
         if self.requests is not None and self.requests < 1:
             raise UserError(f"--requests must be >= 1, got {self.requests}")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise UserError(f"--concurrency must be >= 1 (users, each with one request in flight), got {self.concurrency}")
         return self
 
 
@@ -90,12 +99,14 @@ def random_stream(spec: WorkloadSpec, rng: np.random.Generator) -> Iterator[Requ
 
     Gamma gaps: shape k = burstiness, scale 1 / (rate k), so the mean gap is 1 / rate and the
     squared coefficient of variation is 1 / k; k = 1 is Poisson, k < 1 clusters arrivals
-    (the convention of vLLM's `benchmark_serving.py --burstiness`)."""
+    (the convention of vLLM's `benchmark_serving.py --burstiness`). A rate of inf: every gap is 0."""
     spec.check()
     t_s, rid = 0.0, 0
     while rid < spec.requests:
         n = min(CHUNK, spec.requests - rid)
-        if spec.arrival == "poisson":
+        if math.isinf(spec.rate_per_s):
+            gaps_s = np.zeros(n)
+        elif spec.arrival == "poisson":
             gaps_s = rng.exponential(1.0 / spec.rate_per_s, size=n)
         else:
             gaps_s = rng.gamma(spec.burstiness, 1.0 / (spec.rate_per_s * spec.burstiness), size=n)
@@ -243,10 +254,40 @@ def make_stream(spec: WorkloadSpec, rng: np.random.Generator, trace: Trace | Non
     return random_stream(spec, rng)
 
 
-def request_source(env, requests: Iterator[Request], submit: Callable[[Request], None], done: Callable[[], None]):
-    """SimPy process: hand each request to `submit` at its arrival time, then call `done`."""
+def request_source(env, requests: Iterator[Request], submit: Callable[[Request], None], done: Callable[[], None],
+                   users=None, api_s: Callable[[Request], float] | None = None):  # fmt: skip
+    """SimPy process: hand each request to `submit` at its arrival time, then call `done`.
+
+    `users`: a `simpy.Container` of free users (closed loop): a request due when none is free waits
+    for one and is sent, its arrival time set, when one is; whoever completes requests puts their
+    users back. `api_s(request)`: seconds the API server spends on a request before the engine sees
+    it (its arrival time stays the time it was sent); the server is one process (vLLM's and SGLang's
+    front ends are single asyncio processes), so requests pass it one at a time, in order of sending;
+    `done` waits for the last one to pass."""
+    in_api = []
+    server = simpy.Resource(env, capacity=1) if api_s is not None else None
     for request in requests:
         if request.arrival_s > env.now:
             yield env.timeout(request.arrival_s - env.now)
-        submit(request)
+        if users is not None:
+            free = users.get(1)
+            if not free.triggered:  # a free user sends at once, in the same instant as the requests before
+                yield free
+            request = request._replace(arrival_s=env.now)
+        delay_s = api_s(request) if api_s is not None else 0.0
+        if delay_s > 0:
+            if len(in_api) >= CHUNK:
+                in_api = [p for p in in_api if p.is_alive]
+            in_api.append(env.process(_through_api(env, server, delay_s, submit, request)))
+        else:
+            submit(request)
+    if in_api:
+        yield env.all_of(in_api)
     done()
+
+
+def _through_api(env, server, delay_s: float, submit: Callable[[Request], None], request: Request):
+    with server.request() as turn:
+        yield turn
+        yield env.timeout(delay_s)
+    submit(request)

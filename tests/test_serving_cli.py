@@ -124,7 +124,7 @@ def test_bench_simulate_prints_speeds(capsys):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--rate", "0"], "--rate must be a finite number of requests per second > 0, got 0.0"),
+        (["--rate", "0"], "--rate must be a number of requests per second > 0 (inf: every request at once), got 0.0"),
         (["--rate", "-3"], "--rate must be"),
         (["--burstiness", "0", "--arrival", "gamma"], "--burstiness must be > 0"),
         (["--model", "llama-2-70b", "--draft", "tinyllama-1.1b"], "short by"),

@@ -1,0 +1,159 @@
+"""Engine overheads (simulator.engine) in the serving engine, the fit that finds them, and
+`validate --e2e` / `fit-engine` / `simulate --engine` on their inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_run import one_error_line, simulator_cli
+
+from simulator import e2e
+from simulator import e2e_validate as ev
+from simulator.engine import IDEAL, EngineOverhead, engine_overhead
+from simulator.errors import UserError
+from simulator.hardware import load_profile
+from simulator.models import BUILTIN_MODELS
+from simulator.serving import AcceptanceModel, ServingConfig, simulate_serving
+from simulator.workload import Request
+from tests.test_e2e_data import GOOD, write
+
+L4 = load_profile("L4")
+SMALL = BUILTIN_MODELS["qwen2.5-0.5b"]
+
+
+def serve(engine: EngineOverhead, requests: list[Request], concurrency=None) -> dict:
+    cfg = ServingConfig(gamma=0, dtype="bf16", engine=engine, check_invariants=True)
+    return simulate_serving(L4, SMALL, None, AcceptanceModel(), cfg, iter(requests), np.random.default_rng(0), concurrency=concurrency)
+
+
+def test_step_host_time_is_the_documented_sum():
+    e = EngineOverhead(step_s=1e-3, step_s_per_sequence=2e-5, step_s_per_token=3e-6, eager_s_per_layer=4e-5, graph_max_batch=8,
+                       speculative_s_per_draft_pass=5e-4)  # fmt: skip
+    assert e.step_host_s(4, 4, 24, prefill=False) == pytest.approx(1e-3 + 4 * 2e-5 + 4 * 3e-6)  # a graph replay: no eager term
+    assert e.step_host_s(9, 9, 24, prefill=False) == pytest.approx(1e-3 + 9 * 2e-5 + 9 * 3e-6 + 24 * 4e-5)  # above the graphs
+    assert e.step_host_s(1, 500, 24, prefill=True) == pytest.approx(1e-3 + 2e-5 + 500 * 3e-6 + 24 * 4e-5)
+    assert e.step_host_s(4, 20, 24, prefill=False, draft_passes=4) == pytest.approx(1e-3 + 4 * 2e-5 + 20 * 3e-6 + 4 * 5e-4)
+    assert IDEAL.ideal and IDEAL.step_host_s(64, 4096, 80, prefill=True) == 0.0 and IDEAL.request_in_s(10_000) == 0.0
+
+
+def test_request_time_adds_to_ttft_only():
+    one = [Request(0, 0.0, 256, 32)]
+    base = serve(IDEAL, one)["latency_s"]
+    api = serve(EngineOverhead(name="x", request_s=0.02, request_s_per_prompt_token=1e-5), one)["latency_s"]
+    assert api["ttft"]["mean"] == pytest.approx(base["ttft"]["mean"] + 0.02 + 256e-5, rel=1e-9)
+    assert api["tpot"]["mean"] == pytest.approx(base["tpot"]["mean"], rel=1e-12)
+
+
+def test_step_time_adds_to_every_step():
+    one = [Request(0, 0.0, 256, 32)]
+    base = serve(IDEAL, one)["latency_s"]
+    step = serve(EngineOverhead(name="x", step_s=1e-3, graph_max_batch=256), one)["latency_s"]
+    assert step["ttft"]["mean"] == pytest.approx(base["ttft"]["mean"] + 1e-3, rel=1e-9)  # the prefill step
+    assert step["tpot"]["mean"] == pytest.approx(base["tpot"]["mean"] + 1e-3, rel=1e-9)  # every decode step
+
+
+def test_the_api_server_takes_one_request_at_a_time():
+    """Ten requests sent at once through a 10 ms API server: the last reaches the engine 100 ms after it was sent."""
+    many = [Request(i, 0.0, 64, 4) for i in range(10)]
+    report = serve(EngineOverhead(name="x", request_s=0.01), many)
+    ttft = report["latency_s"]["ttft"]
+    assert ttft["max"] >= 0.1 and ttft["p50"] >= 0.05  # a mutant with ten servers in parallel: all near 10 ms
+
+
+def test_engine_names():
+    assert engine_overhead("ideal") is IDEAL
+    for name in ("vllm", "SGLang"):
+        e = engine_overhead(name)
+        assert e.name == name.lower() and not e.ideal and e.graph_max_batch > 0
+    with pytest.raises(UserError, match="unknown engine 'trt'"):
+        engine_overhead("trt")
+
+
+def test_fit_recovers_a_known_engine(tmp_path):
+    """Rows measured on a simulated engine with known overheads: the fit cuts the rms log error to under a
+    third of the kernels-only one and finds the per-step time within 20%. (TTFT's terms, API time and eager
+    prefill layers, trade against each other on three rows: the fit finds a local optimum, not the truth.)
+    A fit that leaves the coefficients at zero, or that ignores TPOT, fails."""
+    truth = EngineOverhead(name="vllm", step_s=2e-3, request_s=0.02, graph_max_batch=256)
+    rows_in = []
+    for users in (1, 4, 16):
+        row = {**GOOD, "gpu": "L4", "n_gpus": "1", "tp": "1", "model": "Qwen/Qwen2.5-0.5B-Instruct", "input_len": "256", "output_len": "64",
+               "max_concurrency": str(users), "num_prompts": str(4 * users), "url": f"{GOOD['url']}/{users}"}  # fmt: skip
+        rows_in.append(row)
+    path = write(tmp_path / "synthetic.csv", rows_in)
+    rows = e2e.load(path)
+    setups = [ev.row_setup(r, (200, 200)) for r in rows]
+    measured_rows = []
+    for r, s, raw in zip(rows, setups, rows_in, strict=True):
+        pred = ev.predict(r, s, truth)
+        measured_rows.append({**raw, "ttft_median_ms": pred["ttft"] * 1e3, "tpot_median_ms": pred["tpot"] * 1e3, "output_tok_per_s": pred["throughput"]})
+    rows = e2e.load(write(tmp_path / "measured.csv", measured_rows))
+    before = ev._log_errors(rows, setups, IDEAL.model_copy(update={"name": "vllm"}))
+    fitted = ev.fit_engine("vllm", rows, setups)
+    after = ev._log_errors(rows, setups, fitted)
+    rms_before, rms_after = (math.sqrt(e @ e / e.size) for e in (before, after))
+    assert rms_before > 0.3 and rms_after < rms_before / 3
+    assert fitted.step_s == pytest.approx(truth.step_s, rel=0.2)
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+
+
+def test_validate_e2e_on_a_small_file(tmp_path):
+    row = {**GOOD, "gpu": "L4", "n_gpus": "1", "tp": "1", "model": "Qwen/Qwen2.5-0.5B-Instruct", "input_len": "256", "output_len": "32",
+           "max_concurrency": "2", "num_prompts": "8", "ttft_median_ms": "30", "itl_median_ms": "5.5", "output_tok_per_s": "300"}  # fmt: skip
+    rows = [row, {**row, "max_concurrency": "4", "url": GOOD["url"] + "/2"}, {**row, "engine": "sglang", "url": GOOD["url"] + "/3"}]
+    path = write(tmp_path / "r.csv", rows)
+    code, out, err = simulator_cli(["validate", "--e2e", "--results", str(path), "--json"])
+    assert code == 0, err
+    report = json.loads(out)
+    assert len(report["rows"]) == 3 and sorted(report["fit_rows"] + report["held_out_rows"]) == [1, 2, 3]
+    for e in report["rows"]:
+        pred, meas = e["engine"]["predicted"]["ttft"], e["measured"]["ttft"]
+        assert e["engine"]["ape"]["ttft"] == pytest.approx(abs(pred - meas) / meas)
+        assert e["ideal"]["predicted"]["ttft"] < pred  # the API server's time is on top of the kernels
+    code, text, err = simulator_cli(["validate", "--e2e", "--results", str(path)])
+    assert code == 0 and "held out, all" in text and "targets (held-out rows)" in text
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["validate", "--e2e", "--max-requests", "0"], "--max-requests must be >= 1"),
+        (["validate", "--e2e", "--fit-gpu", "A100"], "--fit-gpu is an option of the kernel validation"),
+        (["validate", "--max-requests", "5"], "go with --e2e"),
+        (["fit-engine", "--max-requests", "0"], "--max-requests must be >= 1"),
+        (["simulate", "--engine", "tgi", "--draft", "none"], "unknown engine 'tgi'"),
+    ],
+)
+def test_bad_input_is_one_line(argv, needle):
+    code, out, err = simulator_cli(argv)
+    assert code == 2 and out == "" and needle in one_error_line(err)
+
+
+@pytest.mark.parametrize("change,needle", [({"gpu": "TPU-v9"}, "row 2 (https://example.org/bench)"), ({"model": "acme/llm-9b"}, "unknown model"),
+                                           ({"dataset": ""}, "dataset is empty")])  # fmt: skip
+def test_bad_results_file_names_the_row_and_url(tmp_path, change, needle):
+    path = write(tmp_path / "bad.csv", [GOOD, {**GOOD, **change}])
+    code, out, err = simulator_cli(["validate", "--e2e", "--results", str(path)])
+    line = one_error_line(err)
+    assert code == 2 and out == "" and needle in line and "row 2" in line and GOOD["url"] in line
+
+
+def test_simulate_engine_preset_reports_its_coefficients(capsys):
+    from tests.test_serving_cli import cli
+
+    code, out, _ = cli(["simulate", "--draft", "none", "--engine", "vllm", "--requests", "20", "--prompt-len", "64", "--output-len", "8",
+                        "--json", "--no-interval"], capsys)  # fmt: skip
+    assert code == 0
+    assert json.loads(out)["config"]["engine"] == engine_overhead("vllm").model_dump()
+
+
+def test_shipped_fit_matches_the_shipped_data():
+    fitted = json.loads(Path(ev.FITTED_PATH).read_text())
+    assert fitted["data_sha256"] == ev.data_sha256(e2e.PUBLISHED_CSV)
+    assert fitted["fit_rows"] == [r.row for r in e2e.split(e2e.load())[0]]
