@@ -582,7 +582,7 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
                   "tokens_per_step": round(m["tokens_per_step"], 3), "prompt": m["prompt"], "new_tokens": m["new_tokens"]}  # fmt: skip
         rows.append({"group": "tree speculation", "config": config, "predicted_s": p["predicted_s"], "measured_s": m["measured_s"],
                      "expected_tokens_per_step": p["expected_tokens_per_step"], "tokens_per_s": p["tokens_per_s"], "speedup": p["speedup"],
-                     "acceptance": m["acceptance"]["accept"]})  # fmt: skip
+                     "paths": m["tree"], "acceptance": m["acceptance"]["accept"]})  # fmt: skip
     for r in rows:
         r["error"] = r["predicted_s"] / r["measured_s"] - 1.0
     groups = defaultdict(list)
