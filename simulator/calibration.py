@@ -10,7 +10,8 @@ launch overhead, and on a CPU the in-pass weight rates of the forward passes' GE
 least squares on log(predicted / measured) (scipy), and writes a profile in the
 `hardware_profiles/` format with the fit residuals, the date and the device.
 `compare` measures a held-out suite (other attention shapes, other forward and decode steps,
-speculative decoding with the trained pair at other gammas on another prompt) and predicts each
+speculative decoding with the trained pair at other gammas on another prompt, tree speculation
+with Medusa heads and with the draft's token trees at two sizes each) and predicts each
 from the profile (simulator.eager for what only the executor runs); it times the calibration's own
 decode and verify passes again to report how far the host has drifted since.
 torch is imported only inside the functions that measure.
@@ -685,7 +686,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(run=_run_calibrate)
     p = sub.add_parser("compare", help="predicted vs measured on held-out configurations of the local device",
                        description="Measure a held-out suite on this device (attention shapes, decode, verify and prefill passes, "
-                       "speculative decoding with the trained pair at gammas the calibration did not use), predict each from a profile "
+                       "speculative decoding with the trained pair at gammas the calibration did not use, Medusa and draft-model token "
+                       "trees at two sizes each, predicted from each run's measured acceptance), predict each from a profile "
                        "`calibrate` wrote here, and print predicted, measured and error per configuration with the MAPE per group.")  # fmt: skip
     p.add_argument("--gpu", required=True, help="a profile written by `calibrate` on this device")
     p.add_argument("--quick", action="store_true", help="a few configurations only (for tests)")
