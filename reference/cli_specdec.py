@@ -58,6 +58,9 @@ def add_parsers(sub, bench) -> None:
                      f"(default {TV_SAMPLES} with typical acceptance, none with exact unless given)")  # fmt: skip
     run.add_argument("--acceptance-out", default=None,
                      help="tree drafts: write the measured acceptance per depth and rank (tree_acceptance JSON, read by the simulator)")  # fmt: skip
+    run.add_argument("--profile", default=None,
+                     help="tree drafts, batch 1: a profile `python -m simulator calibrate` wrote on this device; prints the simulator's "
+                     "prediction (tokens/s, speedup) beside the measurement, from this run's measured acceptance (default: no prediction)")  # fmt: skip
     run.set_defaults(run=run_specdec)
 
     b = bench.add_parser("specdec", help="speedup over gamma at batch 1; checks it against Leviathan's formula",
@@ -141,7 +144,8 @@ def _setup(args, gammas: list[int], target=None, draft=None):
 def run_specdec(args) -> int:
     tree_draft = args.draft in ("tree", "medusa")
     for flag, given in (("--tree", args.tree is not None), ("--acceptance-out", args.acceptance_out is not None),
-                        ("--acceptance typical", args.acceptance == "typical"), ("--tree-top", args.tree_top and args.draft != "tree")):  # fmt: skip
+                        ("--acceptance typical", args.acceptance == "typical"), ("--tree-top", args.tree_top and args.draft != "tree"),
+                        ("--profile", args.profile is not None)):  # fmt: skip
         if given and not tree_draft:
             raise UserError(f"{flag} is for tree drafts (--draft tree or medusa), not --draft {args.draft}")
     if args.tree_top and args.draft == "medusa":
@@ -158,8 +162,38 @@ def run_specdec(args) -> int:
         raise UserError(f"--tv-samples must be >= 1, got {args.tv_samples}")
     if args.acceptance_out is not None:
         check_writable_file(Path(args.acceptance_out))
+    if args.profile is not None and args.batch != 1:
+        raise UserError(f"--profile predicts batch 1 (the executor loop's pricing), got --batch {args.batch}")
     with torch_threads(args.threads):
-        return _run_tree(args) if tree_draft else _run_specdec(args)
+        hw = _profile(args) if args.profile is not None else None
+        return _run_tree(args, hw) if tree_draft else _run_specdec(args)
+
+
+def _profile(args):
+    """The calibrated profile of --profile, refused unless calibrated on this device with these threads."""
+    from reference.microbench import device_name
+    from simulator.calibration import check_same_device
+    from simulator.hardware import load_profile
+
+    if not args.device.startswith("cpu"):
+        raise UserError(f"--profile: the executor's loops are predicted on a calibrated CPU profile; this run is on {args.device}")
+    hw = load_profile(args.profile)
+    check_same_device(hw, device_name("cpu"))
+    return hw
+
+
+def predict_run(result: TreeMeasurement, acceptance: dict, hw, target_spec, draft_spec, heads: int | None, prompt: int, new_tokens: int) -> dict:
+    """The simulator's prediction of this tree run on a calibrated profile (simulator.calibration.predict_tree),
+    from the run's own acceptance table."""
+    from simulator.calibration import predict_tree
+
+    m = {"draft": acceptance["draft"], "acceptance": acceptance, "tree": result.tree, "target": target_spec.model_dump(),
+         "draft_model": None if draft_spec is None else draft_spec.model_dump(), "medusa_heads": heads, "prompt": prompt,
+         "new_tokens": new_tokens, "measured_s": 1.0 / result.tokens_per_s, "autoregressive_s": 1.0 / result.autoregressive_tokens_per_s}  # fmt: skip
+    p = predict_tree(m, hw)
+    return {"profile": hw.name, "device": (hw.calibration or {}).get("device"), "expected_tokens_per_step": p["expected_tokens_per_step"],
+            "tokens_per_s": p["tokens_per_s"]["predicted"], "speedup": p["speedup"]["predicted"],
+            "measured_over_predicted": p["tokens_per_s"]["ratio"]}  # fmt: skip
 
 
 def _tree_spec(args) -> str:
@@ -168,7 +202,7 @@ def _tree_spec(args) -> str:
     return str(MEDUSA_TREE) if args.draft == "medusa" and MEDUSA_TREE.is_file() else DEFAULT_TREE
 
 
-def _run_tree(args) -> int:
+def _run_tree(args, hw=None) -> int:
     spec = _tree_spec(args)
     prompt_ids = list(args.prompt.encode("utf-8"))
     target = load_weights(args.target, args.device)
@@ -199,15 +233,23 @@ def _run_tree(args) -> int:
     if args.tv_samples is not None:
         tv = first_token_tv(target, draft, prompt_ids, s, args.tv_samples, args.seed, verifier)
         out |= {"first_token_tv": tv, "tv_samples": args.tv_samples}
+    given = sys.argv[1:2] == ["specdec"]
+    source = "python -m reference specdec " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if given else f"python -m reference specdec --draft {args.draft} --tree {spec}"
+    acceptance = acceptance_file(result, args.draft, file_sha256(args.target), source)
+    if hw is not None:
+        heads = draft.heads.n_heads if args.draft == "medusa" else None
+        draft_spec = None if args.draft == "medusa" else draft.model.spec
+        out["prediction"] = predict_run(result, acceptance, hw, target.spec, draft_spec, heads, len(prompt_ids), args.max_new_tokens)
+    else:
+        out["prediction"] = None
     if args.acceptance_out is not None:
         # the command line as given, or (called as a library) the options that shaped the measurement
-        given = sys.argv[1:2] == ["specdec"]
-        source = "python -m reference specdec " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if given else f"python -m reference specdec --draft {args.draft} --tree {spec}"
-        write_json_atomic(Path(args.acceptance_out), acceptance_file(result, args.draft, file_sha256(args.target), source))
+        write_json_atomic(Path(args.acceptance_out), acceptance)
     if args.json:
         print(finite_json(out))
         return 0
     print(format_tree(result, out.get("first_token_tv"), args.tv_samples))
+    print(format_prediction(result, out["prediction"]))
     return 0
 
 
@@ -238,6 +280,13 @@ def format_tree(r: TreeMeasurement, tv: float | None, tv_samples: int) -> str:
     if tv is not None:
         lines.append(f"first token: TV from the target's law {tv:.4f} (estimated from {tv_samples} runs)")
     return "\n".join(lines)
+
+
+def format_prediction(r: TreeMeasurement, p: dict | None) -> str:
+    if p is None:
+        return "predicted        none (give --profile, a profile `python -m simulator calibrate` wrote on this device)"
+    return (f"predicted        {p['tokens_per_s']:10.1f} tokens/s   speedup {p['speedup']:.3f}   tokens per step {p['expected_tokens_per_step']:.3f}   "
+            f"measured / predicted tokens/s {p['measured_over_predicted']:.3f}   (profile {p['profile']}, calibrated on {p['device']})")  # fmt: skip
 
 
 def _run_specdec(args) -> int:

@@ -344,3 +344,40 @@ def layer_op_s_per_element(tokens: int, device: str, repeats: int) -> dict[str, 
                 "rope": measure(rope, repeats).median_s / (pairs.numel() // 2),
                 "rms_norm": measure(lambda: norm(x), repeats).median_s / x.numel(),
                 "mask": measure(lambda: torch.where(keys <= pos[:, :, None], 0.0, float("-inf"))[:, None].to(x.dtype), repeats).median_s / tokens**2}  # fmt: skip
+
+
+def tree_specdec(target: Transformer, draft: Transformer, heads_path: Path, target_path: Path, configs: list[dict], prompt_len: int,
+                 new_tokens: int, seed: int, repeats: int) -> list[dict]:  # fmt: skip
+    """Tree speculation (reference.tree_decode.measure_tree, exact verification) on one random
+    prompt, per config {"draft": "medusa" | "tree", "tree": rank paths, "temperature": T}: Medusa
+    heads from `heads_path`, or `draft` growing a full tree of i.i.d. samples. Per config: seconds
+    per generated token of the tree run and of autoregressive decoding timed in turns with it
+    (medians of `repeats`), the measured tokens per step, and the run's acceptance per depth and
+    rank in the tree acceptance file's format (reference.cli_specdec.acceptance_file)."""
+    from reference.cli_specdec import acceptance_file
+    from reference.medusa import MedusaDraft, file_sha256, load_heads
+    from reference.sampling import Sampling
+    from reference.tree_decode import TreeDraft, measure_tree
+
+    device = target.embed.weight.device
+    prompt = torch.randint(0, target.spec.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    target_sha256 = file_sha256(target_path)
+    heads = load_heads(heads_path, target, target_path) if any(c["draft"] == "medusa" for c in configs) else None
+    out = []
+    for c in configs:
+        paths = [tuple(p) for p in c["tree"]]
+        if c["draft"] == "medusa":
+            proposer = MedusaDraft(target, heads, paths)
+        else:
+            branching = tuple(1 + max(p[d] for p in paths if len(p) > d) for d in range(max(len(p) for p in paths)))
+            proposer = TreeDraft(draft, branching)
+        r = measure_tree(target, proposer, paths, prompt, new_tokens, Sampling(temperature=c["temperature"]), seed, repeats)
+        source = f"simulator compare: {c['draft']} tree of {len(paths)} nodes, prompt {prompt_len}, {new_tokens} tokens, seed {seed}"
+        out.append({"kind": "tree", "draft": c["draft"], "tree": [list(p) for p in paths], "temperature": c["temperature"],
+                    "prompt": prompt_len, "new_tokens": new_tokens, "target": target.spec.model_dump(),
+                    "draft_model": draft.spec.model_dump() if c["draft"] == "tree" else None,
+                    "medusa_heads": heads.n_heads if c["draft"] == "medusa" else None,
+                    "tokens_per_step": r.tokens_per_step, "steps": r.steps,
+                    "acceptance": acceptance_file(r, c["draft"], target_sha256, source),
+                    "measured_s": 1.0 / r.tokens_per_s, "autoregressive_s": 1.0 / r.autoregressive_tokens_per_s})  # fmt: skip
+    return out

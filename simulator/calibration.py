@@ -10,7 +10,8 @@ launch overhead, and on a CPU the in-pass weight rates of the forward passes' GE
 least squares on log(predicted / measured) (scipy), and writes a profile in the
 `hardware_profiles/` format with the fit residuals, the date and the device.
 `compare` measures a held-out suite (other attention shapes, other forward and decode steps,
-speculative decoding with the trained pair at other gammas on another prompt) and predicts each
+speculative decoding with the trained pair at other gammas on another prompt, tree speculation
+with Medusa heads and with the draft's token trees at two sizes each) and predicts each
 from the profile (simulator.eager for what only the executor runs); it times the calibration's own
 decode and verify passes again to report how far the host has drifted since.
 torch is imported only inside the functions that measure.
@@ -30,6 +31,7 @@ import yaml
 
 from simulator import attention as att
 from simulator import eager, executor_loop
+from simulator import tree as trees
 from simulator.errors import UserError, finite_json
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile, load_profile
@@ -46,10 +48,16 @@ CALIB_SPECDEC = {"prompt": 32, "new_tokens": 96, "gammas": [3, 5, 6], "seed": 1}
 COMPARE_ATTENTION = [(1, 8, 256, 64), (1, 2, 2048, 64), (4, 4, 384, 32)]
 COMPARE_FORWARD = [(2, 128, 1), (1, 512, 1), (16, 64, 1), (1, 200, 5), (1, 0, 256)]
 COMPARE_SPECDEC = {"prompt": 64, "new_tokens": 64, "gammas": [1, 2, 4], "seed": 0}
+# tree speculation with the trained target: Medusa trees built greedily from the heads' committed
+# acceptance (temperature 0, where Medusa's candidates are meant to be used) and full trees the
+# draft samples (temperature 1), two sizes each; verified exactly
+COMPARE_TREES = {"prompt": 64, "new_tokens": 64, "seed": 0,
+                 "configs": [("medusa", "best:8", 0.0), ("medusa", "best:32", 0.0), ("tree", "2x1", 1.0), ("tree", "3x2x1", 1.0)]}  # fmt: skip
 QUICK = {"gemms": CALIB_GEMMS[:3] + CALIB_GEMMS[-2:], "elementwise": CALIB_ELEMENTWISE[:3], "attention": CALIB_ATTENTION[:1],
          "forward": CALIB_FORWARD[:2], "specdec": {**CALIB_SPECDEC, "new_tokens": 24, "gammas": [3]},
          "compare_attention": COMPARE_ATTENTION[:1], "compare_forward": COMPARE_FORWARD[:2],
-         "compare_specdec": {**COMPARE_SPECDEC, "new_tokens": 16, "gammas": [2]}}  # fmt: skip
+         "compare_specdec": {**COMPARE_SPECDEC, "new_tokens": 16, "gammas": [2]},
+         "compare_trees": {**COMPARE_TREES, "new_tokens": 16, "configs": [("medusa", "best:8", 0.0), ("tree", "2x1", 1.0)]}}  # fmt: skip
 DTYPE = "fp32"  # the executor's models run in fp32 on a CPU
 KERNEL_ROUNDS = 3  # the kernel microbenchmarks run this many times over; each keeps its median
 # rounds of the forward passes per repeat, in turns: on a shared host a one-row pass's time drifts by
@@ -222,6 +230,24 @@ def predict_loop_s(m: dict, hw: HardwareProfile) -> float:
     if m["kind"] == "autoregressive":
         return executor_loop.autoregressive_s_per_token(target, hw, m["prompt"], m["new_tokens"], DTYPE)
     return executor_loop.speculative_s_per_token(target, draft, hw, m["alpha"], m["gamma"], m["prompt"], m["new_tokens"], DTYPE)
+
+
+def predict_tree(m: dict, hw: HardwareProfile) -> dict:
+    """A measured tree run (`reference.microbench.tree_specdec`) predicted on `hw`: its acceptance
+    read through the tree acceptance contract (`simulator.tree.check_tree_acceptance`), E[tokens
+    per step] from it (`simulator.tree.expected_tokens`), seconds per token of the tree loop
+    (`executor_loop.tree_s_per_token`) and of autoregressive decoding; tokens/s and speedup, each
+    measured and predicted, and the ratio measured / predicted tokens/s."""
+    acc = trees.check_tree_acceptance(m["acceptance"], f"the {m['draft']} run's acceptance")
+    tree = trees.check_tree(m["tree"])
+    target = ModelSpec.model_validate(m["target"])
+    draft = ModelSpec.model_validate(m["draft_model"]) if m["draft_model"] is not None else None
+    e_tokens = trees.expected_tokens(tree, acc)
+    predicted_s = executor_loop.tree_s_per_token(target, draft, hw, tree, e_tokens, m["prompt"], m["new_tokens"], m["medusa_heads"], DTYPE)
+    ar_s = executor_loop.autoregressive_s_per_token(target, hw, m["prompt"], m["new_tokens"], DTYPE)
+    return {"predicted_s": predicted_s, "expected_tokens_per_step": e_tokens,
+            "tokens_per_s": {"measured": 1.0 / m["measured_s"], "predicted": 1.0 / predicted_s, "ratio": predicted_s / m["measured_s"]},
+            "speedup": {"measured": m["autoregressive_s"] / m["measured_s"], "predicted": ar_s / predicted_s}}  # fmt: skip
 
 
 def residual_summary(measurements: list[dict], hw: HardwareProfile) -> dict:
@@ -545,6 +571,19 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
         if m["kind"] == "autoregressive":
             config = {"gamma": 0, "autoregressive": True, "prompt": m["prompt"], "new_tokens": m["new_tokens"]}
         rows.append({"group": "speculative decoding", "config": config, "predicted_s": predict_loop_s(m, hw), "measured_s": m["measured_s"]})
+    tr = QUICK["compare_trees"] if quick else COMPARE_TREES
+    log(f"compare: tree speculation, {', '.join(f'{d} {t}' for d, t, _ in tr['configs'])} (prompt {tr['prompt']}, {tr['new_tokens']} tokens)")
+    medusa_acceptance = trees.load_tree_acceptance(trees.DEFAULT_MEDUSA_ACCEPTANCE)
+    configs = [{"draft": d, "tree": trees.parse_tree(t, medusa_acceptance if d == "medusa" else None), "temperature": temp, "spec": t}
+               for d, t, temp in tr["configs"]]  # fmt: skip
+    for c, m in zip(configs, mb.tree_specdec(target, draft, WEIGHTS_DIR / "medusa.pt", WEIGHTS_DIR / "target.pt", configs, tr["prompt"],
+                                             tr["new_tokens"], tr["seed"], repeats), strict=True):  # fmt: skip
+        p = predict_tree(m, hw)
+        config = {"draft": m["draft"], "tree": c["spec"], "nodes": len(m["tree"]), "temperature": m["temperature"],
+                  "tokens_per_step": round(m["tokens_per_step"], 3), "prompt": m["prompt"], "new_tokens": m["new_tokens"]}  # fmt: skip
+        rows.append({"group": "tree speculation", "config": config, "predicted_s": p["predicted_s"], "measured_s": m["measured_s"],
+                     "expected_tokens_per_step": p["expected_tokens_per_step"], "tokens_per_s": p["tokens_per_s"], "speedup": p["speedup"],
+                     "paths": m["tree"], "acceptance": m["acceptance"]["accept"]})  # fmt: skip
     for r in rows:
         r["error"] = r["predicted_s"] / r["measured_s"] - 1.0
     groups = defaultdict(list)
@@ -564,6 +603,15 @@ def format_compare(result: dict) -> str:
     lines.append("")
     for g, s in result["groups"].items():
         lines.append(f"{g:<24} n={s['n']:<3} MAPE {s['mape']:.1%}  median {s['median_ape']:.1%}")
+    tree_rows = [r for r in result["rows"] if r["group"] == "tree speculation"]
+    if tree_rows:
+        lines += ["", f"{'tree speculation':<32} {'tokens/s measured':>17} {'predicted':>10} {'ratio':>6}  {'speedup measured':>16} {'predicted':>10}  tokens/step (measured; predicted from the run's acceptance)"]  # fmt: skip
+        for r in tree_rows:
+            c, t, s = r["config"], r["tokens_per_s"], r["speedup"]
+            name = f"{c['draft']} {c['tree']} ({c['nodes']} nodes, T={c['temperature']:g})"
+            lines.append(f"{name:<32} {t['measured']:>17.1f} {t['predicted']:>10.1f} {t['ratio']:>6.3f}  {s['measured']:>16.3f} {s['predicted']:>10.3f}  "
+                         f"{c['tokens_per_step']:.3f}; {r['expected_tokens_per_step']:.3f}")  # fmt: skip
+        lines.append("ratio = measured / predicted tokens/s (the issue's target: within 15%)")
     d = result.get("drift")
     if d:
         lines.append(f"host drift: the calibration's {d['n']} decode/verify passes, timed again here in turns with the held-out ones, took "
@@ -638,7 +686,8 @@ def add_parsers(sub) -> None:
     p.set_defaults(run=_run_calibrate)
     p = sub.add_parser("compare", help="predicted vs measured on held-out configurations of the local device",
                        description="Measure a held-out suite on this device (attention shapes, decode, verify and prefill passes, "
-                       "speculative decoding with the trained pair at gammas the calibration did not use), predict each from a profile "
+                       "speculative decoding with the trained pair at gammas the calibration did not use, Medusa and draft-model token "
+                       "trees at two sizes each, predicted from each run's measured acceptance), predict each from a profile "
                        "`calibrate` wrote here, and print predicted, measured and error per configuration with the MAPE per group.")  # fmt: skip
     p.add_argument("--gpu", required=True, help="a profile written by `calibrate` on this device")
     p.add_argument("--quick", action="store_true", help="a few configurations only (for tests)")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from simulator import tree as trees
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile
 from simulator.models import ModelSpec
@@ -46,3 +47,35 @@ def autoregressive_s_per_token(target: ModelSpec, hw: HardwareProfile, prompt: i
     sampling overhead o_token (`calibration.executor.loop_overhead_s.per_token`)."""
     step_s = step_time_s(target, hw, 1, prompt + new_tokens // 2, 1, dtype) + _overheads(hw).get("per_token", 0.0)
     return (step_time_s(target, hw, 1, 0, prompt, dtype) + (new_tokens - 1) * step_s) / new_tokens
+
+
+def tree_s_per_token(
+    target: ModelSpec, draft: ModelSpec | None, hw: HardwareProfile, tree, tokens_per_step: float, prompt: int, new_tokens: int,
+    medusa_heads: int | None = None, dtype: str = "fp32",
+) -> float:  # fmt: skip
+    """Seconds per generated token of reference.tree_decode.tree_generate, batch 1, priced by the
+    simulator's tree pricing (`simulator.tree.tree_step_s`):
+
+        t = [prefill + steps (t_propose + t_verify(N + 1 tokens) + o_step + D o_draft)] / n,  steps = n / E[tokens per step]
+
+    `draft` None is Medusa: the proposer is the heads (`tree.medusa_heads_cost`, `medusa_heads` of
+    them, default one per depth of the tree) and the prefill is the target's over P - 1 tokens
+    twice (the loop's prefill, and `MedusaDraft.start` for the first hidden state); a draft model
+    grows the tree level by level (`tree.draft_tree_cost`; o_draft per level: the calibrated loop
+    overhead per drafted position of the linear loop) after its prefill of P - 2 tokens. The
+    verify pass reads N + 1 query tokens (the root and the N nodes) at the middle context P + n/2.
+    E[tokens per step] is the acceptance's (a measured run's table, or its own count of steps);
+    o_step is the linear loop's calibrated overhead per step (`calibration.executor.loop_overhead_s`)."""
+    o = _overheads(hw)
+    context = prompt + new_tokens // 2
+    if draft is None:
+        propose_s = trees.medusa_heads_cost(target, hw, 1, medusa_heads or trees.depth(tree), dtype).time_s
+        verify_s = trees.verify_pass(target, hw, 1, context, len(tree), dtype)["total"].time_s
+        prefill_s = 2 * step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
+        drafted = 0
+    else:
+        propose_s, verify_s = trees.tree_step_s(target, draft, hw, 1, context, tree, dtype)
+        prefill_s = specdec_prefill_s(target, draft, hw, prompt, dtype)
+        drafted = trees.depth(tree)
+    step_s = propose_s + verify_s + o.get("per_step", 0.0) + drafted * o.get("per_draft_token", 0.0)
+    return (prefill_s + new_tokens / tokens_per_step * step_s) / new_tokens

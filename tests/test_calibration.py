@@ -44,6 +44,8 @@ def test_compare_reports_finite_errors_per_group(calibrated, capsys, tmp_path):
     assert main(["compare", "--gpu", str(calibrated), "--quick", "--repeats", "2", "--json", "--plot", str(plot)]) == 0
     import json
 
+    from reference.tree_decode import expected_tokens_per_step
+
     result = json.loads(capsys.readouterr().out)
     groups = {r["group"] for r in result["rows"]}
     assert {"attention", "forward (decode/verify)", "speculative decoding"} <= groups
@@ -56,6 +58,19 @@ def test_compare_reports_finite_errors_per_group(calibrated, capsys, tmp_path):
     references = {(r["batch"], r["context"], r["query_tokens"]) for r in load_profile(str(calibrated)).calibration["reference_passes"]}
     held_out = [(c["batch"], c["context"], c["query_tokens"]) for c in (r["config"] for r in result["rows"]) if c.get("kind") == "forward"]
     assert held_out and not references & set(held_out)
+    # tree speculation: Medusa and draft-model trees, tokens/s measured and predicted from the run's own acceptance
+    trees = [r for r in result["rows"] if r["group"] == "tree speculation"]
+    assert {r["config"]["draft"] for r in trees} == {"medusa", "tree"}
+    for r in trees:
+        t = r["tokens_per_s"]
+        assert t["measured"] == pytest.approx(1 / r["measured_s"]) and t["predicted"] == pytest.approx(1 / r["predicted_s"])
+        assert t["ratio"] == pytest.approx(t["measured"] / t["predicted"]) and r["speedup"]["predicted"] > 0
+        # E[tokens per step] read through the contract is the executor's own formula on the run's table
+        paths = [tuple(p) for p in r["paths"]]
+        assert len(paths) == r["config"]["nodes"] and len(r["acceptance"]) == max(map(len, paths))
+        assert r["expected_tokens_per_step"] == pytest.approx(expected_tokens_per_step(r["acceptance"], paths), rel=1e-12)
+    text = calibration.format_compare(result)
+    assert "tokens/s measured" in text and "medusa best:8" in text and "tree 2x1" in text
 
 
 def test_compare_refuses_a_profile_of_another_device(calibrated, tmp_path, capsys):
@@ -264,3 +279,114 @@ def test_measured_layer_op_rates_price_the_executor_prefill():
     slow_rope = cpu_profile(rope_s_per_element=1e-6)
     assert forward(spec, slow_rope, 1, 0, t, "fp32")["rope"].time_s == pytest.approx(
         spec.n_layers * (t * (256 + 128) // 2 * 1e-6 + hw.launch_overhead_s))
+
+
+# ---- tree speculation: the prediction from stand-in measurements, and `reference specdec --profile` ----
+
+
+def tree_run(draft: str, tree, accept, prompt: int = 64, new_tokens: int = 64, heads: int | None = None) -> dict:
+    """A stand-in for `reference.microbench.tree_specdec`'s record of one run (times filled in by the caller)."""
+    from reference.train import DRAFT_SPEC, TARGET_SPEC
+
+    acceptance = {"kind": "tree_acceptance", "draft": draft, "target": TARGET_SPEC.name, "target_sha256": "0" * 64, "temperature": 0.0,
+                  "accept": accept, "steps": 10, "tree": [list(p) for p in tree], "source": "a test"}  # fmt: skip
+    return {"kind": "tree", "draft": draft, "tree": [list(p) for p in tree], "temperature": 0.0, "prompt": prompt, "new_tokens": new_tokens,
+            "target": TARGET_SPEC.model_dump(), "draft_model": DRAFT_SPEC.model_dump() if draft == "tree" else None,
+            "medusa_heads": heads, "tokens_per_step": 1.0, "steps": 10, "acceptance": acceptance, "measured_s": 1e-3, "autoregressive_s": 2e-3}  # fmt: skip
+
+
+def test_tree_prediction_prices_the_verify_pass_the_heads_and_the_loop():
+    """A Medusa chain of g nodes with every candidate accepted: per step the heads (one per depth, or
+    as many as the file has), a target pass over g + 1 tokens and the calibrated per-step overhead;
+    g + 1 tokens a step; the prefill twice. Mutants caught: pricing N instead of N + 1 query tokens,
+    dropping the heads, the overhead, or the second prefill."""
+    from reference.train import TARGET_SPEC
+    from simulator import executor_loop
+    from simulator import tree as trees
+    from simulator.forward import step_time_s
+
+    o_step = 4e-4
+    hw = cpu_profile(loop_overhead_s={"per_step": o_step, "per_draft_token": 1e-4})
+    g, n, prompt = 3, 60, 64
+    chain = tuple((0,) * d for d in range(1, g + 1))
+    m = tree_run("medusa", chain, [[1.0]] * g, prompt, n)
+    p = calibration.predict_tree(m, hw)
+    assert p["expected_tokens_per_step"] == g + 1
+    ctx = prompt + n // 2
+    heads_s = trees.medusa_heads_cost(TARGET_SPEC, hw, 1, g, "fp32").time_s
+    step_s = heads_s + step_time_s(TARGET_SPEC, hw, 1, ctx, g + 1, "fp32") + o_step
+    prefill_s = 2 * step_time_s(TARGET_SPEC, hw, 1, 0, prompt - 1, "fp32")
+    assert p["predicted_s"] == pytest.approx((prefill_s + n / (g + 1) * step_s) / n, rel=1e-12)
+    assert p["tokens_per_s"]["ratio"] == pytest.approx(p["predicted_s"] / m["measured_s"], rel=1e-12)
+    ar_s = executor_loop.autoregressive_s_per_token(TARGET_SPEC, hw, prompt, n, "fp32")
+    assert p["speedup"]["predicted"] == pytest.approx(ar_s / p["predicted_s"]) and p["speedup"]["measured"] == 2.0
+    # five heads in the file cost five heads' GEMMs, not three
+    more = calibration.predict_tree({**m, "medusa_heads": 5}, hw)["predicted_s"]
+    extra = trees.medusa_heads_cost(TARGET_SPEC, hw, 1, 5, "fp32").time_s - heads_s
+    assert more - p["predicted_s"] == pytest.approx(extra / (g + 1), rel=1e-9)
+
+
+def test_tree_prediction_follows_the_measured_acceptance_and_the_draft_passes():
+    """Higher acceptance in the run's table predicts more tokens/s; a draft-model tree pays one
+    draft pass per level plus the calibrated overhead per drafted level."""
+    from reference.train import DRAFT_SPEC
+    from simulator import tree as trees
+
+    hw = cpu_profile(loop_overhead_s={"per_step": 3e-4, "per_draft_token": 1e-4})
+    tree = trees.full_tree((3, 2, 1))
+    low = calibration.predict_tree(tree_run("tree", tree, [[0.3, 0.1, 0.05], [0.4, 0.1], [0.5]]), hw)
+    high = calibration.predict_tree(tree_run("tree", tree, [[0.6, 0.2, 0.1], [0.7, 0.2], [0.8]]), hw)
+    assert high["expected_tokens_per_step"] > low["expected_tokens_per_step"] and high["predicted_s"] < low["predicted_s"]
+    e = low["expected_tokens_per_step"]
+    none = calibration.predict_tree(tree_run("tree", tree, [[0.3, 0.1, 0.05], [0.4, 0.1], [0.5]]), cpu_profile(loop_overhead_s={"per_step": 3e-4}))
+    assert (low["predicted_s"] - none["predicted_s"]) * 64 == pytest.approx(64 / e * 3 * 1e-4, rel=1e-9)  # D = 3 drafted levels
+    assert trees.draft_tree_cost(DRAFT_SPEC, hw, 1, 96, tree, "fp32").time_s > 0
+
+
+def test_tree_prediction_refuses_a_table_that_does_not_cover_the_tree():
+    from simulator import tree as trees
+    from simulator.errors import UserError
+
+    m = tree_run("medusa", trees.full_tree((2, 1)), [[0.5, 0.2]])
+    with pytest.raises(UserError, match="depth"):
+        calibration.predict_tree(m, cpu_profile())
+
+
+def test_specdec_prints_the_prediction_beside_the_measurement(calibrated):
+    import json
+
+    from cli_run import reference_cli
+
+    quick = ["--max-new-tokens", "8", "--repeats", "1", "--threads", "1", "--device", "cpu"]
+    code, out, err = reference_cli(["specdec", "--draft", "tree", "--tree", "2x1", "--profile", calibrated, "--json", *quick])
+    assert code == 0, err
+    r = json.loads(out)
+    p = r["prediction"]
+    assert p["profile"] == load_profile(str(calibrated)).name and p["tokens_per_s"] > 0 and p["speedup"] > 0
+    assert p["measured_over_predicted"] == pytest.approx(r["tokens_per_s"] / p["tokens_per_s"], rel=1e-9)
+    code, out, err = reference_cli(["specdec", "--draft", "medusa", "--tree", "[[0],[1]]", "--temperature", "0", "--profile", calibrated, *quick])
+    assert code == 0, err
+    assert "predicted " in out and "measured / predicted tokens/s" in out and "calibrated on" in out
+    code, out, err = reference_cli(["specdec", "--draft", "tree", "--tree", "2", *quick])
+    assert code == 0 and "predicted        none (give --profile" in out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--draft", "model", "--profile", "CALIBRATED"], "for tree drafts"),
+        (["--draft", "tree", "--batch", "2", "--profile", "CALIBRATED"], "batch 1"),
+        (["--draft", "tree", "--profile", "a100"], "not calibrated on a device"),
+        (["--draft", "medusa", "--profile", "OTHER"], "this device is"),
+    ],
+)
+def test_specdec_profile_bad_input_is_one_line(calibrated, tmp_path, argv, needle):
+    from cli_run import reference_cli
+
+    data = yaml.safe_load(calibrated.read_text())
+    data["calibration"]["device"] = "Some Other CPU (64 threads)"
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data))
+    argv = [{"CALIBRATED": calibrated, "OTHER": other}.get(a, a) for a in argv]
+    code, out, err = reference_cli(["specdec", "--max-new-tokens", "4", "--repeats", "1", "--device", "cpu", *argv])
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and not out, err
