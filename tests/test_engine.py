@@ -157,3 +157,17 @@ def test_shipped_fit_matches_the_shipped_data():
     fitted = json.loads(Path(ev.FITTED_PATH).read_text())
     assert fitted["data_sha256"] == ev.data_sha256(e2e.PUBLISHED_CSV)
     assert fitted["fit_rows"] == [r.row for r in e2e.split(e2e.load())[0]]
+
+
+def test_vllm_v1_scheduler_defaults_follow_the_device():
+    """vLLM's V1 API server takes 1024 sequences and 8192 batched tokens on GPUs of >= 70 GiB but
+    the A100, else 256 and 2048; V0 (before 0.7) takes 256 without chunked prefill."""
+    from types import SimpleNamespace
+
+    def limits(gpu, version="0.11.0", engine="vllm"):
+        return ev.scheduler_limits(SimpleNamespace(engine=engine, engine_version=version, profile=load_profile(gpu)))
+
+    assert limits("h100")["max_batch"] == 1024 and limits("h100")["max_batched_tokens"] == 8192
+    assert limits("a100")["max_batch"] == 256 and limits("a100")["max_batched_tokens"] == 2048
+    assert limits("l4")["max_batch"] == 256
+    assert limits("h100", "0.6.0") == {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False}
