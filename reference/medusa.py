@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference.model import Transformer
+from reference.model import Transformer, read_torch_file
 from reference.sampling import Sampling, fixed_token_probs
 from reference.tree import TokenTree, TreeVerdict
 from simulator.errors import UserError
@@ -111,10 +111,7 @@ def load_heads(path: Path | str, target: Transformer, target_path: Path | str) -
     if not path.is_file():
         raise UserError(f"{path}: no such Medusa heads file; `python -m reference.train medusa` writes reference/weights/medusa.pt")
     not_ours = f"{path}: not a Medusa heads file written by save_heads"
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are not a heads file
-        raise UserError(f"{not_ours} ({type(exc).__name__})") from None
+    blob = read_torch_file(path, not_ours)
     if not (isinstance(blob, dict) and blob.get("kind") == "medusa_heads" and isinstance(blob.get("state_dict"), dict)):
         raise UserError(not_ours)
     want = file_sha256(target_path)

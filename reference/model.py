@@ -186,6 +186,15 @@ def save_weights(model: Transformer, path: Path) -> None:
     torch.save({"spec": model.spec.model_dump(), "state_dict": state}, path)
 
 
+def read_torch_file(path: Path, not_ours: str):
+    """What a torch file holds (tensors and plain containers only: no pickled code runs), or a
+    UserError `not_ours` when its bytes are no such file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are not the file asked for
+        raise UserError(f"{not_ours} ({type(exc).__name__})") from None
+
+
 def load_weights(path: Path | str, device: str = "cpu") -> Transformer:
     """A `Transformer` from a file written by `save_weights` (for example `reference/weights/target.pt`).
     Anything else (another format, a bare tensor, a spec that does not match its weights, weights that
@@ -196,10 +205,7 @@ def load_weights(path: Path | str, device: str = "cpu") -> Transformer:
         hint = "; `python -m reference.train` writes the trained pair" if path.parent == WEIGHTS_DIR else ""
         raise UserError(f"{path}: no such weights file{hint}")
     not_ours = f"{path}: not a weights file written by save_weights"
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, they are not a weights file
-        raise UserError(f"{not_ours} ({type(exc).__name__})") from None
+    blob = read_torch_file(path, not_ours)
     if not (isinstance(blob, dict) and isinstance(blob.get("spec"), dict) and isinstance(blob.get("state_dict"), dict)):
         raise UserError(f"{not_ours} (expected a dict with `spec` and `state_dict`, got {type(blob).__name__})")
     try:

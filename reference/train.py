@@ -124,13 +124,18 @@ def train(
                 with torch.no_grad():
                     p = teacher(x).float().softmax(-1)
                 loss = F.cross_entropy(model(x).float().flatten(0, 1), p.flatten(0, 1))  # = KL(p || q) + H(p)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"  step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.0f} s", flush=True)
+        descend(opt, loss, model.parameters(), step, steps, t0, every=200)
     return model.eval()
+
+
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params, step: int, steps: int, t0: float, every: int) -> None:
+    """One optimiser step on `loss` (gradients clipped to norm 1), and a progress line every `every` steps and at the last."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    if step % every == 0 or step == steps - 1:
+        print(f"  step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.0f} s", flush=True)
 
 
 @torch.no_grad()
@@ -168,12 +173,7 @@ def train_medusa(target: Transformer, data: torch.Tensor, steps: int, n_heads: i
         # take F.linear rather than timing kernels per row count, so every run computes alike
         _, h = target(x[:, :SEQ_LEN], hidden=True)  # [BATCH, SEQ_LEN, d]
         loss = medusa_loss(heads, h, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  step {step:5d}  loss {loss.item():.3f}  {time.perf_counter() - t0:6.0f} s", flush=True)
+        descend(opt, loss, heads.parameters(), step, steps, t0, every=100)
     return heads.eval()
 
 
