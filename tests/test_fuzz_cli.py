@@ -386,7 +386,8 @@ def test_plan_flags(flags):
 SIMULATE_FLAGS = {"--gamma": small_ints(-2, 12), "--alpha": FLAG_TEXT, "--rate": FLAG_TEXT, "--requests": sizes(-2, 12),
                   "--burstiness": FLAG_TEXT, "--prompt-len": small_ints(-2, 5000), "--output-len": sizes(-2, 300),
                   "--max-batch": small_ints(-2, 64), "--max-batched-tokens": small_ints(-2, 9000), "--spec-off-above-batch": small_ints(-2, 8),
-                  "--slo-ttft": FLAG_TEXT, "--slo-tpot": FLAG_TEXT, "--tp": small_ints(-2, 16), "--seed": small_ints(-2, 2**40)}  # fmt: skip
+                  "--slo-ttft": FLAG_TEXT, "--slo-tpot": FLAG_TEXT, "--tp": small_ints(-2, 16), "--seed": small_ints(-2, 2**40),
+                  "--concurrency": small_ints(-2, 8), "--engine": st.sampled_from(["ideal", "vllm", "sglang", "trt", ""])}  # fmt: skip
 
 
 @fuzz(40)
