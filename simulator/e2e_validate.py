@@ -37,6 +37,7 @@ from simulator import e2e
 from simulator.engine import FITTED_PATH, GRAPH_MAX_BATCH, IDEAL, EngineOverhead, engine_overhead, load_fitted
 from simulator.errors import UserError
 from simulator.serving import AcceptanceModel, ServingConfig, simulate_serving
+from simulator.units import release
 from simulator.workload import WorkloadSpec, make_stream
 
 DEFAULT_MAX_REQUESTS = 200  # per open- or closed-loop row: enough for steady-state medians, fast on 2 cores
@@ -70,14 +71,6 @@ def sharegpt_means(rows: list[e2e.ServingResult]) -> tuple[float, float] | None:
     return sum(r.total_input_tokens for r in printed) / prompts, sum(r.total_output_tokens for r in printed) / prompts
 
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for p in text.split(".")[:2]:
-        digits = "".join(c for c in p if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def scheduler_limits(r: e2e.ServingResult) -> dict:
     """max_batch, max_batched_tokens and chunked_prefill of the row's engine at its defaults:
     - vLLM before 0.7 (V0 engine): max_num_seqs 256, no chunked prefill below 32k context, and
@@ -89,7 +82,7 @@ def scheduler_limits(r: e2e.ServingResult) -> dict:
     - SGLang: chunked prefill of 8192 tokens (server_args chunked_prefill_size); no fixed cap on running
       requests (the KV pool bounds them), modelled as 4096;
     - TensorRT-LLM (trtllm-serve): max_batch_size 2048, max_num_tokens 8192, chunked prefill."""
-    if r.engine == "vllm" and _version(r.engine_version) < (0, 7):
+    if r.engine == "vllm" and release(r.engine_version) < (0, 7):
         return {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False}
     if r.engine == "vllm":
         big = r.profile.memory_bytes >= 70 * 2**30 and "a100" not in r.profile.name.lower()

@@ -1,4 +1,5 @@
-"""Parsing durations given on the command line: `2s`, `50ms`, `50 ms`, `0.05` (seconds), `800us`."""
+"""Parsing durations given on the command line (`2s`, `50ms`, `50 ms`, `0.05` (seconds), `800us`) and
+software versions (`0.19.0`, `v0.14.0rc1`)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,13 @@ def parse_duration_s(text: str, what: str = "duration") -> float:
     if not math.isfinite(value):
         raise UserError(f"{what}: must be a finite duration, got {text!r}")
     return value
+
+
+_RELEASE = re.compile(r"v?(\d+)\.(\d+)")
+
+
+def release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "0.19.0" or "v0.14.0rc1"; () when it names none
+    (which sorts before every release)."""
+    m = _RELEASE.match(str(version))
+    return (int(m[1]), int(m[2])) if m else ()

@@ -595,3 +595,10 @@ def test_grouped_query_decode_through_the_swapped_path_runs_one_more_kernel():
 
     mha, gqa, gqa_batched = (int(kernels.attention_kernels("fa2", b, h, hk, 1, 64)[0]) for b, h, hk in ((1, 8, 8), (1, 8, 2), (4, 8, 2)))
     assert gqa == mha + 1 and gqa_batched == gqa + 2
+
+
+def test_release_reads_major_and_minor_and_nothing_else():
+    from simulator.units import release
+
+    assert release("0.19.0") == (0, 19) and release("v0.14.0rc1") == (0, 14) and release("0.5.5.post1") == (0, 5)
+    assert release("main") == () < (0, 7) and release("") == ()

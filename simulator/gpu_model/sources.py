@@ -26,11 +26,11 @@ of the benchmark. The sources the model knows, from their published harness code
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from simulator import units
 from simulator.gpu_model import kernels as K
 from simulator.gpu_model.device import Dev
 
@@ -59,17 +59,11 @@ def gemm_timer(framework: str, dtype: str) -> Timer:
 FA2_SPLIT_CACHE_WRITE = (0, 16)  # the first vLLM release whose FlashAttention `forward` leaves the cache write out
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """(major, minor) of a version string such as "0.19.0" or "v0.14.0rc1"; () when it names none."""
-    m = re.match(r"v?(\d+)\.(\d+)", str(version))
-    return (int(m[1]), int(m[2])) if m else ()
-
-
 def attention_timer(framework: str, library: str = "fa2", version: str = "") -> Timer:
     """What an attention row of `framework` (at `version`, running `library`) timed."""
     if framework != "vllm":
         return KERNEL_ONLY
-    release = _release(version)
+    release = units.release(version)
     split = library == "fa2" and len(release) == 2 and release >= FA2_SPLIT_CACHE_WRITE
     return Timer(graph=True, cache_write=not split)
 
