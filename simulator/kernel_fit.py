@@ -82,10 +82,12 @@ def _predict_gemm(dtype: str):
 
 def _predict_attention(library: str):
     def predict(P, T, dev, f, ctx):
-        timers = [sources.attention_timer(fw, library, v) for fw, v in zip(f["framework"], f["version"], strict=True)]
-        write = np.array([tm.cache_write for tm in timers], dtype=bool)
+        # one timer per (framework, version) a table names, not per row: this runs at every step of a fit
+        write, graph = np.ones(len(f), dtype=bool), np.ones(len(f), dtype=bool)
+        for (framework, version), idx in f.groupby(["framework", "version"], dropna=False).indices.items():
+            timer = sources.attention_timer(framework, library, version)
+            write[idx], graph[idx] = timer.cache_write, timer.graph
         t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")), cache_write=write)
-        graph = np.array([tm.graph for tm in timers], dtype=bool)
         return np.where(graph, sources.timed(t, sources.attention_timer("vllm"), T, dev), t)
 
     return predict
