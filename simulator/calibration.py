@@ -45,6 +45,10 @@ CALIB_ELEMENTWISE = [1, 1_000, 100_000, 1_000_000, 8_000_000]
 CALIB_ATTENTION = [(1, 4, 128, 64), (1, 4, 512, 64), (2, 4, 1024, 32)]
 CALIB_FORWARD = [(1, 64, 1), (1, 128, 3), (1, 384, 1), (1, 32, 7), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
 CALIB_SPECDEC = {"prompt": 32, "new_tokens": 96, "gammas": [3, 5, 6], "seed": 1}  # trained pair, temperature 1
+# the tree loop's own work per step and per node, from trees of other sizes than compare's (Medusa
+# trees from the heads' committed acceptance at temperature 0, the draft's full trees at temperature 1)
+CALIB_TREES = {"prompt": 32, "new_tokens": 64, "seed": 1,
+               "configs": [("medusa", "best:4", 0.0), ("medusa", "best:16", 0.0), ("tree", "2", 1.0), ("tree", "2x2x1", 1.0)]}  # fmt: skip
 COMPARE_ATTENTION = [(1, 8, 256, 64), (1, 2, 2048, 64), (4, 4, 384, 32)]
 COMPARE_FORWARD = [(2, 128, 1), (1, 512, 1), (16, 64, 1), (1, 200, 5), (1, 0, 256)]
 COMPARE_SPECDEC = {"prompt": 64, "new_tokens": 64, "gammas": [1, 2, 4], "seed": 0}
@@ -55,6 +59,7 @@ COMPARE_TREES = {"prompt": 64, "new_tokens": 64, "seed": 0,
                  "configs": [("medusa", "best:8", 0.0), ("medusa", "best:32", 0.0), ("tree", "2x1", 1.0), ("tree", "3x2x1", 1.0)]}  # fmt: skip
 QUICK = {"gemms": CALIB_GEMMS[:3] + CALIB_GEMMS[-2:], "elementwise": CALIB_ELEMENTWISE[:3], "attention": CALIB_ATTENTION[:1],
          "forward": CALIB_FORWARD[:2], "specdec": {**CALIB_SPECDEC, "new_tokens": 24, "gammas": [3]},
+         "trees": {**CALIB_TREES, "new_tokens": 16, "configs": [("medusa", "best:4", 0.0), ("tree", "2", 1.0)]},
          "compare_attention": COMPARE_ATTENTION[:1], "compare_forward": COMPARE_FORWARD[:2],
          "compare_specdec": {**COMPARE_SPECDEC, "new_tokens": 16, "gammas": [2]},
          "compare_trees": {**COMPARE_TREES, "new_tokens": 16, "configs": [("medusa", "best:8", 0.0), ("tree", "2x1", 1.0)]}}  # fmt: skip
@@ -101,7 +106,8 @@ def held_out_overlap() -> dict[str, list]:
     same_run = (CALIB_SPECDEC["prompt"], CALIB_SPECDEC["new_tokens"]) == (COMPARE_SPECDEC["prompt"], COMPARE_SPECDEC["new_tokens"])
     return {"attention": sorted(set(CALIB_ATTENTION) & set(COMPARE_ATTENTION)),
             "forward": sorted(set(CALIB_FORWARD) & set(COMPARE_FORWARD)),
-            "speculative decoding (gamma)": spec, "autoregressive (prompt, new tokens)": [COMPARE_SPECDEC["prompt"]] if same_run else []}  # fmt: skip
+            "speculative decoding (gamma)": spec, "autoregressive (prompt, new tokens)": [COMPARE_SPECDEC["prompt"]] if same_run else [],
+            "tree speculation (proposer, tree)": sorted({(d, t) for d, t, _ in CALIB_TREES["configs"]} & {(d, t) for d, t, _ in COMPARE_TREES["configs"]})}  # fmt: skip
 
 
 STEPS = "forward (decode/verify)"  # the group of decode and verify passes (a cache to extend), against prefills
@@ -117,7 +123,8 @@ EXECUTOR_FACTS = ("first_touch_bytes_per_s", "softmax_s_per_element", "sdpa_prog
                   "scatter_s_per_element", "silu_s_per_element", "rope_s_per_element",
                   "rms_norm_s_per_element", "mask_s_per_element")
 EXECUTOR_FITTED = ("fresh_fraction", "gemv_weight_bytes_per_s", "gemm_weight_bytes_per_s", "pass_op_scale")
-LOOP_KINDS = ("specdec", "autoregressive")  # whole generation loops: fitted after the kernels, by `fit_loop_overheads`
+TREE_KIND = "tree"  # a tree-speculative generation run: fitted after the kernels, by `fit_tree_overheads`
+LOOP_KINDS = ("specdec", "autoregressive", TREE_KIND)  # whole generation loops: fitted after the kernels, by `fit_loop_overheads`
 
 
 def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[HardwareProfile, dict]:
@@ -197,7 +204,7 @@ def fit_loop_overheads(hw: HardwareProfile, measurements: list[dict]) -> dict:
     gammas, per_step = [], []
     out = {}
     for m in measurements:
-        if m["kind"] not in LOOP_KINDS:
+        if m["kind"] not in ("specdec", "autoregressive"):
             continue
         p, n = m["prompt"], m["new_tokens"]
         context, (target, draft) = p + n // 2, _pair(m)
@@ -216,16 +223,51 @@ def fit_loop_overheads(hw: HardwareProfile, measurements: list[dict]) -> dict:
     return out | {"per_step": max(0.0, float(o_step)), "per_draft_token": max(0.0, float(o_draft))}
 
 
+def fit_tree_overheads(hw: HardwareProfile, measurements: list[dict]) -> dict:
+    """The tree loop's own seconds per step besides its passes, per proposer ("medusa", "tree"),
+    from the calibration's tree runs: per run o = step time - t_propose - t_verify, with the step
+    time from the measured seconds per token and tokens per step (prefills taken off) and the
+    passes priced by `executor_loop.tree_parts`, fitted as o_step + I o_iter over the runs'
+    verifier iterations I (`executor_loop.verify_iterations`) by least squares (o_iter = 0 from a
+    single I). Clipped at 0 as the linear loop's."""
+    runs: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for m in measurements:
+        if m["kind"] != TREE_KIND:
+            continue
+        n, tree = m["new_tokens"], trees.check_tree(m["tree"])
+        target = ModelSpec.model_validate(m["target"])
+        draft = ModelSpec.model_validate(m["draft_model"]) if m["draft_model"] is not None else None
+        parts = executor_loop.tree_parts(target, draft, hw, tree, m["prompt"], n, m["medusa_heads"], DTYPE)
+        step_s = (m["measured_s"] * n - parts["prefill_s"]) * m["tokens_per_step"] / n
+        runs[m["draft"]].append((executor_loop.verify_iterations(tree), step_s - parts["propose_s"] - parts["verify_s"]))
+    out = {}
+    for proposer, points in runs.items():
+        iters, over = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+        o_step, o_iter = float(np.mean(over)), 0.0
+        if len(set(iters)) > 1:
+            (o_step, o_iter), *_ = np.linalg.lstsq(np.column_stack([np.ones(len(iters)), iters]), over, rcond=None)
+            if o_iter < 0.0 or o_step < 0.0:  # the clipped term's share goes to the other one
+                o_step, o_iter = (float(np.mean(over)), 0.0) if o_iter < 0.0 else (0.0, float(np.dot(iters, over) / np.dot(iters, iters)))
+        out[proposer] = {"per_step": max(0.0, float(o_step)), "per_verify_iteration": max(0.0, float(o_iter))}
+    return out
+
+
 def loop_residuals(hw: HardwareProfile, measurements: list[dict]) -> dict:
     """Mean and worst absolute percentage error of the loops' predicted seconds per token (with
-    each run's measured alpha) on the calibration runs."""
-    errors = [abs(predict_loop_s(m, hw) / m["measured_s"] - 1.0) for m in measurements if m["kind"] in LOOP_KINDS]
-    return {"speculative decoding": {"n": len(errors), "mape": float(np.mean(errors)), "worst_ape": float(np.max(errors))}} if errors else {}
+    each run's measured alpha, or for a tree run its measured acceptance) on the calibration runs."""
+    out = {}
+    for group, kinds in (("speculative decoding", ("specdec", "autoregressive")), ("tree speculation", (TREE_KIND,))):
+        errors = [abs(predict_loop_s(m, hw) / m["measured_s"] - 1.0) for m in measurements if m["kind"] in kinds]
+        if errors:
+            out[group] = {"n": len(errors), "mape": float(np.mean(errors)), "worst_ape": float(np.max(errors))}
+    return out
 
 
 def predict_loop_s(m: dict, hw: HardwareProfile) -> float:
     """Seconds per generated token of one generation run (`specdec` or `autoregressive`), with the
     run's measured alpha (the simulator predicts time, not alpha)."""
+    if m["kind"] == TREE_KIND:
+        return predict_tree(m, hw)["predicted_s"]
     target, draft = _pair(m)
     if m["kind"] == "autoregressive":
         return executor_loop.autoregressive_s_per_token(target, hw, m["prompt"], m["new_tokens"], DTYPE)
@@ -280,7 +322,7 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
 
     device = mb.local_device()
     suite = QUICK if quick else {"gemms": CALIB_GEMMS, "elementwise": CALIB_ELEMENTWISE, "attention": CALIB_ATTENTION,
-                                 "forward": CALIB_FORWARD, "specdec": CALIB_SPECDEC}  # fmt: skip
+                                 "forward": CALIB_FORWARD, "specdec": CALIB_SPECDEC, "trees": CALIB_TREES}  # fmt: skip
     facts = {"device": device, "device_name": mb.device_name(device), **(mb.cpu_facts() if device == "cpu" else mb.gpu_facts())}
     log("calibrate: memory bandwidth (copy)")
     llc = facts.get("llc_bytes")
@@ -341,7 +383,19 @@ def measure_calibration_suite(quick: bool, repeats: int, log=print) -> tuple[dic
     log(f"calibrate: speculative decoding with the trained pair at gamma {sd['gammas']} (prompt {sd['prompt']}, {sd['new_tokens']} tokens)")
     target, draft = (load_weights(WEIGHTS_DIR / name, device) for name in ("target.pt", "draft.pt"))
     measurements += mb.specdec(target, draft, sd["prompt"], sd["new_tokens"], sd["gammas"], sd["seed"], repeats)
+    tr = suite["trees"]
+    log(f"calibrate: tree speculation, {', '.join(f'{d} {t}' for d, t, _ in tr['configs'])} (prompt {tr['prompt']}, {tr['new_tokens']} tokens)")
+    measurements += mb.tree_specdec(target, draft, WEIGHTS_DIR / "medusa.pt", WEIGHTS_DIR / "target.pt", tree_configs(tr), tr["prompt"],
+                                    tr["new_tokens"], tr["seed"], repeats)  # fmt: skip
     return facts, measurements
+
+
+def tree_configs(suite: dict) -> list[dict]:
+    """A suite's tree configurations as `reference.microbench.tree_specdec` takes them: Medusa's
+    best:N trees from the heads' committed acceptance."""
+    medusa_acceptance = trees.load_tree_acceptance(trees.DEFAULT_MEDUSA_ACCEPTANCE)
+    return [{"draft": d, "tree": trees.parse_tree(t, medusa_acceptance if d == "medusa" else None), "temperature": temp, "spec": t}
+            for d, t, temp in suite["configs"]]  # fmt: skip
 
 
 def median_by_key(rounds: list[dict]) -> dict:
@@ -433,7 +487,7 @@ def ops_per_kernel(measurements: list[dict]) -> float:
 
 
 def suite_of(quick: bool) -> dict:
-    return QUICK if quick else {"specdec": CALIB_SPECDEC}
+    return QUICK if quick else {"specdec": CALIB_SPECDEC, "trees": CALIB_TREES}
 
 
 def reference_passes(measurements: list[dict]) -> list[dict]:
@@ -498,7 +552,9 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
            for kind, rows in (("gemv", "one-row weight GEMMs"), ("gemm", "weight GEMMs of more rows"))},
         "pass_op_scale": f"{how}: least-squares fit to the decode and verify passes, over op_s_hot and op_s_cold",
         "loop_overhead_s": f"{how}: speculative and autoregressive generation with the trained pair (prompt "
-                           f"{suite_of(quick)['specdec']['prompt']}, gamma {suite_of(quick)['specdec']['gammas']}) minus the fitted forward passes",
+                           f"{suite_of(quick)['specdec']['prompt']}, gamma {suite_of(quick)['specdec']['gammas']}) minus the fitted forward passes; "
+                           f"`tree`: tree speculation ({', '.join(f'{d} {t}' for d, t, _ in suite_of(quick)['trees']['configs'])}, prompt "
+                           f"{suite_of(quick)['trees']['prompt']}) minus the priced passes, per proposer",
     }  # fmt: skip
     seed = HardwareProfile.model_validate({**fields, "launch_overhead_s": 1e-5, "ops_per_kernel": ops_per_kernel(measurements), "sources": sources, "estimates": estimates,
                                            "achievable": {"bandwidth": 0.8, "matmul": 0.8, "attention": 0.5},
@@ -506,7 +562,7 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
     log("calibrate: fitting (scipy least squares)")
     fitted, fit = fit_profile(seed, measurements)
     executor = fitted.calibration["executor"]
-    executor["loop_overhead_s"] = fit_loop_overheads(fitted, measurements)
+    executor["loop_overhead_s"] = fit_loop_overheads(fitted, measurements) | {"tree": fit_tree_overheads(fitted, measurements)}
     calibration = {"date": today, "device": facts["device_name"], "torch_threads": facts.get("threads"), "measurements": len(measurements),
                    "fit_residuals": fit["residuals"] | loop_residuals(fitted, measurements), "executor": executor,
                    "reference_passes": reference_passes(measurements)}  # fmt: skip
@@ -573,9 +629,7 @@ def _compare(hw: HardwareProfile, quick: bool, repeats: int, log) -> dict:
         rows.append({"group": "speculative decoding", "config": config, "predicted_s": predict_loop_s(m, hw), "measured_s": m["measured_s"]})
     tr = QUICK["compare_trees"] if quick else COMPARE_TREES
     log(f"compare: tree speculation, {', '.join(f'{d} {t}' for d, t, _ in tr['configs'])} (prompt {tr['prompt']}, {tr['new_tokens']} tokens)")
-    medusa_acceptance = trees.load_tree_acceptance(trees.DEFAULT_MEDUSA_ACCEPTANCE)
-    configs = [{"draft": d, "tree": trees.parse_tree(t, medusa_acceptance if d == "medusa" else None), "temperature": temp, "spec": t}
-               for d, t, temp in tr["configs"]]  # fmt: skip
+    configs = tree_configs(tr)
     for c, m in zip(configs, mb.tree_specdec(target, draft, WEIGHTS_DIR / "medusa.pt", WEIGHTS_DIR / "target.pt", configs, tr["prompt"],
                                              tr["new_tokens"], tr["seed"], repeats), strict=True):  # fmt: skip
         p = predict_tree(m, hw)

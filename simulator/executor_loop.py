@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from simulator import tree as trees
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile
@@ -49,33 +51,60 @@ def autoregressive_s_per_token(target: ModelSpec, hw: HardwareProfile, prompt: i
     return (step_time_s(target, hw, 1, 0, prompt, dtype) + (new_tokens - 1) * step_s) / new_tokens
 
 
-def tree_s_per_token(
-    target: ModelSpec, draft: ModelSpec | None, hw: HardwareProfile, tree, tokens_per_step: float, prompt: int, new_tokens: int,
+def tree_parts(
+    target: ModelSpec, draft: ModelSpec | None, hw: HardwareProfile, tree, prompt: int, new_tokens: int,
     medusa_heads: int | None = None, dtype: str = "fp32",
-) -> float:  # fmt: skip
-    """Seconds per generated token of reference.tree_decode.tree_generate, batch 1, priced by the
-    simulator's tree pricing (`simulator.tree.tree_step_s`):
-
-        t = [prefill + steps (t_propose + t_verify(N + 1 tokens) + o_step + D o_draft)] / n,  steps = n / E[tokens per step]
+) -> dict:  # fmt: skip
+    """The priced parts of reference.tree_decode.tree_generate, batch 1: `prefill_s`, and per step
+    `propose_s` and `verify_s`, with the tree's node count (`nodes`).
 
     `draft` None is Medusa: the proposer is the heads (`tree.medusa_heads_cost`, `medusa_heads` of
     them, default one per depth of the tree) and the prefill is the target's over P - 1 tokens
     twice (the loop's prefill, and `MedusaDraft.start` for the first hidden state); a draft model
-    grows the tree level by level (`tree.draft_tree_cost`; o_draft per level: the calibrated loop
-    overhead per drafted position of the linear loop) after its prefill of P - 2 tokens. The
-    verify pass reads N + 1 query tokens (the root and the N nodes) at the middle context P + n/2.
-    E[tokens per step] is the acceptance's (a measured run's table, or its own count of steps);
-    o_step is the linear loop's calibrated overhead per step (`calibration.executor.loop_overhead_s`)."""
-    o = _overheads(hw)
+    grows the tree level by level (`tree.draft_tree_cost`) after its prefill of P - 2 tokens. The
+    verify pass reads N + 1 query tokens (the root and the N nodes) at the middle context P + n/2."""
     context = prompt + new_tokens // 2
     if draft is None:
         propose_s = trees.medusa_heads_cost(target, hw, 1, medusa_heads or trees.depth(tree), dtype).time_s
         verify_s = trees.verify_pass(target, hw, 1, context, len(tree), dtype)["total"].time_s
         prefill_s = 2 * step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
-        drafted = 0
     else:
         propose_s, verify_s = trees.tree_step_s(target, draft, hw, 1, context, tree, dtype)
         prefill_s = specdec_prefill_s(target, draft, hw, prompt, dtype)
-        drafted = trees.depth(tree)
-    step_s = propose_s + verify_s + o.get("per_step", 0.0) + drafted * o.get("per_draft_token", 0.0)
-    return (prefill_s + new_tokens / tokens_per_step * step_s) / new_tokens
+    return {"prefill_s": prefill_s, "propose_s": propose_s, "verify_s": verify_s, "nodes": len(tree)}
+
+
+def verify_iterations(tree) -> int:
+    """Passes of `reference.tree.verify_tree`'s inner loop per step: it walks the D depths and at
+    each tries the K slots of the widest node's children (vectorised over the batch, no early
+    exit), so D x K fixed rounds of tensor work whatever is accepted."""
+    fan_out = Counter(tuple(p[:-1]) for p in tree)
+    return trees.depth(tree) * max(fan_out.values())
+
+
+def tree_loop_overhead_s(hw: HardwareProfile, proposer: str, tree) -> float:
+    """The tree loop's own seconds per step besides its passes: o_step + I o_iter with I the
+    verifier's iterations (`verify_iterations`), fitted per proposer ("medusa" or "tree") by
+    `calibrate` on its own tree runs (`calibration.executor.loop_overhead_s.tree`). A profile
+    calibrated before that has none: the linear loop's o_step + D o_draft stands in."""
+    o = _overheads(hw)
+    fitted = (o.get("tree") or {}).get(proposer)
+    if fitted:
+        return fitted["per_step"] + verify_iterations(tree) * fitted["per_verify_iteration"]
+    return o.get("per_step", 0.0) + (trees.depth(tree) if proposer == "tree" else 0) * o.get("per_draft_token", 0.0)
+
+
+def tree_s_per_token(
+    target: ModelSpec, draft: ModelSpec | None, hw: HardwareProfile, tree, tokens_per_step: float, prompt: int, new_tokens: int,
+    medusa_heads: int | None = None, dtype: str = "fp32",
+) -> float:  # fmt: skip
+    """Seconds per generated token of reference.tree_decode.tree_generate, batch 1, priced by the
+    simulator's tree pricing (`tree_parts`) and the tree loop's calibrated work (`tree_loop_overhead_s`):
+
+        t = [prefill + steps (t_propose + t_verify(N + 1 tokens) + o_step + I o_iter)] / n,  steps = n / E[tokens per step]
+
+    E[tokens per step] is the acceptance's (a measured run's table, or its own count of steps)."""
+    parts = tree_parts(target, draft, hw, tree, prompt, new_tokens, medusa_heads, dtype)
+    overhead_s = tree_loop_overhead_s(hw, "medusa" if draft is None else "tree", tree)
+    step_s = parts["propose_s"] + parts["verify_s"] + overhead_s
+    return (parts["prefill_s"] + new_tokens / tokens_per_step * step_s) / new_tokens

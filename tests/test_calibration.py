@@ -34,7 +34,9 @@ def test_calibrated_profile_loads_like_a_shipped_one(calibrated):
     assert 0.5 <= executor["pass_op_scale"] <= 2.0
     curve = hw.copy_bytes_per_s_by_size  # copies inside the caches and the large one, by bytes moved
     assert len(curve) >= 3 and max(curve) >= 2 * (256 << 20) and curve[max(curve)] == hw.hbm_bytes_per_s
-    assert "speculative decoding" in hw.calibration["fit_residuals"]
+    assert "speculative decoding" in hw.calibration["fit_residuals"] and "tree speculation" in hw.calibration["fit_residuals"]
+    tree_loop = executor["loop_overhead_s"]["tree"]  # the quick suite runs one tree of each proposer
+    assert set(tree_loop) == {"medusa", "tree"} and all(o["per_step"] >= 0 and o["per_verify_iteration"] == 0 for o in tree_loop.values())
     assert main(["plan", "--gpu", str(calibrated), "--model", "llama-68m", "--draft", "llama-68m", "--dtype", "fp32"]) == 0
 
 
@@ -127,8 +129,10 @@ def test_calibration_and_held_out_suites_are_disjoint(monkeypatch):
     assert all(not overlap for overlap in calibration.held_out_overlap().values())
     monkeypatch.setattr(calibration, "COMPARE_ATTENTION", [*calibration.COMPARE_ATTENTION, calibration.CALIB_ATTENTION[0]])
     monkeypatch.setattr(calibration, "COMPARE_SPECDEC", {**calibration.COMPARE_SPECDEC, "gammas": [calibration.CALIB_SPECDEC["gammas"][0]]})
+    monkeypatch.setattr(calibration, "COMPARE_TREES", {**calibration.COMPARE_TREES, "configs": [calibration.CALIB_TREES["configs"][1]]})
     overlap = calibration.held_out_overlap()
     assert overlap["attention"] == [calibration.CALIB_ATTENTION[0]] and overlap["speculative decoding (gamma)"]
+    assert overlap["tree speculation (proposer, tree)"] == [calibration.CALIB_TREES["configs"][1][:2]]
 
 
 def test_naive_attention_prices_every_pass_the_executor_makes():
@@ -341,6 +345,33 @@ def test_tree_prediction_follows_the_measured_acceptance_and_the_draft_passes():
     none = calibration.predict_tree(tree_run("tree", tree, [[0.3, 0.1, 0.05], [0.4, 0.1], [0.5]]), cpu_profile(loop_overhead_s={"per_step": 3e-4}))
     assert (low["predicted_s"] - none["predicted_s"]) * 64 == pytest.approx(64 / e * 3 * 1e-4, rel=1e-9)  # D = 3 drafted levels
     assert trees.draft_tree_cost(DRAFT_SPEC, hw, 1, 96, tree, "fp32").time_s > 0
+
+
+def test_tree_loop_overheads_are_recovered_from_runs_they_generated():
+    """Runs priced with a known o_step + I o_iter per proposer (I the verifier's depth x widest
+    fan-out) give that back; the prediction then uses it, not the linear loop's overheads (mutants
+    caught: the per-iteration term left out, the proposers' terms swapped, the linear loop's
+    overheads kept)."""
+    from simulator import executor_loop
+    from simulator import tree as trees
+
+    assert [executor_loop.verify_iterations(trees.full_tree(b)) for b in ((2,), (2, 2, 1), (3, 2, 1), (1, 1, 1))] == [2, 6, 9, 3]
+    assert executor_loop.verify_iterations([(0,), (1,), (2,), (0, 0), (0, 0, 0), (1, 0)]) == 9  # 3 deep, the root's 3 children widest
+    truth = {"medusa": {"per_step": 2e-3, "per_verify_iteration": 1e-4}, "tree": {"per_step": 1e-3, "per_verify_iteration": 3e-4}}
+    known = cpu_profile(loop_overhead_s={"per_step": 5e-4, "per_draft_token": 2e-4, "tree": truth})
+    runs = []
+    for g in (4, 16):  # Medusa chains, every candidate accepted: g + 1 tokens a step
+        runs.append(tree_run("medusa", tuple((0,) * d for d in range(1, g + 1)), [[1.0]] * g, prompt=32, heads=4))
+    for branching in ((2,), (2, 2, 1)):
+        tree = trees.full_tree(branching)
+        runs.append(tree_run("tree", tree, [[0.6, 0.3], [0.5, 0.2], [0.4]][: len(branching)], prompt=32))
+    for m in runs:
+        m["tokens_per_step"] = trees.expected_tokens(trees.check_tree(m["tree"]), trees.check_tree_acceptance(m["acceptance"], "a test"))
+        m["measured_s"] = calibration.predict_tree(m, known)["predicted_s"]
+    fitted = calibration.fit_tree_overheads(cpu_profile(), runs)
+    assert fitted == {k: pytest.approx(v, rel=1e-6) for k, v in truth.items()}
+    linear_only = cpu_profile(loop_overhead_s={"per_step": 5e-4, "per_draft_token": 2e-4})
+    assert all(calibration.predict_tree(m, linear_only)["predicted_s"] != pytest.approx(m["measured_s"], rel=1e-3) for m in runs)
 
 
 def test_tree_prediction_refuses_a_table_that_does_not_cover_the_tree():
