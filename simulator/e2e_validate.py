@@ -140,9 +140,15 @@ def predict(r: e2e.ServingResult, setup: Setup, engine: EngineOverhead) -> dict[
     return {"ttft": lat["ttft"][ttft_stat], "tpot": lat["tpot"][tpot_stat], "throughput": report["throughput"]["output_tokens_per_s"]}
 
 
+def preset_name(r: e2e.ServingResult) -> str:
+    """The preset of the row's engine and version: `vllm-v0` for vLLM before 0.7 (its V0 engine),
+    else the engine's name."""
+    return "vllm-v0" if r.engine == "vllm" and release(r.engine_version) < (0, 7) else r.engine
+
+
 def preset_for(r: e2e.ServingResult, engines: dict[str, EngineOverhead]) -> EngineOverhead:
     """The row's engine preset; an engine without one (TensorRT-LLM) runs kernels only."""
-    return engines.get(r.engine, IDEAL)
+    return engines.get(preset_name(r), IDEAL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,14 +219,14 @@ def data_sha256(path: Path) -> str:
 
 
 def fit_engines(path: Path | None = None, max_requests: int = DEFAULT_MAX_REQUESTS, progress=None) -> dict:
-    """Fit `vllm` and `sglang` to the fit rows of the published set: the JSON `fit-engine` writes."""
+    """Fit each preset (`vllm`, `vllm-v0`, `sglang`) to its fit rows of the published set: the JSON `fit-engine` writes."""
     path = Path(path) if path is not None else e2e.PUBLISHED_CSV
     rows = e2e.load(path)
     fit_rows, _ = e2e.split(rows)
     means = sharegpt_means(rows)
     engines = {}
     for name in GRAPH_MAX_BATCH:
-        mine = [r for r in fit_rows if r.engine == name]
+        mine = [r for r in fit_rows if preset_name(r) == name]
         if not mine:
             raise UserError(f"{path}: no fit row of engine {name}")
         fitted = fit_engine(name, mine, [row_setup(r, means, max_requests) for r in mine], progress)

@@ -2,23 +2,31 @@
 
 A real engine (vLLM, SGLang) spends CPU time around every step it runs and every request it serves:
 
-    step host time   t_step = a_0 + a_seq b + a_tok T + [no CUDA graph] a_layer L
+    step time        t = t_host + max(t_gpu, [no CUDA graph] a_layer L)
+    step host time   t_host = a_0 + a_seq b + a_tok T
     request time     t_req  = r_0 + r_tok P        (API server: HTTP, tokenising, handing to the engine)
-    speculative step t_spec = a_spec gamma          (proposing: one more engine pass per draft token)
+    speculative step t_spec = a_spec gamma          (proposing: one more engine pass per draft token, in t_host)
 
 with b sequences and T tokens in the step, L layers, and P prompt tokens. a_0 is the scheduler, input
 preparation and the sampler's fixed cost; a_seq the per-sequence work (sampling, detokenising and
 streaming one chunk of output: this is how a request's output length enters, token by token); a_tok the
 per-token input preparation (positions, slot mapping); a_layer the launch time of one layer's kernels when
 the step runs eagerly (a prefill step, or a decode batch above `graph_max_batch`, runs without a CUDA
-graph); r_0 and r_tok delay a request's entry into the engine's queue and so add to its TTFT.
+graph). Launching is asynchronous: the host queues kernels while the GPU runs the ones before them, so
+an eager step takes the longer of its kernels and its launches (launch-bound for a small model, hidden
+under a large model's kernels), while the host work before the launches (t_host) adds to both. r_0 and
+r_tok delay a request's entry into the engine's queue and so add to its TTFT.
 
-Presets (`PRESETS`): `ideal` (kernels only, all zero; the default of `simulate`, so its figures are the
-kernel model's), and `vllm` / `sglang`, whose coefficients are fitted by `python -m simulator fit-engine`
-to the fit rows of the published serving measurements (`simulator.e2e.split`) and shipped in
-`engine_fitted.json` with the data's SHA-256. `graph_max_batch` is read from the engines' sources:
-vLLM's largest captured batch (`_BATCH_SIZES_TO_CAPTURE`, up to 256 in vLLM 0.6, vllm/worker/model_runner.py)
-and SGLang's default `cuda_graph_max_bs` (160 on an H100 in 0.3-0.5, python/sglang/srt/server_args.py).
+Presets: `ideal` (kernels only, all zero; the default of `simulate`, so its figures are the kernel
+model's), and `vllm` (the V1 engine, vLLM 0.7 on), `vllm-v0` (vLLM before 0.7) and `sglang`, whose
+coefficients are fitted by `python -m simulator fit-engine` to the fit rows of the published serving
+measurements (`simulator.e2e.split`) and shipped in `engine_fitted.json` with the data's SHA-256. vLLM's
+two engines are two presets: V1 rewrote the scheduler and the input preparation and overlaps them with
+the GPU, so its host time per step is not V0's. `graph_max_batch` is read from the engines' sources:
+vLLM V0's largest captured batch (`_BATCH_SIZES_TO_CAPTURE`, up to 256 in vLLM 0.6,
+vllm/worker/model_runner.py), V1's (min(2 max_num_seqs, 512) by default, vllm/config.py
+`set_cudagraph_sizes`), and SGLang's default `cuda_graph_max_bs` (160 on an H100 in 0.3-0.5,
+python/sglang/srt/server_args.py).
 """
 
 from __future__ import annotations
@@ -26,16 +34,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from simulator.errors import UserError
 
 FITTED_PATH = Path(__file__).resolve().parent / "engine_fitted.json"
-ENGINE_NAMES = ("ideal", "vllm", "sglang")
+ENGINE_NAMES = ("ideal", "vllm", "vllm-v0", "sglang")
 DEFAULT_ENGINE = "ideal"  # kernels only: `simulate` keeps the kernel model's figures unless --engine is given
 
 # Largest decode batch replayed as a CUDA graph, from each engine's source (see the module docstring).
-GRAPH_MAX_BATCH = {"vllm": 256, "sglang": 160}
+GRAPH_MAX_BATCH = {"vllm": 512, "vllm-v0": 256, "sglang": 160}
 
 NonNegative = Field(default=0.0, ge=0.0, allow_inf_nan=False)
 
@@ -62,15 +71,24 @@ class EngineOverhead(BaseModel):
         return not any((self.step_s, self.step_s_per_sequence, self.step_s_per_token, self.eager_s_per_layer,
                         self.request_s, self.request_s_per_prompt_token, self.speculative_s_per_draft_pass))  # fmt: skip
 
-    def step_host_s(self, sequences: int, tokens: int, n_layers: int, prefill: bool, draft_passes: int = 0) -> float:
-        """t_step (+ t_spec) of one engine step: `sequences` in the batch bringing `tokens` tokens, a
-        prefill (or mixed) step or a decode step, `draft_passes` draft passes run before it (gamma in a speculative step)."""
+    def step_host_s(self, sequences: int, tokens: int, draft_passes: int = 0) -> float:
+        """t_host (+ t_spec) of one engine step: `sequences` in the batch bringing `tokens` tokens,
+        `draft_passes` draft passes run before it (gamma in a speculative step)."""
         if self.ideal or sequences == 0:
             return 0.0
+        return self.step_s + self.step_s_per_sequence * sequences + self.step_s_per_token * tokens + self.speculative_s_per_draft_pass * draft_passes
+
+    def launch_s(self, sequences: int, n_layers: int, prefill: bool) -> float:
+        """a_layer L for a step that runs eagerly: a prefill (or mixed) step, or a decode batch above the captured graphs; else 0."""
         graphed = not prefill and sequences <= self.graph_max_batch
-        eager_s = 0.0 if graphed else self.eager_s_per_layer * n_layers
-        return (self.step_s + self.step_s_per_sequence * sequences + self.step_s_per_token * tokens + eager_s
-                + self.speculative_s_per_draft_pass * draft_passes)  # fmt: skip
+        return 0.0 if graphed or sequences == 0 else self.eager_s_per_layer * n_layers
+
+    def step_time_s(self, gpu_s, sequences: int, tokens: int, n_layers: int, prefill: bool, draft_passes: int = 0):
+        """t of one step whose kernels take `gpu_s` (a float, or an array of steps): the host work
+        before the launches, then the longer of the kernels and their launches."""
+        if self.ideal:
+            return gpu_s
+        return self.step_host_s(sequences, tokens, draft_passes) + np.maximum(gpu_s, self.launch_s(sequences, n_layers, prefill))
 
     def request_in_s(self, prompt_tokens: int) -> float:
         """t_req: API-server time before a request of `prompt_tokens` reaches the engine's queue."""

@@ -714,7 +714,7 @@ class Engine:
         dec_keys = ctx_dec + n_dec * q
         n_chunks = len(chunks)
         step_s = self.target_cost.mixed_s(n_dec, q, dec_keys, n_chunks, chunk_tokens, chunk_keys, n_dec * q + finishing)
-        step_s += self.cfg.engine.step_host_s(n_dec + n_chunks, n_dec * q + chunk_tokens, self.target.n_layers, True, self.gamma if q > 1 else 0)
+        step_s = self.cfg.engine.step_time_s(step_s, n_dec + n_chunks, n_dec * q + chunk_tokens, self.target.n_layers, True, self.gamma if q > 1 else 0)
         if self.draft_cost is not None:  # the draft reads the same prompts and keeps its own KV cache
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps its cache in step
             for j in range(passes):
@@ -766,7 +766,7 @@ class Engine:
             tokens = np.full(k, n)
             ctx_sum = int(ctx.sum()) + n * steps
             cum = None
-        step_s = self.target_cost.uniform_s(n, q, ctx_sum) + self.cfg.engine.step_host_s(n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0)
+        step_s = self.cfg.engine.step_time_s(self.target_cost.uniform_s(n, q, ctx_sum), n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0)
         if self.draft_cost is not None:
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps the draft's cache in step
             # draft pass j reads contexts ctx_i + j: [k, passes] -> [k]

@@ -33,11 +33,16 @@ def serve(engine: EngineOverhead, requests: list[Request], concurrency=None) -> 
 def test_step_host_time_is_the_documented_sum():
     e = EngineOverhead(step_s=1e-3, step_s_per_sequence=2e-5, step_s_per_token=3e-6, eager_s_per_layer=4e-5, graph_max_batch=8,
                        speculative_s_per_draft_pass=5e-4)  # fmt: skip
-    assert e.step_host_s(4, 4, 24, prefill=False) == pytest.approx(1e-3 + 4 * 2e-5 + 4 * 3e-6)  # a graph replay: no eager term
-    assert e.step_host_s(9, 9, 24, prefill=False) == pytest.approx(1e-3 + 9 * 2e-5 + 9 * 3e-6 + 24 * 4e-5)  # above the graphs
-    assert e.step_host_s(1, 500, 24, prefill=True) == pytest.approx(1e-3 + 2e-5 + 500 * 3e-6 + 24 * 4e-5)
-    assert e.step_host_s(4, 20, 24, prefill=False, draft_passes=4) == pytest.approx(1e-3 + 4 * 2e-5 + 20 * 3e-6 + 4 * 5e-4)
-    assert IDEAL.ideal and IDEAL.step_host_s(64, 4096, 80, prefill=True) == 0.0 and IDEAL.request_in_s(10_000) == 0.0
+    host = 1e-3 + 4 * 2e-5 + 4 * 3e-6
+    assert e.step_host_s(4, 4) == pytest.approx(host)
+    assert e.step_time_s(1e-4, 4, 4, 24, prefill=False) == pytest.approx(host + 1e-4)  # a graph replay: no launch term
+    # above the graphs the 24 layers' launches (0.96 ms) bound a short step and hide under a long one
+    assert e.step_time_s(1e-4, 9, 9, 24, prefill=False) == pytest.approx(1e-3 + 9 * 2e-5 + 9 * 3e-6 + 24 * 4e-5)
+    assert e.step_time_s(5e-3, 9, 9, 24, prefill=False) == pytest.approx(1e-3 + 9 * 2e-5 + 9 * 3e-6 + 5e-3)
+    assert e.step_time_s(1e-4, 1, 500, 24, prefill=True) == pytest.approx(1e-3 + 2e-5 + 500 * 3e-6 + 24 * 4e-5)
+    assert e.step_time_s(np.array([1e-4, 5e-3]), 1, 500, 24, prefill=True) == pytest.approx(1e-3 + 2e-5 + 500 * 3e-6 + np.array([24 * 4e-5, 5e-3]))
+    assert e.step_host_s(4, 20, draft_passes=4) == pytest.approx(1e-3 + 4 * 2e-5 + 20 * 3e-6 + 4 * 5e-4)
+    assert IDEAL.ideal and IDEAL.step_time_s(2e-3, 64, 4096, 80, prefill=True) == 2e-3 and IDEAL.request_in_s(10_000) == 0.0
 
 
 def test_request_time_adds_to_ttft_only():
@@ -66,7 +71,7 @@ def test_the_api_server_takes_one_request_at_a_time():
 
 def test_engine_names():
     assert engine_overhead("ideal") is IDEAL
-    for name in ("vllm", "SGLang"):
+    for name in ("vllm", "vLLM-V0", "SGLang"):
         e = engine_overhead(name)
         assert e.name == name.lower() and not e.ideal and e.graph_max_batch > 0
     with pytest.raises(UserError, match="unknown engine 'trt'"):
@@ -171,3 +176,17 @@ def test_vllm_v1_scheduler_defaults_follow_the_device():
     assert limits("a100")["max_batch"] == 256 and limits("a100")["max_batched_tokens"] == 2048
     assert limits("l4")["max_batch"] == 256
     assert limits("h100", "0.6.0") == {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False}
+
+
+def test_a_vllm_row_takes_the_preset_of_its_engine_generation():
+    """vLLM before 0.7 runs its V0 engine (`vllm-v0`), from 0.7 the V1 engine (`vllm`); other engines their own name."""
+    from types import SimpleNamespace
+
+    def preset(engine, version):
+        return ev.preset_name(SimpleNamespace(engine=engine, engine_version=version))
+
+    assert [preset("vllm", v) for v in ("0.5.4", "0.6.3.post1", "0.7.0", "0.11.0")] == ["vllm-v0", "vllm-v0", "vllm", "vllm"]
+    assert preset("sglang", "0.3.0") == "sglang" and preset("tensorrt-llm", "1.0") == "tensorrt-llm"
+    engines = {"vllm": engine_overhead("vllm"), "vllm-v0": engine_overhead("vllm-v0")}
+    assert ev.preset_for(SimpleNamespace(engine="vllm", engine_version="0.6.0"), engines) is engines["vllm-v0"]
+    assert ev.preset_for(SimpleNamespace(engine="tensorrt-llm", engine_version="1.0"), engines) is IDEAL
