@@ -407,7 +407,7 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine; the draft is split alike where its heads allow (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and acceptance draws (default: %(default)s)")
     p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"host overheads of a serving engine added to the kernels: {', '.join(ENGINE_NAMES)} "
-                   "(ideal: kernels only; vllm and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
+                   "(ideal: kernels only; vllm (V1 engine, 0.7 on), vllm-v0 (before 0.7) and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
 
 
 def runs_of(draft, serving: ServingConfig) -> tuple[str, ...]:
