@@ -129,8 +129,9 @@ def first_token_law(p_logits: torch.Tensor, q_logits: torch.Tensor, fallback: fl
         otherwise:      q(x) [p_raw(x) >= r] + (sum_y q(y) [p_raw(y) < r]) p(x)
 
     q, p the warped distributions tokens are drawn from; q_raw, p_raw the models' softmax."""
-    p, q = warp(p_logits.double(), s), warp(q_logits.double(), s)
-    if float(q_logits.double().softmax(-1).max()) < fallback:
+    p_logits, q_logits = p_logits.detach().double(), q_logits.detach().double()
+    p, q = warp(p_logits, s), warp(q_logits, s)
+    if float(q_logits.softmax(-1).max()) < fallback:
         return p
-    keep = p_logits.double().softmax(-1) >= rollback
+    keep = p_logits.softmax(-1) >= rollback
     return q * keep + (q * ~keep).sum() * p
