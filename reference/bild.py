@@ -50,14 +50,7 @@ class BildRun:
     rollbacks: int  # passes that dropped small tokens
     small_kept: int  # small-model tokens in the output
     small_dropped: int  # small-model tokens rolled back
-
-    def rates(self, new_tokens: int) -> dict:
-        """Per generated token: what the simulator's BiLD pricing reads (`simulator.executor_loop.bild_s_per_token`)."""
-        return {"small_steps_per_token": self.small_steps / new_tokens, "big_passes_per_token": self.big_passes / new_tokens,
-                "big_query_tokens_per_pass": self.big_query_tokens / max(self.big_passes, 1),
-                "fallback_rate": self.fallbacks / max(self.small_steps, 1),
-                "rollback_rate": self.rollbacks / max(self.big_passes, 1),
-                "small_token_share": self.small_kept / new_tokens}  # fmt: skip
+    kept_hist: list[int]  # [max_run + 1] big passes by the number of small tokens they kept (each pass emits those + 1)
 
 
 @torch.inference_mode()
@@ -70,6 +63,8 @@ def bild_generate(
     Caches: the big model's holds tokens [0, checked - 1), the small model's [0, small_len); tokens
     [checked, n) are the small model's, unseen by the big one."""
     check_thresholds(fallback, rollback)
+    if max_run < 1:
+        raise UserError(f"max_run (small-model tokens before the big model looks) must be >= 1, got {max_run}")
     if prompt.shape[0] != 1:
         raise UserError(f"BiLD runs one sequence at a time (batch 1), got {prompt.shape[0]} rows")
     P = prompt.shape[1]
@@ -83,6 +78,7 @@ def bild_generate(
     n = checked = P
     small_len = 0
     st = dict(small_steps=0, big_passes=0, big_query_tokens=0, fallbacks=0, forced=0, rollbacks=0, small_kept=0, small_dropped=0)
+    kept_hist = [0] * (max_run + 1)
     while n < total or checked < n:
         if n < total and n - checked < max_run:
             logits = small(buf[:, small_len:n], small_cache)[:, -1]  # [1, V]
@@ -109,6 +105,7 @@ def bild_generate(
             st["rollbacks"] += 1
             st["small_dropped"] += k - i
         st["small_kept"] += i
+        kept_hist[i] += 1
         if i == k and n == total:  # the final check kept everything: nothing more to write
             checked = n
             break
@@ -118,7 +115,7 @@ def bild_generate(
         if small_len > n - 1:
             small_len = n - 1
             small_cache.rollback(torch.tensor([small_len], device=prompt.device), small_len)
-    return BildRun(buf[:, :total], **st)
+    return BildRun(buf[:, :total], **st, kept_hist=kept_hist)
 
 
 def first_token_law(p_logits: torch.Tensor, q_logits: torch.Tensor, fallback: float, rollback: float, s: Sampling) -> torch.Tensor:

@@ -232,7 +232,9 @@ def run_bild(args) -> int:
         row["over_speculative"] = row["tokens_per_s"] / ref["tokens_per_s"]
     met = [row for row in rows.values() if "fallback" in row and row["token_match"] >= MATCH_REQUIRED and row["over_speculative"] > 1.0]
     best = max(met, key=lambda row: row["tokens_per_s"], default=None)
-    out = {"kind": "bild_rates", "target": big.spec.model_dump(), "small": small.spec.model_dump(), "temperature": args.temperature,
+    from reference.microbench import device_name
+
+    out = {"kind": "bild_rates", "device": device_name("cpu"), "threads": args.threads, "target": big.spec.model_dump(), "small": small.spec.model_dump(), "temperature": args.temperature,
            "prompts": [n for n, _ in prompts], "prompt_tokens": args.prompt_bytes, "new_tokens": args.max_new_tokens, "seed": args.seed,
            "rows": list(rows.values()), "best": None if best is None else best["name"], "match_required": MATCH_REQUIRED}  # fmt: skip
     if args.rates_out is not None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from reference.model import Transformer
@@ -77,13 +78,13 @@ def speculative_policy(name: str, target: Transformer, draft, gamma: int, s: Sam
 
 
 def bild_policy(big: Transformer, small: Transformer, fallback: float, rollback: float, s: Sampling, new_tokens: int) -> Policy:
-    from reference.bild import bild_generate
+    from reference.bild import MAX_RUN, bild_generate
 
     def run(prompt, seed, watch):
         r = bild_generate(big, small, prompt, new_tokens, fallback, rollback, s, seeded_draws(1, seed, prompt.device))
         return r.tokens, {k: v for k, v in vars(r).items() if k != "tokens"}
 
-    return Policy(f"BiLD f={fallback:g} r={rollback:g}", False, run, {"fallback": fallback, "rollback": rollback})
+    return Policy(f"BiLD f={fallback:g} r={rollback:g}", False, run, {"fallback": fallback, "rollback": rollback, "max_run": MAX_RUN})
 
 
 @torch.inference_mode()
@@ -113,7 +114,8 @@ def measure_policies(
             watch = Stopwatch(device)
             res = [pol.run(p, seed, watch) for p in ps]
             outputs[pol.name] = [t for t, _ in res]
-            stats[pol.name] = {k: sum(st[k] for _, st in res) for k in res[0][1]}
+            stats[pol.name] = {k: (np.sum([st[k] for _, st in res], axis=0).tolist() if isinstance(res[0][1][k], list) else sum(st[k] for _, st in res))
+                               for k in res[0][1]}  # fmt: skip
             stats[pol.name]["draft_s"] = watch.seconds
 
         return go
@@ -145,7 +147,7 @@ def measure_policies(
                             "big_query_tokens_per_pass": st["big_query_tokens"] / max(st["big_passes"], 1),
                             "fallback_rate": st["fallbacks"] / max(st["small_steps"], 1),
                             "rollback_rate": st["rollbacks"] / max(st["big_passes"], 1),
-                            "small_token_share": st["small_kept"] / generated}  # fmt: skip
+                            "small_token_share": st["small_kept"] / generated, "kept_per_pass_counts": st["kept_hist"]}  # fmt: skip
         if pol is not None:
             row |= pol.info
         rows[name] = row
