@@ -134,7 +134,7 @@ def measure_policies(
         tps = generated / timings[name].median_s
         pol = next((q for q in policies if q.name == name), None)
         row = {"name": name, "exact": True if pol is None else pol.exact, "tokens_per_s": tps, "speedup": tps / ar_tps,
-               "spread": timings[name].spread, "token_match": float(torch.cat(match).float().mean()),
+               "spread": timings[name].spread, "round_s": list(timings[name].samples_s), "token_match": float(torch.cat(match).float().mean()),
                "sequence_match": sum(bool(m.all()) for m in match) / len(match),
                "nll": sum(x for x, _ in nll) / sum(k for _, k in nll), "generated": generated}  # fmt: skip
         st = stats.get(name, {})

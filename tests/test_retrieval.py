@@ -132,3 +132,23 @@ def test_datastore_command_writes_a_file_and_reports_its_figures(files, capsys, 
     assert out["tokens"] == len(b"def f(x):\n    return x\n") and out["size_bytes"] > out["tokens"]
     assert out["build_s"] >= 0 and out["lookup_s"] > 0
     assert load_datastore(tmp_path / "ds.npz", 256).source == "notes.txt"
+
+
+def test_bench_drafts_measures_every_kind_on_the_same_prompts(files, tmp_path):
+    import json
+
+    from tests.cli_run import reference_cli
+
+    argv = ["bench", "drafts", "--corpus", f"{files}/notes.txt", "--prompts", "1", "--prompt-bytes", "24", "--max-new-tokens", "6",
+            "--repeats", "1", "--bild", "0.3:0.5", "--json", "--plot", f"{tmp_path}/d.png"]  # fmt: skip
+    code, out, err = reference_cli(argv)
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out)["rows"]}
+    kinds = ["autoregressive", "model gamma 4", "layer-skip gamma 4", "ngram gamma 4", "retrieval gamma 4", "tree 3x2x1 top", "BiLD f=0.3 r=0.5"]
+    assert set(kinds) <= set(rows)
+    for name in kinds[:-1]:  # exact kinds, greedy: the target's own output
+        assert rows[name]["exact"] and rows[name]["token_match"] == 1.0 and rows[name]["nll"] == rows["autoregressive"]["nll"]
+    bild = rows["BiLD f=0.3 r=0.5"]
+    assert not bild["exact"] and bild["token_match"] == 1.0  # rollback 0.5 keeps only the target's argmax
+    assert 0 <= bild["first_token_tv_t1"] <= 1 and sum(bild["rates"]["kept_per_pass_counts"]) > 0
+    assert (tmp_path / "d.png").stat().st_size > 0
