@@ -16,6 +16,8 @@ from reference.sampling import Sampling
 from reference.specdec import autoregressive_generate, seeded_draws, speculative_generate
 from tests.test_specdec import toy
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=80), st.sampled_from([1, 2, 3, 8, 64]))
