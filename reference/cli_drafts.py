@@ -23,6 +23,7 @@ DEFAULT_GRID = "0.2,0.3,0.4,0.5,0.7:0.1,0.3,0.5"  # fallback thresholds : rollba
 BENCH_BILD = "0.3:0.5,0.3:0.2,0.5:0.1"  # the pairs `bench drafts` shows
 MATCH_REQUIRED = 0.9  # issue 16: greedy token match with the target >= 0.9 ...
 LOOKUP_SAMPLES = 2000  # contexts timed for the datastore's lookup time
+RETRIEVAL_TREE = "3x2x1"  # the retrieval tree of `bench drafts`: the draft model's tree's shape
 
 
 def _log(msg: str) -> None:
@@ -60,7 +61,7 @@ def add_parsers(sub, bench) -> None:
     r = bench.add_parser("drafts", help="every draft kind on the same held-out prompts, measured and predicted",
                          description="Every draft kind of the executor on the same held-out prompts (standard-library test files, "
                          "in neither the training corpus nor the datastore): the draft model, layer skip, n-gram prompt lookup, "
-                         "retrieval, a draft-model token tree, Medusa heads, and BiLD at a few thresholds; tokens per target pass, "
+                         "retrieval (linear, and a token tree from its trie), a draft-model token tree, Medusa heads, and BiLD at a few thresholds; tokens per target pass, "
                          "tokens/s, speedup, exact or not, token match with the target, the target's NLL, and the simulator's "
                          "prediction beside each (with --profile).")  # fmt: skip
     _bench_args(r)
@@ -345,7 +346,7 @@ def run_bench_drafts(args) -> int:
 def measure_all(big, small, ds, prompts, s, args, bild_pairs) -> list[dict]:
     from reference.drafts import ModelDraft, NgramDraft
     from reference.medusa import MedusaDraft, load_heads, parse_tree_spec
-    from reference.retrieval import RetrievalDraft
+    from reference.retrieval import RetrievalDraft, RetrievalTreeDraft
     from reference.tree_decode import TreeDraft
 
     n, g = args.max_new_tokens, args.gamma
@@ -363,6 +364,9 @@ def measure_all(big, small, ds, prompts, s, args, bild_pairs) -> list[dict]:
         paths = parse_tree_spec(str(tree_file))
         pols.append(db.tree_policy(f"medusa {len(paths)} nodes", big, MedusaDraft(big, load_heads(heads, big, args.target), paths), s, n))
         pols[-1].info |= {"paths": [list(p) for p in paths], "heads": 4}
+    rtree = parse_tree_spec(RETRIEVAL_TREE)
+    pols.append(db.tree_policy(f"retrieval tree {RETRIEVAL_TREE}", big, RetrievalTreeDraft(ds, rtree), s, n))
+    pols[-1].info |= {"paths": [list(p) for p in rtree], "host": True}
     pols += [db.bild_policy(big, small, f, r, s, n) for f, r in bild_pairs]
     toks = [p for _, p in prompts]
     rows = db.measure_policies(big, pols, toks, n, s, args.seed, args.repeats, log=_log)
@@ -384,6 +388,9 @@ def predict_rows(rows: list[dict], hw, big, small, prompt: int, new_tokens: int)
             t = ar_s
         elif "rates" in r:
             t = el.bild_s_per_token(big.spec, small.spec, hw, r["rates"], prompt, new_tokens, dt)
+        elif r.get("host"):
+            t = el.host_tree_s_per_token(big.spec, hw, [tuple(p) for p in r["paths"]], r["tokens_per_step"], prompt, new_tokens,
+                                         r["draft_s_per_step"], dt)  # fmt: skip
         elif "paths" in r:
             draft = None if name.startswith("medusa") else small.spec
             t = el.tree_s_per_token(big.spec, draft, hw, [tuple(p) for p in r["paths"]], r["tokens_per_step"], prompt, new_tokens,

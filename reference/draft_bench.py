@@ -142,6 +142,8 @@ def measure_policies(
             row["tokens_per_step"] = generated / st["steps"]  # tokens per target pass (the last pass may overshoot)
             if "drafted" in st:  # a linear draft, timed where it ran
                 row["draft_s_per_step"] = st["draft_s"] / st["steps"]
+            elif st.get("host_s"):  # a host tree draft, timed by itself
+                row["draft_s_per_step"] = st["host_s"] / st["steps"]
         if "big_passes" in st:
             row["rates"] = {"small_steps_per_token": st["small_steps"] / generated, "big_passes_per_token": st["big_passes"] / generated,
                             "big_query_tokens_per_pass": st["big_query_tokens"] / max(st["big_passes"], 1),
@@ -174,7 +176,8 @@ def tree_policy(name: str, target: Transformer, draft, s: Sampling, new_tokens: 
     from reference.tree_decode import tree_generate
 
     def run(prompt, seed, watch):
+        before = getattr(draft, "seconds", 0.0)  # a host draft times its own proposals
         r = tree_generate(target, draft, prompt, new_tokens, s, seeded_draws(1, seed, prompt.device))
-        return r.tokens, {"steps": r.steps}
+        return r.tokens, {"steps": r.steps, "host_s": getattr(draft, "seconds", 0.0) - before}
 
     return Policy(name, True, run, {"draft": draft.name, "nodes": draft.n_nodes})

@@ -171,12 +171,8 @@ class Lookup:
         m, lo, hi = self.longest_match(context)
         if m == 0:
             return [], 0
-        count = hi - lo
-        k = min(count, self.max_candidates)
-        starts = self._sa[lo + (np.arange(k) * count) // k] + m  # [k]: a strided sample of the occurrences
-        n = len(self.ds.tokens)
-        cols = starts[:, None] + np.arange(gamma)  # [k, gamma]
-        cont = np.where(cols < n, self.ds.tokens[np.minimum(cols, n - 1)].astype(np.int64), -1)
+        cont = self._continuations(m, lo, hi, gamma)
+        k = len(cont)
         out: list[int] = []
         alive = np.ones(k, dtype=bool)
         for j in range(gamma):
@@ -188,6 +184,36 @@ class Lookup:
             out.append(best)
             alive &= cont[:, j] == best
         return out, m
+
+    def _continuations(self, m: int, lo: int, hi: int, length: int) -> np.ndarray:
+        """[k, length] the `length` tokens after (a strided sample of at most max_candidates of) the
+        occurrences in [lo, hi) of an m-token match; -1 past the datastore's end."""
+        count = hi - lo
+        k = min(count, self.max_candidates)
+        starts = self._sa[lo + (np.arange(k) * count) // k].astype(np.int64) + m  # [k]
+        n = len(self.ds.tokens)
+        cols = starts[:, None] + np.arange(length)  # [k, length]
+        return np.where(cols < n, self.ds.tokens[np.minimum(cols, n - 1)].astype(np.int64), -1)
+
+    def tree(self, context: list[int], parent: list[int], node_rank: list[int], node_depth: list[int]) -> tuple[list[int], int]:
+        """(tokens of a token tree's nodes, match length): node 0 the context's last token; node i,
+        at depth d with rank r, the r-th most frequent token (ties: the smaller) at offset d among the
+        continuations agreeing with its ancestors (REST's trie, its r-th branch); where they hold no
+        such token, the parent's token again (a point mass the verifier then rejects for free)."""
+        m, lo, hi = self.longest_match(context)
+        cont = self._continuations(m, lo, hi, max(node_depth)) if m else np.zeros((0, max(node_depth)), dtype=np.int64)
+        toks = [context[-1]] + [0] * (len(parent) - 1)
+        alive = {0: np.ones(len(cont), dtype=bool)}
+        for i in range(1, len(parent)):
+            d, a = node_depth[i], alive[parent[i]]
+            col = cont[a, d - 1]
+            col = col[col >= 0]
+            counts = np.bincount(col, minlength=self.ds.vocab_size) if col.size else None
+            order = None if counts is None else np.argsort(-counts, kind="stable")
+            r = node_rank[i]
+            toks[i] = int(order[r]) if order is not None and r < len(order) and counts[order[r]] > 0 else toks[parent[i]]
+            alive[i] = a & (cont[:, d - 1] == toks[i])
+        return toks, m
 
     def draft(self, context: list[int], gamma: int) -> tuple[list[int], int]:
         """Exactly gamma tokens and the first lookup's match length: continuations looked up again
@@ -226,3 +252,42 @@ class RetrievalDraft:
             self.match_sum += m
             self.lookups += 1
         return torch.tensor(rows, dtype=tokens.dtype, device=tokens.device), None
+
+
+class RetrievalTreeDraft:
+    """A token tree from the datastore (REST's trie): node (r_1, ..., r_d) of rank paths `paths` holds
+    the r_d-th most frequent continuation token below its parent (`Lookup.tree`), the same shape for
+    every row, each a point mass verified by `reference.tree.verify_tree` (exact). Host work only;
+    `seconds` adds up the time of its proposals."""
+
+    def __init__(self, ds: Datastore, paths: list[tuple[int, ...]], max_match: int = MAX_MATCH, max_candidates: int = MAX_CANDIDATES):
+        from reference.medusa import tree_layout
+
+        self.lookup = Lookup(ds, max_match, max_candidates)
+        self.vocab_size = ds.vocab_size
+        self.parent, self.node_depth, self.node_rank = tree_layout(paths)
+        self.n_nodes, self.depth = len(self.parent), max(len(p) for p in paths)
+        self.name = f"retrieval tree of {len(paths)} nodes ({ds.source})"
+        self.seconds = 0.0
+
+    def start(self, prompt: torch.Tensor, max_len: int) -> None:
+        pass
+
+    def rollback(self, path: torch.Tensor, lengths: torch.Tensor, max_length: int) -> None:
+        pass
+
+    def propose(self, tokens: torch.Tensor, lengths: torch.Tensor, s, w):
+        from reference.sampling import fixed_token_probs
+        from reference.tree import TokenTree
+
+        t0 = time.perf_counter()
+        rows = []
+        for b, n in enumerate(lengths.tolist()):
+            toks, _ = self.lookup.tree(tokens[b, max(0, n - self.lookup.max_match) : n].tolist(), self.parent, self.node_rank, self.node_depth)
+            rows.append(toks)
+        B, dev = tokens.shape[0], tokens.device
+        tree_tokens = torch.tensor(rows, dtype=torch.long, device=dev)
+        parent = torch.tensor(self.parent, device=dev).expand(B, self.n_nodes)
+        tree = TokenTree(tree_tokens, parent, fixed_token_probs(tree_tokens, self.vocab_size), torch.full((B,), self.n_nodes, device=dev))
+        self.seconds += time.perf_counter() - t0
+        return tree

@@ -161,3 +161,18 @@ def bild_s_per_token(target: ModelSpec, small: ModelSpec, hw: HardwareProfile, r
     per_token_s = s * (step_time_s(small, hw, 1, context, 1, dtype) + o.get("per_draft_token", 0.0)) + b * (big_s + o.get("per_step", 0.0))
     prefill_s = (step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0) + step_time_s(small, hw, 1, 0, prompt, dtype)
     return (prefill_s + new_tokens * per_token_s) / new_tokens
+
+
+def host_tree_s_per_token(target: ModelSpec, hw: HardwareProfile, tree, tokens_per_step: float, prompt: int, new_tokens: int,
+                          host_propose_s: float, dtype: str = "fp32") -> float:  # fmt: skip
+    """Seconds per generated token of reference.tree_decode.tree_generate with a tree proposed on
+    the host (retrieval: `reference.retrieval.RetrievalTreeDraft`), batch 1: its measured seconds
+    per proposal, no model pass, then the verify pass over N + 1 query tokens (`tree.verify_pass`)
+    and the calibrated overhead per step:
+
+        t = [prefill_target(P - 1) + steps (t_host + t_verify(N + 1) + o_step)] / n,  steps = n / E[tokens per step]"""
+    context = prompt + new_tokens // 2
+    verify_s = trees.verify_pass(target, hw, 1, context, len(tree), dtype)["total"].time_s
+    prefill_s = step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
+    step_s = host_propose_s + verify_s + _overheads(hw).get("per_step", 0.0)
+    return (prefill_s + new_tokens / tokens_per_step * step_s) / new_tokens

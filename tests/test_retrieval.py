@@ -75,6 +75,35 @@ def test_greedy_retrieval_decoding_equals_autoregressive_token_for_token():
     assert draft.lookups > 0 and draft.match_sum > 0
 
 
+def test_the_tree_holds_the_ranked_continuations_of_the_trie():
+    # after "ab": c (3 times: then d twice, e once), x (once, then y)
+    lookup = Lookup(build_datastore(list(b"abcd abcd abce abxy"), 256, "text", depth=8))
+    paths = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0)]
+    parent, depth, rank = [-1, 0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 2, 2, 2], [0, 0, 1, 2, 0, 1, 0]
+    toks, m = lookup.tree(list(b"zab"), parent, rank, depth)
+    assert m == 2
+    # node 3 (rank 2 at depth 1): no third distinct token, so its parent's (the root's) again
+    assert bytes(toks) == b"b" + b"cxb" + b"de" + b"y"
+    from reference.medusa import tree_layout
+
+    assert tree_layout(paths) == (parent, depth, rank)
+
+
+def test_greedy_retrieval_tree_decoding_equals_autoregressive_token_for_token():
+    from reference.medusa import parse_tree_spec
+    from reference.retrieval import RetrievalTreeDraft
+    from reference.tree_decode import tree_generate
+
+    target = toy("toy-target", 16, 3, seed=0, sharpness=2.0)
+    corpus = torch.randint(0, 5, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    draft = RetrievalTreeDraft(build_datastore(corpus, 5, "random"), parse_tree_spec("3x2x1"))
+    prompts = torch.tensor([[0, 1, 2, 3], [4, 4, 4, 4], [3, 1, 0, 2]])
+    want = autoregressive_generate(target, prompts, 30, Sampling(0.0), seeded_draws(3, 0))
+    run = tree_generate(target, draft, prompts, 30, Sampling(0.0), seeded_draws(3, 1))
+    assert torch.equal(run.tokens, want) and draft.seconds > 0
+    assert run.tokens_per_step > 1.0  # the trie's continuations of a random text still get accepted now and then
+
+
 def test_a_datastore_file_round_trips(tmp_path):
     ds = build_datastore(list(b"hello world, hello there"), 256, "greeting")
     save_datastore(ds, tmp_path / "ds.npz")
@@ -146,7 +175,8 @@ def test_bench_drafts_measures_every_kind_on_the_same_prompts(files, tmp_path):
     code, out, err = reference_cli(argv)
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(out)["rows"]}
-    kinds = ["autoregressive", "model gamma 4", "layer-skip gamma 4", "ngram gamma 4", "retrieval gamma 4", "tree 3x2x1 top", "BiLD f=0.3 r=0.5"]
+    kinds = ["autoregressive", "model gamma 4", "layer-skip gamma 4", "ngram gamma 4", "retrieval gamma 4", "tree 3x2x1 top", "retrieval tree 3x2x1",
+             "BiLD f=0.3 r=0.5"]
     assert set(kinds) <= set(rows)
     for name in kinds[:-1]:  # exact kinds, greedy: the target's own output
         assert rows[name]["exact"] and rows[name]["token_match"] == 1.0 and rows[name]["nll"] == rows["autoregressive"]["nll"]
