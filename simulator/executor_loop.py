@@ -168,11 +168,12 @@ def host_tree_s_per_token(target: ModelSpec, hw: HardwareProfile, tree, tokens_p
     """Seconds per generated token of reference.tree_decode.tree_generate with a tree proposed on
     the host (retrieval: `reference.retrieval.RetrievalTreeDraft`), batch 1: its measured seconds
     per proposal, no model pass, then the verify pass over N + 1 query tokens (`tree.verify_pass`)
-    and the calibrated overhead per step:
+    and the tree loop's calibrated work per step for fixed candidates (`tree_loop_overhead_s`, as
+    fitted on Medusa's point-mass trees, whose loop is the same but for the heads):
 
-        t = [prefill_target(P - 1) + steps (t_host + t_verify(N + 1) + o_step)] / n,  steps = n / E[tokens per step]"""
+        t = [prefill_target(P - 1) + steps (t_host + t_verify(N + 1) + o_step + I o_iter)] / n,  steps = n / E[tokens per step]"""
     context = prompt + new_tokens // 2
     verify_s = trees.verify_pass(target, hw, 1, context, len(tree), dtype)["total"].time_s
     prefill_s = step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
-    step_s = host_propose_s + verify_s + _overheads(hw).get("per_step", 0.0)
+    step_s = host_propose_s + verify_s + tree_loop_overhead_s(hw, "medusa", tree)
     return (prefill_s + new_tokens / tokens_per_step * step_s) / new_tokens
