@@ -119,3 +119,11 @@ def test_a_bild_serving_run_under_load_emits_the_measured_tokens_per_pass(tmp_pa
     assert report["speculative"]["requests"]["completed"] == 60
     # the engine's tokens per verify step follow the measured kept-per-pass law
     assert spec["tokens_per_verify"] == pytest.approx(mean_emitted, rel=0.1)
+
+
+def test_a_bild_serving_report_names_the_policy_and_its_rates(tmp_path):
+    argv = ["simulate", "--policy", "bild", "--bild-rates", rates_file(tmp_path), "--requests", "20", "--no-interval"]
+    code, out, err = simulator_cli(argv)
+    assert code == 0, err
+    assert "BiLD fallback 0.4 rollback 0.5 (INEXACT; 1.100 small steps and 0.300 big passes per token, 3.50 query tokens per pass" in out
+    assert ", gamma" not in out.splitlines()[0]  # BiLD's cycle has no gamma to report
