@@ -462,20 +462,7 @@ def config_from_args(args: argparse.Namespace):
         slo_ttft_s=None if args.slo_ttft is None else parse_duration_s(args.slo_ttft, "--slo-ttft"),
         slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),
     ).check()
-    if args.trace:
-        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests, concurrency=args.concurrency)
-    else:
-        workload = WorkloadSpec(
-            arrival=args.arrival,
-            rate_per_s=args.rate if args.rate is not None else DEFAULT_RATE_PER_S if args.concurrency is None else math.inf,
-            concurrency=args.concurrency,
-            burstiness=args.burstiness,
-            requests=args.requests if args.requests is not None else DEFAULT_REQUESTS,
-            prompt_tokens=args.prompt_len,
-            output_tokens=args.output_len,
-            lengths=args.lengths,
-        )
-    workload.check()
+    workload = _workload(args)
     try:
         acceptance.check(serving.gamma)
     except UserError as exc:
@@ -519,6 +506,7 @@ def _bild_config(args: argparse.Namespace, hw):
 
 
 def _workload(args: argparse.Namespace) -> WorkloadSpec:
+    """The request stream of the options (a trace, or arrivals and lengths), checked."""
     if args.trace:
         workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests, concurrency=args.concurrency)
     else:
