@@ -1,4 +1,4 @@
-"""`python -m reference {specdec,attention,bench,device-check}`: argument parsing only; the work is in library modules."""
+"""`python -m reference {specdec,attention,datastore,bild,bench,device-check}`: argument parsing only; the work is in library modules."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
         dest="bench", required=True
     )
     try:
-        from reference import cli_attention, cli_specdec, device_check
+        from reference import cli_attention, cli_drafts, cli_specdec, device_check
     except ModuleNotFoundError as exc:  # the core install has no torch
         if missing_extra(exc) is None:
             raise
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_specdec.add_parsers(sub, bench)
     cli_attention.add_parsers(sub, bench)
+    cli_drafts.add_parsers(sub, bench)
     device_check.add_parsers(sub)
     return run_command(parser.parse_args(argv))
 

@@ -75,8 +75,9 @@ def add_parsers(sub, bench) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--draft", choices=("model", "layer-skip", "ngram", "tree", "medusa"), default="model",
+    p.add_argument("--draft", choices=("model", "layer-skip", "ngram", "retrieval", "tree", "medusa"), default="model",
                    help="model: the small trained draft; layer-skip: the target's first half; ngram: prompt lookup; "
+                   "retrieval: the most frequent continuation of the longest context suffix in a datastore (--corpus, --datastore); "
                    "tree: the small draft proposing a token tree (--tree); medusa: Medusa heads on the target (--tree)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
     p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens (default off)")
@@ -91,6 +92,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=str(WEIGHTS_DIR / "target.pt"), help="target weights file")
     p.add_argument("--draft-model", default=str(WEIGHTS_DIR / "draft.pt"), help="weights of --draft model")
     p.add_argument("--json", action="store_true", help="print the SpecDecResult as JSON")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="FILE",
+                   help="--draft retrieval: text files whose bytes make the datastore (default: the training corpus)")  # fmt: skip
+    p.add_argument("--datastore", default=None, help="--draft retrieval: a datastore file `python -m reference datastore --out` wrote")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: steady timings on a shared machine; 0: torch's default)")  # fmt: skip
 
@@ -122,6 +126,10 @@ def _setup(args, gammas: list[int], target=None, draft=None):
                             f"({target.spec.vocab_size}); speculative sampling needs one vocabulary")  # fmt: skip
     elif args.draft == "layer-skip":
         draft = ModelDraft(target, layers=list(range(target.spec.n_layers // 2)))
+    elif args.draft == "retrieval":
+        from reference.cli_drafts import retrieval_draft
+
+        draft = retrieval_draft(args, target.spec.vocab_size)
     else:
         draft = NgramDraft(target.spec.vocab_size)
     for gamma in gammas:
@@ -154,6 +162,8 @@ def run_specdec(args) -> int:
         raise UserError("--acceptance typical needs fixed candidates: --draft medusa, or --draft tree --tree-top (a sampled tree is verified exactly only)")
     if args.acceptance == "typical" and not (0 < args.typical_eps <= 1 and args.typical_delta > 0):
         raise UserError(f"typical acceptance needs 0 < --typical-eps <= 1 and --typical-delta > 0, got {args.typical_eps} and {args.typical_delta}")
+    if (args.corpus is not None or args.datastore is not None) and args.draft != "retrieval":
+        raise UserError(f"--corpus and --datastore are for --draft retrieval, not --draft {args.draft}")
     if args.tv_samples is not None and not tree_draft:
         raise UserError(f"--tv-samples is for tree drafts (--draft tree or medusa), not --draft {args.draft}")
     if args.tv_samples is None and args.acceptance == "typical":

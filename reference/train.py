@@ -67,11 +67,15 @@ MEDUSA_TREE_NODES = 32  # issue 15's node budget for the Medusa tree
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
 
 
-def stdlib_corpus() -> bytes:
-    """The standard library's .py files (no test suites), sorted by path, as one byte string."""
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files (no test suites, no site-packages), sorted by path."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
-    return b"\n".join(p.read_bytes() for p in files)
+    return sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
+
+
+def stdlib_corpus() -> bytes:
+    """The standard library's .py files (`stdlib_files`) as one byte string, joined by newlines."""
+    return b"\n".join(p.read_bytes() for p in stdlib_files())
 
 
 def batches(data: torch.Tensor, steps: int, seed: int, extra: int = 0):

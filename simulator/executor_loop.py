@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from simulator import tree as trees
+from simulator.errors import UserError
 from simulator.forward import step_time_s
 from simulator.hardware import HardwareProfile
 from simulator.models import ModelSpec
@@ -108,3 +109,71 @@ def tree_s_per_token(
     overhead_s = tree_loop_overhead_s(hw, "medusa" if draft is None else "tree", tree)
     step_s = parts["propose_s"] + parts["verify_s"] + overhead_s
     return (parts["prefill_s"] + new_tokens / tokens_per_step * step_s) / new_tokens
+
+
+def linear_s_per_token(
+    target: ModelSpec, hw: HardwareProfile, gamma: int, tokens_per_step: float, prompt: int, new_tokens: int,
+    draft: ModelSpec | None = None, host_draft_s: float = 0.0, dtype: str = "fp32",
+) -> float:  # fmt: skip
+    """Seconds per generated token of reference.specdec.speculative_generate, batch 1, from a
+    measured tokens per step (accepted + 1):
+
+        t = [prefill + steps (t_propose + t_verify(gamma + 1) + o_step)] / n,  steps = n / tokens_per_step
+
+    A model draft (`draft`: a small model, or the target's first layers as their own spec) proposes
+    with gamma decode steps plus the calibrated o_draft each; a host draft (prompt lookup,
+    retrieval: `draft` None) costs its measured seconds per step `host_draft_s`, no model pass."""
+    o = _overheads(hw)
+    context = prompt + new_tokens // 2
+    if draft is not None:
+        propose_s = gamma * (step_time_s(draft, hw, 1, context, 1, dtype) + o.get("per_draft_token", 0.0))
+        prefill_s = specdec_prefill_s(target, draft, hw, prompt, dtype)
+    else:
+        propose_s = host_draft_s
+        prefill_s = step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
+    step_s = propose_s + step_time_s(target, hw, 1, context, gamma + 1, dtype) + o.get("per_step", 0.0)
+    return (prefill_s + new_tokens / tokens_per_step * step_s) / new_tokens
+
+
+BILD_RATES = ("small_steps_per_token", "big_passes_per_token", "big_query_tokens_per_pass")
+
+
+def bild_s_per_token(target: ModelSpec, small: ModelSpec, hw: HardwareProfile, rates: dict, prompt: int, new_tokens: int,
+                     dtype: str = "fp32") -> float:  # fmt: skip
+    """Seconds per generated token of reference.bild.bild_generate (Kim et al. 2023), batch 1, from
+    its measured rates per generated token:
+
+        t = [prefill + n (s t_small(1) + b t_big(k) + s o_draft + b o_step)] / n
+
+    s small-model steps per token (each one decode step and one draw: o_draft, the calibrated loop
+    overhead per drafted token), b big-model passes per token over k query tokens each (the small
+    tokens they check, rolled back or kept, plus one; o_step, the overhead per verify step), at the
+    middle context; the prefills are the big model's over P - 1 tokens and the small model's
+    first step over the whole prompt."""
+    for key in BILD_RATES:
+        if not (isinstance(rates.get(key), (int, float)) and rates[key] >= 0):
+            raise UserError(f"BiLD rates: {key} must be a number >= 0, got {rates.get(key)!r}")
+    o = _overheads(hw)
+    context = prompt + new_tokens // 2
+    s, b, k = rates["small_steps_per_token"], rates["big_passes_per_token"], max(1.0, rates["big_query_tokens_per_pass"])
+    lo = int(k)  # a mean of k query tokens: the pass's time interpolated between the whole counts around it
+    big_s = step_time_s(target, hw, 1, context, lo, dtype) * (lo + 1 - k) + step_time_s(target, hw, 1, context, lo + 1, dtype) * (k - lo)
+    per_token_s = s * (step_time_s(small, hw, 1, context, 1, dtype) + o.get("per_draft_token", 0.0)) + b * (big_s + o.get("per_step", 0.0))
+    prefill_s = (step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0) + step_time_s(small, hw, 1, 0, prompt, dtype)
+    return (prefill_s + new_tokens * per_token_s) / new_tokens
+
+
+def host_tree_s_per_token(target: ModelSpec, hw: HardwareProfile, tree, tokens_per_step: float, prompt: int, new_tokens: int,
+                          host_propose_s: float, dtype: str = "fp32") -> float:  # fmt: skip
+    """Seconds per generated token of reference.tree_decode.tree_generate with a tree proposed on
+    the host (retrieval: `reference.retrieval.RetrievalTreeDraft`), batch 1: its measured seconds
+    per proposal, no model pass, then the verify pass over N + 1 query tokens (`tree.verify_pass`)
+    and the tree loop's calibrated work per step for fixed candidates (`tree_loop_overhead_s`, as
+    fitted on Medusa's point-mass trees, whose loop is the same but for the heads):
+
+        t = [prefill_target(P - 1) + steps (t_host + t_verify(N + 1) + o_step + I o_iter)] / n,  steps = n / E[tokens per step]"""
+    context = prompt + new_tokens // 2
+    verify_s = trees.verify_pass(target, hw, 1, context, len(tree), dtype)["total"].time_s
+    prefill_s = step_time_s(target, hw, 1, 0, prompt - 1, dtype) if prompt > 1 else 0.0
+    step_s = host_propose_s + verify_s + tree_loop_overhead_s(hw, "medusa", tree)
+    return (prefill_s + new_tokens / tokens_per_step * step_s) / new_tokens

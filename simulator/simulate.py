@@ -113,7 +113,7 @@ def simulate(
     acceptance.check(serving.gamma)
     if workload.arrival == "trace" and trace is None:
         trace = load_trace(workload.trace_path, workload.requests)
-    speculation = draft if isinstance(draft, TreeSpeculation) else None
+    speculation = None if draft is None or isinstance(draft, ModelSpec) else draft  # a tree, or BiLD (simulator.bild)
     configs = {
         "speculative": (draft, serving) if speculation is None else (speculation.draft, serving),
         "autoregressive": (None, serving.model_copy(update={"gamma": 0, "spec_off_above_batch": None})),
@@ -155,7 +155,7 @@ def simulate(
             "slo_ttft_s": serving.slo_ttft_s,
             "slo_tpot_s": serving.slo_tpot_s,
             "seed": seed,
-            **({"tree": speculation.summary(target)} if speculation else {}),
+            **({"bild" if hasattr(speculation, "rates") else "tree": speculation.summary(target)} if speculation else {}),
         },
         **reports,
     }
@@ -221,13 +221,18 @@ def format_report(report: dict) -> str:
         stream += f"; closed loop, {w['concurrency']} users (each sends its next request when its last completes)"
     first = report[runs[0]]["kv_cache"]
     slo = [f"TTFT <= {_ms(c['slo_ttft_s'])} ms" if c["slo_ttft_s"] else "", f"TPOT <= {_ms(c['slo_tpot_s'])} ms" if c["slo_tpot_s"] else ""]
+    if "bild" in c:
+        b = c["bild"]
+        alpha = (f"BiLD fallback {b['fallback']} rollback {b['rollback']} (INEXACT; {b['rates']['small_steps_per_token']:.3f} small steps and "
+                 f"{b['rates']['big_passes_per_token']:.3f} big passes per token, {b['rates']['big_query_tokens_per_pass']:.2f} query tokens per pass, "
+                 f"measured: {b['source']})")  # fmt: skip
     if "tree" in c:
         tree, tacc = c["tree"], c["tree"]["acceptance"]
         alpha = (f"tree {tree['spec']} ({tree['nodes']} nodes, depth {tree['depth']}, {tree['expected_tokens_per_step']:.3f} tokens/step expected), "
                  f"acceptance from {tacc['file']} ({tacc['note']})")  # fmt: skip
     lines = [
         f"{c['model']} on {c['gpu']}" + (f" x{c['tp']} (tensor parallel)" if c["tp"] > 1 else "") + f" ({c['dtype']}), "
-        + (f"draft {c['draft']}" + (f", gamma {c['gamma']}" if "tree" not in c else "") + f", {alpha}" if c["gamma"] else "no speculation (plain decoding)"),
+        + (f"draft {c['draft']}" + (f", gamma {c['gamma']}" if "tree" not in c and "bild" not in c else "") + f", {alpha}" if c["gamma"] else "no speculation (plain decoding)"),
         f"{stream}; engine {c['engine']['name']}" + (" (kernels only)" if c["engine"]["name"] == "ideal" else " (host overheads added)")
         + f"; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
         + (", chunked prefill" if c["chunked_prefill"] else "")
@@ -406,6 +411,13 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp8"], help="weight, activation and KV dtype (default: %(default)s)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine; the draft is split alike where its heads allow (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and acceptance draws (default: %(default)s)")
+    p.add_argument("--policy", choices=["speculative", "bild"], default="speculative",
+                   help="speculative: exact speculative decoding (linear or --tree); bild: Big Little Decoder (Kim et al. 2023), INEXACT, "
+                   "its cycles from --bild-rates (default: %(default)s)")  # fmt: skip
+    p.add_argument("--bild-rates", metavar="FILE", default=None, help="--policy bild: rates measured by `python -m reference bild --rates-out FILE`; "
+                   "they are the measured pair's, applied to --model and --draft (the small model)")  # fmt: skip
+    p.add_argument("--fallback", type=float, default=None, help="--policy bild: the threshold pair's row to use (with --rollback; default: the file's best)")
+    p.add_argument("--rollback", type=float, default=None, help="--policy bild: see --fallback")
     p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"host overheads of a serving engine added to the kernels: {', '.join(ENGINE_NAMES)} "
                    "(ideal: kernels only; vllm (V1 engine, 0.7 on), vllm-v0 (before 0.7) and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
 
@@ -421,6 +433,10 @@ def config_from_args(args: argparse.Namespace):
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     hw = load_profile(args.gpu)
     tree = args.tree is not None or args.draft == MEDUSA
+    if args.policy == "bild":
+        return _bild_config(args, hw)
+    if args.bild_rates is not None or args.fallback is not None or args.rollback is not None:
+        raise UserError("--bild-rates, --fallback and --rollback go with --policy bild")
     if tree:  # the draft is a tree (Medusa heads or a draft model's), scored by a tree acceptance table
         if args.gamma is not None or args.alpha is not None:
             raise UserError("--gamma and --alpha do not apply to a tree: --tree sets the nodes verified per step, --acceptance their acceptance")
@@ -446,20 +462,7 @@ def config_from_args(args: argparse.Namespace):
         slo_ttft_s=None if args.slo_ttft is None else parse_duration_s(args.slo_ttft, "--slo-ttft"),
         slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),
     ).check()
-    if args.trace:
-        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests, concurrency=args.concurrency)
-    else:
-        workload = WorkloadSpec(
-            arrival=args.arrival,
-            rate_per_s=args.rate if args.rate is not None else DEFAULT_RATE_PER_S if args.concurrency is None else math.inf,
-            concurrency=args.concurrency,
-            burstiness=args.burstiness,
-            requests=args.requests if args.requests is not None else DEFAULT_REQUESTS,
-            prompt_tokens=args.prompt_len,
-            output_tokens=args.output_len,
-            lengths=args.lengths,
-        )
-    workload.check()
+    workload = _workload(args)
     try:
         acceptance.check(serving.gamma)
     except UserError as exc:
@@ -475,6 +478,49 @@ def config_from_args(args: argparse.Namespace):
         raise UserError(f"--gamma {serving.gamma} is too large for the context: no request fits {target.name}'s {target.max_seq_len} positions with it")
     kv_cache_blocks(hw, target, draft if serving.gamma > 0 else None, serving)  # fits, or says by how much
     return hw, target, draft, acceptance, serving, workload
+
+
+def _bild_config(args: argparse.Namespace, hw):
+    """`--policy bild`: --model and --draft (the small model) running the BiLD cycle of a bild_rates file:
+    the rates are the measured pair's (the report names the file), applied to this pair."""
+    from simulator import bild
+
+    if args.bild_rates is None:
+        raise UserError("--policy bild needs --bild-rates FILE (written by `python -m reference bild --rates-out FILE`)")
+    if args.tree is not None or args.gamma is not None or args.alpha is not None or args.acceptance is not None:
+        raise UserError("--policy bild takes its steps from --bild-rates; --tree, --gamma, --alpha and --acceptance do not apply")
+    target = load_model(args.model)
+    speculation, _ = bild.speculation_from_args(args.bild_rates, args.fallback, args.rollback, load_model(args.draft))
+    check_pair(target, speculation.draft)
+    serving = ServingConfig(
+        engine=engine_overhead(args.engine), max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens,
+        chunked_prefill=args.chunked_prefill, gamma=speculation.max_run, spec_off_above_batch=args.spec_off_above_batch,
+        dtype=args.dtype, tp=args.tp, slo_ttft_s=None if args.slo_ttft is None else parse_duration_s(args.slo_ttft, "--slo-ttft"),
+        slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),
+    ).check()  # fmt: skip
+    workload = _workload(args)
+    if serving.gamma + 2 > target.max_seq_len:
+        raise UserError(f"BiLD's cycles of up to {serving.gamma + 1} tokens do not fit {target.name}'s {target.max_seq_len} positions")
+    kv_cache_blocks(hw, target, speculation.draft, serving)
+    return hw, target, speculation, speculation.acceptance_model(), serving, workload
+
+
+def _workload(args: argparse.Namespace) -> WorkloadSpec:
+    """The request stream of the options (a trace, or arrivals and lengths), checked."""
+    if args.trace:
+        workload = WorkloadSpec(arrival="trace", trace_path=args.trace, requests=args.requests, concurrency=args.concurrency)
+    else:
+        workload = WorkloadSpec(
+            arrival=args.arrival,
+            rate_per_s=args.rate if args.rate is not None else DEFAULT_RATE_PER_S if args.concurrency is None else math.inf,
+            concurrency=args.concurrency,
+            burstiness=args.burstiness,
+            requests=args.requests if args.requests is not None else DEFAULT_REQUESTS,
+            prompt_tokens=args.prompt_len,
+            output_tokens=args.output_len,
+            lengths=args.lengths,
+        )
+    return workload.check()
 
 
 def _progress_bar(total: int, desc: str):

@@ -454,8 +454,11 @@ def test_attention_flags(flags):
 
 def seam_cases():
     """(command line, flags to fuzz, module and function where its work starts)."""
-    from reference import cli_attention, device_check
+    from reference import cli_attention, cli_drafts, device_check, draft_bench
     from simulator import calibration, capacity
+
+    corpus = str(Path(__file__).resolve().parent / "conftest.py")  # a small text file: the datastore builds in milliseconds
+    bench = ["--prompts", "--prompt-bytes", "--max-new-tokens", "--temperature", "--repeats", "--seed", "--threads"]
 
     search = ["plan", "--rate", "4", "--slo-ttft-p99", "2s", "--slo-tpot-p99", "50ms"]
     return {
@@ -466,6 +469,9 @@ def seam_cases():
                                  "--prompt-len", "--output-len"], capacity, "search"),
         "bench attention": (["bench", "attention", "--out", "{d}/bench.png"], ["--head-dim", "--sram-bytes", "--repeats", "--threads"],
                             cli_attention, "bench_attention"),
+        "bild": (["bild", "--rates-out", "{d}/rates.json"], ["--fallback", "--rollback", "--grid", "--spec-gammas", *bench], draft_bench, "measure_policies"),
+        "bench drafts": (["bench", "drafts", "--corpus", corpus, "--plot", "{d}/drafts.png"], ["--bild", "--gamma", *bench], cli_drafts, "measure_all"),
+        "datastore": (["datastore", "--corpus", corpus, "--out", "{d}/ds.npz"], ["--gamma"], cli_drafts, "lookup_time_s"),
     }  # fmt: skip
 
 
