@@ -321,7 +321,7 @@ def run_bench_drafts(args) -> int:
             from simulator.hardware import load_profile
 
             hw = load_profile(args.profile)
-            check_same_device(hw, device_name("cpu"))
+            check_same_device(hw, device_name("cpu"), "bench drafts --profile")
         big, small, prompts, s = _setup(args)
         ds = datastore_of(args, big.spec.vocab_size)
         rows = measure_all(big, small, ds, prompts, s, args, bild_pairs)

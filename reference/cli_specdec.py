@@ -188,7 +188,7 @@ def _profile(args):
     if not args.device.startswith("cpu"):
         raise UserError(f"--profile: the executor's loops are predicted on a calibrated CPU profile; this run is on {args.device}")
     hw = load_profile(args.profile)
-    check_same_device(hw, device_name("cpu"))
+    check_same_device(hw, device_name("cpu"), "specdec --profile")
     return hw
 
 

@@ -575,10 +575,11 @@ def calibrate(out: Path, quick: bool = False, repeats: int = 5, log=print, threa
 # --- compare ----------------------------------------------------------------------------------
 
 
-def check_same_device(hw: HardwareProfile, local_name: str) -> None:
+def check_same_device(hw: HardwareProfile, local_name: str, command: str = "compare") -> None:
+    """Refuse a profile that `calibrate` did not write on this device (`command`: who asks, for the message)."""
     device = (hw.calibration or {}).get("device")
     if device is None:
-        raise UserError(f"{hw.name} was not calibrated on a device (no `calibration.device`); `compare` needs a profile from `calibrate` on this machine")
+        raise UserError(f"{hw.name} was not calibrated on a device (no `calibration.device`); `{command}` needs a profile from `calibrate` on this machine")
     if device != local_name:
         raise UserError(f"the profile was calibrated on {device!r} but this device is {local_name!r}; calibrate here first")
 

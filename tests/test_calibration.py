@@ -407,7 +407,7 @@ def test_specdec_prints_the_prediction_beside_the_measurement(calibrated):
     [
         (["--draft", "model", "--profile", "CALIBRATED"], "for tree drafts"),
         (["--draft", "tree", "--batch", "2", "--profile", "CALIBRATED"], "batch 1"),
-        (["--draft", "tree", "--profile", "a100"], "not calibrated on a device"),
+        (["--draft", "tree", "--profile", "a100"], "not calibrated on a device (no `calibration.device`); `specdec --profile` needs"),
         (["--draft", "medusa", "--profile", "OTHER"], "this device is"),
     ],
 )
