@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulator.errors import UserError
+from simulator.errors import UserError, finite_json
 from simulator.paths import write_atomically
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,9 @@ def stop_at(deadline: float, clock=time.monotonic):
 
 
 def write_json(path: Path, data: dict) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+    """`data` as JSON, atomically; a NaN or infinity (a failed or empty measurement) is written as null,
+    which every JSON reader takes, where `NaN` would stop a strict one."""
+    write_atomically(path, lambda tmp: tmp.write_text(finite_json(data) + "\n"))
 
 
 def one_line(exc: BaseException) -> str:

@@ -280,3 +280,15 @@ def test_a_gpu_calibration_writes_a_valid_gpu_profile_that_predicts_the_held_out
                for b, c, q in calibration.COMPARE_FORWARD]  # fmt: skip
     assert all(0 < calibration.predict_s(m, hw) < math.inf for m in shapes)
     assert 0 < calibration.predict_loop_s({"kind": "specdec", "gamma": 2, **run_, "prompt": 64, "new_tokens": 64}, hw) < math.inf
+
+
+def test_records_are_strict_json_even_with_a_failed_measurement(tmp_path):
+    """A NaN or infinity (a measurement that failed or timed nothing) is written as null, so a strict
+    reader (json.loads with no NaN, jq, a browser) takes the record; a mutant writing `NaN` fails here."""
+    out = tmp_path / "record.json"
+    dc.write_json(out, {"median_s": math.nan, "speedup": math.inf, "rows": [1.0, -math.inf], "ok": 2.5})
+
+    def strict(token):
+        raise ValueError(token)
+
+    assert json.loads(out.read_text(), parse_constant=strict) == {"median_s": None, "speedup": None, "rows": [1.0, None], "ok": 2.5}
