@@ -45,7 +45,7 @@ CALIB_ELEMENTWISE = [1, 1_000, 100_000, 1_000_000, 8_000_000]
 CALIB_ATTENTION = [(1, 4, 128, 64), (1, 4, 512, 64), (2, 4, 1024, 32)]
 CALIB_FORWARD = [(1, 64, 1), (1, 128, 3), (1, 384, 1), (1, 32, 7), (4, 256, 1), (8, 128, 1), (1, 0, 128)]  # (batch, context, query tokens)
 CALIB_SPECDEC = {"prompt": 32, "new_tokens": 96, "gammas": [3, 5, 6], "seed": 1}  # trained pair, temperature 1
-# the tree loop's own work per step and per node, from trees of other sizes than compare's (Medusa
+# the tree loop's own work per step and per verifier round, from trees of other sizes than compare's (Medusa
 # trees from the heads' committed acceptance at temperature 0, the draft's full trees at temperature 1)
 CALIB_TREES = {"prompt": 32, "new_tokens": 64, "seed": 1,
                "configs": [("medusa", "best:4", 0.0), ("medusa", "best:16", 0.0), ("tree", "2", 1.0), ("tree", "2x2x1", 1.0)]}  # fmt: skip
@@ -264,8 +264,8 @@ def loop_residuals(hw: HardwareProfile, measurements: list[dict]) -> dict:
 
 
 def predict_loop_s(m: dict, hw: HardwareProfile) -> float:
-    """Seconds per generated token of one generation run (`specdec` or `autoregressive`), with the
-    run's measured alpha (the simulator predicts time, not alpha)."""
+    """Seconds per generated token of one generation run (`specdec`, `autoregressive` or `tree`), with
+    the run's measured alpha or tree acceptance (the simulator predicts time, not acceptance)."""
     if m["kind"] == TREE_KIND:
         return predict_tree(m, hw)["predicted_s"]
     target, draft = _pair(m)
