@@ -14,10 +14,10 @@ SEARCH_OPTIONS = ("rate", "slo_ttft_p99", "slo_tpot_p99", "max_gpus", "requests"
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    if args.policy == "bild":
+    from simulator import bild
+
+    if bild.wants_bild(args):
         return _run_bild_plan(args)
-    if args.bild_rates is not None or args.fallback is not None or args.rollback is not None:
-        raise UserError("--bild-rates, --fallback and --rollback go with --policy bild")
     if args.tree is not None or args.draft == "medusa":
         return _run_tree_plan(args)
     if args.acceptance is not None:
@@ -37,8 +37,6 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _run_bild_plan(args: argparse.Namespace) -> int:
     from simulator import bild
 
-    if args.bild_rates is None:
-        raise UserError("--policy bild needs --bild-rates FILE (written by `python -m reference bild --rates-out FILE`)")
     if any(getattr(args, name) is not None for name in (*SEARCH_OPTIONS, "tree", "acceptance", "gamma")) or args.batch not in (None, 1):
         raise UserError("--policy bild prices one sequence (batch 1) from measured rates; the search, --tree, --acceptance, --gamma and --batch do not apply")
     data, row = bild.load_rates(args.bild_rates, args.fallback, args.rollback)
@@ -225,7 +223,7 @@ def _run_fit_kernels(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from simulator import capacity
+    from simulator import bild, capacity
 
     parser = Parser(
         prog="python -m simulator",
@@ -269,13 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to, one subfolder per GPU type when there are several (default: {capacity.DEFAULT_PLOT_DIR})")
     p.add_argument("--price", action="append", default=None, metavar="GPU=USD_PER_HOUR", help="search: price of one GPU of a type searched, USD per hour (repeatable; no built-in prices): adds the cost per million output tokens and the cheapest type")
     _add_runner_options(p, "search's simulations")
-    p.add_argument("--policy", choices=["speculative", "bild"], default="speculative",
-                   help="speculative: exact speculative decoding; bild: Big Little Decoder (Kim et al. 2023), INEXACT: predicted tokens/s at batch 1 "
-                   "from the rates of --bild-rates, printed with the quality figures measured there (default: %(default)s)")  # fmt: skip
-    p.add_argument("--bild-rates", metavar="FILE", default=None, help="--policy bild: written by `python -m reference bild --rates-out FILE`; its pair is "
-                   "priced unless --draft is given (then --model with --draft)")  # fmt: skip
-    p.add_argument("--fallback", type=float, default=None, help="--policy bild: the threshold pair's row (with --rollback; default: the file's best)")
-    p.add_argument("--rollback", type=float, default=None, help="--policy bild: see --fallback")
+    bild.add_policy_options(p, "speculative: exact speculative decoding; bild: Big Little Decoder (Kim et al. 2023), INEXACT: predicted tokens/s at "
+                            "batch 1 from the rates of --bild-rates, printed with the quality figures measured there",
+                            "--policy bild: written by `python -m reference bild --rates-out FILE`; its pair is priced unless --draft is given "
+                            "(then --model with --draft)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the result as JSON (keys documented in the README)")
     p.set_defaults(run=_run_plan)
 

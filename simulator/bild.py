@@ -34,6 +34,27 @@ from simulator.paths import read_json
 QUALITY = ("token_match", "sequence_match", "nll", "first_token_tv_t1")
 
 
+def add_policy_options(p, policy_help: str, rates_help: str) -> None:
+    """`--policy speculative|bild` and BiLD's options (`plan` and `simulate` each say what --policy
+    bild and --bild-rates do there)."""
+    p.add_argument("--policy", choices=["speculative", "bild"], default="speculative", help=f"{policy_help} (default: %(default)s)")
+    p.add_argument("--bild-rates", metavar="FILE", default=None, help=rates_help)
+    p.add_argument("--fallback", type=float, default=None, help="--policy bild: the threshold pair's row (with --rollback; default: the file's best)")
+    p.add_argument("--rollback", type=float, default=None, help="--policy bild: see --fallback")
+
+
+def wants_bild(args) -> bool:
+    """Whether the options ask for BiLD: --policy bild, which needs --bild-rates; BiLD's options
+    without it are refused."""
+    if args.policy != "bild":
+        if args.bild_rates is not None or args.fallback is not None or args.rollback is not None:
+            raise UserError("--bild-rates, --fallback and --rollback go with --policy bild")
+        return False
+    if args.bild_rates is None:
+        raise UserError("--policy bild needs --bild-rates FILE (written by `python -m reference bild --rates-out FILE`)")
+    return True
+
+
 def load_rates(path: str | Path, fallback: float | None = None, rollback: float | None = None) -> tuple[dict, dict]:
     """(the file, the row of the threshold pair): the pair given, else the file's `best` row (the
     fastest with the issue's token match), else the first BiLD row. One UserError line for anything wrong."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simulator import bild
 from simulator import plan as plan_lib
 from simulator.engine import DEFAULT_ENGINE, ENGINE_NAMES, engine_overhead
 from simulator.errors import UserError, finite_json
@@ -411,13 +412,10 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp8"], help="weight, activation and KV dtype (default: %(default)s)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs per engine; the draft is split alike where its heads allow (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and acceptance draws (default: %(default)s)")
-    p.add_argument("--policy", choices=["speculative", "bild"], default="speculative",
-                   help="speculative: exact speculative decoding (linear or --tree); bild: Big Little Decoder (Kim et al. 2023), INEXACT, "
-                   "its cycles from --bild-rates (default: %(default)s)")  # fmt: skip
-    p.add_argument("--bild-rates", metavar="FILE", default=None, help="--policy bild: rates measured by `python -m reference bild --rates-out FILE`; "
-                   "they are the measured pair's, applied to --model and --draft (the small model)")  # fmt: skip
-    p.add_argument("--fallback", type=float, default=None, help="--policy bild: the threshold pair's row to use (with --rollback; default: the file's best)")
-    p.add_argument("--rollback", type=float, default=None, help="--policy bild: see --fallback")
+    bild.add_policy_options(p, "speculative: exact speculative decoding (linear or --tree); bild: Big Little Decoder (Kim et al. 2023), INEXACT, "
+                            "its cycles from --bild-rates",
+                            "--policy bild: rates measured by `python -m reference bild --rates-out FILE`; they are the measured pair's, "
+                            "applied to --model and --draft (the small model)")  # fmt: skip
     p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"host overheads of a serving engine added to the kernels: {', '.join(ENGINE_NAMES)} "
                    "(ideal: kernels only; vllm (V1 engine, 0.7 on), vllm-v0 (before 0.7) and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
 
@@ -433,10 +431,8 @@ def config_from_args(args: argparse.Namespace):
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     hw = load_profile(args.gpu)
     tree = args.tree is not None or args.draft == MEDUSA
-    if args.policy == "bild":
+    if bild.wants_bild(args):
         return _bild_config(args, hw)
-    if args.bild_rates is not None or args.fallback is not None or args.rollback is not None:
-        raise UserError("--bild-rates, --fallback and --rollback go with --policy bild")
     if tree:  # the draft is a tree (Medusa heads or a draft model's), scored by a tree acceptance table
         if args.gamma is not None or args.alpha is not None:
             raise UserError("--gamma and --alpha do not apply to a tree: --tree sets the nodes verified per step, --acceptance their acceptance")
@@ -483,10 +479,6 @@ def config_from_args(args: argparse.Namespace):
 def _bild_config(args: argparse.Namespace, hw):
     """`--policy bild`: --model and --draft (the small model) running the BiLD cycle of a bild_rates file:
     the rates are the measured pair's (the report names the file), applied to this pair."""
-    from simulator import bild
-
-    if args.bild_rates is None:
-        raise UserError("--policy bild needs --bild-rates FILE (written by `python -m reference bild --rates-out FILE`)")
     if args.tree is not None or args.gamma is not None or args.alpha is not None or args.acceptance is not None:
         raise UserError("--policy bild takes its steps from --bild-rates; --tree, --gamma, --alpha and --acceptance do not apply")
     target = load_model(args.model)
