@@ -29,13 +29,9 @@ def speculative_s_per_token(
     t_draft: a draft decode step, t_verify: a target pass over gamma + 1 tokens, both at the middle
     context P + n/2 (simulator.forward); o_step and o_draft: the loop's own work per step and per
     drafted token (sampling, verification, cache bookkeeping), measured by `calibrate` on its own
-    configurations (`calibration.executor.loop_overhead_s`; 0 where not measured)."""
-    o = _overheads(hw)
-    context = prompt + new_tokens // 2
-    step_s = (gamma * step_time_s(draft, hw, 1, context, 1, dtype) + step_time_s(target, hw, 1, context, gamma + 1, dtype)
-              + o.get("per_step", 0.0) + gamma * o.get("per_draft_token", 0.0))  # fmt: skip
-    steps = new_tokens / expected_tokens(alpha, gamma)
-    return (specdec_prefill_s(target, draft, hw, prompt, dtype) + steps * step_s) / new_tokens
+    configurations (`calibration.executor.loop_overhead_s`; 0 where not measured): `linear_s_per_token`
+    at Leviathan's E."""
+    return linear_s_per_token(target, hw, gamma, expected_tokens(alpha, gamma), prompt, new_tokens, draft=draft, dtype=dtype)
 
 
 def specdec_prefill_s(target: ModelSpec, draft: ModelSpec, hw: HardwareProfile, prompt: int, dtype: str = "fp32") -> float:
