@@ -123,8 +123,9 @@ EXECUTOR_FACTS = ("first_touch_bytes_per_s", "softmax_s_per_element", "sdpa_prog
                   "scatter_s_per_element", "silu_s_per_element", "rope_s_per_element",
                   "rms_norm_s_per_element", "mask_s_per_element")
 EXECUTOR_FITTED = ("fresh_fraction", "gemv_weight_bytes_per_s", "gemm_weight_bytes_per_s", "pass_op_scale")
+LINEAR_KINDS = ("specdec", "autoregressive")  # linear generation loops: fitted after the kernels, by `fit_loop_overheads`
 TREE_KIND = "tree"  # a tree-speculative generation run: fitted after the kernels, by `fit_tree_overheads`
-LOOP_KINDS = ("specdec", "autoregressive", TREE_KIND)  # whole generation loops: fitted after the kernels, by `fit_loop_overheads`
+LOOP_KINDS = (*LINEAR_KINDS, TREE_KIND)  # whole generation loops
 
 
 def fit_profile(hw: HardwareProfile, measurements: list[dict]) -> tuple[HardwareProfile, dict]:
@@ -204,7 +205,7 @@ def fit_loop_overheads(hw: HardwareProfile, measurements: list[dict]) -> dict:
     gammas, per_step = [], []
     out = {}
     for m in measurements:
-        if m["kind"] not in ("specdec", "autoregressive"):
+        if m["kind"] not in LINEAR_KINDS:
             continue
         p, n = m["prompt"], m["new_tokens"]
         context, (target, draft) = p + n // 2, _pair(m)
@@ -256,7 +257,7 @@ def loop_residuals(hw: HardwareProfile, measurements: list[dict]) -> dict:
     """Mean and worst absolute percentage error of the loops' predicted seconds per token (with
     each run's measured alpha, or for a tree run its measured acceptance) on the calibration runs."""
     out = {}
-    for group, kinds in (("speculative decoding", ("specdec", "autoregressive")), ("tree speculation", (TREE_KIND,))):
+    for group, kinds in (("speculative decoding", LINEAR_KINDS), ("tree speculation", (TREE_KIND,))):
         errors = [abs(predict_loop_s(m, hw) / m["measured_s"] - 1.0) for m in measurements if m["kind"] in kinds]
         if errors:
             out[group] = {"n": len(errors), "mape": float(np.mean(errors)), "worst_ape": float(np.max(errors))}
