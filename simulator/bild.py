@@ -182,20 +182,21 @@ class BildEngine(_engine_base()):
         self.verify_tokens = max(2, round(r["big_query_tokens_per_pass"]))
         self.small_passes = max(1, round(r["small_steps_per_token"] / max(r["big_passes_per_token"], 1e-12)))
 
-    def _priced(self, plan, q: int, *rest):
+    def _priced(self, price, q: int, *rest):
+        """`price` (a base-engine pricing method) of a speculative step as one BiLD cycle."""
         if q == 1:
-            return plan(q, *rest)
+            return price(q, *rest)
         gamma, self.gamma = self.gamma, self.small_passes  # the base prices `gamma` draft passes
         try:
-            return plan(self.verify_tokens, *rest)
+            return price(self.verify_tokens, *rest)
         finally:
             self.gamma = gamma
 
-    def _plan_span(self, q: int, max_steps: int) -> np.ndarray:
-        return self._priced(super()._plan_span, q, max_steps)
+    def _decode_s_direct(self, n: int, q: int, ctx_sum: np.ndarray) -> np.ndarray:
+        return self._priced(lambda q: super(BildEngine, self)._decode_s_direct(n, q, ctx_sum), q)
 
-    def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> np.ndarray:
-        return self._priced(super()._plan_mixed, q, chunks)
+    def _mixed_s(self, q: int, *rest) -> float:
+        return self._priced(super()._mixed_s, q, *rest)
 
 
 def speculation_from_args(path: str, fallback: float | None, rollback: float | None, small: ModelSpec | None) -> tuple[BildSpeculation, dict]:

@@ -22,6 +22,7 @@ is the slow reference (a test holds the two to the same result, random acceptanc
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,11 +48,37 @@ MEMORY_UTILIZATION = 0.9
 WATERMARK_FRACTION = 0.01
 DEFAULT_MAX_BATCH = 256  # vLLM SchedulerConfig.max_num_seqs
 DEFAULT_MAX_BATCHED_TOKENS = 8192  # an assumption: tokens one step may carry (vLLM's is per deployment)
-SPAN_ELEMENTS_MAX = 1 << 18  # bound on steps x batch drawn at once in a speculative span
 ATTENTION_MEMO_KEYS = 1024  # key counts priced per call of the device model's attention (a block of the memo)
+EMITTED_POOL = 1 << 14  # speculative steps' token counts drawn at once
 
 # ---------------------------------------------------------------------------------------------
 # Step time: forward() regrouped for speed
+
+
+def memo_lookup(memo: dict[int, np.ndarray], keys, price: Callable[[np.ndarray], np.ndarray], width: int = ATTENTION_MEMO_KEYS):
+    """Values of `price` at the non-negative integers `keys` (an int or an integer array), memoised
+    in blocks of `width` consecutive keys, each priced in one call of `price` over the block. `price`
+    must be elementwise, so a memoised value is the value a direct call gives."""
+    arr = np.asarray(keys)
+    flat = arr.ravel()
+    block = flat // width
+    offset = flat - block * width
+    lo, hi = int(block.min()), int(block.max())
+    if lo == hi:
+        t = _memo_block(memo, lo, price, width)[offset]
+    else:
+        t = np.empty(flat.shape)
+        for b in np.unique(block).tolist():
+            sel = block == b
+            t[sel] = _memo_block(memo, b, price, width)[offset[sel]]
+    return t.reshape(arr.shape) if arr.ndim else float(t[0])
+
+
+def _memo_block(memo: dict[int, np.ndarray], b: int, price, width: int) -> np.ndarray:
+    table = memo.get(b)
+    if table is None:
+        table = memo[b] = np.asarray(price(np.arange(b * width, (b + 1) * width)), dtype=float)
+    return table
 
 
 class PassCost:
@@ -123,26 +150,10 @@ class PassCost:
         arr = np.asarray(keys)
         if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:
             return self.attention_s_direct(sequences, q, keys)
-        flat = arr.ravel()
-        block = flat // ATTENTION_MEMO_KEYS
-        offset = flat - block * ATTENTION_MEMO_KEYS
-        memo = self._attention_memo.setdefault((sequences, q), {})
-        lo, hi = int(block.min()), int(block.max())
-        if lo == hi:
-            t = self._memo_block(memo, sequences, q, lo)[offset]
-        else:
-            t = np.empty(flat.shape)
-            for b in np.unique(block).tolist():
-                sel = block == b
-                t[sel] = self._memo_block(memo, sequences, q, b)[offset[sel]]
-        return t.reshape(arr.shape) if arr.ndim else float(t[0])
-
-    def _memo_block(self, memo: dict, sequences: int, q: int, b: int) -> np.ndarray:
-        table = memo.get(b)
-        if table is None:
-            start = b * ATTENTION_MEMO_KEYS
-            table = memo[b] = self.attention_s_direct(sequences, q, np.arange(start, start + ATTENTION_MEMO_KEYS))
-        return table
+        memo = self._attention_memo.get((sequences, q))
+        if memo is None:
+            memo = self._attention_memo[(sequences, q)] = {}
+        return memo_lookup(memo, arr, lambda k: self.attention_s_direct(sequences, q, k))
 
     def attention_s_direct(self, sequences: int, q: int, keys):
         """`attention_s` from the device model, without the memo (the reference)."""
@@ -252,6 +263,12 @@ class LatencySummary:
             self._buffer[self._buffered : self._buffered + m] = values_s
             self._buffered += m
 
+    def add_one(self, value_s: float) -> None:
+        if self._buffered == self.BUFFER:
+            self._flush()
+        self._buffer[self._buffered] = value_s
+        self._buffered += 1
+
     def _flush(self) -> None:
         self._bin(self._buffer[: self._buffered])
         self._buffered = 0
@@ -335,6 +352,14 @@ class Timeline:
         rows[3, b : b + m] = kv_blocks
         rows[4, b : b + m] = tokens
         self._buffered += m
+
+    def add_one(self, start_s: float, dt_s: float, sequences: int, kv_blocks: int, tokens: int) -> None:
+        """Book one step."""
+        if self._buffered == self.BUFFER:
+            self.flush()
+        b, rows = self._buffered, self._rows
+        rows[0, b], rows[1, b], rows[2, b], rows[3, b], rows[4, b] = start_s, dt_s, sequences, kv_blocks, tokens
+        self._buffered += 1
 
     def flush(self) -> None:
         if self._buffered:
@@ -470,10 +495,18 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-class _Running:
-    """Requests in the batch, one column per field, rows [0, n) live (compacted on removal)."""
+NOT_DECODING = np.iinfo(np.int64).max  # `finish` of a slot that is empty or still prefilling
 
-    INT = ("rid", "prompt", "output", "generated", "ctx", "target", "prefilled", "blocks", "order")
+
+class _Slots:
+    """Requests in the batch, one column per field, indexed by slot; a finished or preempted
+    request's slot is reused (lowest first), so live slots stay below `hi`.
+
+    A decoding request keeps no per-step state here: it joined the ledger at decode step `start`
+    with `c0` cached tokens and `g0` tokens generated, and its cumulative gains per step from there
+    are `Engine._gains[slot]`; `finish` is the decode step in which it emits its last token."""
+
+    INT = ("rid", "prompt", "output", "target", "prefilled", "blocks", "order", "start", "finish", "c0", "g0")
     FLOAT = ("arrival_s", "admit_s", "first_s")
 
     def __init__(self, capacity: int):
@@ -481,21 +514,76 @@ class _Running:
             setattr(self, name, np.zeros(capacity, dtype=np.int64))
         for name in self.FLOAT:
             setattr(self, name, np.zeros(capacity))
-        self.n = 0
+        self.order[:] = -1
+        self.finish[:] = NOT_DECODING
+        self.hi = 0
+        self._free: list[int] = []  # a heap of free slots below hi
 
-    def keep(self, mask: np.ndarray) -> None:
-        m = int(mask.sum())
-        for name in self.INT + self.FLOAT:
-            arr = getattr(self, name)
-            arr[:m] = arr[: self.n][mask]
-        self.n = m
+    def take(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self.hi += 1
+        return self.hi - 1
+
+    def give(self, slot: int) -> None:
+        self.order[slot] = -1
+        self.finish[slot] = NOT_DECODING
+        heapq.heappush(self._free, slot)
+
+
+class _Ledger:
+    """Sums over the decoding requests of each decode step, indexed by the step's number t (the
+    engine's count of decode steps so far): TOK tokens the step emits, CTX cached tokens at its start,
+    RES KV blocks it holds with its lookahead (sum of ceil((ctx_i + q) / block)), HOLD blocks held
+    just before it (sum of ceil(ctx_i / block)). A request adds its whole future when it starts
+    decoding (its acceptance draws made then) and takes back what is left when it is preempted, so
+    a span of steps reads its token counts, contexts and blocks as one slice, whatever the batch."""
+
+    TOK, CTX, RES, HOLD = range(4)
+
+    def __init__(self, size: int = 4096):
+        self.base = 0  # step number of column 0
+        self.rows = np.zeros((4, size), dtype=np.int64)
+
+    def add(self, now: int, start: int, c0: int, gains: np.ndarray, q: int, block: int, sign: int = 1, skip: int = 0) -> None:
+        """Add (sign 1) or take back (-1) the steps of a request that joined at step `start` with
+        `c0` cached tokens and has gained gains[j] tokens by the end of its j-th step, for steps
+        start + skip on (>= now), running q query tokens each over blocks of `block` tokens."""
+        m = gains.size - skip
+        end = start + skip + m
+        if end - self.base > self.rows.shape[1]:  # steps before `now` are never read again: drop them
+            live = self.rows[:, now - self.base :]
+            rows = np.zeros((4, max(self.rows.shape[1], 2 * (end - now))), dtype=np.int64)
+            rows[:, : live.shape[1]] = live
+            self.rows, self.base = rows, now
+        rows = np.empty((4, m), dtype=np.int64)  # TOK, CTX, RES, HOLD of each step
+        before = rows[self.CTX]
+        before[0] = gains[skip - 1] if skip else 0
+        before[1:] = gains[skip:-1]
+        np.subtract(gains[skip:], before, out=rows[self.TOK])
+        before += c0
+        np.floor_divide(before + np.array([[q + block - 1], [block - 1]]), block, out=rows[self.RES :])
+        live = self.rows[:, end - m - self.base : end - self.base]
+        if sign > 0:
+            live += rows
+        else:
+            live -= rows
+
+    def at(self, t: int, k: int = 1) -> np.ndarray:
+        """[4, k] sums of steps t .. t + k - 1 (zeros past every request's end)."""
+        i = t - self.base
+        if i + k > self.rows.shape[1]:
+            return np.concatenate([self.rows[:, i:], np.zeros((4, i + k - self.rows.shape[1]), dtype=np.int64)], axis=1)
+        return self.rows[:, i : i + k]
 
 
 class Engine:
     """State and scheduler of one serving engine; `engine_process` drives it in simulated time.
 
-    KV blocks are a `simpy.Container` of free blocks: admission and lookahead reservation take
-    from it, completion, preemption and release put back."""
+    KV blocks: a decoding request holds ceil(ctx / block) blocks, and ceil((ctx + q) / block)
+    during a step of q query tokens (the lookahead, taken before the step and given back after
+    it); a request admitted for prefill holds its prompt's blocks from admission. The free blocks
+    are the capacity less both (`free_blocks`), never negative: `_reserve` preempts first."""
 
     def __init__(
         self,
@@ -525,12 +613,24 @@ class Engine:
         self.n_blocks, self.bytes_per_block = kv_cache_blocks(hw, target, self.draft, cfg)
         self.bs = cfg.block_tokens
         self.watermark_blocks = int(cfg.watermark_fraction * self.n_blocks)
-        self.kv = simpy.Container(env, capacity=self.n_blocks, init=self.n_blocks)  # free blocks
 
         self.waiting: deque[tuple] = deque()  # (rid, arrival_s, prompt, output, generated, first_s, admit_s)
         self.arrival = env.event()  # succeeds when a request joins the queue; renewed by the engine loop
         self.no_more_requests = env.event()
-        self.run = _Running(cfg.max_batch)
+        self.next_arrival_s: float | None = None  # when the next request reaches the queue, where the source knows it
+        self.run = _Slots(cfg.max_batch)
+        self.n_running = 0
+        self._prefilling: list[int] = []  # slots admitted and not yet through their prompt, in admission order
+        self._prefill_blocks = 0  # blocks those hold
+        self._gains: dict[int, np.ndarray] = {}  # slot -> tokens gained by the end of each of its decode steps
+        self.ledger = _Ledger()
+        self.t = 0  # decode steps so far
+        self._next_finish = NOT_DECODING  # the earliest step in which a decoding request finishes
+        self._pool, self._pool_at = np.zeros(0, dtype=np.int64), 0  # tokens per speculative step, drawn ahead
+        self._q = self.gamma + 1 if self.gamma else 1  # query tokens per decode step the ledger was drawn for
+        self._lookahead = False  # the next step's lookahead is reserved (between _reserve and the commit)
+        self._step_memo: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (batch, q) -> decode step seconds by context sum
+        self._prefill_memo: dict[tuple, float] = {}  # prefill-only step seconds by its chunks
         self._admissions = 0
         self._on_progress = on_progress
 
@@ -585,68 +685,119 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return self.run.n == 0 and not self.waiting
+        return self.n_running == 0 and not self.waiting
 
-    # --- KV blocks ---------------------------------------------------------------------------
+    # --- KV blocks and the ledger ------------------------------------------------------------
 
-    def _take_blocks(self, n: int) -> None:
-        if n > 0:
-            ev = self.kv.get(n)
-            assert ev.triggered, "KV blocks taken beyond the free ones"
-
-    def _give_blocks(self, n: int) -> None:
-        if n > 0:
-            ev = self.kv.put(n)
-            assert ev.triggered, "KV blocks returned beyond capacity"
+    def free_blocks(self) -> int:
+        decoding = self.ledger.at(self.t)[_Ledger.RES if self._lookahead else _Ledger.HOLD, 0]
+        return self.n_blocks - int(decoding) - self._prefill_blocks
 
     def _fits(self, entry: tuple) -> bool:
         need = _ceil_div(entry[2] + entry[4], self.bs)  # prompt + generated, recomputed at admission
-        return need <= self.kv.level - self.watermark_blocks
+        return need <= self.free_blocks() - self.watermark_blocks
+
+    def _draw_gains(self, remaining: int) -> np.ndarray:
+        """Tokens gained by the end of each decode step until `remaining` are out: 1 a step without
+        speculation; with it, each step's accepted drafts + 1 drawn from the acceptance law (the
+        draws of a request made at once, when it starts decoding)."""
+        if self._q == 1:
+            return np.arange(1, remaining + 1, dtype=np.int64)
+        gains = self._emitted(min(remaining, math.ceil(1.25 * remaining / self.mean_tokens) + 4)).cumsum()
+        m = int(np.searchsorted(gains, remaining, side="left")) + 1
+        if m <= gains.size:
+            self._pool_at -= gains.size - m  # the draws past its last step are left for the next request
+        else:  # acceptance ran well below its mean: draw on
+            gains = np.concatenate([gains, gains[-1] + self._emitted(remaining).cumsum()])
+            m = int(np.searchsorted(gains, remaining, side="left")) + 1
+        gains = gains[:m]
+        gains[-1] = remaining  # the last step emits only what the request still needed
+        return gains
+
+    def _emitted(self, count: int) -> np.ndarray:
+        """`count` tokens emitted by speculative steps (accepted drafts + 1), iid from the
+        acceptance law: the next ones of a pool drawn EMITTED_POOL at a time."""
+        if self._pool_at + count > self._pool.size:
+            self._pool = np.searchsorted(self.accept_cdf, self.rng.random(max(EMITTED_POOL, count)), side="right") + 1
+            self._pool_at = 0
+        self._pool_at += count
+        return self._pool[self._pool_at - count : self._pool_at]
+
+    def _start_decoding(self, slot: int, c0: int, g0: int) -> None:
+        """The request in `slot` has `c0` tokens cached and `g0` generated and decodes from step t on."""
+        R = self.run
+        gains = self._draw_gains(int(R.output[slot]) - g0)
+        self.ledger.add(self.t, self.t, c0, gains, self._q, self.bs)
+        self._gains[slot] = gains
+        R.start[slot], R.c0[slot], R.g0[slot] = self.t, c0, g0
+        R.finish[slot] = finish = self.t + gains.size - 1
+        self._next_finish = min(self._next_finish, finish)
+
+    def _stop_decoding(self, slot: int) -> tuple[int, int]:
+        """Take the rest of `slot`'s future out of the ledger: (cached, generated) tokens now."""
+        R = self.run
+        gains = self._gains.pop(slot)
+        done = self.t - int(R.start[slot])  # its steps already run
+        gained = int(gains[done - 1]) if done else 0
+        c0 = int(R.c0[slot])
+        self.ledger.add(self.t, int(R.start[slot]), c0, gains, self._q, self.bs, sign=-1, skip=done)
+        R.finish[slot] = NOT_DECODING
+        self._next_finish = int(R.finish[: R.hi].min())
+        return c0 + gained, int(R.g0[slot]) + gained
+
+    def _decoding_slots(self) -> np.ndarray:
+        return np.flatnonzero(self.run.finish[: self.run.hi] != NOT_DECODING)
+
+    def _redraw(self, q: int) -> None:
+        """Speculation turned on or off: every decoding request's future is drawn again for steps of q tokens."""
+        slots = self._decoding_slots().tolist()
+        states = [self._stop_decoding(slot) for slot in slots]  # taken back under the old q's lookahead
+        self._q = q
+        for slot, (c, g) in zip(slots, states, strict=True):
+            self._start_decoding(slot, c, g)
 
     def _admit(self, entry: tuple, now: float) -> int:
         rid, arrival_s, prompt, output, generated, first_s, admit_s = entry
-        R, i = self.run, self.run.n
+        R, i = self.run, self.run.take()
         target = prompt + generated
         blocks = _ceil_div(target, self.bs)
-        self._take_blocks(blocks)
-        R.rid[i], R.arrival_s[i], R.prompt[i], R.output[i], R.generated[i] = rid, arrival_s, prompt, output, generated
+        R.rid[i], R.arrival_s[i], R.prompt[i], R.output[i], R.g0[i] = rid, arrival_s, prompt, output, generated
         R.first_s[i], R.admit_s[i] = first_s, now if math.isnan(admit_s) else admit_s
-        R.target[i], R.prefilled[i], R.ctx[i], R.blocks[i] = target, 0, 0, blocks
+        R.target[i], R.prefilled[i], R.blocks[i] = target, 0, blocks
         R.order[i] = self._admissions
         self._admissions += 1
-        R.n += 1
+        self._prefilling.append(i)
+        self._prefill_blocks += blocks
+        self.n_running += 1
         return i
 
-    def _reserve(self, query_tokens: int) -> None:
-        """Blocks for every decoding request's next `query_tokens` KV entries; while they do not
-        fit, preempt the latest-admitted request (recompute: it frees all its blocks and goes back
-        to the head of the queue)."""
-        R, bs = self.run, self.bs
-        while True:
-            n = R.n
-            need = (R.ctx[:n] + (query_tokens + bs - 1)) // bs - R.blocks[:n]
-            if self.cfg.chunked_prefill:  # mid-prefill requests hold their prompt's blocks already
-                need[R.prefilled[:n] < R.target[:n]] = 0
-            np.maximum(need, 0, out=need)
-            total = int(need.sum())
-            if total <= self.kv.level:
-                break
-            victim = int(R.order[:n].argmax())
-            self._give_blocks(int(R.blocks[victim]))
-            self.waiting.appendleft(
-                (int(R.rid[victim]), float(R.arrival_s[victim]), int(R.prompt[victim]), int(R.output[victim]),
-                 int(R.generated[victim]), float(R.first_s[victim]), float(R.admit_s[victim]))
-            )  # fmt: skip
-            mask = np.ones(n, dtype=bool)
-            mask[victim] = False
-            R.keep(mask)
-            self.preemptions += 1
-        self._take_blocks(total)
-        R.blocks[:n] += need
+    def _preempt(self, victim: int) -> None:
+        """Recompute: the request frees all its blocks and goes back to the head of the queue."""
+        R = self.run
+        if R.finish[victim] == NOT_DECODING:
+            self._prefilling.remove(victim)
+            self._prefill_blocks -= int(R.blocks[victim])
+            generated = int(R.g0[victim])
+        else:
+            _, generated = self._stop_decoding(victim)
+        self.waiting.appendleft(
+            (int(R.rid[victim]), float(R.arrival_s[victim]), int(R.prompt[victim]), int(R.output[victim]),
+             generated, float(R.first_s[victim]), float(R.admit_s[victim]))
+        )  # fmt: skip
+        R.give(victim)
+        self.n_running -= 1
+        self.preemptions += 1
+
+    def _reserve(self) -> None:
+        """Blocks for every decoding request's next step of lookahead; while they do not fit,
+        preempt the latest-admitted request."""
+        while int(self.ledger.at(self.t)[_Ledger.RES, 0]) + self._prefill_blocks > self.n_blocks:
+            self._preempt(int(self.run.order[: self.run.hi].argmax()))
+        self._lookahead = True
 
     def _speculating(self) -> bool:
         off = self.cfg.spec_off_above_batch
-        return self.gamma > 0 and (off is None or self.run.n <= off)
+        return self.gamma > 0 and (off is None or self.n_running <= off)
 
     # --- planning ----------------------------------------------------------------------------
 
@@ -656,28 +807,28 @@ class Engine:
         self._start_s = now
         R, cfg = self.run, self.cfg
         q = self.gamma + 1 if self._speculating() else 1
+        if q != self._q:
+            self._redraw(q)
         preempted_before = self.preemptions
-        chunks: list[tuple[int, int]] = []  # (row, prompt tokens this step)
+        chunks: list[tuple[int, int]] = []  # (slot, prompt tokens this step)
         if cfg.chunked_prefill:
-            self._reserve(q)
-            n = R.n
-            decoding = R.prefilled[:n] >= R.target[:n]
-            budget = cfg.max_batched_tokens - int(decoding.sum()) * q
-            for i in sorted(np.flatnonzero(~decoding).tolist(), key=lambda i: R.order[i]):
+            self._reserve()
+            budget = cfg.max_batched_tokens - (self.n_running - len(self._prefilling)) * q
+            for i in self._prefilling:
                 if budget <= 0:
                     break
                 c = min(int(R.target[i] - R.prefilled[i]), budget)
                 chunks.append((i, c))
                 budget -= c
-            while self.waiting and budget > 0 and R.n < cfg.max_batch and self._fits(self.waiting[0]):
+            while self.waiting and budget > 0 and self.n_running < cfg.max_batch and self._fits(self.waiting[0]):
                 i = self._admit(self.waiting.popleft(), now)
                 c = min(int(R.target[i]), budget)
                 chunks.append((i, c))
                 budget -= c
-            open_to_arrivals = not self.waiting and R.n < cfg.max_batch and budget > 0
+            open_to_arrivals = not self.waiting and self.n_running < cfg.max_batch and budget > 0
         else:
             tokens = 0
-            while self.waiting and R.n < cfg.max_batch and self._fits(self.waiting[0]):
+            while self.waiting and self.n_running < cfg.max_batch and self._fits(self.waiting[0]):
                 head = self.waiting[0]
                 if chunks and tokens + head[2] + head[4] > cfg.max_batched_tokens:
                     break
@@ -685,10 +836,9 @@ class Engine:
                 chunks.append((i, int(R.target[i])))
                 tokens += int(R.target[i])
             if not chunks:
-                self._reserve(q)
-            open_to_arrivals = not self.waiting and R.n < cfg.max_batch
-        n = R.n
-        if chunks or not (R.prefilled[:n] >= R.target[:n]).all():  # prefills to run, or starved of budget
+                self._reserve()
+            open_to_arrivals = not self.waiting and self.n_running < cfg.max_batch
+        if chunks or self._prefilling:  # prefills to run, or starved of budget
             return self._plan_mixed(q, chunks), False
         # After a preemption the next step boundary may differ: the preempted request heads the
         # queue and may fit again once this step releases its lookahead, and a batch shrunk below
@@ -699,23 +849,33 @@ class Engine:
     def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> np.ndarray:
         """One step of prefill chunks, beside a decode (or speculative) step of every decoding
         request when prefill is chunked; without chunking, decoding requests sit this step out."""
-        R, n = self.run, self.run.n
-        decoding = np.zeros(n, dtype=bool)
-        if self.cfg.chunked_prefill:
-            decoding = R.prefilled[:n] >= R.target[:n]
-        rows = np.array([i for i, _ in chunks], dtype=np.int64)
-        sizes = np.array([c for _, c in chunks], dtype=np.int64)
-        done_before = R.prefilled[rows]
-        finishing = int((done_before + sizes >= R.target[rows]).sum())  # chunks that end a prefill emit a token
-        n_dec = int(decoding.sum())
-        ctx_dec = int(R.ctx[:n][decoding].sum())
-        chunk_tokens = int(sizes.sum())
-        chunk_keys = int((done_before + sizes).sum())
-        dec_keys = ctx_dec + n_dec * q
-        n_chunks = len(chunks)
-        step_s = self.target_cost.mixed_s(n_dec, q, dec_keys, n_chunks, chunk_tokens, chunk_keys, n_dec * q + finishing)
+        R = self.run
+        n_dec = self.n_running - len(self._prefilling) if self.cfg.chunked_prefill else 0
+        chunk_tokens = chunk_keys = finishing = 0
+        for i, c in chunks:
+            done = int(R.prefilled[i]) + c
+            chunk_tokens += c
+            chunk_keys += done
+            finishing += done >= R.target[i]  # chunks that end a prefill emit a token
+        ctx_dec = int(self.ledger.at(self.t)[_Ledger.CTX, 0]) if n_dec else 0
+        key = (q, n_dec, ctx_dec, len(chunks), chunk_tokens, chunk_keys, finishing)
+        step_s = self._prefill_memo.get(key) if not n_dec else None
+        if step_s is None:
+            step_s = float(self._mixed_s(*key))
+            if not n_dec:
+                self._prefill_memo[key] = step_s
+        self._kind = "mixed"
+        self._mixed = (q, n_dec, chunks, step_s)
+        return np.array([step_s])
+
+    def _mixed_s(self, q: int, n_dec: int, ctx_dec: int, n_chunks: int, chunk_tokens: int, chunk_keys: int, finishing: int) -> float:
+        """Seconds of a step of `n_dec` decoding sequences of q query tokens over `ctx_dec` cached
+        tokens in all, beside `n_chunks` prefill chunks of `chunk_tokens` tokens over `chunk_keys`
+        keys, `finishing` of which end their prompt: the target's pass, the engine's host work, and
+        the draft's passes (it reads the same prompts and keeps its own KV cache)."""
+        step_s = self.target_cost.mixed_s(n_dec, q, ctx_dec + n_dec * q, n_chunks, chunk_tokens, chunk_keys, n_dec * q + finishing)
         step_s = self.cfg.engine.step_time_s(step_s, n_dec + n_chunks, n_dec * q + chunk_tokens, self.target.n_layers, True, self.gamma if q > 1 else 0)
-        if self.draft_cost is not None:  # the draft reads the same prompts and keeps its own KV cache
+        if self.draft_cost is not None:
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps its cache in step
             for j in range(passes):
                 keys = ctx_dec + n_dec * (j + 1)
@@ -723,58 +883,50 @@ class Engine:
                     step_s += self.draft_cost.mixed_s(n_dec, 1, keys, n_chunks, chunk_tokens, chunk_keys, n_dec + finishing)
                 elif n_dec:
                     step_s += self.draft_cost.mixed_s(n_dec, 1, keys, 0, 0, 0, n_dec)
-        self._kind = "mixed"
-        self._mixed = (q, decoding, rows, sizes, float(step_s))
-        return np.array([float(step_s)])
+        return step_s
 
     def _plan_span(self, q: int, max_steps: int) -> np.ndarray:
         """Decode steps over the whole batch until the first step in which a request finishes,
         the cache would overflow, or `max_steps`: [k] step end offsets (s)."""
-        R, n, bs = self.run, self.run.n, self.bs
-        ctx = R.ctx[:n]
-        remaining = R.output[:n] - R.generated[:n]
-        min_remaining = int(remaining.min())
-        if q > 1:
-            # enough steps to reach the first finish unless acceptance runs far below its mean
-            k_max = min(min_remaining, math.ceil(1.25 * min_remaining / self.mean_tokens) + 2,
-                        max_steps, max(1, SPAN_ELEMENTS_MAX // n))  # fmt: skip
-            self._rng_state = self.rng.bit_generator.state
-            emitted = np.searchsorted(self.accept_cdf, self.rng.random((k_max, n)), side="right") + 1  # [k, n] in 1..gamma+1
-            cum = emitted.cumsum(axis=0)  # [k, n] tokens generated in the span after each step
-            finishes = (cum >= remaining).any(axis=1)
-            last = int(finishes.argmax())
-            k = last + 1 if finishes[last] else k_max
-            before = cum[:k] - emitted[:k]  # [k, n] tokens generated in the span before each step
-            reserved = ((ctx + (q + bs - 1) + before) // bs).sum(axis=1)  # [k] blocks held during each step
-            tokens = emitted[:k].sum(axis=1)
-            if reserved[-1] > self.n_blocks:  # step 0 fits (reserved before planning): stop before the first that does not
-                k = int((reserved > self.n_blocks).argmax())
-                before, reserved, tokens = before[:k], reserved[:k], tokens[:k]
-            elif finishes[last]:  # the last step ends requests: count only the tokens they still needed
-                tokens[-1] -= int(np.maximum(cum[last] - remaining, 0).sum())
-            ctx_sum = int(ctx.sum()) + before.sum(axis=1)
-        else:
-            k = min(min_remaining, max_steps)
-            steps = np.arange(k)
-            # blocks held in step s: sum_i ceil((ctx_i + s + 1) / bs); request i's count grows by one
-            # at each s >= 1 with (ctx_i + s) % bs == 0, so tally requests by -ctx_i mod bs.
-            grow_at = np.bincount((-ctx) % bs, minlength=bs)
-            reserved = int(((ctx + bs) // bs).sum()) + np.concatenate(([0], grow_at[steps[1:] % bs].cumsum()))
-            if reserved[-1] > self.n_blocks:
-                k = int((reserved > self.n_blocks).argmax())
-                reserved, steps = reserved[:k], steps[:k]
-            tokens = np.full(k, n)
-            ctx_sum = int(ctx.sum()) + n * steps
-            cum = None
+        n = self.n_running
+        k = min(self._next_finish - self.t + 1, max_steps)
+        rows = self.ledger.at(self.t, k)
+        reserved = rows[_Ledger.RES]
+        if reserved[-1] > self.n_blocks:  # step 0 fits (reserved before planning): stop before the first that does not
+            k = int((reserved > self.n_blocks).argmax())
+            rows, reserved = rows[:, :k], reserved[:k]
+        step_s = self._decode_s(n, q, rows[_Ledger.CTX])
+        ends_s = step_s.cumsum()
+        self._kind = "span"
+        self._span = (q, rows[_Ledger.TOK], reserved, step_s, ends_s)
+        return ends_s
+
+    def _decode_s(self, n: int, q: int, ctx_sum: np.ndarray) -> np.ndarray:
+        """Seconds of decode steps of `n` sequences of q query tokens whose cached contexts sum to
+        `ctx_sum` (one per step), memoised per (n, q) by context sum (`memo_lookup`)."""
+        memo = self._step_memo.get((n, q))
+        if memo is None:
+            memo = self._step_memo[(n, q)] = {}
+        w = ATTENTION_MEMO_KEYS
+        b, last = int(ctx_sum[0]) // w, int(ctx_sum[-1]) // w  # sums only grow within a span
+        table = memo.get(b)
+        if table is not None:
+            if last == b:
+                return table[ctx_sum - b * w]
+            after = memo.get(last)
+            if last == b + 1 and after is not None:
+                cut = int(np.searchsorted(ctx_sum, last * w))
+                return np.concatenate([table[ctx_sum[:cut] - b * w], after[ctx_sum[cut:] - last * w]])
+        return memo_lookup(memo, ctx_sum, lambda c: self._decode_s_direct(n, q, c))
+
+    def _decode_s_direct(self, n: int, q: int, ctx_sum: np.ndarray) -> np.ndarray:
+        """`_decode_s` without the memo: the target's verify (or decode) pass and the engine's host
+        work, then the draft's gamma passes, pass j reading contexts ctx_i + j."""
         step_s = self.cfg.engine.step_time_s(self.target_cost.uniform_s(n, q, ctx_sum), n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0)
         if self.draft_cost is not None:
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps the draft's cache in step
-            # draft pass j reads contexts ctx_i + j: [k, passes] -> [k]
             step_s = step_s + self.draft_cost.uniform_s(n, 1, ctx_sum[:, None] + n * np.arange(passes)).sum(axis=1)
-        ends_s = step_s.cumsum()
-        self._kind = "span"
-        self._span = (q, cum, reserved, tokens, step_s, ends_s)
-        return ends_s
+        return step_s
 
     # --- committing --------------------------------------------------------------------------
 
@@ -783,53 +935,51 @@ class Engine:
         if self._kind == "mixed":
             self._commit_mixed()
         else:
-            R, n, k = self.run, self.run.n, steps_done
-            q, cum, reserved, tokens, step_s, ends_s = self._span
+            k, n = steps_done, self.n_running
+            q, tokens, reserved, step_s, ends_s = self._span
             if q > 1:
-                self.rng.bit_generator.state = self._rng_state
-                self.rng.bit_generator.advance(k * n)  # as if only these steps' draws were made
-                gained = np.minimum(cum[k - 1], R.output[:n] - R.generated[:n])
                 self.spec_steps += k
                 self.spec_request_steps += k * n
                 self.spec_tokens += int(tokens[:k].sum())
-            else:
-                gained = k
-            R.generated[:n] += gained
-            R.ctx[:n] += gained
             self._book(step_s[:k], ends_s[:k], n, reserved[:k], tokens[:k])
-        self._release_and_finish(now)
+            self.t += k
+        self._lookahead = False
+        self._finish(now)
         if self.cfg.check_invariants:
             self._check()
 
     def _commit_mixed(self) -> None:
-        q, decoding, rows, sizes, step_s = self._mixed
-        R, n = self.run, self.run.n
-        held = self.n_blocks - self.kv.level
+        q, n_dec, chunks, step_s = self._mixed
+        R = self.run
+        held = self.n_blocks - self.free_blocks()
         tokens = 0
-        n_dec = int(decoding.sum())
-        if n_dec:
-            remaining = R.output[:n][decoding] - R.generated[:n][decoding]
+        if n_dec:  # the decoding requests ran a step beside the chunks
+            tokens = int(self.ledger.at(self.t)[_Ledger.TOK, 0])
             if q > 1:
-                accepted = np.searchsorted(self.accept_cdf, self.rng.random(n_dec), side="right")
-                gained = np.minimum(accepted + 1, remaining)
                 self.spec_steps += 1
                 self.spec_request_steps += n_dec
-                self.spec_tokens += int(gained.sum())
+                self.spec_tokens += tokens
+            self.t += 1
+        for i, c in chunks:
+            R.prefilled[i] += c
+            if R.prefilled[i] < R.target[i]:
+                continue
+            self._prefilling.remove(i)
+            self._prefill_blocks -= int(R.blocks[i])
+            if math.isnan(R.first_s[i]):
+                R.first_s[i] = self._start_s + step_s
+            tokens += 1
+            generated = int(R.g0[i]) + 1
+            if generated < R.output[i]:
+                self._start_decoding(i, int(R.target[i]), generated)
             else:
-                gained = 1
-            R.generated[:n][decoding] += gained
-            R.ctx[:n][decoding] += gained
-            tokens += int(np.sum(gained)) if q > 1 else n_dec
-        R.prefilled[rows] += sizes
-        done = rows[R.prefilled[rows] >= R.target[rows]]
-        if done.size:
-            R.ctx[done] = R.target[done]
-            R.generated[done] += 1
-            first = done[np.isnan(R.first_s[done])]
-            R.first_s[first] = self._start_s + step_s
-            tokens += done.size
-        one = np.array([step_s])
-        self._book(one, one, n, np.array([held]), np.array([tokens]))
+                R.finish[i] = self._next_finish = self.t - 1  # done at its prefill: retired with the steps' finishers
+        self.timeline.add_one(self._start_s, step_s, self.n_running, held, tokens)
+        self.steps += 1
+        self.busy_s += step_s
+        self.output_tokens += tokens
+        self.kv_peak_blocks = max(self.kv_peak_blocks, held)
+        self.batch_peak = max(self.batch_peak, self.n_running)
 
     def _book(self, step_s: np.ndarray, ends_s: np.ndarray, sequences: int, reserved: np.ndarray, tokens: np.ndarray) -> None:
         """Steps that ran: `ends_s` offsets from the plan's start, `reserved` blocks held in each."""
@@ -840,59 +990,63 @@ class Engine:
         self.kv_peak_blocks = max(self.kv_peak_blocks, int(reserved[-1]))  # reservations only grow within a plan
         self.batch_peak = max(self.batch_peak, sequences)
 
-    def _release_and_finish(self, now: float) -> None:
-        """Give back lookahead blocks no KV entry uses; retire finished requests."""
-        R, n, bs = self.run, self.run.n, self.bs
-        decoding = R.prefilled[:n] >= R.target[:n]
-        used = (R.ctx[:n] + (bs - 1)) // bs
-        finished = R.generated[:n] >= R.output[:n]
-        if not decoding.all():  # mid-prefill requests keep their prompt's blocks
-            used = np.where(decoding, used, R.blocks[:n])
-            finished &= decoding
-        freed = int(R.blocks[:n].sum()) - int(used.sum())  # < 0 when a span outgrew its first step's reservation
-        R.blocks[:n] = used
-        if finished.any():
-            freed += int(used[finished].sum())
-            self._retire(np.flatnonzero(finished), now)
-            R.keep(~finished)
-        if freed > 0:
-            self._give_blocks(freed)
-        elif freed < 0:
-            self._take_blocks(-freed)
-
-    def _retire(self, f: np.ndarray, now: float) -> None:
-        """Latency and goodput of the finished rows `f`."""
+    def _finish(self, now: float) -> None:
+        """Retire the requests whose last step has run."""
+        if self._next_finish >= self.t:
+            return
         R = self.run
-        arrival, first, output = R.arrival_s[f], R.first_s[f], R.output[f]
-        ttft = first - arrival
-        multi = output > 1
-        tpot = (now - first[multi]) / (output[multi] - 1)
-        self.ttft.add(ttft)
-        self.e2e.add(now - arrival)
-        self.tpot.add(tpot)
-        self.queue.add(R.admit_s[f] - arrival)
-        good = np.ones(f.size, dtype=bool)
-        if self.cfg.slo_ttft_s is not None:
-            good &= ttft <= self.cfg.slo_ttft_s
-        if self.cfg.slo_tpot_s is not None:
-            good[multi] &= tpot <= self.cfg.slo_tpot_s
-        self.good += int(good.sum())
-        self.prompt_tokens += int(R.prompt[f].sum())
-        self.completed += f.size
+        for slot in np.flatnonzero(R.finish[: R.hi] < self.t).tolist():
+            self._retire(slot, now)
+            self._gains.pop(slot, None)
+            R.give(slot)
+            self.n_running -= 1
+        self._next_finish = int(R.finish[: R.hi].min())
+
+    def _retire(self, slot: int, now: float) -> None:
+        """Latency and goodput of the finished request in `slot`."""
+        R = self.run
+        arrival_s, first_s, output = float(R.arrival_s[slot]), float(R.first_s[slot]), int(R.output[slot])
+        ttft = first_s - arrival_s
+        self.ttft.add_one(ttft)
+        self.e2e.add_one(now - arrival_s)
+        self.queue.add_one(float(R.admit_s[slot]) - arrival_s)
+        good = self.cfg.slo_ttft_s is None or ttft <= self.cfg.slo_ttft_s
+        if output > 1:
+            tpot = (now - first_s) / (output - 1)
+            self.tpot.add_one(tpot)
+            good = good and (self.cfg.slo_tpot_s is None or tpot <= self.cfg.slo_tpot_s)
+        self.good += good
+        self.prompt_tokens += int(R.prompt[slot])
+        self.completed += 1
         self.end_s = now
         if self._on_progress:
-            self._on_progress(f.size)
+            self._on_progress(1)
 
     def _check(self) -> None:
-        R, n = self.run, self.run.n
-        held = int(R.blocks[:n].sum())
-        assert held == self.n_blocks - self.kv.level, "blocks held by requests differ from the cache's count"
-        assert 0 <= self.kv.level <= self.n_blocks
+        """Every request's state rebuilt from its own draws agrees with the ledger's sums and the block count."""
+        R, t, bs = self.run, self.t, self.bs
+        live = np.flatnonzero(R.order[: R.hi] >= 0)
+        assert live.size == self.n_running, "running requests differ from the live slots"
+        tok = ctx_sum = res = hold = 0
+        for slot in self._decoding_slots().tolist():
+            gains = self._gains[slot]
+            done = t - int(R.start[slot])
+            assert 0 <= done < gains.size, "a decoding request outlived its draws"
+            before = int(gains[done - 1]) if done else 0
+            ctx = int(R.c0[slot]) + before
+            assert int(R.g0[slot]) + before < R.output[slot]
+            tok += int(gains[done]) - before
+            ctx_sum += ctx
+            res += _ceil_div(ctx + self._q, bs)
+            hold += _ceil_div(ctx, bs)
+        assert [tok, ctx_sum, res, hold] == self.ledger.at(t)[:, 0].tolist(), "the ledger differs from its requests"
+        prefill = [int(R.blocks[i]) for i in self._prefilling]
+        assert all(R.blocks[i] >= _ceil_div(R.target[i], bs) for i in self._prefilling)
+        assert sum(prefill) == self._prefill_blocks
+        assert 0 <= self.free_blocks() <= self.n_blocks
         assert self.kv_peak_blocks <= self.n_blocks, "KV use exceeded capacity"
-        assert np.all(R.blocks[:n] >= _ceil_div(np.where(R.prefilled[:n] >= R.target[:n], R.ctx[:n], R.target[:n]), self.bs))
-        assert np.all(R.generated[:n] < R.output[:n])
         rejected = sum(v["count"] for v in self.rejected.values())
-        assert self.arrived == self.completed + rejected + len(self.waiting) + n, "a request went missing"
+        assert self.arrived == self.completed + rejected + len(self.waiting) + self.n_running, "a request went missing"
 
     # --- report ------------------------------------------------------------------------------
 
@@ -955,7 +1109,14 @@ class Engine:
 def engine_process(env: simpy.Environment, engine: Engine):
     """SimPy process: the engine loop. Each turn schedules one step, or a span of decode steps
     over an unchanging batch, and waits out its duration; an arrival that could join a running
-    span cuts it at the end of the step in progress."""
+    span cuts it at the end of the step in progress.
+
+    Where the request source announces its next arrival (`Engine.next_arrival_s`: an open loop with
+    no API server in front), the cut is known when the span is planned, and the engine runs ahead
+    of the simulation clock on its own (`now`) through steps that end before the next arrival,
+    waiting only for the step in progress when one comes; nothing else reads the engine's state
+    in between. Otherwise it waits for each plan, or an arrival, whichever comes first."""
+    now = env.now
     while True:
         if engine.arrival.triggered:
             engine.arrival = env.event()
@@ -963,19 +1124,30 @@ def engine_process(env: simpy.Environment, engine: Engine):
             if engine.no_more_requests.triggered:
                 return
             yield engine.arrival | engine.no_more_requests
+            now = env.now
             continue
-        ends_s, open_to_arrivals = engine.plan(env.now)
-        start_s, total_s = env.now, float(ends_s[-1])
+        ends_s, open_to_arrivals = engine.plan(now)
+        total_s = float(ends_s[-1])
         steps_done = ends_s.size
-        if open_to_arrivals and steps_done > 1:
+        next_s = engine.next_arrival_s
+        if next_s is not None:
+            if open_to_arrivals and steps_done > 1 and next_s - now < total_s:  # an arrival: the span ends with the step in progress then
+                steps_done = int(np.searchsorted(ends_s, next_s - now, side="left")) + 1
+            end_s = now + float(ends_s[steps_done - 1])
+            if next_s <= end_s:  # a request comes before the step ends: it joins the queue first
+                yield env.timeout(end_s - env.now)
+            now = end_s
+        elif open_to_arrivals and steps_done > 1:
             yield env.timeout(total_s) | engine.arrival
-            elapsed_s = env.now - start_s
+            elapsed_s = env.now - now
             if elapsed_s < total_s:  # an arrival: finish the step in progress, then reschedule
                 steps_done = int(np.searchsorted(ends_s, elapsed_s, side="left")) + 1
                 yield env.timeout(float(ends_s[steps_done - 1]) - elapsed_s)
+            now = env.now
         else:
             yield env.timeout(total_s)
-        engine.commit(steps_done, env.now)
+            now = env.now
+        engine.commit(steps_done, now)
 
 
 def simulate_serving(
@@ -1006,7 +1178,13 @@ def simulate_serving(
 
     engine = engine(env, hw, target, draft, acceptance, cfg, rng, progress if users is not None else on_progress, time_scale)
     api_s = None if cfg.engine.ideal else (lambda r: cfg.engine.request_in_s(r.prompt_tokens))
-    env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed, users, api_s))
+    announce = None
+    if users is None and api_s is None:  # requests reach the queue at their arrival times: the engine may look ahead
+
+        def announce(arrival_s: float) -> None:
+            engine.next_arrival_s = arrival_s
+
+    env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed, users, api_s, announce))
     env.process(engine_process(env, engine))
     env.run()
     rejected = sum(v["count"] for v in engine.rejected.values())

@@ -665,12 +665,10 @@ class TreeEngine(_engine_base()):
     law, and each speculative step's time grown by the proposer's: Medusa heads over the batch, or
     one draft pass per tree level. Without speculation (above `spec_off_above_batch`) a draft model
     runs one pass to keep its cache in step, as the linear engine's does; Medusa's heads do not run.
-    The planned steps of the base engine are kept and only their times grown, so the span
-    planner and its per-step reference stay one code path."""
+    The base engine plans and commits the steps; only their prices (`_decode_s_direct`,
+    `_mixed_s`) are grown here."""
 
     def __init__(self, env, hw, target, draft, acceptance, cfg, rng, on_progress=None, time_scale=1.0, *, speculation: TreeSpeculation):
-        import simpy
-
         from simulator.serving import PassCost, draft_tp
 
         if cfg.gamma != len(speculation.tree):
@@ -684,7 +682,6 @@ class TreeEngine(_engine_base()):
         self.mean_tokens = acceptance.mean_tokens(self.gamma)
         self.n_blocks, self.bytes_per_block = tree_kv_cache_blocks(hw, target, speculation, cfg)
         self.watermark_blocks = int(cfg.watermark_fraction * self.n_blocks)
-        self.kv = simpy.Container(env, capacity=self.n_blocks, init=self.n_blocks)
         self.levels = [1, *level_sizes(speculation.tree)][:-1]  # query tokens of draft pass l: the nodes of depth l
         d = speculation.draft
         self.tree_draft_cost = PassCost(d, hw, cfg.dtype, draft_tp(d, cfg.tp), time_scale) if d is not None else None
@@ -708,34 +705,17 @@ class TreeEngine(_engine_base()):
         before = np.cumsum([0, *levels[:-1]])  # nodes in the draft's cache ahead of level l
         return sum(self.tree_draft_cost.uniform_s(n, size, ctx_sum + n * b) for size, b in zip(levels, before, strict=True))
 
-    def _plan_span(self, q: int, max_steps: int) -> np.ndarray:
-        super()._plan_span(q, max_steps)
-        q, cum, reserved, tokens, step_s, _ = self._span
-        R, n, k = self.run, self.run.n, step_s.size
-        if q > 1:  # tokens generated before each step: 0, then the running sums
-            before = np.concatenate([[0], cum[: k - 1].sum(axis=1)]) if k else np.zeros(0)
-        else:
-            before = n * np.arange(k)
-        step_s = step_s + self._propose_s(q, n, int(R.ctx[:n].sum()) + before)
-        ends_s = step_s.cumsum()
-        self._span = (q, cum, reserved, tokens, step_s, ends_s)
-        return ends_s
+    def _decode_s_direct(self, n: int, q: int, ctx_sum: np.ndarray) -> np.ndarray:
+        return super()._decode_s_direct(n, q, ctx_sum) + self._propose_s(q, n, ctx_sum)
 
-    def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> np.ndarray:
-        super()._plan_mixed(q, chunks)
-        q, decoding, rows, sizes, step_s = self._mixed
-        R, n = self.run, self.run.n
-        n_dec = int(decoding.sum())
-        ctx_dec = int(R.ctx[:n][decoding].sum())
+    def _mixed_s(self, q: int, n_dec: int, ctx_dec: int, n_chunks: int, chunk_tokens: int, chunk_keys: int, finishing: int) -> float:
+        step_s = super()._mixed_s(q, n_dec, ctx_dec, n_chunks, chunk_tokens, chunk_keys, finishing)
         if self.tree_draft_cost is not None:  # the draft reads the prompts too: its first pass carries the chunks
-            finishing = int((R.prefilled[rows] + sizes >= R.target[rows]).sum())
-            keys = ctx_dec + n_dec
-            step_s += float(self.tree_draft_cost.mixed_s(n_dec, 1, keys, len(rows), int(sizes.sum()), int((R.prefilled[rows] + sizes).sum()), n_dec + finishing))
+            step_s += float(self.tree_draft_cost.mixed_s(n_dec, 1, ctx_dec + n_dec, n_chunks, chunk_tokens, chunk_keys, n_dec + finishing))
             if q > 1 and n_dec:
                 levels = self.levels[1:]
                 before = np.cumsum([1, *levels[:-1]]) if levels else []
                 step_s += sum(float(self.tree_draft_cost.uniform_s(n_dec, size, ctx_dec + n_dec * b)) for size, b in zip(levels, before, strict=True))
         elif q > 1 and n_dec:
             step_s += self._medusa_s(n_dec)
-        self._mixed = (q, decoding, rows, sizes, float(step_s))
-        return np.array([float(step_s)])
+        return float(step_s)

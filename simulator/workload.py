@@ -255,7 +255,8 @@ def make_stream(spec: WorkloadSpec, rng: np.random.Generator, trace: Trace | Non
 
 
 def request_source(env, requests: Iterator[Request], submit: Callable[[Request], None], done: Callable[[], None],
-                   users=None, api_s: Callable[[Request], float] | None = None):  # fmt: skip
+                   users=None, api_s: Callable[[Request], float] | None = None,
+                   announce: Callable[[float], None] | None = None):  # fmt: skip
     """SimPy process: hand each request to `submit` at its arrival time, then call `done`.
 
     `users`: a `simpy.Container` of free users (closed loop): a request due when none is free waits
@@ -263,11 +264,14 @@ def request_source(env, requests: Iterator[Request], submit: Callable[[Request],
     users back. `api_s(request)`: seconds the API server spends on a request before the engine sees
     it (its arrival time stays the time it was sent); the server is one process (vLLM's and SGLang's
     front ends are single asyncio processes), so requests pass it one at a time, in order of sending;
-    `done` waits for the last one to pass."""
+    `done` waits for the last one to pass. `announce(t)`: told the arrival time of the next request
+    before each wait for it, and inf after the last one."""
     in_api = []
     server = simpy.Resource(env, capacity=1) if api_s is not None else None
     for request in requests:
         if request.arrival_s > env.now:
+            if announce is not None:
+                announce(request.arrival_s)
             yield env.timeout(request.arrival_s - env.now)
         if users is not None:
             free = users.get(1)
@@ -281,6 +285,8 @@ def request_source(env, requests: Iterator[Request], submit: Callable[[Request],
             in_api.append(env.process(_through_api(env, server, delay_s, submit, request)))
         else:
             submit(request)
+    if announce is not None:
+        announce(math.inf)
     if in_api:
         yield env.all_of(in_api)
     done()

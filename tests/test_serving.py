@@ -17,6 +17,7 @@ from simulator.hardware import load_profile
 from simulator.models import BUILTIN_MODELS, ModelSpec, load_model
 from simulator.serving import (
     AcceptanceModel,
+    Engine,
     LatencySummary,
     PassCost,
     ServingConfig,
@@ -233,11 +234,13 @@ engine_configs = st.fixed_dictionaries(
 
 
 def _engine_case(c, span_steps=1 << 20, memo=True):
-    if not memo:  # the reference: every attention priced by the device model on the spot
+    if not memo:  # the reference: every step priced by the device model on the spot, arrivals met as events
         direct = lambda self, sequences, tokens, keys: (  # noqa: E731
             PassCost.attention_s_direct(self, sequences, max(1, round(tokens / sequences)), keys) if sequences and tokens
             else (np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0))  # fmt: skip
-        with mock.patch.object(PassCost, "attention_s", direct):
+        unannounced = property(lambda self: None, lambda self, value: None)
+        with (mock.patch.object(PassCost, "attention_s", direct), mock.patch.object(Engine, "_decode_s", Engine._decode_s_direct),
+              mock.patch.object(Engine, "next_arrival_s", unannounced, create=True)):  # fmt: skip
             return _engine_case(c, span_steps)
     cfg = ServingConfig(
         max_batch=c["max_batch"], max_batched_tokens=c["max_batched_tokens"], chunked_prefill=c["chunked"],
@@ -266,9 +269,10 @@ def test_every_request_completes_or_is_rejected_and_kv_stays_within_capacity(c):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=engine_configs)
 def test_spans_equal_single_steps(c):
-    """The fast path (spans of decode steps planned at once, cut by arrivals, with the random draws
-    rewound, attention from the memo) gives the result of planning every step alone and pricing
-    every attention afresh."""
+    """The fast path (spans of decode steps planned at once from the ledger, cut where the next
+    arrival is known, the engine running ahead of the clock between arrivals, step times from the
+    memo) gives the result of planning every step alone, pricing every step afresh and meeting
+    every arrival as a SimPy event."""
     fast, slow = _engine_case(c), _engine_case(c, span_steps=1, memo=False)
     assert fast["requests"] == slow["requests"]
     assert fast["engine"]["steps"] == slow["engine"]["steps"]
