@@ -134,9 +134,10 @@ class PassCost:
             t = self._head_s[logits_tokens] = norm.time_s + head.time_s
         return t
 
-    def attention_s(self, sequences: int, tokens: int, keys):
+    def attention_s(self, sequences: int, tokens: int, keys, memo: bool = True):
         """All layers' attention for `sequences` sequences bringing `tokens` new tokens in all over
-        `keys` keys in all; `keys` may be a numpy array (one value per step).
+        `keys` keys in all; `keys` may be a numpy array (one value per step). `memo` False: priced
+        on the spot (for a caller that memoises the whole step).
 
         Whole key counts are memoised per (sequences, q) in blocks of ATTENTION_MEMO_KEYS
         consecutive counts: a serving run meets the same batch sizes and nearby key counts again
@@ -148,7 +149,7 @@ class PassCost:
             return np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0
         q = max(1, round(tokens / sequences))
         arr = np.asarray(keys)
-        if arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:
+        if not memo or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:
             return self.attention_s_direct(sequences, q, keys)
         memo = self._attention_memo.get((sequences, q))
         if memo is None:
@@ -161,20 +162,21 @@ class PassCost:
         t = self.device.attention_s(sequences, q, context, self.heads, self.kv_heads, self.model.d_head, self.dtype)
         return self.n_layers * (t if np.ndim(keys) else float(t))
 
-    def mixed_s(self, decodes: int, q: int, decode_keys, chunks: int, chunk_tokens: int, chunk_keys: int, logits_tokens: int):
+    def mixed_s(self, decodes: int, q: int, decode_keys, chunks: int, chunk_tokens: int, chunk_keys: int, logits_tokens: int,
+                memo: bool = True):  # fmt: skip
         """A step of `decodes` sequences bringing q tokens each over `decode_keys` keys in all (a
         numpy array: one value per step), beside `chunks` prefill chunks of `chunk_tokens` tokens
         over `chunk_keys` keys: one pass through the weights, two attention calls."""
         tokens = decodes * q + chunk_tokens
-        attention = self.attention_s(decodes, decodes * q, decode_keys) + self.attention_s(chunks, chunk_tokens, chunk_keys)
+        attention = self.attention_s(decodes, decodes * q, decode_keys, memo) + self.attention_s(chunks, chunk_tokens, chunk_keys, memo)
         return self.scale * (self.dense_s(tokens) + attention + self.head_s(logits_tokens))
 
-    def uniform_s(self, batch: int, query_tokens: int, context_sum, logits_tokens: int | None = None):
+    def uniform_s(self, batch: int, query_tokens: int, context_sum, logits_tokens: int | None = None, memo: bool = True):
         """`batch` sequences of `query_tokens` new tokens each, cached contexts summing to `context_sum`."""
         tokens = batch * query_tokens
         keys = np.asarray(context_sum) + tokens if np.ndim(context_sum) else context_sum + tokens
         logits = tokens if logits_tokens is None else logits_tokens
-        return self.mixed_s(batch, query_tokens, keys, 0, 0, 0, logits)
+        return self.mixed_s(batch, query_tokens, keys, 0, 0, 0, logits, memo)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,6 +571,11 @@ class _Ledger:
         else:
             live -= rows
 
+    def value(self, row: int, t: int) -> int:
+        """One sum: `row` (TOK, CTX, RES or HOLD) of step t."""
+        i = t - self.base
+        return int(self.rows[row, i]) if i < self.rows.shape[1] else 0
+
     def at(self, t: int, k: int = 1) -> np.ndarray:
         """[4, k] sums of steps t .. t + k - 1 (zeros past every request's end)."""
         i = t - self.base
@@ -625,7 +632,8 @@ class Engine:
         self._gains: dict[int, np.ndarray] = {}  # slot -> tokens gained by the end of each of its decode steps
         self.ledger = _Ledger()
         self.t = 0  # decode steps so far
-        self._next_finish = NOT_DECODING  # the earliest step in which a decoding request finishes
+        self._finishing: dict[int, list[int]] = {}  # decode step -> slots whose last step it is
+        self._finish_steps: list[int] = []  # a heap of those steps (some stale: their slots left)
         self._pool, self._pool_at = np.zeros(0, dtype=np.int64), 0  # tokens per speculative step, drawn ahead
         self._q = self.gamma + 1 if self.gamma else 1  # query tokens per decode step the ledger was drawn for
         self._lookahead = False  # the next step's lookahead is reserved (between _reserve and the commit)
@@ -690,8 +698,8 @@ class Engine:
     # --- KV blocks and the ledger ------------------------------------------------------------
 
     def free_blocks(self) -> int:
-        decoding = self.ledger.at(self.t)[_Ledger.RES if self._lookahead else _Ledger.HOLD, 0]
-        return self.n_blocks - int(decoding) - self._prefill_blocks
+        decoding = self.ledger.value(_Ledger.RES if self._lookahead else _Ledger.HOLD, self.t)
+        return self.n_blocks - decoding - self._prefill_blocks
 
     def _fits(self, entry: tuple) -> bool:
         need = _ceil_div(entry[2] + entry[4], self.bs)  # prompt + generated, recomputed at admission
@@ -704,12 +712,12 @@ class Engine:
         if self._q == 1:
             return np.arange(1, remaining + 1, dtype=np.int64)
         gains = self._emitted(min(remaining, math.ceil(1.25 * remaining / self.mean_tokens) + 4)).cumsum()
-        m = int(np.searchsorted(gains, remaining, side="left")) + 1
+        m = int(gains.searchsorted(remaining)) + 1
         if m <= gains.size:
             self._pool_at -= gains.size - m  # the draws past its last step are left for the next request
         else:  # acceptance ran well below its mean: draw on
             gains = np.concatenate([gains, gains[-1] + self._emitted(remaining).cumsum()])
-            m = int(np.searchsorted(gains, remaining, side="left")) + 1
+            m = int(gains.searchsorted(remaining)) + 1
         gains = gains[:m]
         gains[-1] = remaining  # the last step emits only what the request still needed
         return gains
@@ -731,7 +739,7 @@ class Engine:
         self._gains[slot] = gains
         R.start[slot], R.c0[slot], R.g0[slot] = self.t, c0, g0
         R.finish[slot] = finish = self.t + gains.size - 1
-        self._next_finish = min(self._next_finish, finish)
+        self._finishes_at(finish, slot)
 
     def _stop_decoding(self, slot: int) -> tuple[int, int]:
         """Take the rest of `slot`'s future out of the ledger: (cached, generated) tokens now."""
@@ -741,8 +749,8 @@ class Engine:
         gained = int(gains[done - 1]) if done else 0
         c0 = int(R.c0[slot])
         self.ledger.add(self.t, int(R.start[slot]), c0, gains, self._q, self.bs, sign=-1, skip=done)
+        self._finishing[int(R.finish[slot])].remove(slot)
         R.finish[slot] = NOT_DECODING
-        self._next_finish = int(R.finish[: R.hi].min())
         return c0 + gained, int(R.g0[slot]) + gained
 
     def _decoding_slots(self) -> np.ndarray:
@@ -791,7 +799,7 @@ class Engine:
     def _reserve(self) -> None:
         """Blocks for every decoding request's next step of lookahead; while they do not fit,
         preempt the latest-admitted request."""
-        while int(self.ledger.at(self.t)[_Ledger.RES, 0]) + self._prefill_blocks > self.n_blocks:
+        while self.ledger.value(_Ledger.RES, self.t) + self._prefill_blocks > self.n_blocks:
             self._preempt(int(self.run.order[: self.run.hi].argmax()))
         self._lookahead = True
 
@@ -857,7 +865,7 @@ class Engine:
             chunk_tokens += c
             chunk_keys += done
             finishing += done >= R.target[i]  # chunks that end a prefill emit a token
-        ctx_dec = int(self.ledger.at(self.t)[_Ledger.CTX, 0]) if n_dec else 0
+        ctx_dec = self.ledger.value(_Ledger.CTX, self.t) if n_dec else 0
         key = (q, n_dec, ctx_dec, len(chunks), chunk_tokens, chunk_keys, finishing)
         step_s = self._prefill_memo.get(key) if not n_dec else None
         if step_s is None:
@@ -889,7 +897,7 @@ class Engine:
         """Decode steps over the whole batch until the first step in which a request finishes,
         the cache would overflow, or `max_steps`: [k] step end offsets (s)."""
         n = self.n_running
-        k = min(self._next_finish - self.t + 1, max_steps)
+        k = min(self._next_finish() - self.t + 1, max_steps)
         rows = self.ledger.at(self.t, k)
         reserved = rows[_Ledger.RES]
         if reserved[-1] > self.n_blocks:  # step 0 fits (reserved before planning): stop before the first that does not
@@ -922,10 +930,11 @@ class Engine:
     def _decode_s_direct(self, n: int, q: int, ctx_sum: np.ndarray) -> np.ndarray:
         """`_decode_s` without the memo: the target's verify (or decode) pass and the engine's host
         work, then the draft's gamma passes, pass j reading contexts ctx_i + j."""
-        step_s = self.cfg.engine.step_time_s(self.target_cost.uniform_s(n, q, ctx_sum), n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0)
+        target_s = self.target_cost.uniform_s(n, q, ctx_sum, memo=False)
+        step_s = self.cfg.engine.step_time_s(target_s, n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0)
         if self.draft_cost is not None:
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps the draft's cache in step
-            step_s = step_s + self.draft_cost.uniform_s(n, 1, ctx_sum[:, None] + n * np.arange(passes)).sum(axis=1)
+            step_s = step_s + self.draft_cost.uniform_s(n, 1, ctx_sum[:, None] + n * np.arange(passes), memo=False).sum(axis=1)
         return step_s
 
     # --- committing --------------------------------------------------------------------------
@@ -937,11 +946,17 @@ class Engine:
         else:
             k, n = steps_done, self.n_running
             q, tokens, reserved, step_s, ends_s = self._span
+            emitted = int(tokens[:k].sum())
             if q > 1:
                 self.spec_steps += k
                 self.spec_request_steps += k * n
-                self.spec_tokens += int(tokens[:k].sum())
-            self._book(step_s[:k], ends_s[:k], n, reserved[:k], tokens[:k])
+                self.spec_tokens += emitted
+            self.timeline.add(self._start_s + ends_s[:k] - step_s[:k], step_s[:k], n, reserved[:k], tokens[:k])
+            self.steps += k
+            self.busy_s += float(ends_s[k - 1])
+            self.output_tokens += emitted
+            self.kv_peak_blocks = max(self.kv_peak_blocks, int(reserved[k - 1]))  # reservations only grow within a span
+            self.batch_peak = max(self.batch_peak, n)
             self.t += k
         self._lookahead = False
         self._finish(now)
@@ -954,7 +969,7 @@ class Engine:
         held = self.n_blocks - self.free_blocks()
         tokens = 0
         if n_dec:  # the decoding requests ran a step beside the chunks
-            tokens = int(self.ledger.at(self.t)[_Ledger.TOK, 0])
+            tokens = self.ledger.value(_Ledger.TOK, self.t)
             if q > 1:
                 self.spec_steps += 1
                 self.spec_request_steps += n_dec
@@ -973,7 +988,8 @@ class Engine:
             if generated < R.output[i]:
                 self._start_decoding(i, int(R.target[i]), generated)
             else:
-                R.finish[i] = self._next_finish = self.t - 1  # done at its prefill: retired with the steps' finishers
+                R.finish[i] = self.t - 1  # done at its prefill: retired with the steps' finishers
+                self._finishes_at(self.t - 1, i)
         self.timeline.add_one(self._start_s, step_s, self.n_running, held, tokens)
         self.steps += 1
         self.busy_s += step_s
@@ -981,26 +997,30 @@ class Engine:
         self.kv_peak_blocks = max(self.kv_peak_blocks, held)
         self.batch_peak = max(self.batch_peak, self.n_running)
 
-    def _book(self, step_s: np.ndarray, ends_s: np.ndarray, sequences: int, reserved: np.ndarray, tokens: np.ndarray) -> None:
-        """Steps that ran: `ends_s` offsets from the plan's start, `reserved` blocks held in each."""
-        self.timeline.add(self._start_s + ends_s - step_s, step_s, sequences, reserved, tokens)
-        self.steps += step_s.size
-        self.busy_s += float(ends_s[-1])
-        self.output_tokens += int(tokens.sum())
-        self.kv_peak_blocks = max(self.kv_peak_blocks, int(reserved[-1]))  # reservations only grow within a plan
-        self.batch_peak = max(self.batch_peak, sequences)
+    def _finishes_at(self, step: int, slot: int) -> None:
+        bucket = self._finishing.get(step)
+        if bucket is None:
+            self._finishing[step] = [slot]
+            heapq.heappush(self._finish_steps, step)
+        else:
+            bucket.append(slot)
+
+    def _next_finish(self) -> int:
+        """The earliest step in which a decoding request finishes (NOT_DECODING: none decodes)."""
+        steps = self._finish_steps
+        while steps and not self._finishing.get(steps[0]):
+            self._finishing.pop(heapq.heappop(steps), None)  # its requests were preempted
+        return steps[0] if steps else NOT_DECODING
 
     def _finish(self, now: float) -> None:
         """Retire the requests whose last step has run."""
-        if self._next_finish >= self.t:
-            return
-        R = self.run
-        for slot in np.flatnonzero(R.finish[: R.hi] < self.t).tolist():
-            self._retire(slot, now)
-            self._gains.pop(slot, None)
-            R.give(slot)
-            self.n_running -= 1
-        self._next_finish = int(R.finish[: R.hi].min())
+        steps, R = self._finish_steps, self.run
+        while steps and steps[0] < self.t:
+            for slot in self._finishing.pop(heapq.heappop(steps), ()):
+                self._retire(slot, now)
+                self._gains.pop(slot, None)
+                R.give(slot)
+                self.n_running -= 1
 
     def _retire(self, slot: int, now: float) -> None:
         """Latency and goodput of the finished request in `slot`."""
@@ -1132,7 +1152,7 @@ def engine_process(env: simpy.Environment, engine: Engine):
         next_s = engine.next_arrival_s
         if next_s is not None:
             if open_to_arrivals and steps_done > 1 and next_s - now < total_s:  # an arrival: the span ends with the step in progress then
-                steps_done = int(np.searchsorted(ends_s, next_s - now, side="left")) + 1
+                steps_done = int(ends_s.searchsorted(next_s - now)) + 1
             end_s = now + float(ends_s[steps_done - 1])
             if next_s <= end_s:  # a request comes before the step ends: it joins the queue first
                 yield env.timeout(end_s - env.now)

@@ -235,7 +235,7 @@ engine_configs = st.fixed_dictionaries(
 
 def _engine_case(c, span_steps=1 << 20, memo=True):
     if not memo:  # the reference: every step priced by the device model on the spot, arrivals met as events
-        direct = lambda self, sequences, tokens, keys: (  # noqa: E731
+        direct = lambda self, sequences, tokens, keys, memo=True: (  # noqa: E731
             PassCost.attention_s_direct(self, sequences, max(1, round(tokens / sequences)), keys) if sequences and tokens
             else (np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0))  # fmt: skip
         unannounced = property(lambda self: None, lambda self, value: None)
