@@ -401,7 +401,7 @@ class Timeline:
 # Configuration and KV-cache capacity
 
 
-MAX_BATCH_LIMIT = 2**20  # sequences one engine runs at once: far past any KV cache, and arrays of it fit in memory
+MAX_BATCH_LIMIT = 2**20  # sequences one engine runs at once: far past any KV cache
 
 
 class ServingConfig(BaseModel):
@@ -429,7 +429,7 @@ class ServingConfig(BaseModel):
         if self.max_batch < 1:
             raise UserError(f"--max-batch must be >= 1, got {self.max_batch}")
         if self.max_batch > MAX_BATCH_LIMIT:
-            raise UserError(f"--max-batch must be at most {MAX_BATCH_LIMIT} (the engine keeps arrays of that length), got {self.max_batch}")
+            raise UserError(f"--max-batch must be at most {MAX_BATCH_LIMIT} (far past any KV cache), got {self.max_batch}")
         if self.max_batched_tokens < 1:
             raise UserError(f"--max-batched-tokens must be >= 1, got {self.max_batched_tokens}")
         if self.gamma < 0:
@@ -497,33 +497,32 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
-NOT_DECODING = np.iinfo(np.int64).max  # `finish` of a slot that is empty or still prefilling
+NOT_DECODING = 2**63 - 1  # `finish` of a slot that is empty or still prefilling
 
 
 class _Slots:
-    """Requests in the batch, one column per field, indexed by slot; a finished or preempted
+    """Requests in the batch, one list per field, indexed by slot; a finished or preempted
     request's slot is reused (lowest first), so live slots stay below `hi`.
 
     A decoding request keeps no per-step state here: it joined the ledger at decode step `start`
     with `c0` cached tokens and `g0` tokens generated, and its cumulative gains per step from there
     are `Engine._gains[slot]`; `finish` is the decode step in which it emits its last token."""
 
-    INT = ("rid", "prompt", "output", "target", "prefilled", "blocks", "order", "start", "finish", "c0", "g0")
-    FLOAT = ("arrival_s", "admit_s", "first_s")
+    FIELDS = ("rid", "prompt", "output", "target", "prefilled", "blocks", "order", "start", "finish", "c0", "g0",
+              "arrival_s", "admit_s", "first_s")  # fmt: skip
 
-    def __init__(self, capacity: int):
-        for name in self.INT:
-            setattr(self, name, np.zeros(capacity, dtype=np.int64))
-        for name in self.FLOAT:
-            setattr(self, name, np.zeros(capacity))
-        self.order[:] = -1
-        self.finish[:] = NOT_DECODING
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, [])
         self.hi = 0
         self._free: list[int] = []  # a heap of free slots below hi
 
     def take(self) -> int:
         if self._free:
             return heapq.heappop(self._free)
+        for name in self.FIELDS:
+            getattr(self, name).append(0)
+        self.finish[-1] = NOT_DECODING
         self.hi += 1
         return self.hi - 1
 
@@ -623,9 +622,10 @@ class Engine:
 
         self.waiting: deque[tuple] = deque()  # (rid, arrival_s, prompt, output, generated, first_s, admit_s)
         self.arrival = env.event()  # succeeds when a request joins the queue; renewed by the engine loop
+        self.listening = True  # the engine loop may wait on `arrival` (not while it knows when the next one comes)
         self.no_more_requests = env.event()
         self.next_arrival_s: float | None = None  # when the next request reaches the queue, where the source knows it
-        self.run = _Slots(cfg.max_batch)
+        self.run = _Slots()
         self.n_running = 0
         self._prefilling: list[int] = []  # slots admitted and not yet through their prompt, in admission order
         self._prefill_blocks = 0  # blocks those hold
@@ -678,7 +678,7 @@ class Engine:
                 self._on_progress(1)
         else:
             self.waiting.append((request.rid, request.arrival_s, request.prompt_tokens, request.output_tokens, 0, math.nan, math.nan))
-            if not self.arrival.triggered:
+            if self.listening and not self.arrival.triggered:
                 self.arrival.succeed()
 
     def _rejection(self, r: Request) -> str | None:
@@ -734,7 +734,7 @@ class Engine:
     def _start_decoding(self, slot: int, c0: int, g0: int) -> None:
         """The request in `slot` has `c0` tokens cached and `g0` generated and decodes from step t on."""
         R = self.run
-        gains = self._draw_gains(int(R.output[slot]) - g0)
+        gains = self._draw_gains(R.output[slot] - g0)
         self.ledger.add(self.t, self.t, c0, gains, self._q, self.bs)
         self._gains[slot] = gains
         R.start[slot], R.c0[slot], R.g0[slot] = self.t, c0, g0
@@ -745,20 +745,21 @@ class Engine:
         """Take the rest of `slot`'s future out of the ledger: (cached, generated) tokens now."""
         R = self.run
         gains = self._gains.pop(slot)
-        done = self.t - int(R.start[slot])  # its steps already run
+        done = self.t - R.start[slot]  # its steps already run
         gained = int(gains[done - 1]) if done else 0
-        c0 = int(R.c0[slot])
-        self.ledger.add(self.t, int(R.start[slot]), c0, gains, self._q, self.bs, sign=-1, skip=done)
-        self._finishing[int(R.finish[slot])].remove(slot)
+        c0 = R.c0[slot]
+        self.ledger.add(self.t, R.start[slot], c0, gains, self._q, self.bs, sign=-1, skip=done)
+        self._finishing[R.finish[slot]].remove(slot)
         R.finish[slot] = NOT_DECODING
-        return c0 + gained, int(R.g0[slot]) + gained
+        return c0 + gained, R.g0[slot] + gained
 
-    def _decoding_slots(self) -> np.ndarray:
-        return np.flatnonzero(self.run.finish[: self.run.hi] != NOT_DECODING)
+    def _decoding_slots(self) -> list[int]:
+        R = self.run
+        return [slot for slot in range(R.hi) if R.finish[slot] != NOT_DECODING]
 
     def _redraw(self, q: int) -> None:
         """Speculation turned on or off: every decoding request's future is drawn again for steps of q tokens."""
-        slots = self._decoding_slots().tolist()
+        slots = self._decoding_slots()
         states = [self._stop_decoding(slot) for slot in slots]  # taken back under the old q's lookahead
         self._q = q
         for slot, (c, g) in zip(slots, states, strict=True):
@@ -784,13 +785,12 @@ class Engine:
         R = self.run
         if R.finish[victim] == NOT_DECODING:
             self._prefilling.remove(victim)
-            self._prefill_blocks -= int(R.blocks[victim])
-            generated = int(R.g0[victim])
+            self._prefill_blocks -= R.blocks[victim]
+            generated = R.g0[victim]
         else:
             _, generated = self._stop_decoding(victim)
         self.waiting.appendleft(
-            (int(R.rid[victim]), float(R.arrival_s[victim]), int(R.prompt[victim]), int(R.output[victim]),
-             generated, float(R.first_s[victim]), float(R.admit_s[victim]))
+            (R.rid[victim], R.arrival_s[victim], R.prompt[victim], R.output[victim], generated, R.first_s[victim], R.admit_s[victim])
         )  # fmt: skip
         R.give(victim)
         self.n_running -= 1
@@ -800,7 +800,8 @@ class Engine:
         """Blocks for every decoding request's next step of lookahead; while they do not fit,
         preempt the latest-admitted request."""
         while self.ledger.value(_Ledger.RES, self.t) + self._prefill_blocks > self.n_blocks:
-            self._preempt(int(self.run.order[: self.run.hi].argmax()))
+            order = self.run.order
+            self._preempt(max(range(self.run.hi), key=order.__getitem__))
         self._lookahead = True
 
     def _speculating(self) -> bool:
@@ -825,12 +826,12 @@ class Engine:
             for i in self._prefilling:
                 if budget <= 0:
                     break
-                c = min(int(R.target[i] - R.prefilled[i]), budget)
+                c = min(R.target[i] - R.prefilled[i], budget)
                 chunks.append((i, c))
                 budget -= c
             while self.waiting and budget > 0 and self.n_running < cfg.max_batch and self._fits(self.waiting[0]):
                 i = self._admit(self.waiting.popleft(), now)
-                c = min(int(R.target[i]), budget)
+                c = min(R.target[i], budget)
                 chunks.append((i, c))
                 budget -= c
             open_to_arrivals = not self.waiting and self.n_running < cfg.max_batch and budget > 0
@@ -841,8 +842,8 @@ class Engine:
                 if chunks and tokens + head[2] + head[4] > cfg.max_batched_tokens:
                     break
                 i = self._admit(self.waiting.popleft(), now)
-                chunks.append((i, int(R.target[i])))
-                tokens += int(R.target[i])
+                chunks.append((i, R.target[i]))
+                tokens += R.target[i]
             if not chunks:
                 self._reserve()
             open_to_arrivals = not self.waiting and self.n_running < cfg.max_batch
@@ -861,7 +862,7 @@ class Engine:
         n_dec = self.n_running - len(self._prefilling) if self.cfg.chunked_prefill else 0
         chunk_tokens = chunk_keys = finishing = 0
         for i, c in chunks:
-            done = int(R.prefilled[i]) + c
+            done = R.prefilled[i] + c
             chunk_tokens += c
             chunk_keys += done
             finishing += done >= R.target[i]  # chunks that end a prefill emit a token
@@ -980,13 +981,13 @@ class Engine:
             if R.prefilled[i] < R.target[i]:
                 continue
             self._prefilling.remove(i)
-            self._prefill_blocks -= int(R.blocks[i])
+            self._prefill_blocks -= R.blocks[i]
             if math.isnan(R.first_s[i]):
                 R.first_s[i] = self._start_s + step_s
             tokens += 1
-            generated = int(R.g0[i]) + 1
+            generated = R.g0[i] + 1
             if generated < R.output[i]:
-                self._start_decoding(i, int(R.target[i]), generated)
+                self._start_decoding(i, R.target[i], generated)
             else:
                 R.finish[i] = self.t - 1  # done at its prefill: retired with the steps' finishers
                 self._finishes_at(self.t - 1, i)
@@ -1025,18 +1026,18 @@ class Engine:
     def _retire(self, slot: int, now: float) -> None:
         """Latency and goodput of the finished request in `slot`."""
         R = self.run
-        arrival_s, first_s, output = float(R.arrival_s[slot]), float(R.first_s[slot]), int(R.output[slot])
+        arrival_s, first_s, output = R.arrival_s[slot], R.first_s[slot], R.output[slot]
         ttft = first_s - arrival_s
         self.ttft.add_one(ttft)
         self.e2e.add_one(now - arrival_s)
-        self.queue.add_one(float(R.admit_s[slot]) - arrival_s)
+        self.queue.add_one(R.admit_s[slot] - arrival_s)
         good = self.cfg.slo_ttft_s is None or ttft <= self.cfg.slo_ttft_s
         if output > 1:
             tpot = (now - first_s) / (output - 1)
             self.tpot.add_one(tpot)
             good = good and (self.cfg.slo_tpot_s is None or tpot <= self.cfg.slo_tpot_s)
         self.good += good
-        self.prompt_tokens += int(R.prompt[slot])
+        self.prompt_tokens += R.prompt[slot]
         self.completed += 1
         self.end_s = now
         if self._on_progress:
@@ -1045,22 +1046,22 @@ class Engine:
     def _check(self) -> None:
         """Every request's state rebuilt from its own draws agrees with the ledger's sums and the block count."""
         R, t, bs = self.run, self.t, self.bs
-        live = np.flatnonzero(R.order[: R.hi] >= 0)
-        assert live.size == self.n_running, "running requests differ from the live slots"
+        live = sum(order >= 0 for order in R.order)
+        assert live == self.n_running, "running requests differ from the live slots"
         tok = ctx_sum = res = hold = 0
-        for slot in self._decoding_slots().tolist():
+        for slot in self._decoding_slots():
             gains = self._gains[slot]
-            done = t - int(R.start[slot])
+            done = t - R.start[slot]
             assert 0 <= done < gains.size, "a decoding request outlived its draws"
             before = int(gains[done - 1]) if done else 0
-            ctx = int(R.c0[slot]) + before
-            assert int(R.g0[slot]) + before < R.output[slot]
+            ctx = R.c0[slot] + before
+            assert R.g0[slot] + before < R.output[slot]
             tok += int(gains[done]) - before
             ctx_sum += ctx
             res += _ceil_div(ctx + self._q, bs)
             hold += _ceil_div(ctx, bs)
         assert [tok, ctx_sum, res, hold] == self.ledger.at(t)[:, 0].tolist(), "the ledger differs from its requests"
-        prefill = [int(R.blocks[i]) for i in self._prefilling]
+        prefill = [R.blocks[i] for i in self._prefilling]
         assert all(R.blocks[i] >= _ceil_div(R.target[i], bs) for i in self._prefilling)
         assert sum(prefill) == self._prefill_blocks
         assert 0 <= self.free_blocks() <= self.n_blocks
@@ -1143,9 +1144,11 @@ def engine_process(env: simpy.Environment, engine: Engine):
         if engine.idle:
             if engine.no_more_requests.triggered:
                 return
+            engine.listening = True
             yield engine.arrival | engine.no_more_requests
             now = env.now
             continue
+        engine.listening = engine.next_arrival_s is None
         ends_s, open_to_arrivals = engine.plan(now)
         total_s = float(ends_s[-1])
         steps_done = ends_s.size
