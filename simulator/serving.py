@@ -252,28 +252,26 @@ class LatencySummary:
         self.total_s = 0.0
         self.min_s = math.inf
         self.max_s = -math.inf
-        self._buffer = np.empty(self.BUFFER)
-        self._buffered = 0
+        self._buffer: list[float] = []
 
     def add(self, values_s: np.ndarray) -> None:
-        m = values_s.size
-        if self._buffered + m > self.BUFFER:
+        if values_s.size > self.BUFFER:
             self._flush()
-        if m > self.BUFFER:
             self._bin(values_s)
-        else:
-            self._buffer[self._buffered : self._buffered + m] = values_s
-            self._buffered += m
+            return
+        self._buffer.extend(values_s.tolist())
+        if len(self._buffer) >= self.BUFFER:
+            self._flush()
 
     def add_one(self, value_s: float) -> None:
-        if self._buffered == self.BUFFER:
+        self._buffer.append(value_s)
+        if len(self._buffer) >= self.BUFFER:
             self._flush()
-        self._buffer[self._buffered] = value_s
-        self._buffered += 1
 
     def _flush(self) -> None:
-        self._bin(self._buffer[: self._buffered])
-        self._buffered = 0
+        if self._buffer:
+            self._bin(np.array(self._buffer))
+            self._buffer = []
 
     def _bin(self, values_s: np.ndarray) -> None:
         if values_s.size == 0:
@@ -349,6 +347,22 @@ class Timeline:
             return
         b, rows = self._buffered, self._rows
         rows[0, b : b + m] = start_s
+        rows[1, b : b + m] = dt_s
+        rows[2, b : b + m] = sequences
+        rows[3, b : b + m] = kv_blocks
+        rows[4, b : b + m] = tokens
+        self._buffered += m
+
+    def add_span(self, start_s: float, ends_s: np.ndarray, dt_s: np.ndarray, sequences: int, kv_blocks: np.ndarray, tokens: np.ndarray) -> None:
+        """Book the steps of a span that began at `start_s`: they end `ends_s` after it and last `dt_s`."""
+        m = ends_s.size
+        if self._buffered + m > self.BUFFER:
+            self.add(start_s + ends_s - dt_s, dt_s, sequences, kv_blocks, tokens)
+            return
+        b, rows = self._buffered, self._rows
+        start = rows[0, b : b + m]
+        np.add(ends_s, start_s, out=start)
+        start -= dt_s
         rows[1, b : b + m] = dt_s
         rows[2, b : b + m] = sequences
         rows[3, b : b + m] = kv_blocks
@@ -545,6 +559,7 @@ class _Ledger:
     def __init__(self, size: int = 4096):
         self.base = 0  # step number of column 0
         self.rows = np.zeros((4, size), dtype=np.int64)
+        self._offsets: dict[tuple[int, int], np.ndarray] = {}  # (q, block) -> what ceil() adds before dividing, RES and HOLD
 
     def add(self, now: int, start: int, c0: int, gains: np.ndarray, q: int, block: int, sign: int = 1, skip: int = 0) -> None:
         """Add (sign 1) or take back (-1) the steps of a request that joined at step `start` with
@@ -563,7 +578,10 @@ class _Ledger:
         before[1:] = gains[skip:-1]
         np.subtract(gains[skip:], before, out=rows[self.TOK])
         before += c0
-        np.floor_divide(before + np.array([[q + block - 1], [block - 1]]), block, out=rows[self.RES :])
+        offsets = self._offsets.get((q, block))
+        if offsets is None:
+            offsets = self._offsets[(q, block)] = np.array([[q + block - 1], [block - 1]])
+        np.floor_divide(before + offsets, block, out=rows[self.RES :])
         live = self.rows[:, end - m - self.base : end - self.base]
         if sign > 0:
             live += rows
@@ -810,7 +828,7 @@ class Engine:
 
     # --- planning ----------------------------------------------------------------------------
 
-    def plan(self, now: float) -> tuple[np.ndarray, bool]:
+    def plan(self, now: float) -> tuple[np.ndarray | tuple[float], bool]:
         """Schedule the next step, or a span of decode steps over an unchanging batch.
         Returns the end offset (s) of each step and whether an arrival may cut the span short."""
         self._start_s = now
@@ -855,7 +873,7 @@ class Engine:
         steady = self.preemptions == preempted_before
         return self._plan_span(q, self.cfg.max_span_steps if steady else 1), open_to_arrivals
 
-    def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> np.ndarray:
+    def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> tuple[float]:
         """One step of prefill chunks, beside a decode (or speculative) step of every decoding
         request when prefill is chunked; without chunking, decoding requests sit this step out."""
         R = self.run
@@ -875,7 +893,7 @@ class Engine:
                 self._prefill_memo[key] = step_s
         self._kind = "mixed"
         self._mixed = (q, n_dec, chunks, step_s)
-        return np.array([step_s])
+        return (step_s,)
 
     def _mixed_s(self, q: int, n_dec: int, ctx_dec: int, n_chunks: int, chunk_tokens: int, chunk_keys: int, finishing: int) -> float:
         """Seconds of a step of `n_dec` decoding sequences of q query tokens over `ctx_dec` cached
@@ -901,7 +919,7 @@ class Engine:
         k = min(self._next_finish() - self.t + 1, max_steps)
         rows = self.ledger.at(self.t, k)
         reserved = rows[_Ledger.RES]
-        if reserved[-1] > self.n_blocks:  # step 0 fits (reserved before planning): stop before the first that does not
+        if int(reserved[-1]) > self.n_blocks:  # step 0 fits (reserved before planning): stop before the first that does not
             k = int((reserved > self.n_blocks).argmax())
             rows, reserved = rows[:, :k], reserved[:k]
         step_s = self._decode_s(n, q, rows[_Ledger.CTX])
@@ -947,12 +965,14 @@ class Engine:
         else:
             k, n = steps_done, self.n_running
             q, tokens, reserved, step_s, ends_s = self._span
-            emitted = int(tokens[:k].sum())
+            if k < ends_s.size:  # cut short by an arrival
+                tokens, reserved, step_s, ends_s = tokens[:k], reserved[:k], step_s[:k], ends_s[:k]
+            emitted = int(tokens.sum())
             if q > 1:
                 self.spec_steps += k
                 self.spec_request_steps += k * n
                 self.spec_tokens += emitted
-            self.timeline.add(self._start_s + ends_s[:k] - step_s[:k], step_s[:k], n, reserved[:k], tokens[:k])
+            self.timeline.add_span(self._start_s, ends_s, step_s, n, reserved, tokens)
             self.steps += k
             self.busy_s += float(ends_s[k - 1])
             self.output_tokens += emitted
@@ -1151,12 +1171,12 @@ def engine_process(env: simpy.Environment, engine: Engine):
         engine.listening = engine.next_arrival_s is None
         ends_s, open_to_arrivals = engine.plan(now)
         total_s = float(ends_s[-1])
-        steps_done = ends_s.size
+        steps_done = len(ends_s)
         next_s = engine.next_arrival_s
         if next_s is not None:
             if open_to_arrivals and steps_done > 1 and next_s - now < total_s:  # an arrival: the span ends with the step in progress then
                 steps_done = int(ends_s.searchsorted(next_s - now)) + 1
-            end_s = now + float(ends_s[steps_done - 1])
+            end_s = now + (total_s if steps_done == len(ends_s) else float(ends_s[steps_done - 1]))
             if next_s <= end_s:  # a request comes before the step ends: it joins the queue first
                 yield env.timeout(end_s - env.now)
             now = end_s
