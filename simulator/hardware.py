@@ -155,14 +155,21 @@ def _normalise(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+_loaded: dict[tuple[Path, str], HardwareProfile] = {}  # (file, its text) -> profile: a sweep asks for the same few again and again
+
+
 def profile_from_file(path: Path) -> HardwareProfile:
-    """Load and validate one YAML file; every failure is a one-line UserError naming file and field."""
+    """Load and validate one YAML file; every failure is a one-line UserError naming file and field.
+    A file read before with the same text gives the profile parsed then (profiles are frozen)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); a profile is a YAML file") from None
+    key = (path.resolve(), text)
+    if key in _loaded:
+        return _loaded[key]
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -175,9 +182,11 @@ def profile_from_file(path: Path) -> HardwareProfile:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a profile is a YAML mapping of fields, got {type(data).__name__}")
     try:
-        return HardwareProfile.model_validate(data)
+        profile = HardwareProfile.model_validate(data)
     except ValidationError as exc:
         raise UserError(f"{path}: {validation_message(exc)}") from None
+    _loaded[key] = profile
+    return profile
 
 
 def shipped_profiles(directory: Path = PROFILE_DIR) -> dict[str, HardwareProfile]:

@@ -55,6 +55,23 @@ EMITTED_POOL = 1 << 14  # speculative steps' token counts drawn at once
 # Step time: forward() regrouped for speed
 
 
+SHARED_MEMOS = 32  # pricing memos one process keeps for engines to come (a sweep's points, a run's interval bounds)
+_shared_memos: dict[tuple, dict] = {}
+
+
+def shared_memo(key: tuple) -> dict:
+    """The process's memo for the pricing that `key` names in full (models, device, dtype, split,
+    scale, ...): every engine and pass cost that prices the same thing fills and reads one memo,
+    so a sweep's points and a run's interval bounds do not price it again. The oldest is dropped
+    past SHARED_MEMOS. A memo only holds values of a pure function of its key and entries."""
+    memo = _shared_memos.get(key)
+    if memo is None:
+        memo = _shared_memos[key] = {}
+        if len(_shared_memos) > SHARED_MEMOS:
+            del _shared_memos[next(iter(_shared_memos))]
+    return memo
+
+
 def memo_lookup(memo: dict[int, np.ndarray], keys, price: Callable[[np.ndarray], np.ndarray], width: int = ATTENTION_MEMO_KEYS):
     """Values of `price` at the non-negative integers `keys` (an int or an integer array), memoised
     in blocks of `width` consecutive keys, each priced in one call of `price` over the block. `price`
@@ -107,9 +124,10 @@ class PassCost:
         self.n_layers = model.n_layers
         self.heads = model.n_heads // tp  # this GPU's query heads
         self.kv_heads = kv_heads_per_gpu(model, tp)
-        self._dense_s: dict[int, float] = {}
-        self._head_s: dict[int, float] = {}
-        self._attention_memo: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (sequences, q) -> block -> [ATTENTION_MEMO_KEYS] s
+        key = (model, hw.model_dump_json(), dtype, tp)  # the memos hold times before `scale`
+        self._dense_s: dict[int, float] = shared_memo(("dense", *key))
+        self._head_s: dict[int, float] = shared_memo(("head", *key))
+        self._attention_memo: dict[tuple[int, int], dict[int, np.ndarray]] = shared_memo(("attention", *key))  # (sequences, q) -> block -> [ATTENTION_MEMO_KEYS] s
 
     def dense_s(self, tokens: int) -> float:
         """Every kernel of every layer except attention, plus the embedding, for `tokens` tokens."""
@@ -149,7 +167,7 @@ class PassCost:
             return np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0
         q = max(1, round(tokens / sequences))
         arr = np.asarray(keys)
-        if not memo or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:
+        if not memo or arr.ndim == 0 or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:  # one value: a block would price 1024
             return self.attention_s_direct(sequences, q, keys)
         memo = self._attention_memo.get((sequences, q))
         if memo is None:
@@ -356,6 +374,19 @@ class Timeline:
     def add_span(self, start_s: float, ends_s: np.ndarray, dt_s: np.ndarray, sequences: int, kv_blocks: np.ndarray, tokens: np.ndarray) -> None:
         """Book the steps of a span that began at `start_s`: they end `ends_s` after it and last `dt_s`."""
         m = ends_s.size
+        w = self.width_s
+        first = int((start_s + float(ends_s[0]) - float(dt_s[0])) / w)
+        if first < self.N_BUCKETS and first == int((start_s + float(ends_s[-1]) - float(dt_s[-1])) / w):
+            # one bucket holds the whole span (the common case: a span is short beside a bucket): book it there
+            busy_s = float(ends_s[-1])
+            self.busy_s[first] += busy_s
+            self.sequence_s[first] += busy_s * sequences
+            self.kv_block_s[first] += float(np.dot(dt_s, kv_blocks))
+            self.output_tokens[first] += float(np.add.reduce(tokens))
+            peak = float(kv_blocks[-1])  # reservations only grow within a span
+            if peak > self.kv_peak_blocks[first]:
+                self.kv_peak_blocks[first] = peak
+            return
         if self._buffered + m > self.BUFFER:
             self.add(start_s + ends_s - dt_s, dt_s, sequences, kv_blocks, tokens)
             return
@@ -655,8 +686,11 @@ class Engine:
         self._pool, self._pool_at = np.zeros(0, dtype=np.int64), 0  # tokens per speculative step, drawn ahead
         self._q = self.gamma + 1 if self.gamma else 1  # query tokens per decode step the ledger was drawn for
         self._lookahead = False  # the next step's lookahead is reserved (between _reserve and the commit)
-        self._step_memo: dict[tuple[int, int], dict[int, np.ndarray]] = {}  # (batch, q) -> decode step seconds by context sum
-        self._prefill_memo: dict[tuple, float] = {}  # prefill-only step seconds by its chunks
+        # (batch, q) -> decode step seconds by context sum; prefill-only step seconds by its chunks.
+        # Shared by every engine of this class that prices the same way (`_pricing`); None: its own.
+        pricing = self._pricing(hw, time_scale)
+        self._step_memo: dict[tuple[int, int], dict[int, np.ndarray]] = shared_memo(("step", *pricing)) if pricing else {}
+        self._prefill_memo: dict[tuple, float] = shared_memo(("prefill", *pricing)) if pricing else {}
         self._admissions = 0
         self._on_progress = on_progress
 
@@ -680,6 +714,13 @@ class Engine:
         self.e2e = LatencySummary()
         self.queue = LatencySummary()
         self.timeline = Timeline()
+
+    def _pricing(self, hw: HardwareProfile, time_scale: float) -> tuple | None:
+        """Everything the step prices depend on, or None where a subclass prices steps its own way."""
+        if type(self) is not Engine:
+            return None
+        cfg = self.cfg
+        return (self.target, self.draft, hw.model_dump_json(), cfg.dtype, cfg.tp, time_scale, self.gamma, cfg.engine)
 
     # --- arrivals ----------------------------------------------------------------------------
 
@@ -942,7 +983,7 @@ class Engine:
                 return table[ctx_sum - b * w]
             after = memo.get(last)
             if last == b + 1 and after is not None:
-                cut = int(np.searchsorted(ctx_sum, last * w))
+                cut = int(ctx_sum.searchsorted(last * w))
                 return np.concatenate([table[ctx_sum[:cut] - b * w], after[ctx_sum[cut:] - last * w]])
         return memo_lookup(memo, ctx_sum, lambda c: self._decode_s_direct(n, q, c))
 
@@ -967,7 +1008,7 @@ class Engine:
             q, tokens, reserved, step_s, ends_s = self._span
             if k < ends_s.size:  # cut short by an arrival
                 tokens, reserved, step_s, ends_s = tokens[:k], reserved[:k], step_s[:k], ends_s[:k]
-            emitted = int(tokens.sum())
+            emitted = int(np.add.reduce(tokens))
             if q > 1:
                 self.spec_steps += k
                 self.spec_request_steps += k * n

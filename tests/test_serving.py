@@ -240,6 +240,7 @@ def _engine_case(c, span_steps=1 << 20, memo=True):
             else (np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0))  # fmt: skip
         unannounced = property(lambda self: None, lambda self, value: None)
         with (mock.patch.object(PassCost, "attention_s", direct), mock.patch.object(Engine, "_decode_s", Engine._decode_s_direct),
+              mock.patch.object(Engine, "_pricing", lambda self, hw, scale: None),
               mock.patch.object(Engine, "next_arrival_s", unannounced, create=True)):  # fmt: skip
             return _engine_case(c, span_steps)
     cfg = ServingConfig(
