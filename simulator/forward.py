@@ -66,7 +66,14 @@ def layer_costs(
     QKV, RoPE, attention with the KV-cache write, O, all-reduce, residual add + RMSNorm, SwiGLU MLP,
     all-reduce), each priced by the device model."""
     dev = _device(hw)
-    t = batch * query_tokens
+    dense = dense_costs(model, dev, batch * query_tokens, dtype, tp)
+    return [*dense[:3], attention_decode(model, dev, batch, context_len, query_tokens, dtype, tp), *dense[3:]]
+
+
+def dense_costs(model: ModelSpec, hw: HardwareProfile | DeviceModel, tokens: int, dtype: str = "fp16", tp: int = 1) -> list[KernelCost]:
+    """`layer_costs` but attention: the kernels whose cost depends on the layer's tokens alone."""
+    dev = _device(hw)
+    t = tokens
     d, d_ff = model.d_model, model.d_ff
     d_q = model.n_heads // tp * model.d_head  # this GPU's query heads
     d_kv = kv_heads_per_gpu(model, tp) * model.d_head
@@ -76,7 +83,6 @@ def layer_costs(
         dev.norm(t, d, dtype),
         dev.gemm(t, d_q + 2 * d_kv, d, dtype, "qkv", matrices),
         dev.rope(t, d_q + d_kv, dtype),
-        attention_decode(model, dev, batch, context_len, query_tokens, dtype, tp),
         dev.gemm(t, d, d_q, dtype, "o_proj", matrices),
         dev.all_reduce(activations, tp),
         dev.norm(t, d, dtype),

@@ -10,6 +10,7 @@ same seeds give the same rows on either backend. Ray is an optional extra (`pip 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
@@ -65,6 +66,7 @@ class Runner:
         self.ray_address = ray_address
         self._ray = None
         self._pool: ProcessPoolExecutor | None = None
+        self._lanes: list[ProcessPoolExecutor] | None = None  # one single-process pool per worker, for grouped jobs
         if self.use_ray:  # before any work: Ray installed, the cluster reachable
             import_ray()
             if ray_address:
@@ -102,12 +104,18 @@ class Runner:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        for lane in self._lanes or ():
+            lane.shutdown(cancel_futures=True)
+        self._lanes = None
         if self._ray is not None:
             self._ray.shutdown()
             self._ray = None
 
-    def unordered(self, fn: Callable, jobs: dict[Hashable, object]) -> Iterator[tuple[Hashable, object]]:
-        """(key, fn(job)) for every item of `jobs`, in the order they finish."""
+    def unordered(self, fn: Callable, jobs: dict[Hashable, object], group: Callable[[object], Hashable] | None = None) -> Iterator[tuple[Hashable, object]]:
+        """(key, fn(job)) for every item of `jobs`, in the order they finish. `group(job)`: jobs
+        of one group share work a process keeps (memos), so on the process pool each process
+        keeps to one group while it has jobs, and a free process takes a group no other works on
+        (the first such in order) before it joins one."""
         if not jobs:
             return
         if self.use_ray:
@@ -115,8 +123,44 @@ class Runner:
         elif self.workers == 1 or len(jobs) == 1:
             for key, job in jobs.items():
                 yield key, fn(job)
+        elif group is not None:
+            yield from self._pool_grouped(fn, jobs, group)
         else:
             yield from self._pool_unordered(fn, jobs)
+
+    def _pool_grouped(self, fn: Callable, jobs: dict, group: Callable[[object], Hashable]) -> Iterator[tuple[Hashable, object]]:
+        if self._lanes is None:
+            self._lanes = [ProcessPoolExecutor(max_workers=1) for _ in range(self.workers)]
+        queues: dict[Hashable, deque] = {}
+        for key, job in jobs.items():
+            queues.setdefault(group(job), deque()).append(key)
+        working: list[Hashable | None] = [None] * len(self._lanes)  # each lane's group
+        running: dict[Future, tuple[int, Hashable]] = {}
+
+        def feed(lane: int) -> None:
+            if not queues:
+                return
+            g = working[lane]
+            if g not in queues:
+                g = next((h for h in queues if h not in working), next(iter(queues)))
+            working[lane] = g
+            key = queues[g].popleft()
+            if not queues[g]:
+                del queues[g]
+            running[self._lanes[lane].submit(fn, jobs[key])] = (lane, key)
+
+        for lane in range(len(self._lanes)):
+            feed(lane)
+        try:
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    lane, key = running.pop(future)
+                    feed(lane)
+                    yield key, future.result()
+        finally:
+            for future in running:
+                future.cancel()
 
     def _pool_unordered(self, fn: Callable, jobs: dict) -> Iterator[tuple[Hashable, object]]:
         if self._pool is None:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from simulator.device_model import device_model
 from simulator.engine import IDEAL, EngineOverhead
 from simulator.errors import UserError
-from simulator.forward import check_tp, forward, kv_bytes_per_token, kv_heads_per_gpu, layer_costs, weight_bytes
+from simulator.forward import check_tp, dense_costs, forward, kv_bytes_per_token, kv_heads_per_gpu, weight_bytes
 from simulator.hardware import HardwareProfile
 from simulator.models import ModelSpec
 from simulator.workload import Request, request_source
@@ -128,13 +128,13 @@ class PassCost:
         self._dense_s: dict[int, float] = shared_memo(("dense", *key))
         self._head_s: dict[int, float] = shared_memo(("head", *key))
         self._attention_memo: dict[tuple[int, int], dict[int, np.ndarray]] = shared_memo(("attention", *key))  # (sequences, q) -> block -> [ATTENTION_MEMO_KEYS] s
+        self._attention_one: dict[tuple[int, int, int], float] = shared_memo(("attention one", *key))  # (sequences, q, keys) -> s
 
     def dense_s(self, tokens: int) -> float:
         """Every kernel of every layer except attention, plus the embedding, for `tokens` tokens."""
         t = self._dense_s.get(tokens)
         if t is None:
-            kernels = layer_costs(self.model, self.device, tokens, 0, 1, self.dtype, self.tp)  # depend on batch x query only
-            per_layer_s = sum(k.time_s for k in kernels if k.name != "attention")
+            per_layer_s = sum(k.time_s for k in dense_costs(self.model, self.device, tokens, self.dtype, self.tp))
             embed_s = self.device.embed(tokens, self.model.d_model, self.dtype).time_s
             t = self._dense_s[tokens] = self.n_layers * per_layer_s + embed_s
         return t
@@ -167,7 +167,13 @@ class PassCost:
             return np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0
         q = max(1, round(tokens / sequences))
         arr = np.asarray(keys)
-        if not memo or arr.ndim == 0 or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:  # one value: a block would price 1024
+        if arr.ndim == 0 and arr.dtype.kind in "iu":  # one key count (a prefill's chunks): memoised alone, as a block would price 1024
+            key = (sequences, q, int(keys))
+            t = self._attention_one.get(key)
+            if t is None:
+                t = self._attention_one[key] = self.attention_s_direct(sequences, q, keys)
+            return t
+        if not memo or arr.dtype.kind not in "iu" or arr.size == 0 or arr.min() < 0:
             return self.attention_s_direct(sequences, q, keys)
         memo = self._attention_memo.get((sequences, q))
         if memo is None:
@@ -346,6 +352,23 @@ class Timeline:
         self.kv_block_s = np.zeros(self.N_BUCKETS)  # blocks x seconds
         self.output_tokens = np.zeros(self.N_BUCKETS)
         self.kv_peak_blocks = np.zeros(self.N_BUCKETS)
+        self._direct = [[0.0] * self.N_BUCKETS for _ in range(5)]  # the five, booked one step or span at a time (then folded in)
+
+    def _fold(self) -> None:
+        """Add what was booked directly into the arrays (before the width changes, or a reader reads them)."""
+        busy, sequence, kv, tokens, peak = (np.array(d) for d in self._direct)
+        self.busy_s += busy
+        self.sequence_s += sequence
+        self.kv_block_s += kv
+        self.output_tokens += tokens
+        np.maximum(self.kv_peak_blocks, peak, out=self.kv_peak_blocks)
+        self._direct = [[0.0] * self.N_BUCKETS for _ in range(5)]
+
+    def _direct_bucket(self, start_s: float, end_s: float) -> int:
+        """The bucket holding [start_s, end_s], if one does and it lies within the buckets; else -1."""
+        w = self.width_s
+        first = int(start_s / w)
+        return first if first < self.N_BUCKETS and first == int(end_s / w) else -1
 
     def _merge(self) -> None:
         for name in ("busy_s", "sequence_s", "kv_block_s", "output_tokens"):
@@ -371,21 +394,21 @@ class Timeline:
         rows[4, b : b + m] = tokens
         self._buffered += m
 
-    def add_span(self, start_s: float, ends_s: np.ndarray, dt_s: np.ndarray, sequences: int, kv_blocks: np.ndarray, tokens: np.ndarray) -> None:
-        """Book the steps of a span that began at `start_s`: they end `ends_s` after it and last `dt_s`."""
+    def add_span(self, start_s: float, ends_s: np.ndarray, dt_s: np.ndarray, sequences: int, kv_blocks: np.ndarray, tokens: np.ndarray,
+                 busy_s: float, total_tokens: int, peak_blocks: int) -> None:  # fmt: skip
+        """Book the steps of a span that began at `start_s`: they end `ends_s` after it, last `dt_s`
+        (`busy_s` in all) and emit `tokens` (`total_tokens` in all); the blocks they hold only grow,
+        to `peak_blocks`."""
         m = ends_s.size
-        w = self.width_s
-        first = int((start_s + float(ends_s[0]) - float(dt_s[0])) / w)
-        if first < self.N_BUCKETS and first == int((start_s + float(ends_s[-1]) - float(dt_s[-1])) / w):
-            # one bucket holds the whole span (the common case: a span is short beside a bucket): book it there
-            busy_s = float(ends_s[-1])
-            self.busy_s[first] += busy_s
-            self.sequence_s[first] += busy_s * sequences
-            self.kv_block_s[first] += float(np.dot(dt_s, kv_blocks))
-            self.output_tokens[first] += float(np.add.reduce(tokens))
-            peak = float(kv_blocks[-1])  # reservations only grow within a span
-            if peak > self.kv_peak_blocks[first]:
-                self.kv_peak_blocks[first] = peak
+        b = self._direct_bucket(start_s, start_s + busy_s)
+        if b >= 0:  # one bucket holds the whole span (the common case: a span is short beside a bucket): book it there
+            busy, sequence, kv, tokens_in, peak = self._direct
+            busy[b] += busy_s
+            sequence[b] += busy_s * sequences
+            kv[b] += float(kv_blocks.dot(dt_s))
+            tokens_in[b] += total_tokens
+            if peak_blocks > peak[b]:
+                peak[b] = peak_blocks
             return
         if self._buffered + m > self.BUFFER:
             self.add(start_s + ends_s - dt_s, dt_s, sequences, kv_blocks, tokens)
@@ -402,6 +425,16 @@ class Timeline:
 
     def add_one(self, start_s: float, dt_s: float, sequences: int, kv_blocks: int, tokens: int) -> None:
         """Book one step."""
+        i = self._direct_bucket(start_s, start_s)
+        if i >= 0:
+            busy, sequence, kv, tokens_in, peak = self._direct
+            busy[i] += dt_s
+            sequence[i] += dt_s * sequences
+            kv[i] += dt_s * kv_blocks
+            tokens_in[i] += tokens
+            if kv_blocks > peak[i]:
+                peak[i] = kv_blocks
+            return
         if self._buffered == self.BUFFER:
             self.flush()
         b, rows = self._buffered, self._rows
@@ -409,11 +442,13 @@ class Timeline:
         self._buffered += 1
 
     def flush(self) -> None:
+        self._fold()
         if self._buffered:
             self._book(*self._rows[:, : self._buffered])
             self._buffered = 0
 
     def _book(self, start_s, dt_s, sequences, kv_blocks, tokens) -> None:
+        self._fold()
         while start_s[-1] >= self.N_BUCKETS * self.width_s:
             self._merge()
         idx = (start_s / self.width_s).astype(np.int64)
@@ -591,6 +626,7 @@ class _Ledger:
         self.base = 0  # step number of column 0
         self.rows = np.zeros((4, size), dtype=np.int64)
         self._offsets: dict[tuple[int, int], np.ndarray] = {}  # (q, block) -> what ceil() adds before dividing, RES and HOLD
+        self._steps = np.arange(0, dtype=np.int64)  # 0, 1, 2, ...
 
     def add(self, now: int, start: int, c0: int, gains: np.ndarray, q: int, block: int, sign: int = 1, skip: int = 0) -> None:
         """Add (sign 1) or take back (-1) the steps of a request that joined at step `start` with
@@ -605,14 +641,22 @@ class _Ledger:
             self.rows, self.base = rows, now
         rows = np.empty((4, m), dtype=np.int64)  # TOK, CTX, RES, HOLD of each step
         before = rows[self.CTX]
-        before[0] = gains[skip - 1] if skip else 0
-        before[1:] = gains[skip:-1]
-        np.subtract(gains[skip:], before, out=rows[self.TOK])
-        before += c0
+        if q == 1:  # one token a step: gains[j] = j + 1
+            if self._steps.size < m:
+                self._steps = np.arange(2 * m, dtype=np.int64)
+            rows[self.TOK] = 1
+            np.add(self._steps[:m], c0 + skip, out=before)
+        else:
+            before[0] = gains[skip - 1] if skip else 0
+            before[1:] = gains[skip:-1]
+            np.subtract(gains[skip:], before, out=rows[self.TOK])
+            before += c0
         offsets = self._offsets.get((q, block))
         if offsets is None:
             offsets = self._offsets[(q, block)] = np.array([[q + block - 1], [block - 1]])
-        np.floor_divide(before + offsets, block, out=rows[self.RES :])
+        blocks = rows[self.RES :]
+        np.add(before, offsets, out=blocks)
+        blocks //= block
         live = self.rows[:, end - m - self.base : end - self.base]
         if sign > 0:
             live += rows
@@ -1008,16 +1052,17 @@ class Engine:
             q, tokens, reserved, step_s, ends_s = self._span
             if k < ends_s.size:  # cut short by an arrival
                 tokens, reserved, step_s, ends_s = tokens[:k], reserved[:k], step_s[:k], ends_s[:k]
-            emitted = int(np.add.reduce(tokens))
+            emitted = k * n if q == 1 else int(np.add.reduce(tokens))  # without speculation every request emits one a step
+            busy_s, peak = float(ends_s[k - 1]), int(reserved[k - 1])  # reservations only grow within a span
             if q > 1:
                 self.spec_steps += k
                 self.spec_request_steps += k * n
                 self.spec_tokens += emitted
-            self.timeline.add_span(self._start_s, ends_s, step_s, n, reserved, tokens)
+            self.timeline.add_span(self._start_s, ends_s, step_s, n, reserved, tokens, busy_s, emitted, peak)
             self.steps += k
-            self.busy_s += float(ends_s[k - 1])
+            self.busy_s += busy_s
             self.output_tokens += emitted
-            self.kv_peak_blocks = max(self.kv_peak_blocks, int(reserved[k - 1]))  # reservations only grow within a span
+            self.kv_peak_blocks = max(self.kv_peak_blocks, peak)
             self.batch_peak = max(self.batch_peak, n)
             self.t += k
         self._lookahead = False

@@ -218,6 +218,12 @@ def run_point(job: tuple[int, dict]) -> dict:
 # The Parquet file
 
 
+def _pricing_group(job: tuple[int, dict]) -> tuple:
+    """Points that price the same passes (a process's memos serve them all): one GPU, model pair, dtype and split."""
+    point = job[1]
+    return tuple(point[k] for k in ("gpu", "model", "draft", "dtype", "tp"))
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of an earlier sweep's output (none if there is no file); a file that is not one is a UserError."""
     import pyarrow as pa
@@ -270,7 +276,7 @@ def run_sweep(
         on_total(len(jobs), len(points) - len(jobs))
     rows = list(kept)
     with runner or Runner(workers=1) as r:
-        for _, row in r.unordered(run_point, jobs):
+        for _, row in r.unordered(run_point, jobs, group=_pricing_group):
             rows.append(row)
             write_rows(out, rows)
             if progress:
