@@ -12,12 +12,18 @@ are preempted: their blocks are freed and they return to the head of the queue, 
 recomputed (their prompt and the tokens generated so far prefilled again).
 
 Speed: a step's time comes from `PassCost`, the cost model of `forward()` regrouped into a part
-memoised by token count and an attention part memoised by batch size and key count (profiled:
-pricing attention afresh for every planned span took about 60% of a run). Between scheduling events (an
-arrival that could join, a request finishing, the cache running out) every step is a decode
-step over the same batch, so the engine plans such a span of steps at once with numpy and
-waits once; `max_span_steps=1` plans every step on its own and, with attention priced afresh,
-is the slow reference (a test holds the two to the same result, random acceptance draws included).
+memoised by token count and an attention part memoised by batch size and key count, and a decode
+step's whole time is memoised by batch size and context sum; memos are shared by every engine of
+the process that prices alike (a sweep's points, a run's interval bounds). A request draws its
+accepted lengths for every step when it starts decoding, and the `_Ledger` holds, for each future
+decode step, the sums over the requests decoding in it (tokens emitted, cached tokens, KV blocks
+with and without the lookahead), so a span of decode steps over the same batch (up to the next
+finish, the cache running out, or an arrival that could join) is a slice of it, whatever the
+batch. Where the request source announces its next arrival, the engine runs ahead of the SimPy
+clock between arrivals (`engine_process`). `max_span_steps=1` plans every step on its own and,
+with steps priced afresh and arrivals met as SimPy events, is the slow reference (a test holds
+the two to the same result); `check_invariants` rebuilds every request's state from its own
+draws after every plan's steps and checks the ledger's sums and the block count against it.
 """
 
 from __future__ import annotations

@@ -147,6 +147,18 @@ def test_the_unmodified_copy_loads(tmp_path):
     assert profile_from_file(write(tmp_path / "copy.yaml", a100_data())).name == "A100-80GB-SXM"
 
 
+def test_a_file_read_again_gives_its_new_text(tmp_path):
+    """Profiles are parsed once per file text: the same text gives the same (frozen) profile, an
+    edited file its new values."""
+    path = write(tmp_path / "mine.yaml", a100_data())
+    first = profile_from_file(path)
+    assert profile_from_file(path) is first
+    data = a100_data()
+    data["name"] = "A100-EDITED"
+    write(path, data)
+    assert profile_from_file(path).name == "A100-EDITED"
+
+
 def test_missing_field_is_refused(tmp_path):
     data = a100_data()
     del data["sm_count"]
