@@ -3,8 +3,9 @@
 `Runner` is a context manager with one method, `unordered(fn, jobs)`: it calls `fn(job)` for every
 job and yields `(key, result)` pairs as they finish. `fn` is a top-level function and every job
 carries its own seeds, so the results do not depend on where or in which order a job ran: the
-same seeds give the same rows on either backend. Ray is an optional extra (`pip install -e
-'.[ray]'`); it is imported only when asked for.
+same seeds give the same rows on either backend. `unordered(fn, jobs, group=...)` keeps each pool
+process to one group of jobs while it has any (jobs of a group share what a process memoises).
+Ray is an optional extra (`pip install -e '.[ray]'`); it is imported only when asked for.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ in-process and on a local Ray."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pandas as pd
 import pytest
@@ -150,6 +152,32 @@ def test_resume_refuses_a_file_that_is_not_a_sweep(tmp_path):
 
 def test_process_pool_gives_the_rows_of_one_process(tmp_path):
     points = sweep.expand({"fixed": SMALL, "grid": {"gamma": [2, 4], "chunked_prefill": [False, True]}})
+    one, pool = tmp_path / "one.parquet", tmp_path / "pool.parquet"
+    sweep.run_sweep(points, one, runner=Runner(workers=1))
+    sweep.run_sweep(points, pool, runner=Runner(workers=2))
+    pd.testing.assert_frame_equal(pd.read_parquet(one), pd.read_parquet(pool))
+
+
+def _where(job):
+    time.sleep(0.2)  # long enough for both processes to start their first job
+    return job[0], os.getpid(), time.monotonic()
+
+
+def test_grouped_jobs_keep_each_process_to_one_group_first():
+    """With `group`, a free process takes a group no other works on: the two processes start on
+    the two groups (a plain pool hands both the first group's jobs), and every job runs once."""
+    jobs = {i: ("ab"[i // 4], i) for i in range(8)}
+    with Runner(workers=2) as runner:
+        done = dict(runner.unordered(_where, jobs, group=lambda job: job[0]))
+    assert sorted(done) == list(range(8))
+    first_group = {}
+    for group, pid, _ in sorted(done.values(), key=lambda v: v[2]):
+        first_group.setdefault(pid, group)
+    assert sorted(first_group.values()) == ["a", "b"]
+
+
+def test_points_of_two_gpus_give_the_rows_of_one_process_on_the_grouped_pool(tmp_path):
+    points = sweep.expand({"fixed": SMALL, "grid": {"gpu": ["a100", "l40s"], "gamma": [2, 4]}})
     one, pool = tmp_path / "one.parquet", tmp_path / "pool.parquet"
     sweep.run_sweep(points, one, runner=Runner(workers=1))
     sweep.run_sweep(points, pool, runner=Runner(workers=2))
