@@ -173,7 +173,7 @@ class PassCost:
             return np.zeros(np.shape(keys)) if np.ndim(keys) else 0.0
         q = max(1, round(tokens / sequences))
         arr = np.asarray(keys)
-        if arr.ndim == 0 and arr.dtype.kind in "iu":  # one key count (a prefill's chunks): memoised alone, as a block would price 1024
+        if memo and arr.ndim == 0 and arr.dtype.kind in "iu":  # one key count (a prefill's chunks): memoised alone, as a block would price 1024
             key = (sequences, q, int(keys))
             t = self._attention_one.get(key)
             if t is None:
