@@ -405,7 +405,6 @@ class Timeline:
         """Book the steps of a span that began at `start_s`: they end `ends_s` after it, last `dt_s`
         (`busy_s` in all) and emit `tokens` (`total_tokens` in all); the blocks they hold only grow,
         to `peak_blocks`."""
-        m = ends_s.size
         b = self._direct_bucket(start_s, start_s + busy_s)
         if b >= 0:  # one bucket holds the whole span (the common case: a span is short beside a bucket): book it there
             busy, sequence, kv, tokens_in, peak = self._direct
@@ -416,18 +415,7 @@ class Timeline:
             if peak_blocks > peak[b]:
                 peak[b] = peak_blocks
             return
-        if self._buffered + m > self.BUFFER:
-            self.add(start_s + ends_s - dt_s, dt_s, sequences, kv_blocks, tokens)
-            return
-        b, rows = self._buffered, self._rows
-        start = rows[0, b : b + m]
-        np.add(ends_s, start_s, out=start)
-        start -= dt_s
-        rows[1, b : b + m] = dt_s
-        rows[2, b : b + m] = sequences
-        rows[3, b : b + m] = kv_blocks
-        rows[4, b : b + m] = tokens
-        self._buffered += m
+        self.add(start_s + ends_s - dt_s, dt_s, sequences, kv_blocks, tokens)  # across buckets: step by step
 
     def add_one(self, start_s: float, dt_s: float, sequences: int, kv_blocks: int, tokens: int) -> None:
         """Book one step."""
