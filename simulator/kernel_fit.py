@@ -73,7 +73,8 @@ def _predict_gemm(dtype: str):
             sub = f.iloc[idx]
             Pi = {k: v[idx] for k, v in P.items()}
             di = dev.take(idx)
-            t = sources.gemm_call(Pi, di, sub["m"].to_numpy(), sub["n"].to_numpy(), sub["k"].to_numpy(), dtype, timer.weight_copies)
+            t = sources.gemm_call(Pi, di, sub["m"].to_numpy(), sub["n"].to_numpy(), sub["k"].to_numpy(), dtype, timer.weight_copies,
+                                 timer.replays * timer.calls_per_replay)
             out[idx] = sources.timed(t, timer, {k: v[idx] for k, v in T.items()}, di)
         return out
 
@@ -128,7 +129,7 @@ def _predict_operators(P, T, dev, f, ctx):
         fit = ctx["gemm:bf16"]
         di = dev.take(idx)
         Pg = fit.fitted.values(di.generation)
-        out[idx] = sources.gemm_call(Pg, di, t[idx], n[idx], k[idx], "fp16", 1.0)
+        out[idx] = sources.gemm_call(Pg, di, t[idx], n[idx], k[idx], "fp16", 1.0, sources.KERNEL_ONLY.replays)
     memory = ~gemm_rows
     if "attention:fa2" in ctx and memory.any():
         idx = np.flatnonzero(memory)

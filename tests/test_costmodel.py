@@ -558,6 +558,107 @@ def test_k_is_split_only_into_slices_the_library_allows():
     assert time(8, 64, 65536, 1024.0) < 0.5 * time(8, 64, 65536, 4096.0)
 
 
+@settings(max_examples=60, deadline=None)
+@given(flops_scale=st.floats(0.01, 1.0), burst=st.floats(1e-5, 10.0), grow=st.floats(1.0, 100.0), e_mma=st.floats(0.1, 10.0),
+       gpu=st.sampled_from(["a100", "l40s", "h100-sxm", "gb200", "rtx-pro-6000-blackwell-server", "l4"]))  # fmt: skip
+def test_the_power_limit_only_slows_and_more_so_the_harder_and_longer_a_kernel_runs(flops_scale, burst, grow, e_mma, gpu):
+    """A kernel at its boost-clock time t is never sped up; more FLOPs in the same time (a higher
+    draw), a longer burst and a larger energy per FLOP never make it faster; with no burst (a busy
+    server) it feels the whole limit."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile(gpu)])
+    P = {**Fitted.start("gemm").values(dev.generation), "e_mma": np.array([e_mma])}
+    t, peak = np.array([1e-3]), dev.peak("bf16")
+    flops = flops_scale * t * peak
+
+    def slowed(f=flops, b=burst, P=P):
+        return kernels.power_limited(P, dev, t, f, peak, b)[0]
+
+    base = slowed()
+    assert base >= t[0]
+    assert slowed(f=flops * grow) >= base * (1 - 1e-12)
+    assert slowed(b=burst * grow) >= base * (1 - 1e-12)
+    assert slowed(P={**P, "e_mma": np.array([e_mma * grow])}) >= base * (1 - 1e-12)
+    assert kernels.power_limited(P, dev, t, flops, peak, None)[0] >= base * (1 - 1e-12)
+
+
+def test_the_power_limit_follows_the_datasheets_power_per_flop():
+    """At the same share of its peak, a GPU loses more to its power limit the less TDP its
+    datasheet gives each peak FLOP (GB200 0.48 pJ, L40S 0.97, RTX PRO 6000 1.19, A100 1.28); at
+    the shipped fit a long 8192^3 GEMM loses more on GB200 than on L40S; a decode GEMM (m = 1, far
+    from the tensor peak) loses nothing anywhere; a profile without a TDP is not slowed."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import load_fitted
+
+    fitted = load_fitted()["families"]["gemm:bf16"]
+    order = ["gb200", "l40s", "rtx-pro-6000-blackwell-server", "a100"]
+    dev = Dev.of([load_profile(g) for g in order])
+    P = fitted.values(dev.generation)
+    t = np.full(len(order), 1e-3)
+    slow = kernels.power_limited(P, dev, t, 0.9 * t * dev.peak("bf16"), dev.peak("bf16")) / t
+    assert (np.diff(slow) < 0).all() and slow[0] > 1.3
+
+    def loss(gpu, m, n, k, tdp=True):
+        hw = load_profile(gpu)
+        hw = hw if tdp else hw.model_copy(update={"tdp_w": None})
+        dev = Dev.of([hw])
+        P = fitted.values(dev.generation)
+        return (kernels.gemm_time(P, dev, m, n, k) / kernels.gemm_time({**P, "e_mma": np.array([1e-9])}, dev, m, n, k))[0]
+
+    big = (8192, 8192, 8192)
+    assert loss("gb200", *big) > loss("l40s", *big) > 1.0 + 1e-6
+    assert loss("gb200", *big, tdp=False) == pytest.approx(1.0)
+    for gpu in ("a100", "l40s", "gb200", "h100-sxm"):
+        assert loss(gpu, 1, 8192, 8192) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_benchmark_burst_feels_the_power_limit_by_how_long_it_runs():
+    """aiconfigurator's GEMM rows are 9 graph replays (3 warm-up, 6 timed) of 6 calls back to back:
+    the GEMM fit prices each row with that burst, so the power controller's response time moves a
+    long GB200 GEMM's prediction and not a short one's."""
+    import pandas as pd
+
+    from simulator import kernel_fit as kf
+    from simulator.gpu_model import sources
+    from simulator.gpu_model.params import Fitted
+
+    timer = sources.gemm_timer("vllm", "bf16")
+    assert (timer.replays, timer.calls_per_replay) == (sources.AIC_REPLAYS, 6) and sources.AIC_REPLAYS == 9
+    frame = pd.DataFrame({"gpu": "GB200", "generation": "blackwell", "framework": "vllm", "m": [16.0, 8192.0], "n": [4096.0, 8192.0],
+                          "k": [4096.0, 8192.0]})  # fmt: skip
+    profiles = {"GB200": load_profile("gb200")}
+    dev = kf.device_of(frame, profiles)
+    predict = kf.GROUPS["gemm:bf16"].predict
+    P = Fitted.start("gemm").values(dev.generation)
+
+    def at(t_power_ms):
+        return predict({**P, "t_power_ms": np.full(2, t_power_ms)}, {"c_floor": np.full(2, 16000.0)}, dev, frame, {})
+
+    quick, slow = at(0.1), at(1000.0)  # the controller answering at once / long after the burst
+    assert quick[1] > 1.2 * slow[1]
+    assert quick[0] == pytest.approx(slow[0], rel=1e-3)
+
+
+def test_tma_generations_pay_their_own_kernel_prologue():
+    """c_kernel's factor x_tma applies to Hopper and later (TMA-fed kernels), never to Ampere or Ada."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import TMA_GENERATIONS, Dev
+    from simulator.gpu_model.params import Fitted
+
+    assert {"hopper", "blackwell", "blackwell-rtx"} == set(TMA_GENERATIONS)
+    for gpu, tma in (("a100", False), ("l40s", False), ("h100-sxm", True), ("gb200", True), ("rtx-pro-6000-blackwell-server", True)):
+        dev = Dev.of([load_profile(gpu)])
+        assert bool(dev.tma[0]) is tma
+        P = Fitted.start("gemm").values(dev.generation)
+        one, two = (kernels.gemm_time({**P, "x_tma": np.array([x])}, dev, 1, 64, 64)[0] for x in (1.0, 2.0))
+        c_kernel_s = P["c_kernel"][0] / dev.clock_hz[0]
+        assert two - one == pytest.approx(c_kernel_s if tma else 0.0, rel=1e-6, abs=1e-15)
+
+
 def test_vllm_attention_timers_see_the_cache_write_only_where_forward_does_it():
     """aiconfigurator's collector times `impl.forward`: vLLM's FlashAttention backend moved the K/V
     cache write out of it in 0.16, FlashInfer's kept it; another source times device kernels."""

@@ -22,6 +22,12 @@ GEMM_DTYPES = {
     "nvfp4": (0.5 + 1.0 / 16, "fp4"),  # 4-bit values and one fp8 scale per 16 (NVFP4 block size)
 }
 
+# Generations with the Tensor Memory Accelerator (compute capability 9.0 on): their GEMM libraries
+# (cuBLAS, CUTLASS 3.x) run warp-specialised kernels fed by TMA copies, whose prologue (tensor-map
+# prefetch, barrier setup, producer/consumer warp roles) differs from the cp.async pipelines of
+# Ampere and Ada (CUTLASS 2.x).
+TMA_GENERATIONS = ("hopper", "blackwell", "blackwell-rtx")
+
 
 @dataclass(frozen=True)
 class Dev:
@@ -31,6 +37,8 @@ class Dev:
     l2_bytes: np.ndarray  # what one L2 partition holds of data every SM reads (the L2 over its partitions)
     l2_bytes_per_s: np.ndarray
     sram_bytes_per_sm: np.ndarray
+    tma: np.ndarray  # bool: the GPU has a Tensor Memory Accelerator (Hopper on), its GEMM libraries' kernels are TMA-fed
+    tdp_w: np.ndarray  # board power limit (nan where the profile has none: no power limit is modelled)
     peaks: dict[str, np.ndarray]  # dense tensor-core FLOP/s by dtype (nan where the GPU has none)
     generation: np.ndarray  # architecture generation labels (object array)
 
@@ -73,6 +81,8 @@ class Dev:
             l2_bytes=col(lambda p: p.l2_bytes / (p.l2_partitions or 1)),
             l2_bytes_per_s=col(lambda p: p.l2_bytes_per_s or p.hbm_bytes_per_s),
             sram_bytes_per_sm=col(lambda p: p.sram_bytes_per_sm),
+            tma=col(lambda p: p.generation in TMA_GENERATIONS, dtype=bool),
+            tdp_w=col(lambda p: p.tdp_w if p.tdp_w else np.nan),
             peaks=peaks,
             generation=col(lambda p: p.generation, dtype=object),
         )

@@ -10,6 +10,7 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
     tile   t = max(2 B_M B_N k_s / (f_mma P_mma / S),  (B_M + B_N) k_s e / (load_bpf P_bf16 / S))
                + (1 - overlap) B_M B_N e_C / (BW f_bw / min(T, S))  + c_tile / f
     time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: fp32 partials written and reduced inside the kernel]
+    then slowed by the board's power limit where the MMAs draw more than the TDP (`power_limited`)
 Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/cutlass_w8a8) pick a tile config by
 m and never split K (s = 1). The library is taken to pick the best config: the time is a soft
 minimum over configs (a log-sum-exp in log time, sharp enough to be the minimum within a percent,
@@ -35,6 +36,9 @@ from simulator.gpu_model.device import GEMM_DTYPES, Dev
 Params = dict[str, np.ndarray]
 
 SOFTMIN_SHARPNESS = 30.0  # in log time: configs 10% slower than the best weigh e^-3 of it
+POWER_EXPONENT = 2.0  # board draw ~ f^2 under load (see `power_limited`)
+POWER_ONSET = 2.0  # the power controller's share felt by a burst b: 1 / (1 + (t_power / b)^2)
+POWER_KNEE = 8.0  # the power limit's max(demand, 1) is (1 + demand^8)^(1/8): 1.003 at 0.7 of the limit, 1.09 at it
 OVERLAP_POWER = 6.0  # two overlapped activities take (a^p + b^p)^(1/p): their max, +12% when they are equal
 
 
@@ -89,7 +93,7 @@ _GEMM_CONFIGS = _configs(GEMM_SPLITS)
 _UNSPLIT_CONFIGS = _configs((1,))  # the scaled-MM kernels of quantized GEMMs pick a tile config by m and never split K
 
 
-def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0):
+def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0, repeats=None):
     """Device seconds of one GEMM [m, k] @ [k, n] -> [m, n] (bf16 output) in `dtype` (see
     GEMM_DTYPES). `weight_copies`: how many distinct weight matrices the caller cycles through
     between two uses of this one (an engine: every layer's; a benchmark: its copies), which decides
@@ -106,7 +110,7 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     l2 = dev.l2_bytes * P["u_l2"]
     hit_a = resident(A + W + C, l2)  # the input and the output buffer are the caller's, reused call after call
     hit_w = resident(A + C + weight_copies * W, l2)
-    kernel_s = P["c_kernel"] / f + P["t_kernel_us"] * 1e-6
+    kernel_s = P["c_kernel"] * np.where(dev.tma, P["x_tma"], 1.0) / f + P["t_kernel_us"] * 1e-6
     # every tile config at once: configs along axis 0, rows along axis 1
     bm, bn, s = (c[:, None] for c in (_GEMM_CONFIGS if dtype in UNQUANTIZED else _UNSPLIT_CONFIGS))
     split = s > 1
@@ -131,7 +135,35 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     low = L.min(axis=0)
     soft = low - np.log(np.exp(-SOFTMIN_SHARPNESS * (L - low)).sum(axis=0)) / SOFTMIN_SHARPNESS
     first_load = P["t_dram_us"] * 1e-6 * (1.0 - hit_w * hit_a)
-    return np.exp(soft) + kernel_s + first_load
+    t = np.exp(soft) + kernel_s + first_load
+    return power_limited(P, dev, t, 2.0 * m * n * k, dev.peak(peak_dtype), None if repeats is None else repeats * t)
+
+
+def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_s=None):
+    """`device_s` of a kernel doing `flops` at the boost clock, slowed by the board's power limit.
+
+    At full tensor-core load the newer GPUs draw more than their power limit feeds (the
+    datasheet's TDP over the dense bf16 peak is 1.28 pJ/FLOP on A100, 1.19 on RTX PRO 6000, 0.97
+    on L40S, 0.48 on GB200), and the power controller lowers the clock until the draw fits. A
+    kernel's demand, as a fraction of the limit, is
+        D = (flops / device_s) / peak_dtype  x  e_mma  x  P_bf16 / TDP
+    (its share of its dtype's peak at e_mma joules per dense bf16 FLOP, operand traffic included; a
+    full-rate fp8 or fp4 MMA is taken to draw what a full-rate bf16 one does). The draw grows as
+    f^POWER_EXPONENT: f V^2 with the voltage following the clock would be cubic, the memory's and
+    the leakage's share that does not follow it makes it less (2 is the exponent under which the
+    tables' A100 and RTX PRO 6000 stay unthrottled while L40S and GB200 throttle, one e_mma for
+    all four). Above the limit the clock falls by D^(1/POWER_EXPONENT) and the kernel takes that
+    much longer. The controller answers within about t_power_ms: a kernel repeated back to back
+    for `burst_s` seconds feels the share 1 / (1 + (t_power / burst)^2) of it; None: all of it,
+    as a busy server's GEMMs do. Where the profile has no TDP nothing is slowed."""
+    t = np.asarray(device_s, dtype=float)
+    demand = flops / np.maximum(t * peak_flops_per_s, 1e-300) * P["e_mma"] * 1e-12 * dev.peak("bf16") / dev.tdp_w
+    over = (1.0 + np.maximum(demand, 0.0) ** POWER_KNEE) ** (1.0 / POWER_KNEE)  # max(D, 1), smooth at the limit
+    slow = np.where(np.isfinite(demand), over ** (1.0 / POWER_EXPONENT), 1.0)
+    if burst_s is None:
+        return t * slow
+    felt = 1.0 / (1.0 + (P["t_power_ms"] * 1e-3 / np.maximum(np.asarray(burst_s, dtype=float), 1e-30)) ** POWER_ONSET)
+    return t * (1.0 + felt * (slow - 1.0))
 
 
 def quantize_time(P: Params, dev: Dev, elements, out_bytes_per_element):
@@ -301,7 +333,8 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
 
 def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108):
     """How many kernels `attention_time` prices for one call (for the per-node cost of a CUDA graph)."""
-    dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), {}, np.array(["?"], dtype=object))
+    dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.zeros(1, dtype=bool), np.full(1, np.nan), {},
+                   np.array(["?"], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
     g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0)
     return 2 + (g["splits"] > 1) + g["copies"] + (np.asarray(kv_bytes) < 2)

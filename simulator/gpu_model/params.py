@@ -55,6 +55,9 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("f_l2", "fraction", 0.2, 0.01, 1.0, "of the L2 bandwidth operands resident there stream at"),
         Param("c_kernel", "cycles", 2000.0, 1.0, 20000.0, "device time of launching and draining one kernel, the part that runs at the SM clock", True),
         Param("t_kernel_us", "us", 1.0, 0.0, 10.0, "the part of it that does not (the front end's launch latency)"),
+        Param("x_tma", "x", 1.2, 0.3, 4.0, "c_kernel's factor for a TMA-fed kernel (Hopper on: tensor-map prefetch, barrier setup, warp-specialised roles; `device.TMA_GENERATIONS`)"),
+        Param("e_mma", "pJ/FLOP", 2.0, 0.1, 10.0, "energy of one dense FLOP at the bf16 tensor-core peak and the boost clock, the operand traffic feeding it included (the power limit's demand, see `kernels.power_limited`)"),
+        Param("t_power_ms", "ms", 20.0, 0.1, 1000.0, "how long a kernel runs back to back before the power controller's lower clock takes hold"),
     ),
     "gemm_quantized": _family(
         Param("f_mma", "fraction", 0.6, 0.05, 1.0, "of the dense tensor-core peak of the quantized dtype a tile's main loop reaches", True),

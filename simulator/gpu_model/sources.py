@@ -42,17 +42,19 @@ class Timer:
     weight_copies: int = 1  # distinct weight matrices cycled through between two uses of one
     eager_host: bool = False  # an eager call whose host work can bound it
     cache_write: bool = True  # an attention call's time includes writing the new tokens' K/V into the cache
+    replays: int = 1  # replays run back to back per measurement, warm-up included (how long the GPU works flat out)
 
 
 KERNEL_ONLY = Timer()
+AIC_REPLAYS = 3 + 6  # collector/helper.py `benchmark_with_power`: num_warmups=3 replays, then num_runs=6 timed ones
 
 
 def gemm_timer(framework: str, dtype: str) -> Timer:
     if framework == "vllm":
         if dtype == "fp8_block":
-            return Timer(graph=False, calls_per_replay=1, weight_copies=1, eager_host=True)
+            return Timer(graph=False, calls_per_replay=1, weight_copies=1, eager_host=True, replays=AIC_REPLAYS)
         copies = 1 if dtype == "nvfp4" else 6
-        return Timer(graph=True, calls_per_replay=copies, weight_copies=copies)
+        return Timer(graph=True, calls_per_replay=copies, weight_copies=copies, replays=AIC_REPLAYS)
     return KERNEL_ONLY
 
 
@@ -87,10 +89,11 @@ QUANTIZED_OWN = ("f_mma", "c_kernel", "t_kernel_us", "c_tile")  # a quantized GE
 QUANTIZED_OUT_BYTES = {"fp8": 1.0, "fp8_block": 1.0 + 4.0 / 128, "nvfp4": 0.5 + 1.0 / 16}
 
 
-def gemm_call(P: dict, dev: Dev, m, n, k, dtype: str, weight_copies=1.0):
+def gemm_call(P: dict, dev: Dev, m, n, k, dtype: str, weight_copies=1.0, repeats=None):
     """Device seconds of one linear layer call in `dtype`: for quantized dtypes the activation
-    quantization kernel (bf16 in, the dtype and its scales out) and the GEMM."""
-    t = K.gemm_time(P, dev, m, n, k, dtype, weight_copies)
+    quantization kernel (bf16 in, the dtype and its scales out) and the GEMM. `repeats`: how many
+    such calls run back to back (a benchmark's; None: for good, see `kernels.power_limited`)."""
+    t = K.gemm_time(P, dev, m, n, k, dtype, weight_copies, repeats)
     if dtype in QUANTIZED_OUT_BYTES:
         t = t + K.quantize_time(P, dev, np.asarray(m, dtype=float) * np.asarray(k, dtype=float), QUANTIZED_OUT_BYTES[dtype])
     return t
