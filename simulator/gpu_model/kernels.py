@@ -149,11 +149,13 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
         D = (flops / device_s) / peak_dtype  x  e_mma  x  P_bf16 / TDP
     (its share of its dtype's peak at e_mma joules per dense bf16 FLOP, operand traffic included; a
     full-rate fp8 or fp4 MMA is taken to draw what a full-rate bf16 one does). The draw grows as
-    f^POWER_EXPONENT: f V^2 with the voltage following the clock would be cubic, the memory's and
-    the leakage's share that does not follow it makes it less (2 is the exponent under which the
-    tables' A100 and RTX PRO 6000 stay unthrottled while L40S and GB200 throttle, one e_mma for
-    all four). Above the limit the clock falls by D^(1/POWER_EXPONENT) and the kernel takes that
-    much longer. The controller answers within about t_power_ms: a kernel repeated back to back
+    f^POWER_EXPONENT: f V^2 with the voltage following the clock would be cubic; the share of the
+    memory and of leakage, which does not follow the clock, makes it less, and 2 is taken. Above
+    the limit the clock falls by D^(1/POWER_EXPONENT) and the kernel takes that much longer. One
+    e_mma serves every GPU: at the shipped fit (1.5 pJ) a sustained 8192^3 bf16 GEMM takes 1.07x
+    its unthrottled time on RTX PRO 6000, 1.09x on A100, 1.19x on L40S and 1.7x on GB200; the
+    tables show compute-bound GEMMs past 1 ms slowing by ~10% on L40S and ~25% on GB200 and not
+    at all on the other two (whose per-generation MMA efficiency takes up the difference). The controller answers within about t_power_ms: a kernel repeated back to back
     for `burst_s` seconds feels the share 1 / (1 + (t_power / burst)^2) of it; None: all of it,
     as a busy server's GEMMs do. Where the profile has no TDP nothing is slowed."""
     t = np.asarray(device_s, dtype=float)
