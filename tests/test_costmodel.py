@@ -643,6 +643,41 @@ def test_a_benchmark_burst_feels_the_power_limit_by_how_long_it_runs():
     assert quick[0] == pytest.approx(slow[0], rel=1e-3)
 
 
+def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
+    """vLLM's flash-attn build runs FlashAttention-3 on sm90: prefill programs of FA3's bf16 causal
+    tiles (tile_size_fwd_sm90: 192 x 128 for d <= 64, 192 x 144 for d <= 96, 128 x 128 up to 192,
+    128 x 80 up to 256); FA2's 64-row programs everywhere else; decode keeps the swapped path.
+    With twice the MMAs per streamed K/V byte, a long prefill on H100 runs faster than FA2's tiles
+    would let it."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+
+    d = np.array([64.0, 96.0, 128.0, 192.0, 256.0])
+    ones = np.ones(len(d))
+
+    def geometry(gpu, n_q, h=32.0, hk=32.0):
+        dev = Dev.of([load_profile(gpu)] * len(d))
+        return kernels._fa2_geometry(dev, ones, h * ones, hk * ones, d, n_q * ones, 4096.0 * ones)
+
+    hopper = geometry("h100-sxm", 4096.0)
+    assert hopper["br"].tolist() == [192.0, 192.0, 128.0, 128.0, 128.0]
+    assert hopper["bc"].tolist() == [128.0, 144.0, 128.0, 128.0, 80.0]
+    for gpu in ("a100", "l40s", "rtx-pro-6000-blackwell-server"):
+        assert (geometry(gpu, 4096.0)["br"] == 64.0).all()
+    decode_h100, decode_a100 = geometry("h100-sxm", 1.0, hk=8.0), geometry("a100", 1.0, hk=8.0)
+    assert (decode_h100["br"] == decode_a100["br"]).all() and (decode_h100["bc"] == decode_a100["bc"]).all()
+
+    from simulator.gpu_model.params import load_fitted
+
+    P = load_fitted()["families"]["attention:fa2"]
+    dev = Dev.of([load_profile("h100-sxm")])
+    args = (np.ones(1), 16.0, 16.0, 128.0, np.array([8192.0]), np.array([8192.0]))
+    fa3 = kernels.attention_time(P.values(dev.generation), dev, "fa2", *args)[0]
+    as_fa2 = kernels.attention_time(P.values(dev.generation), Dev.of([load_profile("h100-sxm").model_copy(update={"generation": "ampere"})]),
+                                    "fa2", *args)[0]  # fmt: skip
+    assert fa3 < 0.75 * as_fa2
+
+
 def test_tma_generations_pay_their_own_kernel_prologue():
     """c_kernel's factor x_tma applies to Hopper and later (TMA-fed kernels), never to Ampere or Ada."""
     from simulator.gpu_model import kernels

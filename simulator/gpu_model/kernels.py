@@ -217,16 +217,28 @@ def _causal_blocks(n_q, n_kv, rows, bc):
     return q_blocks, total, most
 
 
+FA3_GENERATIONS = ("hopper",)  # where vLLM's flash-attn build runs FlashAttention-3's kernels (sm90 only)
+
+
 def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     """vLLM's FlashAttention-2 build (paged K/V, so always its split-KV kernel with B_r = 64 and
     B_c = 256 / 128 / 64 for d <= 64 / 128 / more). A decode call (one query per sequence) with
     grouped heads swaps the group into the rows (seqlenq_ngroups_swapped) and splits K/V by the
-    heuristic; otherwise one program per (sequence, head, 64 query rows), no split."""
+    heuristic; otherwise one program per (sequence, head, 64 query rows), no split.
+
+    On Hopper the same build runs FlashAttention-3 (Shah et al. 2024): warp-specialised programs
+    whose two consumer warpgroups share one TMA-fed K/V stream, with the tiles of its
+    `tile_size_fwd_sm90` for bf16, causal: B_r x B_c = 192 x 128 (d <= 64), 192 x 144 (<= 96),
+    128 x 128 (<= 192), 128 x 80 (<= 256). A program then does twice or three times FA2's MMAs
+    per K/V byte it streams. Its decode (packed GQA, split K/V) is priced as FA2's swapped path."""
     swapped = (n_q == 1) & (h > hk)
     heads = np.where(swapped, hk, h)
     rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
     bc = np.where(d <= 64, 256, np.where(d <= 128, 128, 64)).astype(float)
     br = np.full(b.shape, 64.0)
+    fa3 = np.isin(dev.generation, FA3_GENERATIONS) & ~swapped
+    br = np.where(fa3, np.where(d <= 96, 192.0, 128.0), br)
+    bc = np.where(fa3, np.where(d <= 64, 128.0, np.where(d <= 96, 144.0, np.where(d <= 192, 128.0, 80.0))), bc)
     q_blocks, total, most = _causal_blocks(rows_q, n_kv, br, bc)
     q_blocks = np.where(swapped, np.ceil((h / hk) / 64), q_blocks)
     kv_blocks = np.ceil(n_kv / bc)
