@@ -678,6 +678,44 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
     assert fa3 < 0.75 * as_fa2
 
 
+def test_small_m_bf16_gemms_fetch_only_their_rows_and_scaled_mm_keep_their_tiles():
+    """A bf16 GEMM's tiles fetch only the rows inside the matrix and may be 32 rows tall: with the
+    operand loads binding (a tiny load rate), a 1-row GEMM is faster than a 32-row one, which pays
+    for 32 rows. vLLM's scaled-MM kernels keep their full tiles of >= 64 rows: 1 and 64 rows cost
+    the same."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile("l40s")] * 3)
+    slow_loads = {"load_bpf": np.full(3, 0.002), "load_bpf_c3x": np.full(3, 0.002), "e_mma": np.full(3, 1e-9)}
+    P = {**Fitted.start("gemm").values(dev.generation), **slow_loads}
+    m = np.array([1.0, 32.0, 64.0])
+    bf16 = kernels.gemm_time(P, dev, m, 4096, 4096)
+    assert bf16[0] < 0.9 * bf16[1] < bf16[2]
+    assert 32 in kernels.GEMM_TILES_M and min(kernels.SCALED_MM_TILES_M) == 64
+    fp8 = kernels.gemm_time(P, dev, m, 4096, 4096, "fp8")
+    assert fp8[0] == pytest.approx(fp8[2], rel=1e-3)
+
+
+def test_scaled_mm_loads_run_at_their_own_rate_on_tma_generations_only():
+    """`load_bpf_c3x` (the quantized family's) prices the scaled-MM kernels' loads on Hopper on
+    (CUTLASS 3.x); on Ada they run at the bf16 fit's `load_bpf`; a bf16 GEMM never reads it."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    for gpu, tma in (("l40s", False), ("h100-sxm", True), ("gb200", True)):
+        dev = Dev.of([load_profile(gpu)])
+        P = {**Fitted.start("gemm").values(dev.generation), "e_mma": np.array([1e-9])}
+
+        def t(dtype, c3x, P=P, dev=dev):
+            return kernels.gemm_time({**P, "load_bpf_c3x": np.array([c3x])}, dev, 512, 4096, 4096, dtype)[0]
+
+        assert bool(t("fp8", 0.002) > 1.5 * t("fp8", 0.5)) is tma
+        assert t("bf16", 0.002) == t("bf16", 0.5)
+
+
 def test_tma_generations_pay_their_own_kernel_prologue():
     """c_kernel's factor x_tma applies to Hopper and later (TMA-fed kernels), never to Ampere or Ada."""
     from simulator.gpu_model import kernels

@@ -11,8 +11,10 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
                + (1 - overlap) B_M B_N e_C / (BW f_bw / min(T, S))  + c_tile / f
     time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: fp32 partials written and reduced inside the kernel]
     then slowed by the board's power limit where the MMAs draw more than the TDP (`power_limited`)
+B_M also takes 32 for bf16 (small-M kernels), whose tiles fetch only the rows inside the matrix.
 Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/cutlass_w8a8) pick a tile config by
-m and never split K (s = 1). The library is taken to pick the best config: the time is a soft
+m (B_M >= 64) and never split K (s = 1); on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
+run at a rate of their own (`load_bpf_c3x`), on Ampere and Ada (CUTLASS 2.x) at the bf16 fit's. The library is taken to pick the best config: the time is a soft
 minimum over configs (a log-sum-exp in log time, sharp enough to be the minimum within a percent,
 smooth for the fit). DRAM bytes are the compulsory A, W, C minus what stays L2-resident between
 calls (`resident`).
@@ -79,18 +81,19 @@ def operator_time(P_mem: Params, P_op: Params, c_kernel, dev: Dev, op_kernel: np
 
 # --- GEMM -------------------------------------------------------------------------------------
 
-GEMM_TILES_M = (64, 128, 256)
+GEMM_TILES_M = (32, 64, 128, 256)  # 32: cuBLAS's small-M kernels (and on Hopper on, the swap of A and B that puts a small m in the MMA's N)
+SCALED_MM_TILES_M = (64, 128, 256)  # vLLM's scaled-MM configs by m (cutlass_w8a8): no tile below 64 rows
 GEMM_TILES_N = (64, 128, 256)
 GEMM_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 UNQUANTIZED = ("bf16", "fp16")
 
 
-def _configs(splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(np.asarray(c, dtype=float) for c in zip(*[(bm, bn, s) for bm in GEMM_TILES_M for bn in GEMM_TILES_N for s in splits], strict=True))
+def _configs(tiles_m, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.asarray(c, dtype=float) for c in zip(*[(bm, bn, s) for bm in tiles_m for bn in GEMM_TILES_N for s in splits], strict=True))
 
 
-_GEMM_CONFIGS = _configs(GEMM_SPLITS)
-_UNSPLIT_CONFIGS = _configs((1,))  # the scaled-MM kernels of quantized GEMMs pick a tile config by m and never split K
+_GEMM_CONFIGS = _configs(GEMM_TILES_M, GEMM_SPLITS)
+_UNSPLIT_CONFIGS = _configs(SCALED_MM_TILES_M, (1,))  # the scaled-MM kernels of quantized GEMMs pick a tile config by m and never split K
 
 
 def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0, repeats=None):
@@ -105,7 +108,8 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     S, f = dev.sm_count, dev.clock_hz
     bw = dev.hbm_bytes_per_s * P["f_bw"]
     mma = dev.peak(peak_dtype) / S * P["f_mma"]
-    load = P["load_bpf"] * dev.peak("bf16") / S
+    own = "load_bpf_c3x" in P and dtype not in UNQUANTIZED  # the TMA-fed scaled-MM kernels' own load rate (CUTLASS 3.x, Hopper on)
+    load = np.where(dev.tma & own, P["load_bpf_c3x"] if own else 0.0, P["load_bpf"]) * dev.peak("bf16") / S
     W, A, C = e * k * n, e * m * k, 2.0 * m * n
     l2 = dev.l2_bytes * P["u_l2"]
     hit_a = resident(A + W + C, l2)  # the input and the output buffer are the caller's, reused call after call
@@ -119,7 +123,9 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     waves = np.ceil(tiles / S)
     active = np.minimum(tiles, S)
     t_mma = 2.0 * bm * bn * ks / mma
-    t_load = (bm + bn) * ks * e / load
+    # a bf16 tile fetches only the rows and columns inside the matrix (cp.async / TMA fill the rest with
+    # zeros); the scaled-MM kernels are priced with their full tile, which their tables fit better
+    t_load = ((np.minimum(bm, m) + np.minimum(bn, n)) if dtype in UNQUANTIZED else (bm + bn)) * ks * e / load
     t_epilogue = bm * bn * np.where(split, 4.0, 2.0) / np.minimum(load, bw / active)
     tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
     dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
@@ -152,8 +158,8 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
     f^POWER_EXPONENT: f V^2 with the voltage following the clock would be cubic; the share of the
     memory and of leakage, which does not follow the clock, makes it less, and 2 is taken. Above
     the limit the clock falls by D^(1/POWER_EXPONENT) and the kernel takes that much longer. One
-    e_mma serves every GPU: at the shipped fit (1.5 pJ) a sustained 8192^3 bf16 GEMM takes 1.07x
-    its unthrottled time on RTX PRO 6000, 1.09x on A100, 1.19x on L40S and 1.7x on GB200; the
+    e_mma serves every GPU: at the shipped fit (1.5 pJ) a sustained 8192^3 bf16 GEMM takes 1.06x
+    its unthrottled time on RTX PRO 6000, 1.08x on A100, 1.18x on L40S and 1.7x on GB200; the
     tables show compute-bound GEMMs past 1 ms slowing by ~10% on L40S and ~25% on GB200 and not
     at all on the other two (whose per-generation MMA efficiency takes up the difference). The controller answers within about t_power_ms: a kernel repeated back to back
     for `burst_s` seconds feels the share 1 / (1 + (t_power / burst)^2) of it; None: all of it,

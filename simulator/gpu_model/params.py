@@ -64,6 +64,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("c_kernel", "cycles", 4000.0, 1.0, 40000.0, "device time of the quantized path's kernels (activation quantization and the scaled GEMM) at the SM clock", True),
         Param("t_kernel_us", "us", 1.0, 0.0, 20.0, "the part of it that does not run at the SM clock"),
         Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile, scales applied in the epilogue", True),
+        Param("load_bpf_c3x", "B/FLOP", 0.015, 0.002, 1.0, "operand bytes one SM loads per dense bf16 FLOP it can do, in the TMA-fed scaled-MM kernels (Hopper on)"),
     ),
     "fa2": _family(
         Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a 4-warp program reaches", True),
