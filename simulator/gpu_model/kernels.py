@@ -14,9 +14,9 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
 B_M also takes 32 for bf16 (small-M kernels), whose tiles fetch only the rows inside the matrix.
 Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/cutlass_w8a8) pick a tile config by
 m (B_M >= 64) and never split K (s = 1); on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
-run at a rate of their own (`load_bpf_c3x`), on Ampere and Ada (CUTLASS 2.x) at the bf16 fit's. The library is taken to pick the best config: the time is a soft
-minimum over configs (a log-sum-exp in log time, sharp enough to be the minimum within a percent,
-smooth for the fit). DRAM bytes are the compulsory A, W, C minus what stays L2-resident between
+run at a rate of their own (`load_bpf_c3x`), on Ampere and Ada (CUTLASS 2.x) at the bf16 fit's.
+The library is taken to pick the best config: the time is a soft minimum over configs (a
+log-sum-exp in log time, sharp enough to be the minimum within a percent, smooth for the fit). DRAM bytes are the compulsory A, W, C minus what stays L2-resident between
 calls (`resident`).
 
 Attention (FlashAttention-2 as vLLM builds it, FlashInfer): a call runs Q rows against a paged K/V
@@ -161,9 +161,11 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
     e_mma serves every GPU: at the shipped fit (1.5 pJ) a sustained 8192^3 bf16 GEMM takes 1.06x
     its unthrottled time on RTX PRO 6000, 1.08x on A100, 1.18x on L40S and 1.7x on GB200; the
     tables show compute-bound GEMMs past 1 ms slowing by ~10% on L40S and ~25% on GB200 and not
-    at all on the other two (whose per-generation MMA efficiency takes up the difference). The controller answers within about t_power_ms: a kernel repeated back to back
-    for `burst_s` seconds feels the share 1 / (1 + (t_power / burst)^2) of it; None: all of it,
-    as a busy server's GEMMs do. Where the profile has no TDP nothing is slowed."""
+    at all on the other two (whose per-generation MMA efficiency takes up the difference).
+
+    The controller answers within about t_power_ms: a kernel repeated back to back for `burst_s`
+    seconds feels the share 1 / (1 + (t_power / burst)^2) of it; None: all of it, as a busy
+    server's GEMMs do. Where the profile has no TDP nothing is slowed."""
     t = np.asarray(device_s, dtype=float)
     demand = flops / np.maximum(t * peak_flops_per_s, 1e-300) * P["e_mma"] * 1e-12 * dev.peak("bf16") / dev.tdp_w
     over = (1.0 + np.maximum(demand, 0.0) ** POWER_KNEE) ** (1.0 / POWER_KNEE)  # max(D, 1), smooth at the limit
