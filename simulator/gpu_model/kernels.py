@@ -108,15 +108,18 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     S, f = dev.sm_count, dev.clock_hz
     bw = dev.hbm_bytes_per_s * P["f_bw"]
     mma = dev.peak(peak_dtype) / S * P["f_mma"]
-    own = "load_bpf_c3x" in P and dtype not in UNQUANTIZED  # the TMA-fed scaled-MM kernels' own load rate (CUTLASS 3.x, Hopper on)
-    load = np.where(dev.tma & own, P["load_bpf_c3x"] if own else 0.0, P["load_bpf"]) * dev.peak("bf16") / S
+    unquantized = dtype in UNQUANTIZED
+    load_bpf = P["load_bpf"]
+    if not unquantized and "load_bpf_c3x" in P:  # the TMA-fed scaled-MM kernels' own load rate (CUTLASS 3.x, Hopper on)
+        load_bpf = np.where(dev.tma, P["load_bpf_c3x"], load_bpf)
+    load = load_bpf * dev.peak("bf16") / S
     W, A, C = e * k * n, e * m * k, 2.0 * m * n
     l2 = dev.l2_bytes * P["u_l2"]
     hit_a = resident(A + W + C, l2)  # the input and the output buffer are the caller's, reused call after call
     hit_w = resident(A + C + weight_copies * W, l2)
     kernel_s = P["c_kernel"] * np.where(dev.tma, P["x_tma"], 1.0) / f + P["t_kernel_us"] * 1e-6
     # every tile config at once: configs along axis 0, rows along axis 1
-    bm, bn, s = (c[:, None] for c in (_GEMM_CONFIGS if dtype in UNQUANTIZED else _UNSPLIT_CONFIGS))
+    bm, bn, s = (c[:, None] for c in (_GEMM_CONFIGS if unquantized else _UNSPLIT_CONFIGS))
     split = s > 1
     tiles = np.ceil(m / bm) * np.ceil(n / bn) * s
     ks = np.ceil(k / s)
@@ -125,7 +128,7 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     t_mma = 2.0 * bm * bn * ks / mma
     # a bf16 tile fetches only the rows and columns inside the matrix (cp.async / TMA fill the rest with
     # zeros); the scaled-MM kernels are priced with their full tile, which their tables fit better
-    t_load = ((np.minimum(bm, m) + np.minimum(bn, n)) if dtype in UNQUANTIZED else (bm + bn)) * ks * e / load
+    t_load = ((np.minimum(bm, m) + np.minimum(bn, n)) if unquantized else (bm + bn)) * ks * e / load
     t_epilogue = bm * bn * np.where(split, 4.0, 2.0) / np.minimum(load, bw / active)
     tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
     dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
