@@ -199,10 +199,17 @@ def group_rows(tables: dict[str, pd.DataFrame], group: Group, profiles: dict[str
     return out
 
 
+def fp8_query(frame: pd.DataFrame, dev: Dev) -> np.ndarray:
+    """Attention rows whose query is quantized to fp8 and whose MMAs run in fp8: FlashInfer over an
+    fp8 cache where vLLM calls TensorRT-LLM's kernels (`kernels.TRTLLM_GENERATIONS`)."""
+    fp8 = (frame["kv_bytes"].to_numpy(float) < 2) & (frame["library"].to_numpy() == "flashinfer")
+    return fp8 & np.isin(dev.generation, kernels.TRTLLM_GENERATIONS)
+
+
 def mma_work(frame: pd.DataFrame, dev: Dev) -> tuple[np.ndarray, np.ndarray]:
     """Per row of a GEMM or attention table: the FLOPs its shape says (2 m n k; 4 b h n_q n_kv d,
     halved for a causal prefill) and the datasheet's dense peak of the dtype its MMAs run at (fp8 or
-    fp4 for quantized GEMMs, fp8 for FlashInfer's fp8 K/V where the GPU has it, bf16 otherwise).
+    fp4 for quantized GEMMs, fp8 for an fp8 query (`fp8_query`), bf16 otherwise).
     Other kinds' rows: no FLOPs."""
     kind = frame["kind"].to_numpy()
     flops = np.zeros(len(frame))
@@ -218,7 +225,7 @@ def mma_work(frame: pd.DataFrame, dev: Dev) -> tuple[np.ndarray, np.ndarray]:
         n_q, n_kv = frame["n_q"].to_numpy(float), frame["n_kv"].to_numpy(float)
         causal = np.where(n_q > 1, 0.5, 1.0)
         flops = np.where(att, 4.0 * frame["b"].to_numpy(float) * frame["h"].to_numpy(float) * n_q * n_kv * frame["d"].to_numpy(float) * causal, flops)
-        fp8 = att & (frame["kv_bytes"].to_numpy(float) < 2)
+        fp8 = att & fp8_query(frame, dev)
         peak = np.where(fp8 & np.isfinite(dev.peak("fp8")), dev.peak("fp8"), peak)
     return flops, peak
 
@@ -249,7 +256,8 @@ def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np
         nbytes = np.where(kind == "gemm", gemm_bytes(frame), nbytes)
     if "n_q" in frame:
         tokens = frame["b"].to_numpy(float) * frame["n_q"].to_numpy(float)
-        q_o = tokens * frame["h"].to_numpy(float) * frame["d"].to_numpy(float) * (1.0 + 2.0)  # Q (>= 1 B), O (bf16)
+        q_bytes = np.where(fp8_query(frame, dev), 1.0, 2.0)
+        q_o = tokens * frame["h"].to_numpy(float) * frame["d"].to_numpy(float) * (q_bytes + 2.0)  # Q, O (bf16)
         nbytes = np.where(np.isin(kind, ("prefill-attention", "decode-attention")), q_o, nbytes)
     bad |= np.maximum(nbytes - dev.l2_bytes, 0.0) / dev.hbm_bytes_per_s > measured
     if "n_q" in frame:

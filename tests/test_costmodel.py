@@ -776,3 +776,67 @@ def test_release_reads_major_and_minor_and_nothing_else():
 
     assert release("0.19.0") == (0, 19) and release("v0.14.0rc1") == (0, 14) and release("0.5.5.post1") == (0, 5)
     assert release("main") == () < (0, 7) and release("") == ()
+
+
+def test_flashinfer_quantizes_the_query_and_runs_fp8_mmas_only_where_vllm_calls_trtllm_kernels():
+    """vLLM's FlashInfer backend sets an fp8 query only where TensorRT-LLM's kernels run (compute
+    capability 10.x); FlashInfer's own kernels keep a bf16 query and widen fp8 K/V to bf16 MMAs."""
+    import pandas as pd
+
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+    from simulator.kernel_fit import fp8_query, mma_work
+
+    assert kernels.TRTLLM_GENERATIONS == ("blackwell",)
+    for name, trtllm in (("gb200", True), ("b200", True), ("l40s", False), ("rtx-pro-6000", False), ("h100", False)):
+        generation = load_profile(name).generation
+        counted = [int(kernels.attention_kernels("flashinfer", 4, 32, 8, 1, 4096, kv_bytes=e, generation=generation)[0]) for e in (2.0, 1.0)]
+        assert counted[1] == counted[0] + trtllm, name
+        dev = Dev.of([load_profile(name)])
+        frame = pd.DataFrame({"kind": ["prefill-attention"] * 2, "library": ["flashinfer", "fa2"], "kv_bytes": [1.0, 1.0], "b": [1.0] * 2,
+                              "h": [32.0] * 2, "hk": [8.0] * 2, "d": [128.0] * 2, "n_q": [4096.0] * 2, "n_kv": [4096.0] * 2})  # fmt: skip
+        assert list(fp8_query(frame, Dev.of([load_profile(name)] * 2))) == [trtllm, False], name
+        _, peak = mma_work(frame, Dev.of([load_profile(name)] * 2))
+        assert peak[0] == pytest.approx(dev.peak("fp8" if trtllm else "bf16")[0]) and peak[1] == pytest.approx(dev.peak("bf16")[0])
+    # priced: a compute-bound prefill over an fp8 cache is faster than over bf16 at fp8 MMAs only
+    ratios = {}
+    for name in ("gb200", "rtx-pro-6000"):
+        dev = Dev.of([load_profile(name)])
+        P = Fitted.start("flashinfer").values(dev.generation)
+        P["bw_cta"] = np.array([1e6])  # no streaming limit: the MMAs decide
+        t = [kernels.attention_time(P, dev, "flashinfer", 1, 64, 8, 128, 8192, 8192, kv_bytes=e, cache_write=False)[0] for e in (2.0, 1.0)]
+        ratios[name] = t[1] / t[0]
+    assert ratios["gb200"] < 0.7 and ratios["rtx-pro-6000"] == pytest.approx(1.0, rel=0.02)
+
+
+def test_flashinfer_takes_128_query_rows_only_below_head_dim_256():
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+
+    dev = Dev.of([load_profile("l40s")] * 3)
+    one = np.ones(3)
+    g = kernels._flashinfer_geometry(dev, one, 8 * one, 8 * one, np.array([128.0, 256.0, 64.0]), 1024 * one, 1024 * one, 1.0)
+    assert list(g["br"]) == [128.0, 64.0, 128.0]
+
+
+def test_activation_quantization_costs_its_per_element_work_whatever_n():
+    """The quantization kernel before a scaled-MM GEMM: its elements at `q_rate` per SM cycle when
+    that is slower than its bytes at the DRAM rate, so a small-n fp8 GEMM grows with m k."""
+    from simulator.gpu_model import kernels, sources
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+    from simulator.kernel_fit import quantized_params
+
+    dev = Dev.of([load_profile("gb200")])
+    P = quantized_params(Fitted.start("gemm_quantized").values(dev.generation), Fitted.start("gemm").values(dev.generation))
+    P["q_rate"] = np.array([0.5])
+    elements = 8192.0 * 8192.0
+    t = kernels.quantize_time(P, dev, elements, 1.0)[0]
+    assert t >= elements / (dev.sm_count[0] * dev.clock_hz[0] * 0.5)
+    P["q_rate"] = np.array([16.0])  # fast enough: the bytes at the DRAM rate decide
+    fast = kernels.quantize_time(P, dev, elements, 1.0)[0]
+    assert fast < t and fast >= elements * 3.0 / dev.hbm_bytes_per_s[0]
+    P["q_rate"] = np.array([0.5])
+    small_n = [sources.gemm_call(P, dev, 8192.0, 32.0, k, "fp8")[0] for k in (2048.0, 8192.0)]
+    assert small_n[1] / small_n[0] > 3.0

@@ -180,9 +180,16 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
 
 
 def quantize_time(P: Params, dev: Dev, elements, out_bytes_per_element):
-    """A kernel that reads bf16 activations and writes them quantized (fp8 / fp4 with scales)."""
-    nbytes = np.asarray(elements, dtype=float) * (2.0 + out_bytes_per_element)
-    return memory_time(nbytes, dev, P["f_bw"], 1.0, P["u_l2"]) + P["c_kernel"] / dev.clock_hz + P["t_kernel_us"] * 1e-6
+    """A kernel that reads bf16 activations and writes them quantized (fp8 / fp4 with scales): its
+    bytes at the DRAM rate, overlapped with its per-element work at `q_rate` elements per cycle per SM
+    (the quantized family's, where the parameters have it). The tables hold that work: an fp8 GEMM
+    with n = 32 and m k = 67 M takes 0.47 ms on GB200 (0.2 ms on RTX PRO 6000) where reading A once
+    takes 0.02 ms, and it grows with m k whatever n is."""
+    elements = np.asarray(elements, dtype=float)
+    t = memory_time(elements * (2.0 + out_bytes_per_element), dev, P["f_bw"], 1.0, P["u_l2"])
+    if "q_rate" in P:
+        t = overlapped(t, elements / (dev.sm_count * dev.clock_hz * P["q_rate"]))
+    return t + P["c_kernel"] / dev.clock_hz + P["t_kernel_us"] * 1e-6
 
 
 # --- attention --------------------------------------------------------------------------------
@@ -266,6 +273,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies)
 
 
+TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
 FLASHINFER_PAGE = 64  # tokens per KV page in the measured tables (vLLM's block size there)
 FLASHINFER_MIN_CHUNK_PAGES = max(128 // FLASHINFER_PAGE, 1)  # the planner's smallest K/V chunk: 128 tokens
 
@@ -283,7 +291,8 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     """FlashInfer's batch attention over a paged cache, as its planners lay it out (FlashInfer
     include/flashinfer/attention/scheduler.cuh):
     - the query heads of a KV group packed into a program's rows (packed length n_q h / h_kv);
-      query rows per program B_r = 128 / 64 / 16 by the packed length (FA2DetermineCtaTileQ);
+      query rows per program B_r = 128 / 64 / 16 by the packed length, 128 only below head
+      dimension 256 (FA2DetermineCtaTileQ);
     - K/V in chunks: decode splits when b h_kv programs leave the GPU's resident slots
       (ctas_per_sm x S) idle, prefill when its (query tile, chunk) items would not fit 2 S / h_kv;
       the chunk is the fewest pages (>= 128 tokens) that keeps the items within the slots; split
@@ -291,7 +300,7 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     K/V rows per iteration B_c = 64."""
     group = h / hk
     packed = n_q * group
-    br = np.where(packed > 64, 128.0, np.where(packed > 16, 64.0, 16.0))
+    br = np.where((packed > 64) & (d < 256), 128.0, np.where(packed > 16, 64.0, 16.0))
     bc = np.full(b.shape, 64.0)
     q_blocks = np.ceil(packed / br)
     pages = np.ceil(n_kv / FLASHINFER_PAGE)
@@ -317,16 +326,19 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
     `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
     causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
-    K and V into the cache (`kv_bytes` per element: 2 bf16, 1 fp8; fp8 K/V run fp8 MMAs in FlashInfer).
+    K and V into the cache (`kv_bytes` per element: 2 bf16, 1 fp8). With an fp8 cache, vLLM's
+    FlashInfer backend quantizes the query to fp8 and runs fp8 MMAs only where it calls TensorRT-LLM's
+    kernels (`TRTLLM_GENERATIONS`); FlashInfer's own kernels keep a bf16 query, widen the fp8 K/V
+    as they load it and run bf16 MMAs.
     Kernels: the cache write (left out where `cache_write`, a bool or one per row, is false: a
     timer that does not see it, `sources.attention_timer`), the attention kernel, a combine kernel
-    when K/V are split, FA2's swapped decode's copies, and with fp8 K/V the query's quantization."""
+    when K/V are split, FA2's swapped decode's copies, and the query's quantization where it is fp8."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     occupancy = P.get("ctas_per_sm", np.ones(b.shape))
     g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy)
     S, f = dev.sm_count, dev.clock_hz
-    fp8_mma = (library == "flashinfer") & (kv_bytes < 2)
+    fp8_mma = (library == "flashinfer") & (kv_bytes < 2) & np.isin(dev.generation, TRTLLM_GENERATIONS)
     peak = np.where(fp8_mma, np.nan_to_num(dev.peak("fp8"), nan=0.0), 0.0)
     peak = np.where(peak > 0, peak, dev.peak("bf16"))
     tokens = b * n_q
@@ -352,14 +364,15 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     write = mem(new_kv + tokens * hk * d * 2.0 * kv_bytes) + kernel_s
     combine = np.where(g["splits"] > 1, mem(g["splits"] * b * h * n_q * (d + 1) * 4.0 + q_bytes) + kernel_s, 0.0)
     copies = g["copies"] * (mem(2.0 * q_bytes) + kernel_s)
-    quantize_q = np.where(kv_bytes < 2, mem(q_bytes * 1.5) + kernel_s, 0.0)
+    quantize_q = np.where(fp8_mma, mem(q_bytes * 1.5) + kernel_s, 0.0)
     return main + np.where(cache_write, write, 0.0) + combine + copies + quantize_q
 
 
-def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108):
+def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108, generation="ampere"):
     """How many kernels `attention_time` prices for one call (for the per-node cost of a CUDA graph)."""
     dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.zeros(1, dtype=bool), np.full(1, np.nan), {},
-                   np.array(["?"], dtype=object))  # fmt: skip
+                   np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
     g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0)
-    return 2 + (g["splits"] > 1) + g["copies"] + (np.asarray(kv_bytes) < 2)
+    fp8_query = (library == "flashinfer") & (np.asarray(kv_bytes) < 2) & (generation in TRTLLM_GENERATIONS)
+    return 2 + (g["splits"] > 1) + g["copies"] + fp8_query
