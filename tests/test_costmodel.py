@@ -840,3 +840,31 @@ def test_activation_quantization_costs_its_per_element_work_whatever_n():
     P["q_rate"] = np.array([0.5])
     small_n = [sources.gemm_call(P, dev, 8192.0, 32.0, k, "fp8")[0] for k in (2048.0, 8192.0)]
     assert small_n[1] / small_n[0] > 3.0
+
+
+def test_flashinfer_decode_plans_like_prefill_except_where_trtllm_kernels_run():
+    """vLLM decodes with FlashInfer's tensor-core path (its prefill planner: 2 S / h_kv slots) since
+    0.10.2; the TensorRT-LLM path splits by its own occupancy (`ctas_per_sm`)."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+
+    one = np.ones(1)
+    for name, own in (("l40s", False), ("rtx-pro-6000", False), ("gb200", True)):
+        dev = Dev.of([load_profile(name)])
+        splits = [kernels._flashinfer_geometry(dev, one, 32 * one, 8 * one, 128 * one, one, 32768 * one, c)["splits"][0] for c in (1.0, 4.0)]
+        assert (splits[0] != splits[1]) == own, name
+        if not own:  # the prefill planner's slots: 2 S / h_kv work items
+            assert splits[0] == pytest.approx(np.ceil(512 / kernels._chunk_pages(1.0, 512.0, 2 * dev.sm_count[0] / 8)))
+
+
+def test_trtllm_context_kernels_tile_each_query_head_by_128_tokens():
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+
+    one = np.ones(2)
+    args = (4 * one, 32 * one, 8 * one, 128 * one, np.array([16.0, 1000.0]), np.array([16.0, 1000.0]), 1.0)
+    gb200 = kernels._flashinfer_geometry(Dev.of([load_profile("gb200")] * 2), *args)
+    l40s = kernels._flashinfer_geometry(Dev.of([load_profile("l40s")] * 2), *args)
+    assert list(gb200["programs"]) == [4 * 32 * 1, 4 * 32 * 8] and list(gb200["bc"]) == [128.0, 128.0]
+    # FlashInfer's own kernels pack the group's 4 query heads into the rows: 64 and 4000 packed rows
+    assert list(l40s["programs"]) == [4 * 8 * 1, 4 * 8 * 32] and list(l40s["br"]) == [64.0, 128.0]

@@ -293,10 +293,14 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     - the query heads of a KV group packed into a program's rows (packed length n_q h / h_kv);
       query rows per program B_r = 128 / 64 / 16 by the packed length, 128 only below head
       dimension 256 (FA2DetermineCtaTileQ);
-    - K/V in chunks: decode splits when b h_kv programs leave the GPU's resident slots
-      (ctas_per_sm x S) idle, prefill when its (query tile, chunk) items would not fit 2 S / h_kv;
+    - K/V in chunks: prefill splits when its (query tile, chunk) items would not fit 2 S / h_kv;
       the chunk is the fewest pages (>= 128 tokens) that keeps the items within the slots; split
-      outputs are merged by one more kernel.
+      outputs are merged by one more kernel. Decode is the same call with one query per sequence:
+      vLLM has decoded with FlashInfer's tensor-core path (its prefill kernels and planner) since
+      0.10.2 (vllm-project/vllm#23214). Where the TensorRT-LLM kernels run (`TRTLLM_GENERATIONS`),
+      decode splits only when b h_kv programs leave the GPU's resident slots (ctas_per_sm x S) idle.
+      Their context (prefill) kernels take 128 tokens of one query head per program against 128
+      K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`).
     K/V rows per iteration B_c = 64."""
     group = h / hk
     packed = n_q * group
@@ -305,9 +309,10 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     q_blocks = np.ceil(packed / br)
     pages = np.ceil(n_kv / FLASHINFER_PAGE)
     decode = n_q == 1
-    slots = np.where(decode, ctas_per_sm * dev.sm_count / hk, 2.0 * dev.sm_count / hk) / np.maximum(b, 1.0)
+    planner = decode & np.isin(dev.generation, TRTLLM_GENERATIONS)  # a decode planner of its own; elsewhere the prefill one
+    slots = np.where(planner, ctas_per_sm * dev.sm_count / hk, 2.0 * dev.sm_count / hk) / np.maximum(b, 1.0)
     chunk = _chunk_pages(q_blocks, pages, slots)
-    chunk = np.where(decode & (b * hk >= ctas_per_sm * dev.sm_count), pages, chunk)
+    chunk = np.where(planner & (b * hk >= ctas_per_sm * dev.sm_count), pages, chunk)
     splits = np.ceil(pages / chunk)
     # causal visits per packed block: packed rows r cover query positions r / group
     _, total, most = _causal_blocks(n_q, n_kv, br / group, bc)
@@ -315,7 +320,16 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     chunk_blocks = np.ceil(chunk * FLASHINFER_PAGE / bc)
     most = np.minimum(most, chunk_blocks)
     programs = b * hk * q_blocks * splits
-    return dict(heads=hk, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
+    heads = hk
+    context = ~decode & np.isin(dev.generation, TRTLLM_GENERATIONS)
+    if context.any():  # TensorRT-LLM's context kernels (...Q128Kv128PersistentContext): each query head's tokens by 128, K/V by 128, no split
+        ctx_q_blocks, ctx_total, ctx_most = _causal_blocks(n_q, n_kv, np.full(b.shape, 128.0), np.full(b.shape, 128.0))
+        br, bc = np.where(context, 128.0, br), np.where(context, 128.0, bc)
+        total, most = np.where(context, ctx_total, total), np.where(context, ctx_most, most)
+        splits = np.where(context, 1.0, splits)
+        programs = np.where(context, b * h * ctx_q_blocks, programs)
+        heads = np.where(context, h, hk)
+    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
                 copies=np.zeros(b.shape))  # fmt: skip
 
 
