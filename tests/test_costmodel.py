@@ -666,6 +666,8 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
         assert (geometry(gpu, 4096.0)["br"] == 64.0).all()
     decode_h100, decode_a100 = geometry("h100-sxm", 1.0, hk=8.0), geometry("a100", 1.0, hk=8.0)
     assert (decode_h100["br"] == decode_a100["br"]).all() and (decode_h100["bc"] == decode_a100["bc"]).all()
+    # FA3's TMA pipeline keeps two K/V tiles in flight (kStages = 2 on sm90): twice a program's stream
+    assert (hopper["stages"] == 2.0).all() and (decode_h100["stages"] == 1.0).all() and (geometry("a100", 4096.0)["stages"] == 1.0).all()
 
     from simulator.gpu_model.params import load_fitted
 
@@ -868,3 +870,22 @@ def test_trtllm_context_kernels_tile_each_query_head_by_128_tokens():
     assert list(gb200["programs"]) == [4 * 32 * 1, 4 * 32 * 8] and list(gb200["bc"]) == [128.0, 128.0]
     # FlashInfer's own kernels pack the group's 4 query heads into the rows: 64 and 4000 packed rows
     assert list(l40s["programs"]) == [4 * 8 * 1, 4 * 8 * 32] and list(l40s["br"]) == [64.0, 128.0]
+
+
+def test_a_streaming_bound_fa3_prefill_runs_at_twice_the_programs_stream():
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile("h100-sxm")])
+    P = Fitted.start("fa2").values(dev.generation)
+    P["f_cta"], P["t_prog_us"], P["c_kernel"] = np.array([1.0]), np.array([1e-3]), np.array([100.0])  # the stream decides
+    P["bw_cta"] = np.array([2.0])
+    slow = kernels.attention_time(P, dev, "fa2", 4, 32, 32, 128, 8192, 8192, cache_write=False)[0]
+    P["bw_cta"] = np.array([4.0])
+    fast = kernels.attention_time(P, dev, "fa2", 4, 32, 32, 128, 8192, 8192, cache_write=False)[0]
+    assert slow / fast == pytest.approx(2.0, rel=0.02)
+    # and that stream is FA3_KV_STAGES x bw_cta per program: one iteration's K/V at that rate
+    g = kernels._fa2_geometry(dev, *(np.ones(1) * x for x in (4, 32, 32, 128, 8192, 8192)))
+    per_program = 2 * 128 * 128 * 2 / (kernels.FA3_KV_STAGES * 4e9)
+    assert fast == pytest.approx(per_program * g["total"][0] * 4 * 32 / dev.sm_count[0], rel=0.35)  # the work over the SMs, one program each

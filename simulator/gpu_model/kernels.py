@@ -236,6 +236,7 @@ def _causal_blocks(n_q, n_kv, rows, bc):
 
 
 FA3_GENERATIONS = ("hopper",)  # where vLLM's flash-attn build runs FlashAttention-3's kernels (sm90 only)
+FA3_KV_STAGES = 2.0  # K/V tiles a FlashAttention-3 program keeps in flight (hopper/flash_fwd_launch_template.h: kStages = 2 on sm90); FA2's loads run one tile ahead
 
 
 def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
@@ -248,7 +249,10 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     whose two consumer warpgroups share one TMA-fed K/V stream, with the tiles of its
     `tile_size_fwd_sm90` for bf16, causal: B_r x B_c = 192 x 128 (d <= 64), 192 x 144 (<= 96),
     128 x 128 (<= 192), 128 x 80 (<= 256). A program then does twice or three times FA2's MMAs
-    per K/V byte it streams. Its decode (packed GQA, split K/V) is priced as FA2's swapped path."""
+    per K/V byte it streams, and streams it FA3_KV_STAGES times as fast: its TMA pipeline keeps that
+    many K/V tiles in flight where FA2 keeps one, and a program's stream is latency-bound (bytes in
+    flight over the memory latency). Its decode (packed GQA, split K/V) is priced as FA2's swapped
+    path."""
     swapped = (n_q == 1) & (h > hk)
     heads = np.where(swapped, hk, h)
     rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
@@ -270,7 +274,8 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     # three FlashAttention GPUs step up by one small kernel from MHA to grouped-query decode of the
     # same shape: 1.0-1.8 us at one sequence and <= 64 keys)
     copies = 2.0 * (swapped & (b > 1) & (hk > 1)) + swapped
-    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies)
+    stages = np.where(fa3, FA3_KV_STAGES, 1.0)
+    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages)
 
 
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
@@ -361,7 +366,7 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     cache = b * n_kv * hk * d * 2.0 * kv_bytes
     working_set = 2.0 * q_bytes + new_kv + cache
     hit = resident(working_set, dev.l2_bytes * P["u_l2"])
-    rate = P["bw_cta"] * 1e9 / (hit / P["l2_speedup"] + (1.0 - hit))
+    rate = g.get("stages", 1.0) * P["bw_cta"] * 1e9 / (hit / P["l2_speedup"] + (1.0 - hit))
     keys_per_block = np.minimum(g["bc"], n_kv)
     iteration = np.maximum(4.0 * g["br"] * keys_per_block * d / (P["f_cta"] * peak / S), 2.0 * keys_per_block * d * kv_bytes / rate)
     t_prog = P["t_prog_us"] * 1e-6
