@@ -666,6 +666,8 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
         assert (geometry(gpu, 4096.0)["br"] == 64.0).all()
     decode_h100, decode_a100 = geometry("h100-sxm", 1.0, hk=8.0), geometry("a100", 1.0, hk=8.0)
     assert (decode_h100["br"] == decode_a100["br"]).all() and (decode_h100["bc"] == decode_a100["bc"]).all()
+    mha_h100, mha_a100 = geometry("h100-sxm", 1.0), geometry("a100", 1.0)  # MHA decode too: FA2's path
+    assert all((mha_h100[k] == mha_a100[k]).all() for k in ("br", "bc", "splits", "stages"))
     # FA3's TMA pipeline keeps two K/V tiles in flight (kStages = 2 on sm90): twice a program's stream
     assert (hopper["stages"] == 2.0).all() and (decode_h100["stages"] == 1.0).all() and (geometry("a100", 4096.0)["stages"] == 1.0).all()
 

@@ -251,14 +251,14 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     128 x 128 (<= 192), 128 x 80 (<= 256). A program then does twice or three times FA2's MMAs
     per K/V byte it streams, and streams it FA3_KV_STAGES times as fast: its TMA pipeline keeps that
     many K/V tiles in flight where FA2 keeps one, and a program's stream is latency-bound (bytes in
-    flight over the memory latency). Its decode (packed GQA, split K/V) is priced as FA2's swapped
-    path."""
+    flight over the memory latency). Its decode (one query per sequence: packed GQA, split K/V) is
+    priced as FA2's, grouped or not."""
     swapped = (n_q == 1) & (h > hk)
     heads = np.where(swapped, hk, h)
     rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
     bc = np.where(d <= 64, 256, np.where(d <= 128, 128, 64)).astype(float)
     br = np.full(b.shape, 64.0)
-    fa3 = np.isin(dev.generation, FA3_GENERATIONS) & ~swapped
+    fa3 = np.isin(dev.generation, FA3_GENERATIONS) & (n_q > 1)  # decode: priced as FA2's (see above)
     br = np.where(fa3, np.where(d <= 96, 192.0, 128.0), br)
     bc = np.where(fa3, np.where(d <= 64, 128.0, np.where(d <= 96, 144.0, np.where(d <= 192, 128.0, 80.0))), bc)
     q_blocks, total, most = _causal_blocks(rows_q, n_kv, br, bc)

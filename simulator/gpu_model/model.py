@@ -7,10 +7,11 @@ device time), with the parameters fitted to the measured tables (`fitted.json`):
 - GEMMs: `kernels.gemm_time` with the family of their dtype (fp16/bf16 share `gemm:bf16`; fp8
   GEMMs include the activation-quantization kernel); a pass cycles through all its layers' weight
   matrices, so a weight is L2-resident between steps only if the whole stack fits;
-- attention: `kernels.attention_time` of the library vLLM runs on the generation (FlashInfer on
-  datacenter Blackwell, vLLM's flash-attn build elsewhere: FlashAttention-3's tiles on Hopper, whose
-  prefill programs take 128-192 query rows against FA2's 64, FlashAttention-2's kernels on the rest;
-  FA3's decode is priced as FA2's, and its per-program rates are FA2's fitted ones);
+- attention: `kernels.attention_time` of the library vLLM runs on the generation (FlashInfer, that
+  is TensorRT-LLM's kernels, on datacenter Blackwell; vLLM's flash-attn build elsewhere:
+  FlashAttention-3's tiles on Hopper, whose prefill programs take 128-192 query rows against FA2's
+  64 and stream K/V through two pipeline stages, FlashAttention-2's kernels on the rest; FA3's
+  decode is priced as FA2's, and its per-program rates are FA2's fitted ones);
 - memory-bound kernels (norms, RoPE, SwiGLU, the embedding gather): their bytes at the
   FlashAttention-2 family's fitted DRAM/L2 rates (fractions of the datasheet, common to every
   generation), scaled by each operator's fitted efficiency (`operators`), which was fitted over
