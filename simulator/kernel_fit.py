@@ -200,10 +200,13 @@ def group_rows(tables: dict[str, pd.DataFrame], group: Group, profiles: dict[str
 
 
 def fp8_query(frame: pd.DataFrame, dev: Dev) -> np.ndarray:
-    """Attention rows whose query is quantized to fp8 and whose MMAs run in fp8: FlashInfer over an
-    fp8 cache where vLLM calls TensorRT-LLM's kernels (`kernels.TRTLLM_GENERATIONS`)."""
-    fp8 = (frame["kv_bytes"].to_numpy(float) < 2) & (frame["library"].to_numpy() == "flashinfer")
-    return fp8 & np.isin(dev.generation, kernels.TRTLLM_GENERATIONS)
+    """Attention rows whose query is quantized to fp8 and whose MMAs run in fp8 (`kernels.fp8_attention`)."""
+    library, kv_bytes = frame["library"].to_numpy(), frame["kv_bytes"].to_numpy(float)
+    out = np.zeros(len(frame), dtype=bool)
+    for name in np.unique(library):
+        rows = library == name
+        out[rows] = kernels.fp8_attention(str(name), dev.generation[rows], kv_bytes[rows])
+    return out
 
 
 def mma_work(frame: pd.DataFrame, dev: Dev) -> tuple[np.ndarray, np.ndarray]:

@@ -784,7 +784,8 @@ def test_release_reads_major_and_minor_and_nothing_else():
 
 def test_flashinfer_quantizes_the_query_and_runs_fp8_mmas_only_where_vllm_calls_trtllm_kernels():
     """vLLM's FlashInfer backend sets an fp8 query only where TensorRT-LLM's kernels run (compute
-    capability 10.x); FlashInfer's own kernels keep a bf16 query and widen fp8 K/V to bf16 MMAs."""
+    capability 10.x); FlashInfer's own kernels keep a bf16 query and widen fp8 K/V to bf16 MMAs.
+    FlashAttention-3 (vLLM's flash-attn build on Hopper) takes Q, K and V in fp8."""
     import pandas as pd
 
     from simulator.gpu_model import kernels
@@ -800,9 +801,12 @@ def test_flashinfer_quantizes_the_query_and_runs_fp8_mmas_only_where_vllm_calls_
         dev = Dev.of([load_profile(name)])
         frame = pd.DataFrame({"kind": ["prefill-attention"] * 2, "library": ["flashinfer", "fa2"], "kv_bytes": [1.0, 1.0], "b": [1.0] * 2,
                               "h": [32.0] * 2, "hk": [8.0] * 2, "d": [128.0] * 2, "n_q": [4096.0] * 2, "n_kv": [4096.0] * 2})  # fmt: skip
-        assert list(fp8_query(frame, Dev.of([load_profile(name)] * 2))) == [trtllm, False], name
+        fa3 = name == "h100"  # vLLM's flash-attn build runs FlashAttention-3 there, fp8 Q, K and V over an fp8 cache
+        assert list(fp8_query(frame, Dev.of([load_profile(name)] * 2))) == [trtllm, fa3], name
         _, peak = mma_work(frame, Dev.of([load_profile(name)] * 2))
-        assert peak[0] == pytest.approx(dev.peak("fp8" if trtllm else "bf16")[0]) and peak[1] == pytest.approx(dev.peak("bf16")[0])
+        assert peak[0] == pytest.approx(dev.peak("fp8" if trtllm else "bf16")[0]) and peak[1] == pytest.approx(dev.peak("fp8" if fa3 else "bf16")[0])
+        fa_counted = [int(kernels.attention_kernels("fa2", 4, 32, 8, 1, 4096, kv_bytes=e, generation=generation)[0]) for e in (2.0, 1.0)]
+        assert fa_counted[1] == fa_counted[0] + fa3, name
     # priced: a compute-bound prefill over an fp8 cache is faster than over bf16 at fp8 MMAs only
     ratios = {}
     for name in ("gb200", "rtx-pro-6000"):

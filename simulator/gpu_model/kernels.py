@@ -341,14 +341,22 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
 
 
+def fp8_attention(library: str, generation, kv_bytes) -> np.ndarray:
+    """Calls over an fp8 cache whose query vLLM quantizes to fp8 and whose MMAs run in fp8: FlashInfer
+    where it calls TensorRT-LLM's kernels (`TRTLLM_GENERATIONS`), and FlashAttention-3 (vLLM's
+    flash-attn build on `FA3_GENERATIONS`, whose fp8 path takes Q, K and V in fp8)."""
+    fp8_kernels = TRTLLM_GENERATIONS if library == "flashinfer" else FA3_GENERATIONS if library == "fa2" else ()
+    return (np.asarray(kv_bytes, dtype=float) < 2) & np.isin(generation, fp8_kernels)
+
+
 def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True):
     """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
     `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
     causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
-    K and V into the cache (`kv_bytes` per element: 2 bf16, 1 fp8). With an fp8 cache, vLLM's
-    FlashInfer backend quantizes the query to fp8 and runs fp8 MMAs only where it calls TensorRT-LLM's
-    kernels (`TRTLLM_GENERATIONS`); FlashInfer's own kernels keep a bf16 query, widen the fp8 K/V
-    as they load it and run bf16 MMAs.
+    K and V into the cache (`kv_bytes` per element: 2 bf16, 1 fp8). With an fp8 cache, vLLM
+    quantizes the query to fp8 and runs fp8 MMAs only where its kernels take fp8 operands
+    (`fp8_attention`); FlashInfer's own kernels keep a bf16 query, widen the fp8 K/V as they load it
+    and run bf16 MMAs.
     Kernels: the cache write (left out where `cache_write`, a bool or one per row, is false: a
     timer that does not see it, `sources.attention_timer`), the attention kernel, a combine kernel
     when K/V are split, FA2's swapped decode's copies, and the query's quantization where it is fp8."""
@@ -357,7 +365,7 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     occupancy = P.get("ctas_per_sm", np.ones(b.shape))
     g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy)
     S, f = dev.sm_count, dev.clock_hz
-    fp8_mma = (library == "flashinfer") & (kv_bytes < 2) & np.isin(dev.generation, TRTLLM_GENERATIONS)
+    fp8_mma = fp8_attention(library, dev.generation, kv_bytes)
     peak = np.where(fp8_mma, np.nan_to_num(dev.peak("fp8"), nan=0.0), 0.0)
     peak = np.where(peak > 0, peak, dev.peak("bf16"))
     tokens = b * n_q
@@ -393,5 +401,4 @@ def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
     g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0)
-    fp8_query = (library == "flashinfer") & (np.asarray(kv_bytes) < 2) & (generation in TRTLLM_GENERATIONS)
-    return 2 + (g["splits"] > 1) + g["copies"] + fp8_query
+    return 2 + (g["splits"] > 1) + g["copies"] + fp8_attention(library, np.array([generation], dtype=object), kv_bytes)
