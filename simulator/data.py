@@ -8,7 +8,9 @@ the same columns whatever its source, ready for the kernel model:
 
 - `gemm`: dtype (bf16, fp8, fp8_block, nvfp4), m, n, k
 - `prefill-attention`, `decode-attention`: library (fa2, flashinfer), b, h, hk, d, n_q, n_kv,
-  kv_bytes. A decode row's context is the table's `step` (its `isl` is 1): the collector runs
+  kv_bytes. A GEMM dtype, kernel source or KV-cache dtype the model does not price (a newer
+  table's) is read as `unsupported`: the row is kept, and `validate` counts it without fitting or
+  scoring it. A decode row's context is the table's `step` (its `isl` is 1): the collector runs
   sequences of `step` tokens with one new query each, so the call reads `step` keys
 - `collective`: op, n_gpus, bytes. NCCL tables' `message_size` counts elements (the collector
   divides the byte size it ran by the element size), so bytes = message_size x element size
@@ -112,9 +114,16 @@ def _integers(df: pd.DataFrame, columns, path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _mapped(df: pd.DataFrame, column: str, mapping: dict, path: Path) -> np.ndarray:
+UNSUPPORTED = "unsupported"  # a GEMM dtype, attention library or KV dtype the model does not price: kept, never fitted or scored
+
+
+def _mapped(df: pd.DataFrame, column: str, mapping: dict, path: Path, strict: bool = True) -> np.ndarray:
+    """`column` through `mapping`; an unknown value is an error, or with `strict=False` UNSUPPORTED
+    (a measurement of something the model does not price, such as a GEMM dtype of a newer table)."""
     values = df[column].astype(str).str.strip()
     unknown = ~values.isin(list(mapping))
+    if not strict:
+        return np.where(unknown.to_numpy(), UNSUPPORTED, values.map(mapping).to_numpy(dtype=object))
     if unknown.any():
         i = int(np.argmax(unknown.to_numpy()))
         raise UserError(f"{path}: row {i + 1}: unknown {column} {values.iloc[i]!r}; known: {', '.join(sorted(set(mapping)))}")
@@ -125,7 +134,7 @@ def _standardise(kind: str, df: pd.DataFrame, path: Path) -> pd.DataFrame:
     """The kind's table in the model's terms (see the module docstring)."""
     if kind == "gemm":
         n = _integers(df, ("m", "n", "k"), path)
-        return pd.DataFrame({"dtype": _mapped(df, "gemm_dtype", GEMM_DTYPE_NAMES, path), **n,
+        return pd.DataFrame({"dtype": _mapped(df, "gemm_dtype", GEMM_DTYPE_NAMES, path, strict=False), **n,
                              "measured_s": _positive(df, "latency_ms", path) * 1e-3})  # fmt: skip
     if kind in ("prefill-attention", "decode-attention"):
         n = _integers(df, ("batch_size", "num_heads", "num_key_value_heads", "head_dim"), path)
@@ -138,9 +147,12 @@ def _standardise(kind: str, df: pd.DataFrame, path: Path) -> pd.DataFrame:
         if (h % hk).any():
             i = int(np.argmax(h % hk != 0))
             raise UserError(f"{path}: row {i + 1}: num_heads {h[i]:g} is not a multiple of num_key_value_heads {hk[i]:g}")
-        return pd.DataFrame({"library": _mapped(df, "kernel_source", ATTENTION_LIBRARIES, path), "b": n["batch_size"], "h": h,
+        library = _mapped(df, "kernel_source", ATTENTION_LIBRARIES, path, strict=False)
+        kv_dtype = _mapped(df, "kv_cache_dtype", KV_BYTES, path, strict=False)
+        supported = (library != UNSUPPORTED) & (kv_dtype != UNSUPPORTED)
+        return pd.DataFrame({"library": np.where(supported, library, UNSUPPORTED), "b": n["batch_size"], "h": h,
                              "hk": hk, "d": n["head_dim"], "n_q": n_q, "n_kv": n_kv,
-                             "kv_bytes": _mapped(df, "kv_cache_dtype", KV_BYTES, path).astype(float),
+                             "kv_bytes": np.where(supported, kv_dtype, 2.0).astype(float),
                              "measured_s": _positive(df, "latency_ms", path) * 1e-3})  # fmt: skip
     if kind == "collective":
         element = _mapped(df, "nccl_dtype", NCCL_ELEMENT_BYTES, path).astype(float)

@@ -14,7 +14,8 @@ Each reports n, median APE, MAPE and p90 APE in percent. `interval_coverage` is 
 held-out GPU's rows inside the 80% interval built from the other GPUs' leave-one-GPU-out residuals
 of the same kind. Published attention measurements (A100 only) have the in-GPU split
 (`simulator.published`). Rows no kernel could produce (`kernel_fit.implausible`) are counted in
-`excluded` and neither fitted nor scored.
+`excluded` and neither fitted nor scored; rows of a dtype or kernel library the model does not
+price (`unsupported` in `simulator.data`) are counted in `unsupported`.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpu
     fit_names = _resolve(fit_gpus, profiles, "--fit-gpu")
     hold_names = _resolve(holdout_gpus, profiles, "--holdout-gpu")
     out: dict = {"data": [str(f) for f in folders], "leave_one_gpu_out": {}, "in_gpu": {}, "naive_roofline": {}, "interval_coverage": {},
-                 "excluded": {}, "fit_rows_per_gpu": per_gpu}  # fmt: skip
+                 "excluded": {}, "unsupported": _unsupported(tables), "fit_rows_per_gpu": per_gpu}  # fmt: skip
     if few_shot:
         out["few_shot"] = {"k": few_shot}
     say = progress or (lambda msg: None)
@@ -204,6 +205,21 @@ def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpu
         say("published attention")
         out["published"] = _published(published, profiles, out)
     out["targets"] = targets(out)
+    return out
+
+
+def _unsupported(tables: Tables) -> dict:
+    """{gpu: {kind: rows}} of the rows no group explains (a dtype or kernel library the model does not price)."""
+    out: dict = {}
+    for kind, frame in tables.kinds.items():
+        if frame is None or not len(frame) or kind == "published-attention":
+            continue
+        covered = np.zeros(len(frame), dtype=bool)
+        for group in kf.GROUPS.values():
+            if kind in group.kinds:
+                covered |= np.asarray(group.select(frame), dtype=bool)
+        for gpu, n in frame.loc[~covered, "gpu"].value_counts().sort_index().items():
+            out.setdefault(gpu, {})[kind] = int(n)
     return out
 
 
@@ -376,6 +392,9 @@ def format_validation(out: dict) -> str:
     if out["excluded"]:
         lines.append("Excluded as faster than any kernel could be (datasheet peak, DRAM bytes, fewer heads slower): "
                      + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out["excluded"].items()) for k, n in sorted(ks.items())))  # fmt: skip
+    if out.get("unsupported"):
+        lines.append("Not priced by the model (a dtype or kernel library it does not know), neither fitted nor scored: "
+                     + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out["unsupported"].items()) for k, n in sorted(ks.items())))  # fmt: skip
     if "published" in out:
         m = out["published"]["held_out"]
         lines.append(f"Published A100 attention (FlashAttention papers, Triton tutorial, Flash-Decoding blog): held-out MAPE {m['mape']:.1f}% (n {m['n']})")

@@ -184,3 +184,23 @@ def test_operators_run_at_the_rates_their_efficiencies_were_fitted_over():
     tokens, width = 4096, 8192
     expected = kernels.operator_time(fa2, eff, c_kernel, device.dev, np.asarray(["norm"], dtype=object), np.asarray([tokens * width * 6.0]))[0]
     assert device.norm(tokens, width, "bf16").time_s == pytest.approx(expected, rel=1e-12)
+
+
+def test_rows_of_a_dtype_or_library_the_model_does_not_price_are_counted_not_fatal(tmp_path):
+    """A newer table may hold GEMM dtypes or attention kernels the model does not know: validate
+    reads the rest, and counts those rows under `unsupported` (never fitted or scored)."""
+    folder = write_tables(tmp_path / "data", rows=12, kinds=("gemm", "decode-attention"), gpus={"a100": 1.0, "l40s": 1.08})
+    gemm = pd.read_csv(folder / "measured/a100-gemm.csv")
+    gemm.loc[:2, "gemm_dtype"] = "int4_wo"
+    gemm.to_csv(folder / "measured/a100-gemm.csv", index=False)
+    attention = pd.read_csv(folder / "measured/l40s-decode-attention.csv")
+    attention.loc[:1, "kernel_source"] = "vllm_triton_attn"
+    attention.loc[2:4, "kv_cache_dtype"] = "nvfp4"
+    attention.to_csv(folder / "measured/l40s-decode-attention.csv", index=False)
+    out = validate([folder], per_gpu=12, workers=1)
+    assert out["unsupported"] == {"A100-80GB-SXM": {"gemm": 3}, "L40S": {"decode-attention": 5}}
+    assert out["leave_one_gpu_out"]["A100-80GB-SXM"]["gemm:bf16"]["n"] == 9
+    assert out["in_gpu"]["L40S"]["decode-attention:fa2"]["n"] + 5 < 12  # the rest, less the calibration third
+    from simulator.validate import format_validation
+
+    assert "Not priced by the model" in format_validation(out) and "L40S decode-attention 5" in format_validation(out)
