@@ -7,6 +7,7 @@ A profile is data, not a class per device (STYLE 2). Units are in the field name
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -209,6 +210,10 @@ def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> HardwarePr
     wanted = _normalise(name_or_path)
     if wanted in index:
         return index[wanted]
+    # naming noise that does not change the part: a vendor prefix, an SXM form-factor suffix
+    plain = re.sub(r"sxm\d?$", "", wanted.removeprefix("nvidia"))
+    if plain and plain in index:
+        return index[plain]
     names = list(profiles)
     close = difflib.get_close_matches(
         name_or_path.upper(),

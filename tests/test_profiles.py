@@ -223,3 +223,11 @@ def test_a_yaml_list_is_not_a_profile(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- name: A100\n")
     assert "mapping" in refused(path)
+
+
+def test_a_vendor_prefix_or_an_sxm_suffix_does_not_change_the_part():
+    assert load_profile("nvidia-b200").name == load_profile("b200_sxm").name == "B200"
+    assert load_profile("gb200-sxm").name == "GB200" and load_profile("a100-80gb-sxm4").name == "A100-80GB-SXM"
+    assert load_profile("h100-pcie").name == "H100-PCIe"  # a form factor that is another part stays itself
+    with pytest.raises(UserError, match="unknown GPU 'sxm'"):
+        load_profile("sxm")
