@@ -48,6 +48,8 @@ ALIASES = {
     "b200": "B200",
     "gb200": "GB200",
     "gb200-nvl72": "GB200",
+    "gb300": "GB300",
+    "gb300-nvl72": "GB300",
     "b300": "B300",
     "b300-hgx": "B300",
     "rtx-pro-6000-blackwell-server": "RTX-PRO-6000-Blackwell-Server",
