@@ -201,12 +201,7 @@ def group_rows(tables: dict[str, pd.DataFrame], group: Group, profiles: dict[str
 
 def fp8_query(frame: pd.DataFrame, dev: Dev) -> np.ndarray:
     """Attention rows whose query is quantized to fp8 and whose MMAs run in fp8 (`kernels.fp8_attention`)."""
-    library, kv_bytes = frame["library"].to_numpy(), frame["kv_bytes"].to_numpy(float)
-    out = np.zeros(len(frame), dtype=bool)
-    for name in np.unique(library):
-        rows = library == name
-        out[rows] = kernels.fp8_attention(str(name), dev.generation[rows], kv_bytes[rows])
-    return out
+    return kernels.fp8_attention(frame["library"].to_numpy(), dev.generation, frame["kv_bytes"].to_numpy(float))
 
 
 def mma_work(frame: pd.DataFrame, dev: Dev) -> tuple[np.ndarray, np.ndarray]:

@@ -389,12 +389,10 @@ def format_validation(out: dict) -> str:
             if "few_shot" in out:
                 line += f"  {cell(out['few_shot'].get(gpu, {}).get(kind))}"
             lines.append(line)
-    if out["excluded"]:
-        lines.append("Excluded as faster than any kernel could be (datasheet peak, DRAM bytes, fewer heads slower): "
-                     + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out["excluded"].items()) for k, n in sorted(ks.items())))  # fmt: skip
-    if out.get("unsupported"):
-        lines.append("Not priced by the model (a dtype or kernel library it does not know), neither fitted nor scored: "
-                     + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out["unsupported"].items()) for k, n in sorted(ks.items())))  # fmt: skip
+    for key, what in (("excluded", "Excluded as faster than any kernel could be (datasheet peak, DRAM bytes, fewer heads slower)"),
+                      ("unsupported", "Not priced by the model (a dtype or kernel library it does not know), neither fitted nor scored")):  # fmt: skip
+        if out.get(key):
+            lines.append(f"{what}: " + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out[key].items()) for k, n in sorted(ks.items())))
     if "published" in out:
         m = out["published"]["held_out"]
         lines.append(f"Published A100 attention (FlashAttention papers, Triton tutorial, Flash-Decoding blog): held-out MAPE {m['mape']:.1f}% (n {m['n']})")

@@ -341,12 +341,14 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
 
 
-def fp8_attention(library: str, generation, kv_bytes) -> np.ndarray:
+def fp8_attention(library, generation, kv_bytes) -> np.ndarray:
     """Calls over an fp8 cache whose query vLLM quantizes to fp8 and whose MMAs run in fp8: FlashInfer
     where it calls TensorRT-LLM's kernels (`TRTLLM_GENERATIONS`), and FlashAttention-3 (vLLM's
-    flash-attn build on `FA3_GENERATIONS`, whose fp8 path takes Q, K and V in fp8)."""
-    fp8_kernels = TRTLLM_GENERATIONS if library == "flashinfer" else FA3_GENERATIONS if library == "fa2" else ()
-    return (np.asarray(kv_bytes, dtype=float) < 2) & np.isin(generation, fp8_kernels)
+    flash-attn build on `FA3_GENERATIONS`, whose fp8 path takes Q, K and V in fp8). `library`: one
+    name or one per row."""
+    library = np.asarray(library, dtype=object)
+    fp8_kernels = ((library == "flashinfer") & np.isin(generation, TRTLLM_GENERATIONS)) | ((library == "fa2") & np.isin(generation, FA3_GENERATIONS))
+    return (np.asarray(kv_bytes, dtype=float) < 2) & fp8_kernels
 
 
 def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True):
@@ -401,4 +403,4 @@ def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
     g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0)
-    return 2 + (g["splits"] > 1) + g["copies"] + fp8_attention(library, np.array([generation], dtype=object), kv_bytes)
+    return 2 + (g["splits"] > 1) + g["copies"] + fp8_attention(library, dev_like.generation, kv_bytes)
