@@ -2,9 +2,10 @@
 
 A data folder holds `manifest.csv` (columns `file, gpu, device, kind, framework, version, rows,
 source, licence`; `file`, `gpu` and `kind` are required) and the files it lists. Any number of
-folders can be read together. Each manifest `gpu` resolves to a hardware profile by name or alias
-(`(per row ...)` means the file has a `gpu` column of its own). Every kind becomes one table with
-the same columns whatever its source, ready for the kernel model:
+folders can be read together. Each manifest `gpu` resolves to a hardware profile by name or alias,
+else its `device` (the name the driver reports); `(per row ...)` means the file has a `gpu` column of
+its own. Every kind becomes one table with the same columns whatever its source, ready for the
+kernel model:
 
 - `gemm`: dtype (bf16, fp8, fp8_block, nvfp4), m, n, k
 - `prefill-attention`, `decode-attention`: library (fa2, flashinfer), b, h, hk, d, n_q, n_kv,
@@ -83,6 +84,22 @@ def _resolve_gpu(name: str, where: str, cache: dict[str, HardwareProfile]) -> Ha
     if cache[key].kind != "gpu":
         raise UserError(f"{where}: {key!r} names a {cache[key].kind} profile, not a GPU")
     return cache[key]
+
+
+def _resolve_manifest_gpu(entry: dict, where: str, cache: dict[str, HardwareProfile]) -> HardwareProfile:
+    """A manifest row's GPU: its `gpu`, else its `device` (the name the driver reports, e.g. `NVIDIA
+    H100 80GB HBM3`), so a folder whose `gpu` ids this project does not know still resolves."""
+    device = (entry.get("device") or "").strip()
+    try:
+        return _resolve_gpu(entry["gpu"], where, cache)
+    except UserError as unknown:
+        error = unknown
+    if device:
+        try:
+            return _resolve_gpu(device, where, cache)
+        except UserError:
+            pass
+    raise error
 
 
 def _read_table(path: Path, kind: str) -> pd.DataFrame:
@@ -209,7 +226,7 @@ def read_folder(folder: Path, profiles: dict[str, HardwareProfile], cache: dict)
             for p in resolved.values():
                 profiles[p.name] = p
         else:
-            p = _resolve_gpu(entry["gpu"], where, cache)
+            p = _resolve_manifest_gpu(entry, where, cache)
             profiles[p.name] = p
             table["gpu"] = p.name
         table["generation"] = table["gpu"].map(lambda g: profiles[g].generation)

@@ -64,9 +64,20 @@ def test_a_manifest_row_naming_a_missing_file(folder, capsys):
 
 
 def test_an_unknown_gpu_names_the_closest_profiles(folder, capsys):
-    _edit_manifest(folder, gpu="a100-80gb-sxn")
+    _edit_manifest(folder, gpu="a100-80gb-sxn", device="NVIDIA A999")
     err = _refused(["validate", "--data", str(folder)], capsys)
     assert "row 1" in err and "unknown GPU 'a100-80gb-sxn'" in err and "closest: " in err and "a100" in err.split("closest:")[1]
+
+
+@pytest.mark.parametrize(("row", "gpu", "device", "profile"), [(0, "ampere_a100_80g", "NVIDIA A100-SXM4-80GB", "A100-80GB-SXM"),
+                                                              (6, "hopper-h100", "NVIDIA H100 80GB HBM3", "H100-SXM")])
+def test_a_gpu_id_the_project_does_not_know_resolves_through_the_driver_name(folder, row, gpu, device, profile):
+    m = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    m.loc[row, ["gpu", "device"]] = [gpu, device]
+    m.to_csv(folder / "manifest.csv", index=False)
+    table = load_tables([folder]).kinds[m.loc[row, "kind"]]
+    mine = table[table["file"].str.endswith(m.loc[row, "file"])]
+    assert len(mine) and set(mine["gpu"]) == {profile}
 
 
 def test_an_unknown_kind(folder, capsys):
