@@ -72,15 +72,17 @@ def sharegpt_means(rows: list[e2e.ServingResult]) -> tuple[float, float] | None:
 
 
 def scheduler_limits(r: e2e.ServingResult) -> dict:
-    """max_batch, max_batched_tokens and chunked_prefill of the row's engine at its defaults:
+    """max_batch, max_batched_tokens, chunked_prefill and prefill_apart of the row's engine at its defaults:
     - vLLM before 0.7 (V0 engine): max_num_seqs 256, no chunked prefill below 32k context, and
       max_num_batched_tokens = max(max_model_len, 2048) (vllm/config.py SchedulerConfig); taken as 8192;
     - vLLM 0.7 on (V1 engine): chunked prefill; for the API server max_num_seqs 1024 and
       max_num_batched_tokens 8192 on GPUs of >= 70 GiB other than the A100 (larger budgets cost
       the A100 throughput, vllm-project/vllm PR #17885), else 256 and 2048 (vllm/engine/arg_utils.py,
       the usage-context defaults);
-    - SGLang: chunked prefill of 8192 tokens (server_args chunked_prefill_size); no fixed cap on running
-      requests (the KV pool bounds them), modelled as 4096;
+    - SGLang: chunked prefill of 8192 tokens (server_args chunked_prefill_size) in batches of their own,
+      run ahead of the decode batch whenever a prefill batch can be formed (enable_mixed_chunk is
+      False by default in every release here; the scheduler's get_next_batch_to_run); no fixed cap on
+      running requests (the KV pool bounds them), modelled as 4096;
     - TensorRT-LLM (trtllm-serve): max_batch_size 2048, max_num_tokens 8192, chunked prefill."""
     if r.engine == "vllm" and release(r.engine_version) < (0, 7):
         return {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False}
@@ -88,7 +90,7 @@ def scheduler_limits(r: e2e.ServingResult) -> dict:
         big = r.profile.memory_bytes >= 70 * 2**30 and "a100" not in r.profile.name.lower()
         return {"max_batch": 1024 if big else 256, "max_batched_tokens": 8192 if big else 2048, "chunked_prefill": True}
     if r.engine == "sglang":
-        return {"max_batch": 4096, "max_batched_tokens": 8192, "chunked_prefill": True}
+        return {"max_batch": 4096, "max_batched_tokens": 8192, "chunked_prefill": True, "prefill_apart": True}
     return {"max_batch": 2048, "max_batched_tokens": 8192, "chunked_prefill": True}
 
 

@@ -486,6 +486,7 @@ class ServingConfig(BaseModel):
     max_batch: int = DEFAULT_MAX_BATCH  # sequences running at once
     max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS  # prefill tokens one step may add (with chunking: all tokens)
     chunked_prefill: bool = False  # split prompts into chunks that share steps with decodes
+    prefill_apart: bool = False  # with chunked_prefill: chunks run in steps of their own, ahead of the decodes (SGLang's default)
     gamma: int = 4  # draft tokens per speculative step; 0 or no draft: plain decoding
     spec_off_above_batch: int | None = None  # plain decoding while more sequences than this run
     block_tokens: int = BLOCK_TOKENS
@@ -521,6 +522,8 @@ class ServingConfig(BaseModel):
                 raise UserError(f"{flag} must be a number of seconds > 0, got {value}")
         if self.max_span_steps < 1:
             raise UserError(f"max_span_steps must be >= 1, got {self.max_span_steps}")
+        if self.prefill_apart and not self.chunked_prefill:
+            raise UserError("--prefill-apart needs --chunked-prefill (without chunking, prefills always run in steps of their own)")
         return self
 
 
@@ -918,8 +921,10 @@ class Engine:
         preempted_before = self.preemptions
         chunks: list[tuple[int, int]] = []  # (slot, prompt tokens this step)
         if cfg.chunked_prefill:
-            self._reserve()
-            budget = cfg.max_batched_tokens - (self.n_running - len(self._prefilling)) * q
+            apart = cfg.prefill_apart  # decodes sit out while prefill work remains: the whole budget is the chunks'
+            if not apart:
+                self._reserve()
+            budget = cfg.max_batched_tokens - (0 if apart else (self.n_running - len(self._prefilling)) * q)
             for i in self._prefilling:
                 if budget <= 0:
                     break
@@ -931,6 +936,8 @@ class Engine:
                 c = min(R.target[i], budget)
                 chunks.append((i, c))
                 budget -= c
+            if apart and not chunks:
+                self._reserve()
             open_to_arrivals = not self.waiting and self.n_running < cfg.max_batch and budget > 0
         else:
             tokens = 0
@@ -954,9 +961,10 @@ class Engine:
 
     def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> tuple[float]:
         """One step of prefill chunks, beside a decode (or speculative) step of every decoding
-        request when prefill is chunked; without chunking, decoding requests sit this step out."""
+        request when prefill is chunked and mixed; without chunking, or with prefill apart,
+        decoding requests sit this step out."""
         R = self.run
-        n_dec = self.n_running - len(self._prefilling) if self.cfg.chunked_prefill else 0
+        n_dec = self.n_running - len(self._prefilling) if self.cfg.chunked_prefill and not self.cfg.prefill_apart else 0
         chunk_tokens = chunk_keys = finishing = 0
         for i, c in chunks:
             done = R.prefilled[i] + c

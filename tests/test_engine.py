@@ -176,6 +176,7 @@ def test_vllm_v1_scheduler_defaults_follow_the_device():
     assert limits("a100")["max_batch"] == 256 and limits("a100")["max_batched_tokens"] == 2048
     assert limits("l4")["max_batch"] == 256
     assert limits("h100", "0.6.0") == {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False}
+    assert limits("h100", "0.5.3", "sglang")["prefill_apart"] and not limits("h100").get("prefill_apart")  # SGLang mixes no chunk by default
 
 
 def test_a_vllm_row_takes_the_preset_of_its_engine_generation():

@@ -363,6 +363,25 @@ def test_chunked_prefill_splits_prompts_over_the_step_budget():
     assert chunked["latency_s"]["ttft"]["max"] > 2 * prefill_time_s(LLAMA_7B, A100, 1, 1500)
 
 
+def test_prefill_apart_runs_chunks_in_steps_of_their_own():
+    """SGLang's scheduling: prefill chunks take the whole step budget in steps of their own while
+    the decodes wait. The long-running decode (one prefill step and 399 decode steps in both runs)
+    sits out 4500 / 250 = 18 chunk-only steps (19 were the decode's token taken from the budget),
+    where mixed steps carried 249 chunk tokens beside it: 18 steps more, its request done later,
+    and the prompts' first tokens sooner."""
+    requests = [Request(0, 0.0, 16, 400)] + [Request(i, 0.5, 1500, 8) for i in range(1, 4)]
+    cfg = dict(max_batched_tokens=250, gamma=0, check_invariants=True, chunked_prefill=True)
+    mixed = run(A100, LLAMA_7B, None, ServingConfig(**cfg), requests)
+    apart = run(A100, LLAMA_7B, None, ServingConfig(prefill_apart=True, **cfg), requests)
+    assert mixed["requests"]["completed"] == apart["requests"]["completed"] == 4
+    assert mixed["engine"]["steps"] == 400 and apart["engine"]["steps"] == 400 + 4500 // 250
+    assert apart["batch"]["max"] == 4  # the decode was admitted and kept, only paused
+    assert apart["latency_s"]["e2e"]["max"] > mixed["latency_s"]["e2e"]["max"]
+    assert apart["latency_s"]["ttft"]["max"] < mixed["latency_s"]["ttft"]["max"]
+    with pytest.raises(UserError, match="--prefill-apart needs --chunked-prefill"):
+        ServingConfig(prefill_apart=True, chunked_prefill=False).check()
+
+
 def test_same_seed_same_result_and_seeds_matter():
     def once(seed):
         requests = poisson(300, 30.0, 200, 100, seed=seed)

@@ -110,6 +110,10 @@ def test_per_position_alpha_and_chunked_prefill(capsys):
     report = json.loads(out)
     assert report["config"]["acceptance"]["kind"] == "positional"
     assert report["speculative"]["requests"]["completed"] == 150
+    assert report["config"]["chunked_prefill"] and not report["config"]["prefill_apart"]
+    code, out, err = cli(["simulate", *SMALL, "--chunked-prefill", "--prefill-apart", "--max-batched-tokens", "512"], capsys)
+    assert code == 0, err
+    assert "chunked prefill in steps of its own" in out
 
 
 def test_bench_simulate_prints_speeds(capsys):
@@ -135,6 +139,7 @@ def test_bench_simulate_prints_speeds(capsys):
         (["--model", "llama-3-8b"], "one vocabulary"),
         (["--slo-tpot", "fast"], "--slo-tpot: cannot read"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
+        (["--prefill-apart"], "--prefill-apart needs --chunked-prefill"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
