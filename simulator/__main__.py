@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="simulate every point of a grid or list of configurations, one Parquet row each",
         description="Read a YAML spec (fixed options, a grid of option: [values] and/or a list of points; keys are simulate's "
-        "options: gpu, model, draft, gamma, alpha, max_batch, max_batched_tokens, tp, chunked_prefill, prefill_apart, rate, arrival, burstiness, "
+        "options: gpu, model, draft, gamma, alpha, max_batch, max_batched_tokens, tp, chunked_prefill, prefill_apart, scheduler_steps, rate, arrival, burstiness, "
         "requests, prompt_len, output_len, lengths, dtype, seed, ...), check every point, then simulate each (with and without "
         "speculation, as simulate does) and write one row per point (its options and the simulate --json report, flattened) "
         "to a Parquet file, rewritten atomically after every completed point.",

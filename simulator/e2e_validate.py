@@ -13,7 +13,8 @@ A row becomes a simulation (`row_setup`):
   steady-state figures), at most `MAX_AT_ONCE` for an all-at-once row (its TTFT is the time to drain the
   queue: rows of up to 1000 prompts run whole; the 5000-prompt rows print only throughput);
   a closed-loop row without num_prompts sends `CLOSED_LOOP_REQUESTS_PER_USER` per user;
-- the engine's scheduler limits (`scheduler_limits`), from each engine's documented defaults.
+- the engine's scheduler limits (`scheduler_limits`), from each engine's documented defaults, and the
+  row's `num_scheduler_steps` (decode steps per scheduler call) where its server set one.
 
 Scored metrics: TTFT (median where printed, else mean), TPOT (median, else mean, else the median ITL,
 which equals TPOT when every streamed chunk holds one token), output tokens/s. APE = |pred - meas| / meas.
@@ -117,7 +118,7 @@ def row_setup(r: e2e.ServingResult, means: tuple[float, float] | None, max_reque
     requests = min(requests, MAX_AT_ONCE if at_once else max_requests)
     workload = WorkloadSpec(rate_per_s=r.request_rate_per_s, requests=requests, prompt_tokens=max(1, round(prompt)),
                             output_tokens=max(1, round(output)), lengths=lengths, concurrency=r.max_concurrency).check()  # fmt: skip
-    serving = ServingConfig(gamma=0, dtype=r.dtype, tp=r.tp, **scheduler_limits(r)).check()
+    serving = ServingConfig(gamma=0, dtype=r.dtype, tp=r.tp, scheduler_steps=r.num_scheduler_steps or 1, **scheduler_limits(r)).check()
     return Setup(workload, serving, how)
 
 

@@ -487,6 +487,7 @@ class ServingConfig(BaseModel):
     max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS  # prefill tokens one step may add (with chunking: all tokens)
     chunked_prefill: bool = False  # split prompts into chunks that share steps with decodes
     prefill_apart: bool = False  # with chunked_prefill: chunks run in steps of their own, ahead of the decodes (SGLang's default)
+    scheduler_steps: int = 1  # decode steps per scheduler call (vLLM V0's --num-scheduler-steps): requests enter only between calls
     gamma: int = 4  # draft tokens per speculative step; 0 or no draft: plain decoding
     spec_off_above_batch: int | None = None  # plain decoding while more sequences than this run
     block_tokens: int = BLOCK_TOKENS
@@ -522,6 +523,8 @@ class ServingConfig(BaseModel):
                 raise UserError(f"{flag} must be a number of seconds > 0, got {value}")
         if self.max_span_steps < 1:
             raise UserError(f"max_span_steps must be >= 1, got {self.max_span_steps}")
+        if self.scheduler_steps < 1:
+            raise UserError(f"--scheduler-steps must be >= 1, got {self.scheduler_steps}")
         if self.prefill_apart and not self.chunked_prefill:
             raise UserError("--prefill-apart needs --chunked-prefill (without chunking, prefills always run in steps of their own)")
         return self
@@ -727,6 +730,7 @@ class Engine:
         self._pool, self._pool_at = np.zeros(0, dtype=np.int64), 0  # tokens per speculative step, drawn ahead
         self._q = self.gamma + 1 if self.gamma else 1  # query tokens per decode step the ledger was drawn for
         self._lookahead = False  # the next step's lookahead is reserved (between _reserve and the commit)
+        self._call_left = 0  # decode steps left in the scheduler call under way (ServingConfig.scheduler_steps)
         # (batch, q) -> decode step seconds by context sum; prefill-only step seconds by its chunks.
         # Shared by every engine of this class that prices the same way (`_pricing`); None: its own.
         pricing = self._pricing(hw, time_scale)
@@ -919,6 +923,11 @@ class Engine:
         if q != self._q:
             self._redraw(q)
         preempted_before = self.preemptions
+        if self._call_left and self.n_running > len(self._prefilling):  # inside a multi-step call: its decodes go on, nobody enters
+            self._reserve()
+            steps = min(self._call_left, self.cfg.max_span_steps if self.preemptions == preempted_before else 1)
+            return self._plan_span(q, steps), False
+        self._call_left = 0
         chunks: list[tuple[int, int]] = []  # (slot, prompt tokens this step)
         if cfg.chunked_prefill:
             apart = cfg.prefill_apart  # decodes sit out while prefill work remains: the whole budget is the chunks'
@@ -957,6 +966,9 @@ class Engine:
         # queue and may fit again once this step releases its lookahead, and a batch shrunk below
         # the speculation limit changes the next step's kind. Such a plan runs one step.
         steady = self.preemptions == preempted_before
+        if cfg.scheduler_steps > 1:  # a call of that many decode steps, which no arrival cuts short
+            self._call_left = cfg.scheduler_steps
+            return self._plan_span(q, min(self._call_left, cfg.max_span_steps if steady else 1)), False
         return self._plan_span(q, self.cfg.max_span_steps if steady else 1), open_to_arrivals
 
     def _plan_mixed(self, q: int, chunks: list[tuple[int, int]]) -> tuple[float]:
@@ -1067,6 +1079,7 @@ class Engine:
             self.kv_peak_blocks = max(self.kv_peak_blocks, peak)
             self.batch_peak = max(self.batch_peak, n)
             self.t += k
+            self._call_left = max(self._call_left - k, 0)
         self._lookahead = False
         self._finish(now)
         if self.cfg.check_invariants:

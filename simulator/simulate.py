@@ -151,6 +151,7 @@ def simulate(
             "max_batched_tokens": serving.max_batched_tokens,
             "chunked_prefill": serving.chunked_prefill,
             "prefill_apart": serving.prefill_apart,
+            "scheduler_steps": serving.scheduler_steps,
             "spec_off_above_batch": serving.spec_off_above_batch,
             "block_tokens": serving.block_tokens,
             "memory_utilization": serving.memory_utilization,
@@ -238,6 +239,7 @@ def format_report(report: dict) -> str:
         f"{stream}; engine {c['engine']['name']}" + (" (kernels only)" if c["engine"]["name"] == "ideal" else " (host overheads added)")
         + f"; max batch {c['max_batch']}, max batched tokens {c['max_batched_tokens']}"
         + (", chunked prefill" + (" in steps of its own" if c["prefill_apart"] else "") if c["chunked_prefill"] else "")
+        + (f", {c['scheduler_steps']} decode steps per scheduler call" if c["scheduler_steps"] > 1 else "")
         + (f", speculation off above batch {c['spec_off_above_batch']}" if c["spec_off_above_batch"] is not None else ""),
         f"KV cache ({runs[0]}): {first['capacity_blocks']} blocks x {first['block_tokens']} tokens = {first['capacity_tokens']} tokens",
         "SLO: " + (" and ".join(x for x in slo if x) or "none (goodput counts every completed request)"),
@@ -410,6 +412,9 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--prefill-apart", action="store_true",
                    help="with --chunked-prefill: run the chunks in steps of their own, ahead of the decodes, as SGLang does "
                         "unless started with --enable-mixed-chunk")  # fmt: skip
+    p.add_argument("--scheduler-steps", type=int, default=1,
+                   help="decode steps per scheduler call, as vLLM's --num-scheduler-steps (before 0.7): a request waits for "
+                        "the call under way to end before its prefill (default: %(default)s)")  # fmt: skip
     p.add_argument("--spec-off-above-batch", type=int, default=None, help="decode without speculation while more sequences than this run")
     p.add_argument("--slo-ttft", default=None, help="goodput SLO on time to first token: 2s, 500ms, or a bare number of seconds")
     p.add_argument("--slo-tpot", default=None, help="goodput SLO on time per output token: 50ms, or a bare number of seconds")
@@ -456,6 +461,7 @@ def config_from_args(args: argparse.Namespace):
         max_batched_tokens=args.max_batched_tokens,
         chunked_prefill=args.chunked_prefill,
         prefill_apart=args.prefill_apart,
+        scheduler_steps=args.scheduler_steps,
         gamma=len(draft.tree) if tree else 0 if draft is None else DEFAULT_GAMMA if args.gamma is None else args.gamma,
         spec_off_above_batch=args.spec_off_above_batch,
         dtype=args.dtype,
@@ -491,7 +497,8 @@ def _bild_config(args: argparse.Namespace, hw):
     check_pair(target, speculation.draft)
     serving = ServingConfig(
         engine=engine_overhead(args.engine), max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens,
-        chunked_prefill=args.chunked_prefill, prefill_apart=args.prefill_apart, gamma=speculation.max_run, spec_off_above_batch=args.spec_off_above_batch,
+        chunked_prefill=args.chunked_prefill, prefill_apart=args.prefill_apart, scheduler_steps=args.scheduler_steps,
+        gamma=speculation.max_run, spec_off_above_batch=args.spec_off_above_batch,
         dtype=args.dtype, tp=args.tp, slo_ttft_s=None if args.slo_ttft is None else parse_duration_s(args.slo_ttft, "--slo-ttft"),
         slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),
     ).check()  # fmt: skip

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import math
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ URL = "https://example.org/bench"
 GOOD = {
     "gpu": "h100", "n_gpus": "2", "tp": "2", "pp": "1", "dp": "1", "model": "Qwen/Qwen3-8B", "engine": "vllm",
     "engine_version": "0.11.0", "dtype": "bf16", "dataset": "random", "input_len": "1024", "output_len": "128",
-    "request_rate": "inf", "max_concurrency": "", "num_prompts": "200", "ttft_median_ms": "52.5",
+    "request_rate": "inf", "max_concurrency": "", "num_scheduler_steps": "", "num_prompts": "200", "ttft_median_ms": "52.5",
     "output_tok_per_s": "1800", "url": URL, "quote_locator": "table 1, row 1", "notes": "",
 }  # fmt: skip
 
@@ -64,6 +65,14 @@ def test_every_shipped_row_names_its_source(shipped):
         assert r.url.startswith("https://"), r.row
         assert r.quote_locator, r.row
         assert r.engine_version, r.row
+
+
+def test_a_shipped_rows_scheduler_steps_are_its_servers_flag(shipped):
+    """`num_scheduler_steps` is set exactly where the notes quote the server's --num-scheduler-steps."""
+    for r in shipped:
+        flag = re.search(r"--num-scheduler-steps (\d+)", r.notes)
+        assert r.num_scheduler_steps == (int(flag.group(1)) if flag else None), r.row
+    assert sum(r.num_scheduler_steps is not None for r in shipped) == 6  # SGLang's vLLM 0.6.0 comparison
 
 
 def test_shipped_rows_are_distinct_points(shipped):
@@ -135,6 +144,7 @@ def test_good_fixture_loads(tmp_path):
         ({"output_tok_per_s": "nan"}, "is not a finite number"),
         ({"ttft_median_ms": "inf"}, "is not a finite number"),
         ({"num_prompts": "2.5"}, "num_prompts '2.5' is not a whole number"),
+        ({"num_scheduler_steps": "0"}, "num_scheduler_steps '0' must be > 0"),
         ({"request_rate": "-inf"}, "request_rate '-inf' is not a finite number"),
         ({"request_rate": "0"}, "request_rate '0' must be > 0"),
         ({"n_gpus": "4"}, "n_gpus 4 is not tp x pp x dp = 2"),
@@ -156,6 +166,14 @@ def test_bad_row_is_one_line_naming_row_and_url(tmp_path, changes, message):
     code, out, err = run_main(e2e_main, [path])
     assert code == 2 and not out
     assert message in one_error_line(err)
+
+
+def test_optional_columns_may_be_absent(tmp_path):
+    columns = [c for c in GOOD if c not in ("num_scheduler_steps", "max_concurrency", "quote_locator", "notes")]
+    rows = e2e.load(write(tmp_path / "results.csv", [GOOD, {**GOOD, "num_scheduler_steps": "10"}], columns))
+    assert [r.num_scheduler_steps for r in rows] == [None, None] and rows[0].max_concurrency is None
+    rows = e2e.load(good_file(tmp_path, num_scheduler_steps="10"))
+    assert [r.num_scheduler_steps for r in rows] == [None, 10]
 
 
 def test_closed_loop_row_may_omit_the_number_of_prompts(tmp_path):

@@ -382,6 +382,32 @@ def test_prefill_apart_runs_chunks_in_steps_of_their_own():
         ServingConfig(prefill_apart=True, chunked_prefill=False).check()
 
 
+def test_a_multi_step_call_keeps_an_arrival_waiting_to_its_end():
+    """vLLM V0's --num-scheduler-steps 10: a request arriving during a call of 10 decode steps starts
+    its prefill when the call ends, not when the step under way ends. Over arrivals spread evenly
+    across one call, the extra wait is a whole number of decode steps, 0 to 9, and 4.5 on average."""
+    extra = []
+    for i in range(20):
+        requests = [Request(0, 0.0, 16, 400), Request(1, 0.5 + i * 0.1 / 20, 16, 8)]
+        one, ten = (run(A100, LLAMA_7B, None, ServingConfig(gamma=0, check_invariants=True, scheduler_steps=k), requests) for k in (1, 10))
+        assert one["engine"]["steps"] == ten["engine"]["steps"] == 401  # the same steps, only the prefill's place differs
+        step_s = one["latency_s"]["tpot"]["mean"]  # one sequence decoding: each of its steps (the second's few ride along)
+        extra.append((ten["latency_s"]["ttft"]["max"] - one["latency_s"]["ttft"]["max"]) / step_s)
+    extra = np.asarray(extra)
+    assert np.all(np.abs(extra - extra.round()) < 0.1) and extra.min() > -0.1 and extra.max() < 9.1
+    assert np.mean(extra) == pytest.approx(4.5, abs=0.3)
+    # A request finishing inside a call ends the call's span there, but not the call: a request
+    # arriving in step 22 of 30 (third call) still waits for step 30, not for the finish at step 24.
+    pair = [Request(0, 0.0, 16, 400), Request(2, 0.0, 16, 25)]  # prefilled together; request 2's last decode step is 24
+    base = run(A100, LLAMA_7B, None, ServingConfig(gamma=0), pair)
+    prefill_s, step_s = base["latency_s"]["ttft"]["max"], base["latency_s"]["tpot"]["max"]
+    late = [*pair, Request(1, prefill_s + 21.5 * step_s, 16, 8)]
+    one, ten = (run(A100, LLAMA_7B, None, ServingConfig(gamma=0, check_invariants=True, scheduler_steps=k), late) for k in (1, 10))
+    assert (ten["latency_s"]["ttft"]["max"] - one["latency_s"]["ttft"]["max"]) / step_s == pytest.approx(8.0, abs=0.5)
+    with pytest.raises(UserError, match="--scheduler-steps must be >= 1"):
+        ServingConfig(scheduler_steps=0).check()
+
+
 def test_same_seed_same_result_and_seeds_matter():
     def once(seed):
         requests = poisson(300, 30.0, 200, 100, seed=seed)

@@ -114,6 +114,9 @@ def test_per_position_alpha_and_chunked_prefill(capsys):
     code, out, err = cli(["simulate", *SMALL, "--chunked-prefill", "--prefill-apart", "--max-batched-tokens", "512"], capsys)
     assert code == 0, err
     assert "chunked prefill in steps of its own" in out
+    code, out, err = cli(["simulate", *SMALL, "--scheduler-steps", "10", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["config"]["scheduler_steps"] == 10
 
 
 def test_bench_simulate_prints_speeds(capsys):
@@ -140,6 +143,7 @@ def test_bench_simulate_prints_speeds(capsys):
         (["--slo-tpot", "fast"], "--slo-tpot: cannot read"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
         (["--prefill-apart"], "--prefill-apart needs --chunked-prefill"),
+        (["--scheduler-steps", "0"], "--scheduler-steps must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):

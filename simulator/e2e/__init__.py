@@ -32,7 +32,7 @@ PUBLISHED_CSV = Path(__file__).resolve().parent / "published_serving.csv"
 ENGINES = ("vllm", "sglang", "tensorrt-llm")
 DATASETS = ("sharegpt", "random")  # ShareGPT conversations (their own lengths), or fixed random lengths
 REQUIRED = ("gpu", "n_gpus", "tp", "pp", "dp", "model", "engine", "engine_version", "dtype", "dataset", "request_rate", "url")
-COUNTS = ("input_len", "output_len", "max_concurrency", "num_prompts", "total_input_tokens", "total_output_tokens")
+COUNTS = ("input_len", "output_len", "max_concurrency", "num_scheduler_steps", "num_prompts", "total_input_tokens", "total_output_tokens")
 METRICS = (
     "ttft_mean_ms", "ttft_median_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_median_ms", "tpot_p99_ms",
     "itl_mean_ms", "itl_median_ms", "itl_p99_ms", "e2el_median_ms", "request_per_s", "output_tok_per_s",
@@ -81,6 +81,7 @@ class ServingResult:
     output_len: int | None
     request_rate_per_s: float
     max_concurrency: int | None  # closed loop: this many users, each sending its next request when the last ends
+    num_scheduler_steps: int | None  # the server's --num-scheduler-steps (vLLM before 0.7) where set; None: one
     num_prompts: int | None  # None only for a closed-loop point whose source does not state it
     total_input_tokens: int | None  # as the benchmark printed them (ShareGPT: the sampled prompts' total)
     total_output_tokens: int | None
@@ -179,7 +180,7 @@ def _row(values: dict[str, str], n: int, path: Path, profiles: dict[str, Hardwar
         row=n, gpu=gpu, profile=profiles[gpu], n_gpus=n_gpus, tp=tp, pp=pp, dp=dp, model_id=values["model"].strip(),
         spec=spec, engine=engine, engine_version=values["engine_version"].strip(), dtype=dtype, dataset=dataset,
         input_len=counts["input_len"], output_len=counts["output_len"], request_rate_per_s=rate,
-        max_concurrency=counts["max_concurrency"], num_prompts=counts["num_prompts"],
+        max_concurrency=counts["max_concurrency"], num_scheduler_steps=counts["num_scheduler_steps"], num_prompts=counts["num_prompts"],
         total_input_tokens=counts["total_input_tokens"], total_output_tokens=counts["total_output_tokens"],
         metrics=metrics, url=url, quote_locator=values.get("quote_locator", "").strip(), notes=values.get("notes", "").strip(),
     )  # fmt: skip
@@ -224,7 +225,7 @@ def frame(rows: list[ServingResult]) -> pd.DataFrame:
         [{"row": r.row, "gpu": r.profile.name, "n_gpus": r.n_gpus, "tp": r.tp, "model": r.spec.name, "model_id": r.model_id,
           "size_class": r.size_class, "engine": r.engine, "engine_version": r.engine_version, "dtype": r.dtype,
           "dataset": r.dataset, "input_len": r.input_len, "output_len": r.output_len, "request_rate": r.request_rate_per_s,
-          "max_concurrency": r.max_concurrency, "num_prompts": r.num_prompts, "fit": is_fit_row(r),
+          "max_concurrency": r.max_concurrency, "num_scheduler_steps": r.num_scheduler_steps, "num_prompts": r.num_prompts, "fit": is_fit_row(r),
           **{m: r.metrics.get(m, math.nan) for m in METRICS}, "url": r.url} for r in rows]
     )  # fmt: skip
 
