@@ -276,7 +276,8 @@ def fewer_heads_slower(frame: pd.DataFrame) -> np.ndarray:
     keys = ["gpu", "library", "kv_bytes", "b", "n_q", "n_kv", "hk", "d"]
     f = frame[keys + ["h", "measured_s"]].assign(pos=np.arange(len(frame)))
     f = f[frame["kind"].to_numpy() == "prefill-attention"].sort_values([*keys, "h"])
-    before = f.groupby(keys, sort=False)["measured_s"].transform(lambda s: s.cummax().shift(1)).to_numpy()
+    group = f.groupby(keys, sort=False).ngroup()  # the slowest of the fewer-heads rows before each: a running max, shifted
+    before = f["measured_s"].groupby(group).cummax().groupby(group).shift(1).to_numpy()
     out = np.zeros(len(frame), dtype=bool)
     out[f["pos"].to_numpy()] = f["measured_s"].to_numpy() < HEADS_SLACK * np.nan_to_num(before, nan=0.0)
     return out

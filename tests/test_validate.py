@@ -204,3 +204,21 @@ def test_rows_of_a_dtype_or_library_the_model_does_not_price_are_counted_not_fat
     from simulator.validate import format_validation
 
     assert "Not priced by the model" in format_validation(out) and "L40S decode-attention 5" in format_validation(out)
+
+
+def test_a_prefill_row_much_faster_than_the_same_call_with_fewer_heads_is_implausible():
+    """`fewer_heads_slower`: within one (GPU, library, KV dtype, batch, lengths, KV heads, head dim),
+    a prefill row below 3/4 of the slowest row with fewer query heads is flagged; other groups,
+    and decode rows, are left alone."""
+    from simulator import kernel_fit as kf
+
+    base = {"gpu": "L40S", "library": "flashinfer", "kv_bytes": 1.0, "b": 1.0, "n_q": 1024.0, "n_kv": 1024.0, "hk": 8.0, "d": 128.0}
+    rows = [
+        {**base, "kind": "prefill-attention", "h": 8.0, "measured_s": 1.0},
+        {**base, "kind": "prefill-attention", "h": 32.0, "measured_s": 1.2},  # < 0.75 x 2.0 (h 16): flagged
+        {**base, "kind": "prefill-attention", "h": 16.0, "measured_s": 2.0},
+        {**base, "kind": "prefill-attention", "h": 64.0, "measured_s": 1.6},  # 0.75 x 2.0 = 1.5 <= 1.6: kept
+        {**base, "kind": "prefill-attention", "b": 2.0, "h": 64.0, "measured_s": 0.1},  # its own group: nothing before it
+        {**base, "kind": "decode-attention", "h": 64.0, "measured_s": 0.1},  # decode: exempt
+    ]
+    assert kf.fewer_heads_slower(pd.DataFrame(rows)).tolist() == [False, True, False, False, False, False]
