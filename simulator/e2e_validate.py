@@ -35,7 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from simulator import e2e
-from simulator.engine import FITTED_PATH, GRAPH_MAX_BATCH, IDEAL, EngineOverhead, engine_overhead, load_fitted
+from simulator.engine import (
+    FITTED_PATH,
+    GRAPH_MAX_BATCH,
+    IDEAL,
+    TENSORRT_LLM_SCHEDULER,
+    EngineOverhead,
+    engine_overhead,
+    load_fitted,
+    scheduler_defaults,
+)
 from simulator.errors import UserError
 from simulator.serving import AcceptanceModel, ServingConfig, simulate_serving
 from simulator.units import release
@@ -73,26 +82,11 @@ def sharegpt_means(rows: list[e2e.ServingResult]) -> tuple[float, float] | None:
 
 
 def scheduler_limits(r: e2e.ServingResult) -> dict:
-    """max_batch, max_batched_tokens, chunked_prefill and prefill_apart of the row's engine at its defaults:
-    - vLLM before 0.7 (V0 engine): max_num_seqs 256, no chunked prefill below 32k context, and
-      max_num_batched_tokens = max(max_model_len, 2048) (vllm/config.py SchedulerConfig); taken as 8192;
-    - vLLM 0.7 on (V1 engine): chunked prefill; for the API server max_num_seqs 1024 and
-      max_num_batched_tokens 8192 on GPUs of >= 70 GiB other than the A100 (larger budgets cost
-      the A100 throughput, vllm-project/vllm PR #17885), else 256 and 2048 (vllm/engine/arg_utils.py,
-      the usage-context defaults);
-    - SGLang: chunked prefill of 8192 tokens (server_args chunked_prefill_size) in batches of their own,
-      run ahead of the decode batch whenever a prefill batch can be formed (enable_mixed_chunk is
-      False by default in every release here; the scheduler's get_next_batch_to_run); no fixed cap on
-      running requests (the KV pool bounds them), modelled as 4096;
-    - TensorRT-LLM (trtllm-serve): max_batch_size 2048, max_num_tokens 8192, chunked prefill."""
-    if r.engine == "vllm" and release(r.engine_version) < (0, 7):
-        return {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False}
-    if r.engine == "vllm":
-        big = r.profile.memory_bytes >= 70 * 2**30 and "a100" not in r.profile.name.lower()
-        return {"max_batch": 1024 if big else 256, "max_batched_tokens": 8192 if big else 2048, "chunked_prefill": True}
-    if r.engine == "sglang":
-        return {"max_batch": 4096, "max_batched_tokens": 8192, "chunked_prefill": True, "prefill_apart": True}
-    return {"max_batch": 2048, "max_batched_tokens": 8192, "chunked_prefill": True}
+    """The row's engine's batching at its server's defaults: its preset's (`engine.scheduler_defaults`),
+    or for TensorRT-LLM (trtllm-serve, no preset) max_batch_size 2048, max_num_tokens 8192, chunked prefill."""
+    if r.engine == "tensorrt-llm":
+        return dict(TENSORRT_LLM_SCHEDULER)
+    return scheduler_defaults(preset_name(r), r.profile)
 
 
 def row_setup(r: e2e.ServingResult, means: tuple[float, float] | None, max_requests: int = DEFAULT_MAX_REQUESTS) -> Setup:

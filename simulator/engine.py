@@ -17,8 +17,10 @@ an eager step takes the longer of its kernels and its launches (launch-bound for
 under a large model's kernels), while the host work before the launches (t_host) adds to both. r_0 and
 r_tok delay a request's entry into the engine's queue and so add to its TTFT.
 
-Presets: `ideal` (kernels only, all zero; the default of `simulate`, so its figures are the kernel
-model's), and `vllm` (the V1 engine, vLLM 0.7 on), `vllm-v0` (vLLM before 0.7) and `sglang`, whose
+Each preset also brings its server's batching (`scheduler_defaults`: running-request cap, step token
+budget, chunked prefill mixed with the decodes or run apart), which `simulate --engine` takes unless its
+flags say otherwise and under which the presets were fitted. Presets: `ideal` (kernels only, all zero;
+the default of `simulate`, so its figures are the kernel model's, under the simulator's own batching), and `vllm` (the V1 engine, vLLM 0.7 on), `vllm-v0` (vLLM before 0.7) and `sglang`, whose
 coefficients are fitted by `python -m simulator fit-engine` to the fit rows of the published serving
 measurements (`simulator.e2e.split`) and shipped in `engine_fitted.json` with the data's SHA-256. vLLM's
 two engines are two presets: V1 rewrote the scheduler and the input preparation and overlaps them with
@@ -96,6 +98,34 @@ class EngineOverhead(BaseModel):
 
 
 IDEAL = EngineOverhead()
+
+TENSORRT_LLM_SCHEDULER = {"max_batch": 2048, "max_batched_tokens": 8192, "chunked_prefill": True}  # trtllm-serve's defaults
+
+
+def scheduler_defaults(name: str, hw) -> dict:
+    """The batching of the named engine's server at its defaults, as `ServingConfig` fields (`ideal`:
+    none, the simulator's own):
+    - `vllm-v0` (vLLM before 0.7): max_num_seqs 256, no chunked prefill below 32k context, and
+      max_num_batched_tokens = max(max_model_len, 2048) (vllm/config.py SchedulerConfig); taken as 8192;
+    - `vllm` (V1 engine, 0.7 on): chunked prefill; for the API server max_num_seqs 1024 and
+      max_num_batched_tokens 8192 on GPUs of >= 70 GiB other than the A100 (larger budgets cost the
+      A100 throughput, vllm-project/vllm PR #17885), else 256 and 2048 (vllm/engine/arg_utils.py, the
+      usage-context defaults);
+    - `sglang`: chunked prefill of 8192 tokens (server_args chunked_prefill_size) in batches of their
+      own, run ahead of the decode batch whenever a prefill batch can be formed (enable_mixed_chunk is
+      False by default in every release; the scheduler's get_next_batch_to_run); no fixed cap on
+      running requests (the KV pool bounds them), modelled as 4096."""
+    key = name.strip().lower()
+    if key not in ENGINE_NAMES:
+        raise UserError(f"unknown engine {name!r}; known: {', '.join(ENGINE_NAMES)}")
+    if key == "vllm-v0":
+        return {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False, "prefill_apart": False}
+    if key == "vllm":
+        big = hw.memory_bytes >= 70 * 2**30 and "a100" not in hw.name.lower()
+        return {"max_batch": 1024 if big else 256, "max_batched_tokens": 8192 if big else 2048, "chunked_prefill": True, "prefill_apart": False}
+    if key == "sglang":
+        return {"max_batch": 4096, "max_batched_tokens": 8192, "chunked_prefill": True, "prefill_apart": True}
+    return {}
 
 
 def load_fitted(path: Path = FITTED_PATH) -> dict:

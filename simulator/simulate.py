@@ -19,7 +19,7 @@ import numpy as np
 
 from simulator import bild
 from simulator import plan as plan_lib
-from simulator.engine import DEFAULT_ENGINE, ENGINE_NAMES, engine_overhead
+from simulator.engine import DEFAULT_ENGINE, ENGINE_NAMES, engine_overhead, scheduler_defaults
 from simulator.errors import UserError, finite_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec, load_model
@@ -406,12 +406,17 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=256, help="output tokens per request (default: %(default)s)")
     p.add_argument("--lengths", choices=["fixed", "uniform"], default="fixed", help="prompt and output lengths: all equal, or uniform with those means (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="sequences running at once (default: %(default)s)")
-    p.add_argument("--max-batched-tokens", type=int, default=DEFAULT_MAX_BATCHED_TOKENS, help="prefill tokens per step; with --chunked-prefill all tokens per step (default: %(default)s)")
-    p.add_argument("--chunked-prefill", action="store_true", help="split prompts into chunks that share steps with decodes")
-    p.add_argument("--prefill-apart", action="store_true",
+    p.add_argument("--max-batch", type=int, default=None,
+                   help=f"sequences running at once (default: the --engine's server default, {DEFAULT_MAX_BATCH} with --engine ideal)")
+    p.add_argument("--max-batched-tokens", type=int, default=None,
+                   help="prefill tokens per step; with --chunked-prefill all tokens per step "
+                        f"(default: the --engine's server default, {DEFAULT_MAX_BATCHED_TOKENS} with --engine ideal)")
+    p.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="split prompts into chunks that share steps with decodes (default: as the --engine's server does; "
+                        "off with --engine ideal)")
+    p.add_argument("--prefill-apart", action=argparse.BooleanOptionalAction, default=None,
                    help="with --chunked-prefill: run the chunks in steps of their own, ahead of the decodes, as SGLang does "
-                        "unless started with --enable-mixed-chunk")  # fmt: skip
+                        "unless started with --enable-mixed-chunk (default: on with --engine sglang)")  # fmt: skip
     p.add_argument("--scheduler-steps", type=int, default=1,
                    help="decode steps per scheduler call, as vLLM's --num-scheduler-steps (before 0.7): a request waits for "
                         "the call under way to end before its prefill (default: %(default)s)")  # fmt: skip
@@ -425,8 +430,23 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
                             "its cycles from --bild-rates",
                             "--policy bild: rates measured by `python -m reference bild --rates-out FILE`; they are the measured pair's, "
                             "applied to --model and --draft (the small model)")  # fmt: skip
-    p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"host overheads of a serving engine added to the kernels: {', '.join(ENGINE_NAMES)} "
-                   "(ideal: kernels only; vllm (V1 engine, 0.7 on), vllm-v0 (before 0.7) and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
+    p.add_argument("--engine", default=DEFAULT_ENGINE, help=f"host overheads of a serving engine added to the kernels, and its server's batching "
+                   f"where no flag sets it: {', '.join(ENGINE_NAMES)} (ideal: kernels only, the simulator's own batching; vllm (V1 engine, "
+                   "0.7 on), vllm-v0 (before 0.7) and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
+
+
+SIMULATOR_BATCHING = {"max_batch": DEFAULT_MAX_BATCH, "max_batched_tokens": DEFAULT_MAX_BATCHED_TOKENS, "chunked_prefill": False, "prefill_apart": False}
+
+
+def batching(args: argparse.Namespace, hw) -> dict:
+    """max_batch, max_batched_tokens, chunked_prefill and prefill_apart: each as its flag gives it, else
+    as the --engine's server runs (`engine.scheduler_defaults`), else the simulator's own (`ideal`).
+    Turning chunking off turns off the engine's running of chunks apart with it."""
+    server = scheduler_defaults(args.engine, hw)
+    out = {k: getattr(args, k) if getattr(args, k) is not None else server.get(k, v) for k, v in SIMULATOR_BATCHING.items()}
+    if args.prefill_apart is None and not out["chunked_prefill"]:
+        out["prefill_apart"] = False
+    return out
 
 
 def runs_of(draft, serving: ServingConfig) -> tuple[str, ...]:
@@ -457,10 +477,7 @@ def config_from_args(args: argparse.Namespace):
             acceptance = parse_alpha(args.alpha if args.alpha is not None else str(plan_lib.DEFAULT_ALPHA))
     serving = ServingConfig(
         engine=engine_overhead(args.engine),
-        max_batch=args.max_batch,
-        max_batched_tokens=args.max_batched_tokens,
-        chunked_prefill=args.chunked_prefill,
-        prefill_apart=args.prefill_apart,
+        **batching(args, hw),
         scheduler_steps=args.scheduler_steps,
         gamma=len(draft.tree) if tree else 0 if draft is None else DEFAULT_GAMMA if args.gamma is None else args.gamma,
         spec_off_above_batch=args.spec_off_above_batch,
@@ -496,8 +513,7 @@ def _bild_config(args: argparse.Namespace, hw):
     speculation, _ = bild.speculation_from_args(args.bild_rates, args.fallback, args.rollback, load_model(args.draft))
     check_pair(target, speculation.draft)
     serving = ServingConfig(
-        engine=engine_overhead(args.engine), max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens,
-        chunked_prefill=args.chunked_prefill, prefill_apart=args.prefill_apart, scheduler_steps=args.scheduler_steps,
+        engine=engine_overhead(args.engine), **batching(args, hw), scheduler_steps=args.scheduler_steps,
         gamma=speculation.max_run, spec_off_above_batch=args.spec_off_above_batch,
         dtype=args.dtype, tp=args.tp, slo_ttft_s=None if args.slo_ttft is None else parse_duration_s(args.slo_ttft, "--slo-ttft"),
         slo_tpot_s=None if args.slo_tpot is None else parse_duration_s(args.slo_tpot, "--slo-tpot"),

@@ -58,7 +58,7 @@ def _option_kinds() -> dict[str, tuple[type, tuple | None]]:
     simulate._add_options(parser, None)
     kinds: dict[str, tuple[type, tuple | None]] = {}
     for a in parser._actions:
-        kind = bool if isinstance(a, argparse._StoreTrueAction) else (a.type or str)
+        kind = bool if isinstance(a, argparse._StoreTrueAction | argparse.BooleanOptionalAction) else (a.type or str)
         kinds[a.dest] = (kind, tuple(a.choices) if a.choices else None)
     return kinds | {k: (type(v), None) for k, v in EXTRA_KEYS.items()}
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from cli_run import one_error_line, simulator_cli
 
-from simulator import e2e
+from simulator import e2e, engine
 from simulator import e2e_validate as ev
 from simulator.engine import IDEAL, EngineOverhead, engine_overhead
 from simulator.errors import UserError
@@ -175,8 +176,33 @@ def test_vllm_v1_scheduler_defaults_follow_the_device():
     assert limits("h100")["max_batch"] == 1024 and limits("h100")["max_batched_tokens"] == 8192
     assert limits("a100")["max_batch"] == 256 and limits("a100")["max_batched_tokens"] == 2048
     assert limits("l4")["max_batch"] == 256
-    assert limits("h100", "0.6.0") == {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False}
-    assert limits("h100", "0.5.3", "sglang")["prefill_apart"] and not limits("h100").get("prefill_apart")  # SGLang mixes no chunk by default
+    assert limits("h100", "0.6.0") == {"max_batch": 256, "max_batched_tokens": 8192, "chunked_prefill": False, "prefill_apart": False}
+    assert limits("h100", "0.5.3", "sglang")["prefill_apart"] and not limits("h100")["prefill_apart"]  # SGLang mixes no chunk by default
+    assert limits("h100", "1.2.0", "tensorrt-llm") == {"max_batch": 2048, "max_batched_tokens": 8192, "chunked_prefill": True}
+    assert engine.scheduler_defaults("ideal", load_profile("h100")) == {}
+    with pytest.raises(UserError, match="unknown engine 'tgi'"):
+        engine.scheduler_defaults("tgi", load_profile("h100"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--engine", "ideal"], (256, 8192, False, False)),  # the simulator's own batching
+        (["--engine", "sglang"], (4096, 8192, True, True)),  # SGLang's server: chunks in steps of their own
+        (["--engine", "vllm"], (1024, 8192, True, False)),  # V1 on an H100: 1024 sequences, mixed chunks
+        (["--engine", "vllm-v0"], (256, 8192, False, False)),
+        (["--engine", "sglang", "--max-batch", "64", "--no-prefill-apart"], (64, 8192, True, False)),  # flags win
+        (["--engine", "sglang", "--no-chunked-prefill"], (4096, 8192, False, False)),  # no chunks, none apart
+        (["--engine", "ideal", "--chunked-prefill", "--max-batched-tokens", "512"], (256, 512, True, False)),
+    ],
+)
+def test_simulate_takes_the_engines_batching_unless_a_flag_sets_it(flags, expected):
+    from simulator import simulate
+
+    parser = argparse.ArgumentParser()
+    simulate._add_options(parser, None)
+    serving = simulate.config_from_args(parser.parse_args(["--gpu", "h100", "--draft", "none", *flags]))[4]
+    assert (serving.max_batch, serving.max_batched_tokens, serving.chunked_prefill, serving.prefill_apart) == expected
 
 
 def test_a_vllm_row_takes_the_preset_of_its_engine_generation():

@@ -33,13 +33,13 @@ def write_spec(tmp_path, spec: dict, name: str = "spec.yaml"):
 def test_grid_expands_to_every_combination_over_the_fixed_options():
     points = sweep.expand({"fixed": {"seed": 3}, "grid": {"gpu": ["a100", "h100"], "gamma": [1, 2, 3]}})
     assert [(p["gpu"], p["gamma"]) for p in points] == [(g, k) for g in ("a100", "h100") for k in (1, 2, 3)]
-    assert all(p["seed"] == 3 and p["max_batch"] == sim.DEFAULT_MAX_BATCH and p["interval"] is False for p in points)
+    assert all(p["seed"] == 3 and p["max_batch"] is None and p["interval"] is False for p in points)  # None: the engine's default
     assert len({sweep.point_id(p) for p in points}) == 6
 
 
 def test_points_combine_with_the_grid():
     points = sweep.expand({"points": [{"tp": 1}, {"tp": 2, "chunked_prefill": True}], "grid": {"rate": [1, 2]}})
-    assert [(p["tp"], p["chunked_prefill"], p["rate"]) for p in points] == [(1, False, 1.0), (1, False, 2.0), (2, True, 1.0), (2, True, 2.0)]
+    assert [(p["tp"], p["chunked_prefill"], p["rate"]) for p in points] == [(1, None, 1.0), (1, None, 2.0), (2, True, 1.0), (2, True, 2.0)]
 
 
 @pytest.mark.parametrize(
