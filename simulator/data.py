@@ -51,7 +51,7 @@ KIND_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 GEMM_DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "fp8": "fp8", "fp8_block": "fp8_block", "nvfp4": "nvfp4"}
 ATTENTION_LIBRARIES = {"vllm_flash_attn": "fa2", "flash_attn": "fa2", "fa2": "fa2", "vllm_flashinfer": "flashinfer", "flashinfer": "flashinfer"}
-KV_BYTES = {"bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0, "fp8": 1.0}
+KV_BYTES = {"bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0}  # vLLM's --kv-cache-dtype names
 NCCL_ELEMENT_BYTES = {"half": 2, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "float": 4, "float32": 4}
 VIDUR_OPS = ("emb", "input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj", "post_attention_layernorm",
              "mlp_up_proj", "mlp_act", "mlp_down_proj", "add")  # fmt: skip
@@ -137,7 +137,7 @@ UNSUPPORTED = "unsupported"  # a GEMM dtype, attention library or KV dtype the m
 def _mapped(df: pd.DataFrame, column: str, mapping: dict, path: Path, strict: bool = True) -> np.ndarray:
     """`column` through `mapping`; an unknown value is an error, or with `strict=False` UNSUPPORTED
     (a measurement of something the model does not price, such as a GEMM dtype of a newer table)."""
-    values = df[column].astype(str).str.strip()
+    values = df[column].astype(str).str.strip().str.lower()  # the mappings' names are lower case
     unknown = ~values.isin(list(mapping))
     if not strict:
         return np.where(unknown.to_numpy(), UNSUPPORTED, values.map(mapping).to_numpy(dtype=object))

@@ -127,3 +127,14 @@ def test_per_row_gpus_resolve_through_the_file(tmp_path):
         frame["gpu"] = "a200"
         frame.to_csv(folder / "published" / "p.csv", index=False)
         load_tables([folder])
+
+
+def test_dtype_and_library_names_read_in_any_case_and_vllms_fp8_spellings(folder):
+    path = folder / "measured" / "l40s-decode-attention.csv"
+    frame = pd.read_csv(path)
+    frame["kv_cache_dtype"] = ["FP8_E4M3", "fp8_e5m2", "BFloat16"] * (len(frame) // 3) + ["fp8"] * (len(frame) % 3)
+    frame["kernel_source"] = "VLLM_Flash_Attn"
+    frame.to_csv(path, index=False)
+    decode = load_tables([folder]).kinds["decode-attention"]
+    mine = decode[decode["file"] == str(path)]
+    assert list(mine["kv_bytes"][:3]) == [1.0, 1.0, 2.0] and set(mine["library"]) == {"fa2"}
