@@ -20,7 +20,8 @@ r_tok delay a request's entry into the engine's queue and so add to its TTFT.
 Each preset also brings its server's batching (`scheduler_defaults`: running-request cap, step token
 budget, chunked prefill mixed with the decodes or run apart), which `simulate --engine` takes unless its
 flags say otherwise and under which the presets were fitted. Presets: `ideal` (kernels only, all zero;
-the default of `simulate`, so its figures are the kernel model's, under the simulator's own batching), and `vllm` (the V1 engine, vLLM 0.7 on), `vllm-v0` (vLLM before 0.7) and `sglang`, whose
+the default of `simulate`, so its figures are the kernel model's, under the simulator's own
+batching), and `vllm` (the V1 engine, vLLM 0.7 on), `vllm-v0` (vLLM before 0.7) and `sglang`, whose
 coefficients are fitted by `python -m simulator fit-engine` to the fit rows of the published serving
 measurements (`simulator.e2e.split`) and shipped in `engine_fitted.json` with the data's SHA-256. vLLM's
 two engines are two presets: V1 rewrote the scheduler and the input preparation and overlaps them with
@@ -40,6 +41,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from simulator.errors import UserError
+from simulator.hardware import HardwareProfile
 
 FITTED_PATH = Path(__file__).resolve().parent / "engine_fitted.json"
 ENGINE_NAMES = ("ideal", "vllm", "vllm-v0", "sglang")
@@ -102,7 +104,7 @@ IDEAL = EngineOverhead()
 TENSORRT_LLM_SCHEDULER = {"max_batch": 2048, "max_batched_tokens": 8192, "chunked_prefill": True}  # trtllm-serve's defaults
 
 
-def scheduler_defaults(name: str, hw) -> dict:
+def scheduler_defaults(name: str, hw: HardwareProfile) -> dict:
     """The batching of the named engine's server at its defaults, as `ServingConfig` fields (`ideal`:
     none, the simulator's own):
     - `vllm-v0` (vLLM before 0.7): max_num_seqs 256, no chunked prefill below 32k context, and

@@ -923,7 +923,7 @@ class Engine:
         if q != self._q:
             self._redraw(q)
         preempted_before = self.preemptions
-        if self._call_left and self.n_running > len(self._prefilling):  # inside a multi-step call: its decodes go on, nobody enters
+        if self._call_left and self.n_running and not self._prefilling:  # inside a multi-step call: its decodes go on, nobody enters
             self._reserve()
             steps = min(self._call_left, self.cfg.max_span_steps if self.preemptions == preempted_before else 1)
             return self._plan_span(q, steps), False

@@ -438,7 +438,7 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
 SIMULATOR_BATCHING = {"max_batch": DEFAULT_MAX_BATCH, "max_batched_tokens": DEFAULT_MAX_BATCHED_TOKENS, "chunked_prefill": False, "prefill_apart": False}
 
 
-def batching(args: argparse.Namespace, hw) -> dict:
+def batching(args: argparse.Namespace, hw: HardwareProfile) -> dict:
     """max_batch, max_batched_tokens, chunked_prefill and prefill_apart: each as its flag gives it, else
     as the --engine's server runs (`engine.scheduler_defaults`), else the simulator's own (`ideal`).
     Turning chunking off turns off the engine's running of chunks apart with it."""
