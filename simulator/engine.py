@@ -114,8 +114,8 @@ def scheduler_defaults(name: str, hw: HardwareProfile) -> dict:
       A100 throughput, vllm-project/vllm PR #17885), else 256 and 2048 (vllm/engine/arg_utils.py, the
       usage-context defaults);
     - `sglang`: chunked prefill of 8192 tokens (server_args chunked_prefill_size) in batches of their
-      own, run ahead of the decode batch whenever a prefill batch can be formed (enable_mixed_chunk is
-      False by default in every release; the scheduler's get_next_batch_to_run); no fixed cap on
+      own, run ahead of the decode batch whenever a prefill batch can be formed (server_args
+      enable_mixed_chunk defaults to False; the scheduler's get_next_batch_to_run); no fixed cap on
       running requests (the KV pool bounds them), modelled as 4096."""
     key = name.strip().lower()
     if key not in ENGINE_NAMES:
