@@ -53,6 +53,7 @@ from simulator.workload import WorkloadSpec, make_stream
 DEFAULT_MAX_REQUESTS = 200  # per open- or closed-loop row: enough for steady-state medians, fast on 2 cores
 MAX_AT_ONCE = 1000  # requests of an all-at-once row: its TTFT grows with the queue, so up to here every prompt
 CLOSED_LOOP_REQUESTS_PER_USER = 10
+LIGHT_LOAD_REQUESTS = 20  # requests one user sends one after another in the light-load probe (`light_load_gap_pct`)
 SEED = 0
 METRICS = ("ttft", "tpot", "throughput")
 
@@ -135,6 +136,19 @@ def predict(r: e2e.ServingResult, setup: Setup, engine: EngineOverhead) -> dict[
     ttft_stat = "p50" if "ttft_median_ms" in m or "ttft_mean_ms" not in m else "mean"
     tpot_stat = "mean" if "tpot_median_ms" not in m and "tpot_mean_ms" in m else "p50"
     return {"ttft": lat["ttft"][ttft_stat], "tpot": lat["tpot"][tpot_stat], "throughput": report["throughput"]["output_tokens_per_s"]}
+
+
+def light_load_gap_pct(r: e2e.ServingResult, setup: Setup, engine: EngineOverhead) -> float:
+    """How far `engine` moves the row's median TPOT from kernels only at light load: its setup (GPU,
+    model, TP, lengths, batching) served to one user, one request after another."""
+    workload = setup.workload.model_copy(update={"rate_per_s": math.inf, "concurrency": 1, "requests": LIGHT_LOAD_REQUESTS}).check()
+    tpot = []
+    for overhead in (engine, IDEAL):
+        cfg = setup.serving.model_copy(update={"engine": overhead})
+        report = simulate_serving(r.profile, r.spec, None, AcceptanceModel(), cfg, make_stream(workload, np.random.default_rng(SEED)),
+                                  np.random.default_rng(SEED), concurrency=1)  # fmt: skip
+        tpot.append(report["latency_s"]["tpot"]["p50"])
+    return abs(tpot[0] / tpot[1] - 1.0) * 100.0
 
 
 def preset_name(r: e2e.ServingResult) -> str:
@@ -276,6 +290,8 @@ def validate_e2e(path: Path | str | None = None, max_requests: int = DEFAULT_MAX
         for model, overhead in (("engine", preset), ("ideal", IDEAL)):
             pred = predict(r, s, overhead) if model == "engine" or not preset.ideal else entry["engine"]["predicted"]
             entry[model] = {"predicted": pred, "ape": {k: _ape(pred[k], meas[k]) for k in METRICS}}
+        if r.size_class == "large" and not preset.ideal:
+            entry["light_load_tpot_gap_pct"] = light_load_gap_pct(r, s, preset)
         out_rows.append(entry)
         if progress:
             progress(f"row {r.row}: {r.engine} {r.spec.name} on {r.profile.name}")
@@ -293,21 +309,26 @@ def validate_e2e(path: Path | str | None = None, max_requests: int = DEFAULT_MAX
 
 def targets(held: list[dict], rows: list[dict]) -> dict:
     """The issue's targets: held-out median APE of TTFT and TPOT <= 20% and of throughput <= 15%; for
-    models under 2B, TTFT median APE at least 3x better than kernels only; for models >= 70B at light load
-    (open or closed loop, not every request at once), the engine model within 5% of kernels only on TPOT."""
+    models under 2B, TTFT median APE at least 3x better than kernels only; for models >= 70B at light
+    load, where kernels dominate, the engine model within 5% of kernels only on TPOT: every >= 70B
+    row's setup served to one user (`light_load_gap_pct`; the published 70B rows run 4-8 requests/s
+    or every request at once, so their own gaps, `large_rows_tpot_gap_to_ideal_pct`, are a loaded
+    system's and are reported beside it)."""
     s = _summary(held)["engine"]
     small = _summary([e for e in held if e["size_class"] == "small"])
     small_engine, small_ideal = small["engine"]["ttft"]["median_ape_pct"], small["ideal"]["ttft"]["median_ape_pct"]
-    large_light = [e for e in rows if e["size_class"] == "large" and e["load"] != "all at once"]
-    gaps = [abs(e["engine"]["predicted"]["tpot"] / e["ideal"]["predicted"]["tpot"] - 1) * 100 for e in large_light]
+    light = {e["row"]: e["light_load_tpot_gap_pct"] for e in rows if "light_load_tpot_gap_pct" in e}
+    loaded = [e for e in rows if e["size_class"] == "large" and e["load"] != "all at once"]
+    loaded_gaps = {e["row"]: abs(e["engine"]["predicted"]["tpot"] / e["ideal"]["predicted"]["tpot"] - 1) * 100 for e in loaded}
     ratio = small_ideal / small_engine if small_engine and small_ideal is not None else None
     out = {
         "ttft_median_ape_pct": {"value": s["ttft"]["median_ape_pct"], "target": 20.0},
         "tpot_median_ape_pct": {"value": s["tpot"]["median_ape_pct"], "target": 20.0},
         "throughput_median_ape_pct": {"value": s["throughput"]["median_ape_pct"], "target": 15.0},
         "small_ttft_ideal_over_engine_ape": {"value": ratio, "target": 3.0, "higher_is_better": True},
-        "large_light_tpot_gap_to_ideal_pct": {"value": max(gaps) if gaps else None, "target": 5.0, "rows": [e["row"] for e in large_light]},
-    }
+        "large_light_tpot_gap_to_ideal_pct": {"value": max(light.values()) if light else None, "target": 5.0, "rows": sorted(light),
+                                              "large_rows_tpot_gap_to_ideal_pct": max(loaded_gaps.values()) if loaded_gaps else None},
+    }  # fmt: skip
     for t in out.values():
         v = t["value"]
         t["met"] = None if v is None else v >= t["target"] if t.get("higher_is_better") else v <= t["target"]
@@ -342,6 +363,9 @@ def format_e2e(out: dict) -> str:
         mark = "n/a" if t["met"] is None else "met" if t["met"] else "NOT met"
         cmp = ">=" if t.get("higher_is_better") else "<="
         lines.append(f"  {name}: {_pct(t['value'])} (target {cmp} {t['target']:g}) {mark}")
+        if "rows" in t:
+            lines.append(f"    one user on the setups of rows {', '.join(map(str, t['rows']))}; those rows at their own load: "
+                         f"{_pct(t['large_rows_tpot_gap_to_ideal_pct'])}")
     lines += ["", f"{'row':>4} {'fit':>3} {'engine':<13}{'model':<14}{'GPU':<15}{'load':<12}"
               f"{'TTFT ms meas/eng/ideal':>26}{'TPOT ms meas/eng/ideal':>26}{'tok/s meas/eng/ideal':>28}"]  # fmt: skip
     for e in out["rows"]:

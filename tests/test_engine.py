@@ -217,3 +217,21 @@ def test_a_vllm_row_takes_the_preset_of_its_engine_generation():
     engines = {"vllm": engine_overhead("vllm"), "vllm-v0": engine_overhead("vllm-v0")}
     assert ev.preset_for(SimpleNamespace(engine="vllm", engine_version="0.6.0"), engines) is engines["vllm-v0"]
     assert ev.preset_for(SimpleNamespace(engine="tensorrt-llm", engine_version="1.0"), engines) is IDEAL
+
+
+def test_the_light_load_probe_serves_one_user_and_sees_only_per_step_time():
+    """`light_load_gap_pct`: one user, one request after another, on a row's setup. A host time per
+    sequence in the step moves the median TPOT by itself over the kernels-only step (one sequence
+    runs; at the row's own 4 requests/s several would, and the gap would be several times as
+    large); a per-request time moves it not at all (it adds to TTFT)."""
+    rows = e2e.load()
+    row = next(r for r in rows if r.row == 6)  # Llama-3.1-70B, 4 x H100, vLLM 0.6 at 4 requests/s
+    setup = ev.row_setup(row, ev.sharegpt_means(rows))
+    assert ev.light_load_gap_pct(row, setup, IDEAL) == 0.0
+    assert ev.light_load_gap_pct(row, setup, EngineOverhead(name="x", request_s=0.05)) == pytest.approx(0.0, abs=1e-9)
+    step = EngineOverhead(name="x", step_s_per_sequence=1e-3)
+    workload = setup.workload.model_copy(update={"rate_per_s": math.inf, "concurrency": 1, "requests": ev.LIGHT_LOAD_REQUESTS})
+    report = simulate_serving(row.profile, row.spec, None, AcceptanceModel(), setup.serving, ev.make_stream(workload, np.random.default_rng(0)),
+                              np.random.default_rng(0), concurrency=1)  # fmt: skip
+    kernels_tpot = report["latency_s"]["tpot"]["p50"]
+    assert ev.light_load_gap_pct(row, setup, step) == pytest.approx(100 * 1e-3 / kernels_tpot, rel=0.05)
