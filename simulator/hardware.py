@@ -23,6 +23,7 @@ DTYPE_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "fp8": 1}  # dtypes a
 # Architecture generations: the kernel model's per-generation parameters are keyed by these.
 GENERATIONS = ("volta", "turing", "ampere", "ada", "hopper", "blackwell", "blackwell-rtx", "cdna3")
 INTERCONNECTS = ("nvlink", "pcie", "infinity-fabric")
+HOST_CPUS = ("x86-64", "grace")  # the CPU a GPU's system pairs it with: a benchmark's host-side time is that CPU's
 
 # Physical ranges. A figure outside one is a typo or a slip of units, not a device: each bound lies
 # orders of magnitude past the extremes of the shipped profiles (in brackets), so it refuses only the
@@ -70,6 +71,7 @@ class HardwareProfile(BaseModel):
     tdp_w: float | None = Field(default=None, ge=1.0, le=1e5)  # required for a GPU
     interconnect_bytes_per_s: BytesPerS | None = None  # per-GPU link (NVLink, Infinity Fabric, else PCIe), both directions; required for a GPU
     interconnect: str | None = None  # the link kind (INTERCONNECTS); required for a GPU
+    host_cpu: str = "x86-64"  # HOST_CPUS: "grace" where the GPU comes in a Grace superchip (GB200, GB300), else an x86-64 server's
     launch_overhead_s: float = Field(ge=1e-9, le=1.0)  # fixed cost of one kernel launch
     ops_per_kernel: float = Field(default=1.0, ge=1.0, le=1e6)  # operators an executor issues per cost-model kernel (1: fused kernels; an eager executor issues several)
     achievable: Achievable
@@ -90,6 +92,8 @@ class HardwareProfile(BaseModel):
                 raise ValueError(f"generation: unknown {self.generation!r}; known: {', '.join(GENERATIONS)}")
             if self.interconnect not in INTERCONNECTS:
                 raise ValueError(f"interconnect: unknown {self.interconnect!r}; known: {', '.join(INTERCONNECTS)}")
+            if self.host_cpu not in HOST_CPUS:
+                raise ValueError(f"host_cpu: unknown {self.host_cpu!r}; known: {', '.join(HOST_CPUS)}")
         for needed in ("fp32", "fp16"):
             if needed not in self.peak_flops_per_s:
                 raise ValueError(f"peak_flops_per_s.{needed} is missing")

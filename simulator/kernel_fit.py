@@ -295,19 +295,34 @@ class GroupFit:
     fitted: Fitted
     timer: dict[str, float]
     rows: int
-    timer_host: dict[str, dict[str, float]] = field(default_factory=dict)  # GPU -> timer parameter -> log-deviation
+    timer_host: dict[str, dict[str, float]] = field(default_factory=dict)  # host key (`timer_keys`) -> timer parameter -> log-deviation
 
     def to_json(self) -> dict:
         return {**self.fitted.to_json(), "timer": self.timer, "timer_host": self.timer_host, "rows": self.rows}
 
-    def timer_values(self, gpus) -> dict[str, np.ndarray]:
-        """Every timer parameter as an array over rows measured on the given GPUs (their hosts)."""
-        gpus = np.asarray(gpus, dtype=object)
-        deviation = {name: np.zeros(len(gpus)) for name in self.timer}
-        for gpu, deltas in self.timer_host.items():
-            for name, delta in deltas.items():
-                deviation[name][gpus == gpu] = delta
+    def timer_values(self, frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> dict[str, np.ndarray]:
+        """Every timer parameter as an array over the rows, with the deviation of each row's host key
+        (none for a key the fit did not see: the common value)."""
+        deviation = {}
+        for name in self.timer:
+            keys = timer_keys(frame, profiles, name)
+            deviation[name] = np.zeros(len(frame))
+            for key, deltas in self.timer_host.items():
+                if name in deltas:
+                    deviation[name][keys == key] = deltas[name]
         return timer_rows(self.timer, deviation)
+
+
+def timer_keys(frame: pd.DataFrame, profiles: dict[str, HardwareProfile], name: str) -> np.ndarray:
+    """Whose deviation of timer parameter `name` each row takes: its host CPU's (`host:<cpu>`) for a
+    parameter of the host's own work (`sources.HOST_TIMER_PARAMS`), which a GPU never measured on
+    shares with the GPUs measured on the same kind of host; else its GPU's (each GPU's tables came
+    from a system of its own)."""
+    gpus = frame["gpu"].to_numpy()
+    if name in sources.HOST_TIMER_PARAMS:
+        hosts = {g: f"host:{profiles[g].host_cpu}" for g in np.unique(gpus)}
+        return np.asarray([hosts[g] for g in gpus], dtype=object)
+    return gpus.astype(object)
 
 
 def timer_rows(timer: dict[str, float], deviation: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -319,7 +334,7 @@ def timer_rows(timer: dict[str, float], deviation: dict[str, np.ndarray]) -> dic
 def predict(group: Group, fit: GroupFit, frame: pd.DataFrame, profiles: dict[str, HardwareProfile], ctx: dict | None = None) -> np.ndarray:
     dev = device_of(frame, profiles)
     P = fit.fitted.values(dev.generation)
-    return group.predict(P, fit.timer_values(frame["gpu"].to_numpy()), dev, frame, ctx or {})
+    return group.predict(P, fit.timer_values(frame, profiles), dev, frame, ctx or {})
 
 
 def sample_rows(frame: pd.DataFrame, per_gpu: int = FIT_ROWS_PER_GPU, seed: int = SEED) -> np.ndarray:
@@ -354,12 +369,13 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     ]
     lo = [spec[n].low for n in names] + [sources.TIMER_BOUNDS[n][0] for n in tnames]
     hi = [spec[n].high for n in names] + [sources.TIMER_BOUNDS[n][1] for n in tnames]
-    gpus = sorted(frame["gpu"].unique())
-    gpu_index = pd.Categorical(frame["gpu"], categories=gpus).codes
-    hosts = gpus if len(gpus) > 1 else []  # one GPU's host is its common value
-    nd, nh = len(gens) * len(per_gen), len(hosts) * len(tnames)
+    # a deviation per host key of each timer parameter (`timer_keys`); one key's value is the common one
+    keys = {n: timer_keys(frame, profiles, n) for n in tnames}
+    slots = [(n, key) for n in tnames for key in (sorted(set(keys[n])) if len(set(keys[n])) > 1 else [])]
+    slot_rows = [keys[n] == key for n, key in slots]
+    nd, nh = len(gens) * len(per_gen), len(slots)
     x0 += [(start.fitted.generation.get(g, {}).get(n, 0.0) if start else 0.0) for g in gens for n in per_gen]
-    x0 += [start.timer_host.get(g, {}).get(n, 0.0) if start else _host_start(frame, dev, g, n) for g in hosts for n in tnames]
+    x0 += [start.timer_host.get(key, {}).get(n, 0.0) if start else _host_start(frame, dev, rows, n) for (n, key), rows in zip(slots, slot_rows, strict=True)]
     lo += [-2.0] * (nd + nh)
     hi += [2.0] * (nd + nh)
     x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
@@ -371,15 +387,16 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
         common = dict(zip(names, x[: len(names)], strict=True))
         timer = dict(zip(tnames, x[len(names) : ncommon], strict=True))
         deltas = x[ncommon : ncommon + nd].reshape(len(gens), len(per_gen))
-        host = x[ncommon + nd :].reshape(len(hosts), len(tnames))
-        return common, timer, deltas, host
+        return common, timer, deltas, x[ncommon + nd :]
 
     def residuals(x):
         common, timer, deltas, host = unpack(x)
         P = {n: np.full(len(frame), v) for n, v in common.items()}
         for j, n in enumerate(per_gen):
             P[n] = np.clip(P[n] * np.exp(deltas[gen_index, j]), spec[n].low, spec[n].high)
-        deviation = {n: host[gpu_index, j] if hosts else np.zeros(len(frame)) for j, n in enumerate(tnames)}
+        deviation = {n: np.zeros(len(frame)) for n in tnames}
+        for (n, _), rows, value in zip(slots, slot_rows, host, strict=True):
+            deviation[n] = np.where(rows, value, deviation[n])
         pred = group.predict(P, timer_rows(timer, deviation), dev, frame, ctx or {})
         r = w * np.nan_to_num(np.log(np.maximum(pred, 1e-30)) - y)
         return np.concatenate([r, prior_weight * x[ncommon:]])
@@ -392,23 +409,23 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     for i in range(len(gens)):
         for j in range(len(per_gen)):
             sparsity[: len(frame), ncommon + i * len(per_gen) + j] = gen_index == i
-    for i in range(len(hosts)):
-        for j in range(len(tnames)):
-            sparsity[: len(frame), ncommon + nd + i * len(tnames) + j] = gpu_index == i
+    for i, rows in enumerate(slot_rows):
+        sparsity[: len(frame), ncommon + nd + i] = rows
     result = least_squares(residuals, x0, bounds=(lo, hi), loss="soft_l1", f_scale=LOSS_SCALE, x_scale="jac", diff_step=1e-3,
                            ftol=1e-5, xtol=1e-5, max_nfev=400, jac_sparsity=sparsity)
     common, timer, deltas, host = unpack(result.x)
     generation = {g: {n: float(deltas[i, j]) for j, n in enumerate(per_gen)} for i, g in enumerate(gens)}
-    timer_host = {g: {n: float(host[i, j]) for j, n in enumerate(tnames)} for i, g in enumerate(hosts)}
+    timer_host: dict[str, dict[str, float]] = {}
+    for (n, key), value in zip(slots, host, strict=True):
+        timer_host.setdefault(key, {})[n] = float(value)
     return GroupFit(group.name, Fitted(group.family, {k: float(v) for k, v in common.items()}, generation),
                     {k: float(v) for k, v in timer.items()}, len(frame), timer_host)  # fmt: skip
 
 
-def _host_start(frame: pd.DataFrame, dev: Dev, gpu: str, name: str) -> float:
-    """Where a host's timer floor starts in the fit: at the shortest time its table shows (no floor
-    can be longer), as a log-deviation from the common start. A floor started below every time
-    the kernels take would bind on no row and give the fit no slope to follow."""
-    rows = (frame["gpu"] == gpu).to_numpy()
+def _host_start(frame: pd.DataFrame, dev: Dev, rows: np.ndarray, name: str) -> float:
+    """Where a host key's timer floor starts in the fit: at the shortest time its `rows` show (no
+    floor can be longer), as a log-deviation from the common start. A floor started below every
+    time the kernels take would bind on no row and give the fit no slope to follow."""
     shortest = frame["measured_s"].to_numpy()[rows].min()
     bound = shortest * dev.clock_hz[rows][0] if name == "c_floor" else shortest * 1e6
     return float(np.clip(np.log(bound / sources.TIMER_START[name]), -2.0, 2.0))

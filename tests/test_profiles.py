@@ -234,3 +234,10 @@ def test_a_vendor_prefix_or_an_sxm_suffix_does_not_change_the_part():
     assert load_profile("h100-pcie").name == "H100-PCIe"  # a form factor that is another part stays itself
     with pytest.raises(UserError, match="unknown GPU 'sxm'"):
         load_profile("sxm")
+
+
+def test_a_gpus_host_cpu_is_one_the_model_knows(tmp_path):
+    assert {p.host_cpu for p in PROFILES.values()} == {"x86-64", "grace"}
+    assert PROFILES["GB200"].host_cpu == PROFILES["GB300"].host_cpu == "grace" and PROFILES["B200"].host_cpu == "x86-64"
+    message = refused(write(tmp_path / "p.yaml", {**a100_data(), "host_cpu": "power9"}))
+    assert "host_cpu: unknown 'power9'" in message and "x86-64" in message

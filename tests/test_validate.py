@@ -136,7 +136,9 @@ def test_a_hosts_timer_floor_is_its_own(tmp_path):
     group = kf.GROUPS["attention:fa2"]
     frame = kf.group_rows(tables.kinds, group, tables.profiles)
     fit = kf.fit_group(group, frame, tables.profiles)
-    floors = fit.timer_values(np.array(["A100-80GB-SXM", "H100-SXM", "L40S", "B200"], dtype=object))["c_floor"]
+    from simulator.hardware import load_profile
+
+    floors = fit.timer_values(pd.DataFrame({"gpu": ["A100-80GB-SXM", "H100-SXM", "L40S", "B200"]}), {**tables.profiles, "B200": load_profile("b200")})["c_floor"]
     assert floors[0] == pytest.approx(40000.0, rel=0.1)
     assert floors[1] == pytest.approx(16000.0, rel=0.15)  # the tables' factor per GPU scales the floor too
     assert floors[2] == pytest.approx(16000.0 * 1.08, rel=0.15)
@@ -222,3 +224,21 @@ def test_a_prefill_row_much_faster_than_the_same_call_with_fewer_heads_is_implau
         {**base, "kind": "decode-attention", "h": 64.0, "measured_s": 0.1},  # decode: exempt
     ]
     assert kf.fewer_heads_slower(pd.DataFrame(rows)).tolist() == [False, True, False, False, False, False]
+
+
+def test_a_host_timer_deviation_is_its_host_cpus_and_reaches_gpus_the_fit_never_saw():
+    """`t_host_us` (the host's Python and launch work of an eager call) deviates per host CPU, so a
+    GPU measured on an x86-64 server takes the x86-64 hosts' value; `c_floor` (a graph replay's
+    floor, partly the GPU's front end) stays per GPU, and a GPU the fit never saw takes the common one."""
+    from simulator import kernel_fit as kf
+    from simulator.gpu_model.params import Fitted
+    from simulator.hardware import load_profile
+
+    profiles = {p.name: p for p in (load_profile(n) for n in ("h100", "gb300", "gb200", "rtx-pro-6000"))}
+    fit = kf.GroupFit("gemm:fp8_block", Fitted("gemm_quantized", {}, {}), {"c_floor": 16000.0, "t_host_us": 200.0}, 0,
+                      {"host:x86-64": {"t_host_us": -0.4}, "host:grace": {"t_host_us": 0.5}, "GB200": {"c_floor": 0.1}})  # fmt: skip
+    frame = pd.DataFrame({"gpu": ["H100-SXM", "GB300", "GB200", "RTX-PRO-6000-Blackwell-Server"]})
+    values = fit.timer_values(frame, profiles)
+    assert values["t_host_us"] == pytest.approx(200.0 * np.exp([-0.4, 0.5, 0.5, -0.4]))
+    assert values["c_floor"] == pytest.approx([16000.0, 16000.0, 16000.0 * math.exp(0.1), 16000.0])
+    assert list(kf.timer_keys(frame, profiles, "t_host_us")) == ["host:x86-64", "host:grace", "host:grace", "host:x86-64"]

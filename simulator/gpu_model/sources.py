@@ -71,6 +71,7 @@ def attention_timer(framework: str, library: str = "fa2", version: str = "") -> 
 
 
 TIMER_PARAMS = ("c_floor", "t_host_us")
+HOST_TIMER_PARAMS = ("t_host_us",)  # the host CPU's own work: shared by the GPUs measured on one kind of host (`HardwareProfile.host_cpu`)
 TIMER_START = {"c_floor": 16000.0, "t_host_us": 100.0}
 TIMER_BOUNDS = {"c_floor": (100.0, 100000.0), "t_host_us": (1.0, 2000.0)}
 
