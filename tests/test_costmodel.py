@@ -670,6 +670,10 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
     assert all((mha_h100[k] == mha_a100[k]).all() for k in ("br", "bc", "splits", "stages"))
     # FA3's TMA pipeline keeps two K/V tiles in flight (kStages = 2 on sm90): twice a program's stream
     assert (hopper["stages"] == 2.0).all() and (decode_h100["stages"] == 1.0).all() and (geometry("a100", 4096.0)["stages"] == 1.0).all()
+    # FA3 packs a KV group's query heads inside the kernel (PackGQA): no swap, so none of FA2's Q / O copies
+    assert (decode_h100["copies"] == 0.0).all() and (decode_a100["copies"] == 1.0).all()  # one sequence: the swap's one copy on FA2
+    assert kernels.attention_kernels("fa2", 8, 32, 8, 1, 4096, generation="hopper")[0] == 3  # cache write, attention, combine
+    assert kernels.attention_kernels("fa2", 8, 32, 8, 1, 4096, generation="ampere")[0] == 6  # and FA2's three copies
 
     from simulator.gpu_model.params import load_fitted
 

@@ -252,7 +252,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     per K/V byte it streams, and streams it FA3_KV_STAGES times as fast: its TMA pipeline keeps that
     many K/V tiles in flight where FA2 keeps one, and a program's stream is latency-bound (bytes in
     flight over the memory latency). Its decode (one query per sequence: packed GQA, split K/V) is
-    priced as FA2's, grouped or not."""
+    priced as FA2's, grouped or not, less the swap's copies: FA3 packs the group in the kernel."""
     swapped = (n_q == 1) & (h > hk)
     heads = np.where(swapped, hk, h)
     rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
@@ -274,6 +274,9 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     # three FlashAttention GPUs step up by one small kernel from MHA to grouped-query decode of the
     # same shape: 1.0-1.8 us at one sequence and <= 64 keys)
     copies = 2.0 * (swapped & (b > 1) & (hk > 1)) + swapped
+    # FlashAttention-3 packs a KV group's query heads into its tiles inside the kernel (PackGQA, always
+    # on for paged K/V and split calls: hopper/flash_api.cpp `run_mha_fwd`) and has no swap: no copies
+    copies = np.where(np.isin(dev.generation, FA3_GENERATIONS), 0.0, copies)
     stages = np.where(fa3, FA3_KV_STAGES, 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages)
 
