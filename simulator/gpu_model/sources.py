@@ -17,7 +17,9 @@ of the benchmark. The sources the model knows, from their published harness code
   kernel can go below (`c_floor`, in cycles of the GPU clock: it is ~15-19 k cycles on every GPU
   measured, 7-12 us); fp8 activations are quantized by a kernel of their own inside the call.
   Both floors are partly the host's, and each GPU's tables were measured on a host of its own, so
-  the fit gives these parameters a deviation per GPU (`simulator.kernel_fit`).
+  the fit gives the replay floor a deviation per GPU and the eager host time one per kind of host
+  CPU (`HOST_TIMER_PARAMS`, `HardwareProfile.host_cpu`), which a GPU the fit never saw inherits
+  (`simulator.kernel_fit.timer_keys`).
 - nccl-tests (collector/collect_nccl.py): the out-of-place time column of `*_perf`, see
   `simulator.gpu_model.collectives`.
 - anything else: the device time of the call, as a kernel-level timer (CUDA events around one
