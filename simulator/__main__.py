@@ -68,7 +68,7 @@ def _run_plan_search(args: argparse.Namespace) -> int:
     for gpu in gpu_choice.parse_gpus(args.gpu):
         query = capacity.build_query(
             gpu, args.model, args.rate, args.slo_ttft_p99, args.slo_tpot_p99, args.prompt_len, args.output_len,
-            args.max_gpus, args.alpha, args.dtype, args.requests, args.seed,
+            args.max_gpus, args.alpha, args.dtype, args.requests, args.seed, args.engine,
         )  # fmt: skip
         queries.setdefault(query.hw.name, query)
     if args.gamma is not None:
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gpus", type=int, default=None, help=f"search: most GPUs to consider (default: {capacity.DEFAULT_MAX_GPUS})")
     p.add_argument("--requests", type=int, default=None, help=f"search: requests simulated per replica (default: {capacity.DEFAULT_REQUESTS})")
     p.add_argument("--seed", type=int, default=None, help="search: seed of arrivals and acceptance draws (default: 0)")
+    p.add_argument("--engine", default=None, help="search: simulate with a serving engine's host overheads and batching (its max batch "
+                   "still searched): ideal (kernels only, unchunked), vllm, vllm-v0 or sglang, as `simulate --engine` (default: ideal)")
     p.add_argument("--plot-dir", default=None, help=f"search: folder the three plots are written to, one subfolder per GPU type when there are several (default: {capacity.DEFAULT_PLOT_DIR})")
     p.add_argument("--price", action="append", default=None, metavar="GPU=USD_PER_HOUR", help="search: price of one GPU of a type searched, USD per hour (repeatable; no built-in prices): adds the cost per million output tokens and the cheapest type")
     _add_runner_options(p, "search's simulations")

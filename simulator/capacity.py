@@ -34,6 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from simulator.engine import DEFAULT_ENGINE, engine_overhead, scheduler_defaults
 from simulator.errors import UserError
 from simulator.forward import kv_bytes_per_token, weight_bytes
 from simulator.hardware import DTYPE_BYTES, HardwareProfile, load_profile
@@ -95,6 +96,7 @@ class CapacityQuery(BaseModel):
     dtype: str = "fp16"
     requests: int = DEFAULT_REQUESTS
     seed: int = 0
+    engine: str = DEFAULT_ENGINE  # its host overheads and its server's batching in the simulations (simulator.engine)
 
     def check(self) -> CapacityQuery:
         if not (self.rate_per_s > 0 and math.isfinite(self.rate_per_s)):
@@ -108,6 +110,7 @@ class CapacityQuery(BaseModel):
             raise UserError(f"--output-len must be >= 1, got {self.output_tokens}")
         if self.max_gpus < 1:
             raise UserError(f"--max-gpus must be >= 1, got {self.max_gpus}")
+        engine_overhead(self.engine)  # a known preset, with its fitted coefficients
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"--alpha must lie in [0, 1], got {self.alpha}")
         if self.requests < 1:
@@ -137,6 +140,7 @@ def build_query(
     dtype: str = "fp16",
     requests: int | None = None,
     seed: int | None = None,
+    engine: str | None = None,
 ) -> CapacityQuery:
     """A checked query from command-line values; SLOs are durations such as `2s`, `50ms`, `0.05`."""
     missing = [flag for flag, v in (("--rate", rate_per_s), ("--slo-ttft-p99", slo_ttft_p99), ("--slo-tpot-p99", slo_tpot_p99)) if v is None]
@@ -156,6 +160,7 @@ def build_query(
         dtype=dtype,
         requests=DEFAULT_REQUESTS if requests is None else requests,
         seed=0 if seed is None else seed,
+        engine=DEFAULT_ENGINE if engine is None else engine.strip().lower(),
     ).check()
 
 
@@ -395,10 +400,15 @@ def seeds(seed: int, c: Candidate) -> tuple[np.random.SeedSequence, np.random.Se
 def simulation_job(c: Candidate, query: CapacityQuery, drafts: dict[str, ModelSpec | None]) -> tuple:
     """Everything one simulation needs, picklable for a worker process."""
     draft = drafts[c.draft]
+    server = scheduler_defaults(query.engine, query.hw)  # the engine's batching (none for ideal), the candidate's max batch
+    chunked = server.get("chunked_prefill", False)
     cfg = ServingConfig(
         max_batch=c.max_batch,
-        # a prompt longer than the default token budget gets a budget of its own length
-        max_batched_tokens=max(DEFAULT_MAX_BATCHED_TOKENS, query.prompt_tokens),
+        # unchunked, a prompt longer than the token budget gets a budget of its own length
+        max_batched_tokens=server.get("max_batched_tokens", DEFAULT_MAX_BATCHED_TOKENS) if chunked else max(DEFAULT_MAX_BATCHED_TOKENS, query.prompt_tokens),
+        chunked_prefill=chunked,
+        prefill_apart=server.get("prefill_apart", False),
+        engine=engine_overhead(query.engine),
         gamma=c.gamma,
         dtype=query.dtype,
         tp=c.tp,
@@ -589,6 +599,7 @@ def search(
         "max_gpus": query.max_gpus,
         "requests_per_replica": query.requests,
         "seed": query.seed,
+        "engine": query.engine,
         "space": {
             "tp_degrees": [tp for tp in tp_degrees if tp_fits(query.target, tp) and tp <= query.max_gpus],
             "drafts": list(draft_specs),
@@ -619,7 +630,9 @@ def assumptions(query: CapacityQuery, drafts: dict[str, ModelSpec | None]) -> li
         "requests are spread over replicas at random: each of r replicas sees a Poisson stream at rate / r, simulated once",
         "a draft model is split over the tensor-parallel group where its heads allow, else replicated on every GPU",
         f"the serving engine's defaults: {MEMORY_UTILIZATION:.0%} of device memory for weights and KV cache, "
-        f"{BLOCK_TOKENS}-token KV blocks, no chunked prefill",
+        f"{BLOCK_TOKENS}-token KV blocks, "
+        + ("no chunked prefill, kernels only (--engine ideal)" if query.engine == DEFAULT_ENGINE
+           else f"{query.engine}'s host overheads and batching (`simulator.engine`), its max batch searched"),
         "cost is GPU count and GPU-seconds per million output tokens; no prices",
     ]
     if LAYER_SKIP in drafts:

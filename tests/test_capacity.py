@@ -240,9 +240,26 @@ def test_an_slo_nobody_meets_exits_2_naming_the_binding_constraint(tmp_path, cap
         (["plan", "--rate", "4", "--slo-ttft-p99", "2s", "--slo-tpot-p99", "50ms", "--max-gpus", "0"], "--max-gpus must be >= 1"),
         (["plan", "--rate", "4", "--slo-ttft-p99", "2s", "--slo-tpot-p99", "50ms", "--prompt-len", "8000"], "exceed llama-2-7b's context"),
         (["plan", "--rate", "4", "--slo-ttft-p99", "2s", "--slo-tpot-p99", "50ms", "--draft", "llama-3.2-1b"], "one vocabulary"),
+        (["plan", "--rate", "4", "--slo-ttft-p99", "2s", "--slo-tpot-p99", "50ms", "--engine", "tgi"], "unknown engine 'tgi'"),
     ],
 )
 def test_search_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     code, out, err = run(argv, capsys)
     assert code == 2 and out == ""
     assert needle in err and err.count("\n") == 1
+
+
+def test_a_search_simulates_with_the_engines_overheads_and_batching(tmp_path, capsys):
+    """--engine X: each candidate's simulation runs X's host overheads and its server's batching
+    (SGLang: chunked prefill of 8192 tokens in steps of its own) at the candidate's max batch; the
+    default, ideal, keeps the kernels-only, unchunked engine. The JSON says which."""
+    c = capacity.Candidate(replicas=1, tp=1, draft=capacity.NO_DRAFT, gamma=0, max_batch=16)
+    ideal = capacity.simulation_job(c, small_query(), {capacity.NO_DRAFT: None})[4]
+    sglang = capacity.simulation_job(c, small_query(engine="sglang"), {capacity.NO_DRAFT: None})[4]
+    assert ideal.engine.ideal and not ideal.chunked_prefill and ideal.max_batched_tokens == capacity.DEFAULT_MAX_BATCHED_TOKENS
+    assert sglang.engine.name == "sglang" and not sglang.engine.ideal
+    assert (sglang.chunked_prefill, sglang.prefill_apart, sglang.max_batched_tokens, sglang.max_batch) == (True, True, 8192, 16)
+    code, out, err = run([*SMALL_CLI, "--slo-ttft-p99", "2s", "--slo-tpot-p99", "50ms", "--engine", "sglang", "--json", "--plot-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["engine"] == "sglang" and any("sglang's host overheads" in a for a in report["assumptions"])
