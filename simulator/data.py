@@ -137,13 +137,14 @@ UNSUPPORTED = "unsupported"  # a GEMM dtype, attention library or KV dtype the m
 def _mapped(df: pd.DataFrame, column: str, mapping: dict, path: Path, strict: bool = True) -> np.ndarray:
     """`column` through `mapping`; an unknown value is an error, or with `strict=False` UNSUPPORTED
     (a measurement of something the model does not price, such as a GEMM dtype of a newer table)."""
-    values = df[column].astype(str).str.strip().str.lower()  # the mappings' names are lower case
+    raw = df[column].astype(str).str.strip()
+    values = raw.str.lower()  # the mappings' names are lower case
     unknown = ~values.isin(list(mapping))
     if not strict:
         return np.where(unknown.to_numpy(), UNSUPPORTED, values.map(mapping).to_numpy(dtype=object))
     if unknown.any():
         i = int(np.argmax(unknown.to_numpy()))
-        raise UserError(f"{path}: row {i + 1}: unknown {column} {values.iloc[i]!r}; known: {', '.join(sorted(set(mapping)))}")
+        raise UserError(f"{path}: row {i + 1}: unknown {column} {raw.iloc[i]!r}; known: {', '.join(sorted(set(mapping)))}")
     return values.map(mapping).to_numpy()
 
 

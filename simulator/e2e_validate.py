@@ -125,12 +125,16 @@ def measured(r: e2e.ServingResult) -> dict[str, float | None]:
     return {"ttft": None if ttft is None else ttft / 1e3, "tpot": None if tpot is None else tpot / 1e3, "throughput": m.get("output_tok_per_s")}
 
 
+def _served(r: e2e.ServingResult, workload: WorkloadSpec, serving: ServingConfig, engine: EngineOverhead) -> dict:
+    """The simulation report of the row's GPU and model serving `workload` with `engine`."""
+    cfg = serving.model_copy(update={"engine": engine})
+    requests = make_stream(workload, np.random.default_rng(SEED))
+    return simulate_serving(r.profile, r.spec, None, AcceptanceModel(), cfg, requests, np.random.default_rng(SEED), concurrency=workload.concurrency)
+
+
 def predict(r: e2e.ServingResult, setup: Setup, engine: EngineOverhead) -> dict[str, float | None]:
     """The simulated figures of a row (median TTFT and TPOT where the row printed medians, else means)."""
-    cfg = setup.serving.model_copy(update={"engine": engine})
-    requests = make_stream(setup.workload, np.random.default_rng(SEED))
-    report = simulate_serving(r.profile, r.spec, None, AcceptanceModel(), cfg, requests, np.random.default_rng(SEED),
-                              concurrency=setup.workload.concurrency)  # fmt: skip
+    report = _served(r, setup.workload, setup.serving, engine)
     lat = report["latency_s"]
     m = r.metrics
     ttft_stat = "p50" if "ttft_median_ms" in m or "ttft_mean_ms" not in m else "mean"
@@ -142,13 +146,8 @@ def light_load_gap_pct(r: e2e.ServingResult, setup: Setup, engine: EngineOverhea
     """How far `engine` moves the row's median TPOT from kernels only at light load: its setup (GPU,
     model, TP, lengths, batching) served to one user, one request after another."""
     workload = setup.workload.model_copy(update={"rate_per_s": math.inf, "concurrency": 1, "requests": LIGHT_LOAD_REQUESTS}).check()
-    tpot = []
-    for overhead in (engine, IDEAL):
-        cfg = setup.serving.model_copy(update={"engine": overhead})
-        report = simulate_serving(r.profile, r.spec, None, AcceptanceModel(), cfg, make_stream(workload, np.random.default_rng(SEED)),
-                                  np.random.default_rng(SEED), concurrency=1)  # fmt: skip
-        tpot.append(report["latency_s"]["tpot"]["p50"])
-    return abs(tpot[0] / tpot[1] - 1.0) * 100.0
+    with_engine, kernels_only = (_served(r, workload, setup.serving, e)["latency_s"]["tpot"]["p50"] for e in (engine, IDEAL))
+    return abs(with_engine / kernels_only - 1.0) * 100.0
 
 
 def preset_name(r: e2e.ServingResult) -> str:

@@ -138,3 +138,12 @@ def test_dtype_and_library_names_read_in_any_case_and_vllms_fp8_spellings(folder
     decode = load_tables([folder]).kinds["decode-attention"]
     mine = decode[decode["file"] == str(path)]
     assert list(mine["kv_bytes"][:3]) == [1.0, 1.0, 2.0] and set(mine["library"]) == {"fa2"}
+
+
+def test_an_unknown_name_is_quoted_as_the_table_writes_it(folder, capsys):
+    path = folder / "measured" / "a100-collective.csv"
+    frame = pd.read_csv(path)
+    frame.loc[2, "nccl_dtype"] = "Quarter"
+    frame.to_csv(path, index=False)
+    err = _refused(["validate", "--data", str(folder)], capsys)
+    assert str(path) in err and "row 3" in err and "unknown nccl_dtype 'Quarter'" in err

@@ -258,7 +258,8 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
     bc = np.where(d <= 64, 256, np.where(d <= 128, 128, 64)).astype(float)
     br = np.full(b.shape, 64.0)
-    fa3 = np.isin(dev.generation, FA3_GENERATIONS) & (n_q > 1)  # decode: priced as FA2's (see above)
+    on_fa3 = np.isin(dev.generation, FA3_GENERATIONS)
+    fa3 = on_fa3 & (n_q > 1)  # FA3's tiles and stages; its decode is priced as FA2's (see above)
     br = np.where(fa3, np.where(d <= 96, 192.0, 128.0), br)
     bc = np.where(fa3, np.where(d <= 64, 128.0, np.where(d <= 96, 144.0, np.where(d <= 192, 128.0, 80.0))), bc)
     q_blocks, total, most = _causal_blocks(rows_q, n_kv, br, bc)
@@ -276,7 +277,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     copies = 2.0 * (swapped & (b > 1) & (hk > 1)) + swapped
     # FlashAttention-3 packs a KV group's query heads into its tiles inside the kernel (PackGQA, always
     # on for paged K/V and split calls: hopper/flash_api.cpp `run_mha_fwd`) and has no swap: no copies
-    copies = np.where(np.isin(dev.generation, FA3_GENERATIONS), 0.0, copies)
+    copies = np.where(on_fa3, 0.0, copies)
     stages = np.where(fa3, FA3_KV_STAGES, 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages)
 

@@ -11,7 +11,8 @@ device time), with the parameters fitted to the measured tables (`fitted.json`):
   is TensorRT-LLM's kernels, on datacenter Blackwell; vLLM's flash-attn build elsewhere:
   FlashAttention-3's tiles on Hopper, whose prefill programs take 128-192 query rows against FA2's
   64 and stream K/V through two pipeline stages, FlashAttention-2's kernels on the rest; FA3's
-  decode is priced as FA2's, and its per-program rates are FA2's fitted ones);
+  decode is priced as FA2's without the swap's copies, and its per-program rates are FA2's fitted
+  ones);
 - memory-bound kernels (norms, RoPE, SwiGLU, the embedding gather): their bytes at the
   FlashAttention-2 family's fitted DRAM/L2 rates (fractions of the datasheet, common to every
   generation), scaled by each operator's fitted efficiency (`operators`), which was fitted over
