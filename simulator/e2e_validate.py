@@ -58,8 +58,8 @@ SEED = 0
 METRICS = ("ttft", "tpot", "throughput")
 
 # Fitted coefficients, their scales (the size of a forward-difference step and of the damping) and units.
-FIT_PARAMS = ("step_s", "step_s_per_sequence", "step_s_per_token", "eager_s_per_layer", "request_s", "request_s_per_prompt_token")
-PARAM_SCALE = np.array([1e-3, 1e-5, 1e-6, 1e-5, 1e-3, 1e-5])
+FIT_PARAMS = ("step_s", "step_s_per_sequence", "step_s_per_token", "eager_s_per_layer", "request_s", "request_s_per_prompt_token", "request_latency_s")
+PARAM_SCALE = np.array([1e-3, 1e-5, 1e-6, 1e-5, 1e-3, 1e-5, 1e-3])
 FIT_ITERATIONS = 6
 LM_TRIES = 6  # damping increases (x10) tried before an iteration gives up
 

@@ -5,6 +5,7 @@ A real engine (vLLM, SGLang) spends CPU time around every step it runs and every
     step time        t = t_host + max(t_gpu, [no CUDA graph] a_layer L)
     step host time   t_host = a_0 + a_seq b + a_tok T
     request time     t_req  = r_0 + r_tok P        (API server: HTTP, tokenising, handing to the engine)
+    request latency  t_lat  = r_lat                (a wait no process is busy for: passing between processes)
     speculative step t_spec = a_spec gamma          (proposing: one more engine pass per draft token, in t_host)
 
 with b sequences and T tokens in the step, L layers, and P prompt tokens. a_0 is the scheduler, input
@@ -15,7 +16,12 @@ the step runs eagerly (a prefill step, or a decode batch above `graph_max_batch`
 graph). Launching is asynchronous: the host queues kernels while the GPU runs the ones before them, so
 an eager step takes the longer of its kernels and its launches (launch-bound for a small model, hidden
 under a large model's kernels), while the host work before the launches (t_host) adds to both. r_0 and
-r_tok delay a request's entry into the engine's queue and so add to its TTFT.
+r_tok delay a request's entry into the engine's queue and so add to its TTFT; they are work of the API
+server, one process, so requests pass it one at a time (a burst of requests queues there). r_lat also
+delays the entry but occupies nothing: the hops between the API server and the engine's process and back
+(vLLM's V1 engine runs in a process of its own, spoken to over ZeroMQ sockets), which requests in flight
+take at the same time. A closed-loop sweep tells the two apart: serial time grows a round's TTFT with the
+number of users, a latency does not.
 
 Each preset also brings its server's batching (`scheduler_defaults`: running-request cap, step token
 budget, chunked prefill mixed with the decodes or run apart), which `simulate --engine` takes unless its
@@ -67,13 +73,14 @@ class EngineOverhead(BaseModel):
     graph_max_batch: int = Field(default=0, ge=0)  # decode steps of at most this many sequences replay a graph
     request_s: float = NonNegative  # r_0
     request_s_per_prompt_token: float = NonNegative  # r_tok
+    request_latency_s: float = NonNegative  # r_lat, taken by requests in flight at the same time
     speculative_s_per_draft_pass: float = NonNegative  # a_spec, per draft pass of a speculative step
     source: str = "kernels only: no host time"
 
     @property
     def ideal(self) -> bool:
         return not any((self.step_s, self.step_s_per_sequence, self.step_s_per_token, self.eager_s_per_layer,
-                        self.request_s, self.request_s_per_prompt_token, self.speculative_s_per_draft_pass))  # fmt: skip
+                        self.request_s, self.request_s_per_prompt_token, self.request_latency_s, self.speculative_s_per_draft_pass))  # fmt: skip
 
     def step_host_s(self, sequences: int, tokens: int, draft_passes: int = 0) -> float:
         """t_host (+ t_spec) of one engine step: `sequences` in the batch bringing `tokens` tokens,

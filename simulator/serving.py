@@ -1328,7 +1328,7 @@ def simulate_serving(
         def announce(arrival_s: float) -> None:
             engine.next_arrival_s = arrival_s
 
-    env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed, users, api_s, announce))
+    env.process(request_source(env, requests, engine.submit, engine.no_more_requests.succeed, users, api_s, announce, cfg.engine.request_latency_s))
     env.process(engine_process(env, engine))
     env.run()
     rejected = sum(v["count"] for v in engine.rejected.values())

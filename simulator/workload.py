@@ -256,7 +256,7 @@ def make_stream(spec: WorkloadSpec, rng: np.random.Generator, trace: Trace | Non
 
 def request_source(env, requests: Iterator[Request], submit: Callable[[Request], None], done: Callable[[], None],
                    users=None, api_s: Callable[[Request], float] | None = None,
-                   announce: Callable[[float], None] | None = None):  # fmt: skip
+                   announce: Callable[[float], None] | None = None, api_latency_s: float = 0.0):  # fmt: skip
     """SimPy process: hand each request to `submit` at its arrival time, then call `done`.
 
     `users`: a `simpy.Container` of free users (closed loop): a request due when none is free waits
@@ -264,10 +264,11 @@ def request_source(env, requests: Iterator[Request], submit: Callable[[Request],
     users back. `api_s(request)`: seconds the API server spends on a request before the engine sees
     it (its arrival time stays the time it was sent); the server is one process (vLLM's and SGLang's
     front ends are single asyncio processes), so requests pass it one at a time, in order of sending;
-    `done` waits for the last one to pass. `announce(t)`: told the arrival time of the next request
-    before each wait for it, and inf after the last one."""
+    `done` waits for the last one to pass. `api_latency_s`: a further wait of every request before the
+    engine sees it that occupies no server (requests in flight wait it at the same time). `announce(t)`:
+    told the arrival time of the next request before each wait for it, and inf after the last one."""
     in_api = []
-    server = simpy.Resource(env, capacity=1) if api_s is not None else None
+    server = simpy.Resource(env, capacity=1)
     for request in requests:
         if request.arrival_s > env.now:
             if announce is not None:
@@ -279,10 +280,10 @@ def request_source(env, requests: Iterator[Request], submit: Callable[[Request],
                 yield free
             request = request._replace(arrival_s=env.now)
         delay_s = api_s(request) if api_s is not None else 0.0
-        if delay_s > 0:
+        if delay_s > 0 or api_latency_s > 0:
             if len(in_api) >= CHUNK:
                 in_api = [p for p in in_api if p.is_alive]
-            in_api.append(env.process(_through_api(env, server, delay_s, submit, request)))
+            in_api.append(env.process(_through_api(env, server, delay_s, api_latency_s, submit, request)))
         else:
             submit(request)
     if announce is not None:
@@ -292,8 +293,11 @@ def request_source(env, requests: Iterator[Request], submit: Callable[[Request],
     done()
 
 
-def _through_api(env, server, delay_s: float, submit: Callable[[Request], None], request: Request):
-    with server.request() as turn:
-        yield turn
-        yield env.timeout(delay_s)
+def _through_api(env, server, delay_s: float, latency_s: float, submit: Callable[[Request], None], request: Request):
+    if delay_s > 0:
+        with server.request() as turn:
+            yield turn
+            yield env.timeout(delay_s)
+    if latency_s > 0:
+        yield env.timeout(latency_s)
     submit(request)

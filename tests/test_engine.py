@@ -70,6 +70,21 @@ def test_the_api_server_takes_one_request_at_a_time():
     assert ttft["max"] >= 0.1 and ttft["p50"] >= 0.05  # a mutant with ten servers in parallel: all near 10 ms
 
 
+
+def test_a_request_latency_is_waited_by_requests_in_flight_together():
+    """Ten requests sent at once with a 10 ms latency and no API work: each reaches the engine 10 ms
+    after it was sent, so each TTFT is kernels-only's plus 10 ms, not up to 100 ms more as through the
+    API server; one request: the latency adds to its TTFT and nothing to its TPOT."""
+    many = [Request(i, 0.0, 64, 4) for i in range(10)]
+    base = serve(IDEAL, many)["latency_s"]["ttft"]
+    lat = serve(EngineOverhead(name="x", request_latency_s=0.01), many)["latency_s"]["ttft"]
+    assert lat["max"] == pytest.approx(base["max"] + 0.01, rel=1e-9) and lat["p50"] == pytest.approx(base["p50"] + 0.01, rel=1e-9)
+    one = [Request(0, 0.0, 256, 32)]
+    base, lat = (serve(e, one)["latency_s"] for e in (IDEAL, EngineOverhead(name="x", request_s=0.02, request_latency_s=0.005)))
+    assert lat["ttft"]["mean"] == pytest.approx(base["ttft"]["mean"] + 0.025, rel=1e-9)
+    assert lat["tpot"]["mean"] == pytest.approx(base["tpot"]["mean"], rel=1e-12)
+    assert not EngineOverhead(request_latency_s=1e-3).ideal
+
 def test_engine_names():
     assert engine_overhead("ideal") is IDEAL
     for name in ("vllm", "vLLM-V0", "SGLang"):
