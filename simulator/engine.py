@@ -21,8 +21,8 @@ server, one process, so requests pass it one at a time (a burst of requests queu
 delays the entry but occupies nothing: the hops between the API server and the engine's process and back
 (vLLM's V1 engine runs in a process of its own, spoken to over ZeroMQ sockets), which requests in flight
 take at the same time; it is modelled as one wait before the engine's queue (the way back adds to TTFT
-and to a closed loop's cycle alike, and to every token the same, so not to TPOT). A closed-loop sweep tells the two apart: serial time grows a round's TTFT with the
-number of users, a latency does not.
+and to a closed loop's cycle alike, and to every token the same, so not to TPOT). A closed-loop sweep
+tells the two apart: serial time grows a round's TTFT with the number of users, a latency does not.
 
 Each preset also brings its server's batching (`scheduler_defaults`: running-request cap, step token
 budget, chunked prefill mixed with the decodes or run apart), which `simulate --engine` takes unless its
