@@ -689,21 +689,66 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
 def test_small_m_bf16_gemms_fetch_only_their_rows_and_scaled_mm_keep_their_tiles():
     """A bf16 GEMM's tiles fetch only the rows inside the matrix and may be 32 rows tall: with the
     operand loads binding (a tiny load rate), a 1-row GEMM is faster than a 32-row one, which pays
-    for 32 rows. vLLM's scaled-MM kernels keep their full tiles of >= 64 rows: 1 and 64 rows cost
-    the same."""
+    for 32 rows. vLLM's scaled-MM kernels keep their full tiles: on a TMA-fed GPU without a dispatch
+    table here (>= 64 rows) 1 and 64 rows cost the same."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
     from simulator.gpu_model.params import Fitted
 
-    dev = Dev.of([load_profile("l40s")] * 3)
     slow_loads = {"load_bpf": np.full(3, 0.002), "load_bpf_c3x": np.full(3, 0.002), "e_mma": np.full(3, 1e-9)}
-    P = {**Fitted.start("gemm").values(dev.generation), **slow_loads}
     m = np.array([1.0, 32.0, 64.0])
+    dev = Dev.of([load_profile("l40s")] * 3)
+    P = {**Fitted.start("gemm").values(dev.generation), **slow_loads}
     bf16 = kernels.gemm_time(P, dev, m, 4096, 4096)
     assert bf16[0] < 0.9 * bf16[1] < bf16[2]
-    assert 32 in kernels.GEMM_TILES_M and min(kernels.SCALED_MM_TILES_M) == 64
+    assert 32 in kernels.GEMM_TILES_M and kernels.SCALED_MM_MIN_TILE_M_C3X == 64
+    dev = Dev.of([load_profile("h100-sxm")] * 3)
+    P = {**Fitted.start("gemm").values(dev.generation), **slow_loads}
     fp8 = kernels.gemm_time(P, dev, m, 4096, 4096, "fp8")
-    assert fp8[0] == pytest.approx(fp8[2], rel=1e-3)
+    assert fp8[0] == pytest.approx(fp8[2], rel=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "tile"),
+    [(1, 4096, (16, 64)), (16, 8192, (16, 64)), (16, 16384, (16, 128)), (16, 32768, (32, 64)), (17, 4096, (32, 64)),
+     (32, 16384, (32, 128)), (33, 4096, (64, 64)), (64, 16384, (64, 128)), (64, 32768, (64, 64)), (65, 8192, (64, 128)),
+     (128, 16384, (128, 128)), (128, 32768, (128, 64)), (129, 4096, (64, 128)), (256, 4097, (128, 128)),
+     (257, 4096, (128, 128)), (4096, 4097, (256, 128)), (4096, 8192, (256, 128)), (4096, 8193, (128, 128))],
+)  # fmt: skip
+def test_ada_scaled_mm_takes_the_tile_of_vllms_dispatch_table(m, n, tile):
+    """vLLM's sm89 fp8 dispatch (scaled_mm_c2x_sm89_fp8_dispatch.cuh) picks the tile by buckets of
+    m and of next_pow2(n), at each bucket's edges; other generations have no table here (NaN)."""
+    from simulator.gpu_model import kernels
+
+    assert tuple(float(x) for x in kernels.scaled_mm_tile("ada", m, n)) == tile
+    assert all(np.isnan(kernels.scaled_mm_tile(gen, m, n)).all() for gen in ("hopper", "blackwell", "blackwell-rtx", "ampere"))
+
+
+def test_ada_fp8_gemms_pay_for_the_tile_the_table_picks():
+    """On Ada the fp8 GEMM is priced with the table's tile, not the best one: with the MMAs binding,
+    a 4096-row GEMM with n = 6144 (256 x 128 tiles: 16 x 48 = 768 programs, 5.4 waves on 142 SMs)
+    pays its wave quantisation, where the best tile would have been picked elsewhere; and a 1-row
+    GEMM runs 16-row tiles, cheaper than the 64-row ones of a TMA-fed GPU (the same loads)."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile("l40s")])
+    P = {**Fitted.start("gemm").values(dev.generation), "e_mma": np.array([1e-9])}
+    real = kernels.scaled_mm_tile
+
+    def t(m, n, k, tile=None):
+        if tile is not None:
+            kernels.scaled_mm_tile = lambda gen, m_, n_: (np.full(np.shape(m_), tile[0], dtype=float), np.full(np.shape(m_), tile[1], dtype=float))
+        try:
+            return kernels.gemm_time(P, dev, m, n, k, "fp8")[0]
+        finally:
+            kernels.scaled_mm_tile = real
+
+    assert t(4096, 6144, 8192) == pytest.approx(t(4096, 6144, 8192, (256, 128)), rel=1e-6)
+    assert t(4096, 6144, 8192) != pytest.approx(t(4096, 6144, 8192, (128, 128)), rel=1e-3)
+    slow = {**P, "load_bpf": np.array([0.002])}
+    assert kernels.gemm_time(slow, dev, 1, 4096, 4096, "fp8")[0] < 0.8 * kernels.gemm_time(slow, dev, 64, 4096, 4096, "fp8")[0]
 
 
 def test_scaled_mm_loads_run_at_their_own_rate_on_tma_generations_only():

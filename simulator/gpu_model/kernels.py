@@ -12,10 +12,11 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
     time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: fp32 partials written and reduced inside the kernel]
     then slowed by the board's power limit where the MMAs draw more than the TDP (`power_limited`)
 B_M also takes 32 for bf16 (small-M kernels), whose tiles fetch only the rows inside the matrix.
-Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/cutlass_w8a8) pick a tile config by
-m (B_M >= 64) and never split K (s = 1); on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
+Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/w8a8/cutlass) never split K (s = 1)
+and take the tile their dispatch table gives for (m, n) where it is known (`scaled_mm_tile`: Ada),
+else the best of B_M >= 64 on TMA-fed GPUs; on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
 run at a rate of their own (`load_bpf_c3x`), on Ampere and Ada (CUTLASS 2.x) at the bf16 fit's.
-The library is taken to pick the best config: the time is a soft minimum over configs (a
+Otherwise the library is taken to pick the best config: the time is a soft minimum over configs (a
 log-sum-exp in log time, sharp enough to be the minimum within a percent, smooth for the fit). DRAM bytes are the compulsory A, W, C minus what stays L2-resident between
 calls (`resident`).
 
@@ -82,7 +83,8 @@ def operator_time(P_mem: Params, P_op: Params, c_kernel, dev: Dev, op_kernel: np
 # --- GEMM -------------------------------------------------------------------------------------
 
 GEMM_TILES_M = (32, 64, 128, 256)  # 32: cuBLAS's small-M kernels (and on Hopper on, the swap of A and B that puts a small m in the MMA's N)
-SCALED_MM_TILES_M = (64, 128, 256)  # vLLM's scaled-MM configs by m (cutlass_w8a8): no tile below 64 rows
+SCALED_MM_TILES_M = (16, 32, 64, 128, 256)  # vLLM's scaled-MM tiles along m (csrc/quantization/w8a8/cutlass)
+SCALED_MM_MIN_TILE_M_C3X = 64  # a TMA-fed generation without a dispatch table below: no tile under 64 rows
 GEMM_TILES_N = (64, 128, 256)
 GEMM_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 UNQUANTIZED = ("bf16", "fp16")
@@ -94,6 +96,42 @@ def _configs(tiles_m, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _GEMM_CONFIGS = _configs(GEMM_TILES_M, GEMM_SPLITS)
 _UNSPLIT_CONFIGS = _configs(SCALED_MM_TILES_M, (1,))  # the scaled-MM kernels of quantized GEMMs pick a tile config by m and never split K
+
+
+def _next_pow2(x):
+    return 2.0 ** np.ceil(np.log2(np.maximum(x, 1.0)))
+
+
+def _by_n(np2, lo, hi, a, b, c):
+    """a where next_pow2(n) <= lo, b where it is <= hi, c above."""
+    return np.where(np2 <= lo, a, np.where(np2 <= hi, b, c))
+
+
+def scaled_mm_tile(generation, m, n) -> tuple[np.ndarray, np.ndarray]:
+    """(B_M, B_N) of the tile vLLM's fp8 scaled-MM kernel takes for an [m, k] @ [k, n] GEMM, where
+    its dispatch table for the generation is known here; NaN elsewhere (the model then takes the
+    best of its configs). The table picks one config by buckets of m and n and tries no other:
+
+    Ada (sm89, CUTLASS 2.x; scaled_mm_c2x_sm89_fp8_dispatch.cuh), by m, then next_pow2(n) = N2:
+        m <= 16: 16 x 64 (N2 <= 8192), 16 x 128 (<= 24576), 32 x 64
+        m <= 32: 32 x 64, 32 x 128 (8192 < N2 <= 16384);  m <= 64: 64 x 64, 64 x 128 (same N2)
+        m <= 128: 64 x 128 (N2 <= 8192), 128 x 128 (<= 16384), 128 x 64
+        m <= 256: 64 x 128 (N2 <= 4096), 128 x 128;  above: 128 x 128, 256 x 128 (4096 < N2 <= 8192)
+    The L40S tables show the buckets (an fp8 GEMM of m = 4096 with n from 5120 to 8192, the
+    256 x 128 config, runs at half the rate of its neighbours up to k ~ 2048). Hopper's and
+    Blackwell's tables (c3x/, with swap-AB configs for small m) changed between vLLM releases; the
+    one at hand fits the GB200 tables worse than the best-config rule (in-GPU MAPE 7.6% -> 14.7%),
+    so it is not used."""
+    gen = np.asarray(generation, dtype=object)
+    m, n = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (m, n)))
+    N2 = _next_pow2(n)
+    buckets = [m <= 16, m <= 32, m <= 64, m <= 128, m <= 256]
+    ada_m = np.select(buckets, [_by_n(N2, 8192, 24576, 16, 16, 32), 32, 64, _by_n(N2, 8192, 16384, 64, 128, 128), np.where(N2 <= 4096, 64, 128)],
+                      _by_n(N2, 4096, 8192, 128, 256, 128))  # fmt: skip
+    ada_n = np.select(buckets, [_by_n(N2, 8192, 24576, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64),
+                                _by_n(N2, 8192, 16384, 128, 128, 64), 128], 128)  # fmt: skip
+    ada = gen == "ada"
+    return np.where(ada, ada_m, np.nan), np.where(ada, ada_n, np.nan)
 
 
 def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0, repeats=None):
@@ -140,6 +178,11 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
     # the library's heuristics split K only into slices of at least ~k_slice (a smooth penalty)
     t = t * np.where(split, 1.0 + (P["k_slice"] / ks) ** 4, 1.0)
+    if not unquantized:  # the dispatch table's tile where the generation has one, else the best at least 64 rows high on TMA-fed GPUs
+        tile_m, tile_n = scaled_mm_tile(dev.generation, m, n)
+        table = np.isfinite(tile_m)
+        other = np.where(table, (bm != tile_m) | (bn != tile_n), (bm < SCALED_MM_MIN_TILE_M_C3X) & dev.tma)
+        t = np.where(other, np.inf, t)
     L = np.log(t)
     low = L.min(axis=0)
     soft = low - np.log(np.exp(-SOFTMIN_SHARPNESS * (L - low)).sum(axis=0)) / SOFTMIN_SHARPNESS
