@@ -237,8 +237,12 @@ def gemm_bytes(frame: pd.DataFrame) -> np.ndarray:
 
 def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
     """Rows whose measured time is shorter than their FLOPs take at the datasheet's dense peak of
-    their MMA dtype: no kernel can be that fast, so the call did not do the work its shape says
-    (some FlashInfer fp8 prefill rows: up to 360x). Such rows are neither fitted nor scored, and
+    their MMA dtype, or than their compulsory bytes beyond the L2 take at the datasheet's DRAM
+    bandwidth: no kernel can be that fast, so the call did not do the work its shape says (some
+    FlashInfer fp8 prefill rows: up to 360x; FlashInfer's fp8 decode at head dimension 256 on RTX
+    PRO 6000, whose times match the same calls at 128, up to 1.8x faster than reading its cache),
+    or than the same call with fewer query heads (`fewer_heads_slower`), or whose head dimension
+    the call did not apply (`head_dim_ignored`). Such rows are neither fitted nor scored, and
     `validate` counts them."""
     if not len(frame) or "kind" not in frame:
         return np.zeros(len(frame), dtype=bool)
@@ -256,10 +260,13 @@ def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np
         tokens = frame["b"].to_numpy(float) * frame["n_q"].to_numpy(float)
         q_bytes = np.where(fp8_query(frame, dev), 1.0, 2.0)
         q_o = tokens * frame["h"].to_numpy(float) * frame["d"].to_numpy(float) * (q_bytes + 2.0)  # Q, O (bf16)
-        nbytes = np.where(np.isin(kind, ("prefill-attention", "decode-attention")), q_o, nbytes)
+        # the cache's K and V, each row read at least once
+        b, hk, n_kv, d, e = (frame[c].to_numpy(float) for c in ("b", "hk", "n_kv", "d", "kv_bytes"))
+        cache = b * hk * n_kv * d * 2.0 * e
+        nbytes = np.where(np.isin(kind, ("prefill-attention", "decode-attention")), q_o + cache, nbytes)
     bad |= np.maximum(nbytes - dev.l2_bytes, 0.0) / dev.hbm_bytes_per_s > measured
     if "n_q" in frame:
-        bad |= fewer_heads_slower(frame)
+        bad |= fewer_heads_slower(frame) | head_dim_ignored(frame)
     return bad
 
 
@@ -280,6 +287,35 @@ def fewer_heads_slower(frame: pd.DataFrame) -> np.ndarray:
     before = f["measured_s"].groupby(group).cummax().groupby(group).shift(1).to_numpy()
     out = np.zeros(len(frame), dtype=bool)
     out[f["pos"].to_numpy()] = f["measured_s"].to_numpy() < HEADS_SLACK * np.nan_to_num(before, nan=0.0)
+    return out
+
+
+HEAD_DIM_WORK_S = 50e-6  # calls this long are their work, not their launch: doubling d must show
+HEAD_DIM_MIN_RATIO = 1.2  # the least median time ratio of such calls at 2d over d (FA2 on RTX PRO 6000: 1.9)
+
+
+def head_dim_ignored(frame: pd.DataFrame) -> np.ndarray:
+    """Attention rows of a table (GPU, library, kind, KV dtype) whose head dimension d the call did
+    not apply: the table's calls at d take the median time of the same calls at d / 2, where those
+    last at least `HEAD_DIM_WORK_S` (twice the cache bytes and FLOPs), within `HEAD_DIM_MIN_RATIO`.
+    FlashInfer's d = 256 rows on RTX PRO 6000 (decode and prefill, bf16 and fp8 caches) take the time
+    of their d = 128 twins to the percent at every size, where FlashAttention's on the same GPU take
+    1.9x; some are faster than reading their cache allows."""
+    out = np.zeros(len(frame), dtype=bool)
+    if not len(frame) or "d" not in frame:
+        return out
+    table = ["gpu", "library", "kind", "kv_bytes"]
+    call = ["b", "h", "hk", "n_q", "n_kv"]
+    f = frame[table + call + ["d", "measured_s"]].assign(pos=np.arange(len(frame)))
+    half = f.assign(d=f["d"] * 2.0).rename(columns={"measured_s": "half_s"}).drop(columns="pos")
+    pairs = f.merge(half, on=table + call + ["d"], how="inner")
+    pairs = pairs[pairs["half_s"] >= HEAD_DIM_WORK_S]
+    for key, grp in pairs.groupby(table + ["d"], dropna=False):
+        if np.median(grp["measured_s"] / grp["half_s"]) < HEAD_DIM_MIN_RATIO:
+            rows = np.ones(len(f), dtype=bool)
+            for col, value in zip(table + ["d"], key, strict=True):
+                rows &= f[col].to_numpy() == value
+            out |= rows
     return out
 
 

@@ -389,7 +389,7 @@ def format_validation(out: dict) -> str:
             if "few_shot" in out:
                 line += f"  {cell(out['few_shot'].get(gpu, {}).get(kind))}"
             lines.append(line)
-    for key, what in (("excluded", "Excluded as faster than any kernel could be (datasheet peak, DRAM bytes, fewer heads slower)"),
+    for key, what in (("excluded", "Excluded as faster than any kernel could be (datasheet peak, DRAM bytes, fewer heads slower, head dimension not applied)"),
                       ("unsupported", "Not priced by the model (a dtype or kernel library it does not know), neither fitted nor scored")):  # fmt: skip
         if out.get(key):
             lines.append(f"{what}: " + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out[key].items()) for k, n in sorted(ks.items())))

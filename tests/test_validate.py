@@ -226,6 +226,41 @@ def test_a_prefill_row_much_faster_than_the_same_call_with_fewer_heads_is_implau
     assert kf.fewer_heads_slower(pd.DataFrame(rows)).tolist() == [False, True, False, False, False, False]
 
 
+def test_an_attention_row_faster_than_reading_its_cache_from_dram_is_implausible():
+    """Every K and V row of the cache is read at least once: beyond what the L2 holds, that takes the
+    bytes over the datasheet's DRAM bandwidth. A decode row below that is flagged, one above kept,
+    and the floor doubles with the head dimension (the fp8 d = 256 decode rows on RTX PRO 6000
+    that run as fast as d = 128)."""
+    from simulator import kernel_fit as kf
+    from simulator.hardware import load_profile
+
+    l40s = load_profile("l40s")
+    profiles = {l40s.name: l40s}
+    base = {"gpu": l40s.name, "kind": "decode-attention", "library": "fa2", "kv_bytes": 2.0, "b": 64.0, "h": 32.0, "hk": 8.0,
+            "n_q": 1.0, "n_kv": 8192.0, "d": 128.0}  # fmt: skip
+    cache = 64 * 8 * 8192 * 128 * 2 * 2.0
+    floor = (cache - l40s.l2_bytes) / l40s.hbm_bytes_per_s
+    rows = [{**base, "measured_s": 0.9 * floor}, {**base, "measured_s": 1.1 * floor}, {**base, "d": 256.0, "measured_s": 1.1 * floor},
+            {**base, "kv_bytes": 1.0, "measured_s": 0.9 * floor}]  # fmt: skip
+    assert kf.implausible(pd.DataFrame(rows), profiles).tolist() == [True, False, True, False]
+
+
+def test_a_table_whose_head_dimension_changes_nothing_is_implausible():
+    """`head_dim_ignored`: a table's rows at head dimension 2d are flagged when the same calls at d
+    take their median time (calls of at least 50 us); a table where doubling d costs 1.9x keeps its
+    rows, and so does one whose only d / 2 twins are launch-bound."""
+    from simulator import kernel_fit as kf
+
+    rows = []
+    for library, ratio, base_s in (("flashinfer", 1.0, 1e-4), ("fa2", 1.9, 1e-4), ("fa3", 1.0, 1e-6)):
+        for b in (8.0, 16.0, 32.0):
+            call = {"gpu": "RTX-PRO-6000-Blackwell-Server", "library": library, "kind": "decode-attention", "kv_bytes": 1.0, "b": b,
+                    "h": 32.0, "hk": 8.0, "n_q": 1.0, "n_kv": 4096.0}  # fmt: skip
+            rows += [{**call, "d": 128.0, "measured_s": base_s * b}, {**call, "d": 256.0, "measured_s": ratio * base_s * b}]
+    flagged = kf.head_dim_ignored(pd.DataFrame(rows)).tolist()
+    assert flagged == [False, True] * 3 + [False, False] * 3 + [False, False] * 3
+
+
 def test_a_host_timer_deviation_is_its_host_cpus_and_reaches_gpus_the_fit_never_saw():
     """`t_host_us` (the host's Python and launch work of an eager call) deviates per host CPU, so a
     GPU measured on an x86-64 server takes the x86-64 hosts' value; `c_floor` (a graph replay's
