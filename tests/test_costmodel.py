@@ -717,11 +717,13 @@ def test_small_m_bf16_gemms_fetch_only_their_rows_and_scaled_mm_keep_their_tiles
 )  # fmt: skip
 def test_ada_scaled_mm_takes_the_tile_of_vllms_dispatch_table(m, n, tile):
     """vLLM's sm89 fp8 dispatch (scaled_mm_c2x_sm89_fp8_dispatch.cuh) picks the tile by buckets of
-    m and of next_pow2(n), at each bucket's edges; other generations have no table here (NaN)."""
+    m and of next_pow2(n), at each bucket's edges; other dtypes and generations have no table in
+    use here (NaN)."""
     from simulator.gpu_model import kernels
 
     assert tuple(float(x) for x in kernels.scaled_mm_tile("ada", m, n)) == tile
     assert all(np.isnan(kernels.scaled_mm_tile(gen, m, n)).all() for gen in ("hopper", "blackwell", "blackwell-rtx", "ampere"))
+    assert all(np.isnan(kernels.scaled_mm_tile("ada", m, n, dtype)).all() for dtype in ("fp8_block", "nvfp4"))
 
 
 def test_ada_fp8_gemms_pay_for_the_tile_the_table_picks():
@@ -739,7 +741,7 @@ def test_ada_fp8_gemms_pay_for_the_tile_the_table_picks():
 
     def t(m, n, k, tile=None):
         if tile is not None:
-            kernels.scaled_mm_tile = lambda gen, m_, n_: (np.full(np.shape(m_), tile[0], dtype=float), np.full(np.shape(m_), tile[1], dtype=float))
+            kernels.scaled_mm_tile = lambda gen, m_, n_, dtype: (np.full(np.shape(m_), tile[0], dtype=float), np.full(np.shape(m_), tile[1], dtype=float))
         try:
             return kernels.gemm_time(P, dev, m, n, k, "fp8")[0]
         finally:

@@ -13,7 +13,7 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
     then slowed by the board's power limit where the MMAs draw more than the TDP (`power_limited`)
 B_M also takes 32 for bf16 (small-M kernels), whose tiles fetch only the rows inside the matrix.
 Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/w8a8/cutlass) never split K (s = 1)
-and take the tile their dispatch table gives for (m, n) where it is known (`scaled_mm_tile`: Ada),
+and take the tile their dispatch gives for (m, n) where it is known and used (`scaled_mm_tile`: Ada),
 else the best of B_M >= 64 on TMA-fed GPUs; on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
 run at a rate of their own (`load_bpf_c3x`), on Ampere and Ada (CUTLASS 2.x) at the bf16 fit's.
 Otherwise the library is taken to pick the best config: the time is a soft minimum over configs (a
@@ -107,21 +107,30 @@ def _by_n(np2, lo, hi, a, b, c):
     return np.where(np2 <= lo, a, np.where(np2 <= hi, b, c))
 
 
-def scaled_mm_tile(generation, m, n) -> tuple[np.ndarray, np.ndarray]:
-    """(B_M, B_N) of the tile vLLM's fp8 scaled-MM kernel takes for an [m, k] @ [k, n] GEMM, where
-    its dispatch table for the generation is known here; NaN elsewhere (the model then takes the
-    best of its configs). The table picks one config by buckets of m and n and tries no other:
+def scaled_mm_tile(generation, m, n, dtype: str = "fp8") -> tuple[np.ndarray, np.ndarray]:
+    """(B_M, B_N) of the tile vLLM's scaled-MM kernel of `dtype` takes for an [m, k] @ [k, n] GEMM,
+    where its dispatch for the generation is known here; NaN elsewhere (the model then takes the
+    best of its configs). The dispatch picks one config and tries no other:
 
-    Ada (sm89, CUTLASS 2.x; scaled_mm_c2x_sm89_fp8_dispatch.cuh), by m, then next_pow2(n) = N2:
+    Ada fp8 (sm89, CUTLASS 2.x; w8a8/cutlass/scaled_mm_c2x_sm89_fp8_dispatch.cuh), by m, then
+    next_pow2(n) = N2:
         m <= 16: 16 x 64 (N2 <= 8192), 16 x 128 (<= 24576), 32 x 64
         m <= 32: 32 x 64, 32 x 128 (8192 < N2 <= 16384);  m <= 64: 64 x 64, 64 x 128 (same N2)
         m <= 128: 64 x 128 (N2 <= 8192), 128 x 128 (<= 16384), 128 x 64
         m <= 256: 64 x 128 (N2 <= 4096), 128 x 128;  above: 128 x 128, 256 x 128 (4096 < N2 <= 8192)
     The L40S tables show the buckets (an fp8 GEMM of m = 4096 with n from 5120 to 8192, the
-    256 x 128 config, runs at half the rate of its neighbours up to k ~ 2048). Hopper's and
-    Blackwell's tables (c3x/, with swap-AB configs for small m) changed between vLLM releases; the
-    one at hand fits the GB200 tables worse than the best-config rule (in-GPU MAPE 7.6% -> 14.7%),
-    so it is not used."""
+    256 x 128 config, runs at half the rate of its neighbours up to k ~ 2048).
+    Not used, though known: RTX Blackwell (sm120) fp8 and nvfp4 run one 128 x 128 tile for every
+    shape in the release the RTX PRO 6000 tables come from (vLLM 0.19: c3x/scaled_mm_sm120_fp8_dispatch.cuh's
+    default config, fp4/nvfp4_scaled_mm_sm120_kernels.cu's only one; later releases add fp8 configs
+    for m <= 256). In-GPU it fits those tables far better than the best-config rule (MAPE fp8 17.4 ->
+    8.9%, nvfp4 16.9 -> 10.1%), but leaving one GPU out it does worse (RTX PRO 6000 fp8 40.5 -> 50.4%,
+    nvfp4 22.2 -> 68.2%, GB200 fp8 19.8 -> 26.2%): the tensor-core efficiency it then needs per
+    generation differs between the GPUs here more than the best-config rule lets show, and a GPU
+    the fit never saw takes the common value. Hopper's and Blackwell's (sm90, sm100) fp8 tables,
+    with swap-AB configs for small m, changed between releases; the one at hand fits the GB200
+    tables worse than the best-config rule (in-GPU 14.7% against 7.6%). Those generations keep the
+    rule."""
     gen = np.asarray(generation, dtype=object)
     m, n = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (m, n)))
     N2 = _next_pow2(n)
@@ -130,7 +139,7 @@ def scaled_mm_tile(generation, m, n) -> tuple[np.ndarray, np.ndarray]:
                       _by_n(N2, 4096, 8192, 128, 256, 128))  # fmt: skip
     ada_n = np.select(buckets, [_by_n(N2, 8192, 24576, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64),
                                 _by_n(N2, 8192, 16384, 128, 128, 64), 128], 128)  # fmt: skip
-    ada = gen == "ada"
+    ada = (gen == "ada") & (dtype == "fp8")
     return np.where(ada, ada_m, np.nan), np.where(ada, ada_n, np.nan)
 
 
@@ -179,7 +188,7 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     # the library's heuristics split K only into slices of at least ~k_slice (a smooth penalty)
     t = t * np.where(split, 1.0 + (P["k_slice"] / ks) ** 4, 1.0)
     if not unquantized:  # the dispatch table's tile where the generation has one, else the best at least 64 rows high on TMA-fed GPUs
-        tile_m, tile_n = scaled_mm_tile(dev.generation, m, n)
+        tile_m, tile_n = scaled_mm_tile(dev.generation, m, n, dtype)
         table = np.isfinite(tile_m)
         other = np.where(table, (bm != tile_m) | (bn != tile_n), (bm < SCALED_MM_MIN_TILE_M_C3X) & dev.tma)
         t = np.where(other, np.inf, t)
