@@ -123,14 +123,14 @@ def scaled_mm_tile(generation, m, n, dtype: str = "fp8") -> tuple[np.ndarray, np
     Not used, though known: RTX Blackwell (sm120) fp8 and nvfp4 run one 128 x 128 tile for every
     shape in the release the RTX PRO 6000 tables come from (vLLM 0.19: c3x/scaled_mm_sm120_fp8_dispatch.cuh's
     default config, fp4/nvfp4_scaled_mm_sm120_kernels.cu's only one; later releases add fp8 configs
-    for m <= 256). In-GPU it fits those tables far better than the best-config rule (MAPE fp8 17.4 ->
-    8.9%, nvfp4 16.9 -> 10.1%), but leaving one GPU out it does worse (RTX PRO 6000 fp8 40.5 -> 50.4%,
+    for m <= 256). In-GPU it fits those tables far better than the best-config rule (MAPE fp8 17.7 ->
+    9.1%, nvfp4 17.9 -> 10.5%), but leaving one GPU out it does worse (RTX PRO 6000 fp8 40.5 -> 50.4%,
     nvfp4 22.2 -> 68.2%, GB200 fp8 19.8 -> 26.2%): the tensor-core efficiency it then needs per
     generation differs between the GPUs here more than the best-config rule lets show, and a GPU
     the fit never saw takes the common value. Hopper's and Blackwell's (sm90, sm100) fp8 tables,
     with swap-AB configs for small m, changed between releases; the one at hand fits the GB200
-    tables worse than the best-config rule (in-GPU 14.7% against 7.6%). Those generations keep the
-    rule."""
+    tables worse than the best-config rule (in-GPU 14.7% against 7.7%, fitted on every third row).
+    Those generations keep the rule."""
     gen = np.asarray(generation, dtype=object)
     m, n = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (m, n)))
     N2 = _next_pow2(n)
