@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from simulator.engine import DEFAULT_ENGINE, engine_overhead, scheduler_defaults
+from simulator.engine import DEFAULT_ENGINE, engine_overhead
 from simulator.errors import UserError
 from simulator.forward import kv_bytes_per_token, weight_bytes
 from simulator.hardware import DTYPE_BYTES, HardwareProfile, load_profile
@@ -42,7 +42,6 @@ from simulator.models import BUILTIN_MODELS, ModelSpec, load_model
 from simulator.plan import DEFAULT_ALPHA
 from simulator.serving import (
     BLOCK_TOKENS,
-    DEFAULT_MAX_BATCHED_TOKENS,
     MEMORY_UTILIZATION,
     AcceptanceModel,
     PassCost,
@@ -50,6 +49,7 @@ from simulator.serving import (
     check_pair,
     draft_tp,
     interval_scales,
+    server_batching,
     simulate_serving,
     span,
 )
@@ -400,14 +400,14 @@ def seeds(seed: int, c: Candidate) -> tuple[np.random.SeedSequence, np.random.Se
 def simulation_job(c: Candidate, query: CapacityQuery, drafts: dict[str, ModelSpec | None]) -> tuple:
     """Everything one simulation needs, picklable for a worker process."""
     draft = drafts[c.draft]
-    server = scheduler_defaults(query.engine, query.hw)  # the engine's batching (none for ideal), the candidate's max batch
-    chunked = server.get("chunked_prefill", False)
+    server = server_batching(query.engine, query.hw)  # the engine's batching, the candidate's max batch
+    chunked = server["chunked_prefill"]
     cfg = ServingConfig(
         max_batch=c.max_batch,
         # unchunked, a prompt longer than the token budget gets a budget of its own length
-        max_batched_tokens=server.get("max_batched_tokens", DEFAULT_MAX_BATCHED_TOKENS) if chunked else max(DEFAULT_MAX_BATCHED_TOKENS, query.prompt_tokens),
+        max_batched_tokens=server["max_batched_tokens"] if chunked else max(server["max_batched_tokens"], query.prompt_tokens),
         chunked_prefill=chunked,
-        prefill_apart=server.get("prefill_apart", False),
+        prefill_apart=server["prefill_apart"],
         engine=engine_overhead(query.engine),
         gamma=c.gamma,
         dtype=query.dtype,

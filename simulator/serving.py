@@ -39,7 +39,7 @@ import simpy
 from pydantic import BaseModel, ConfigDict
 
 from simulator.device_model import device_model
-from simulator.engine import IDEAL, EngineOverhead
+from simulator.engine import IDEAL, EngineOverhead, scheduler_defaults
 from simulator.errors import UserError
 from simulator.forward import check_tp, dense_costs, forward, kv_bytes_per_token, kv_heads_per_gpu, weight_bytes
 from simulator.hardware import HardwareProfile
@@ -54,6 +54,7 @@ MEMORY_UTILIZATION = 0.9
 WATERMARK_FRACTION = 0.01
 DEFAULT_MAX_BATCH = 256  # vLLM SchedulerConfig.max_num_seqs
 DEFAULT_MAX_BATCHED_TOKENS = 8192  # an assumption: tokens one step may carry (vLLM's is per deployment)
+SIMULATOR_BATCHING = {"max_batch": DEFAULT_MAX_BATCH, "max_batched_tokens": DEFAULT_MAX_BATCHED_TOKENS, "chunked_prefill": False, "prefill_apart": False}
 ATTENTION_MEMO_KEYS = 1024  # key counts priced per call of the device model's attention (a block of the memo)
 EMITTED_POOL = 1 << 14  # speculative steps' token counts drawn at once
 
@@ -476,6 +477,12 @@ class Timeline:
 
 
 MAX_BATCH_LIMIT = 2**20  # sequences one engine runs at once: far past any KV cache
+
+
+def server_batching(engine: str, hw: HardwareProfile) -> dict:
+    """max_batch, max_batched_tokens, chunked_prefill and prefill_apart as the named engine's server
+    runs them (`engine.scheduler_defaults`), else the simulator's own (`ideal`)."""
+    return SIMULATOR_BATCHING | scheduler_defaults(engine, hw)
 
 
 class ServingConfig(BaseModel):

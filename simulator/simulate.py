@@ -19,7 +19,7 @@ import numpy as np
 
 from simulator import bild
 from simulator import plan as plan_lib
-from simulator.engine import DEFAULT_ENGINE, ENGINE_NAMES, engine_overhead, scheduler_defaults
+from simulator.engine import DEFAULT_ENGINE, ENGINE_NAMES, engine_overhead
 from simulator.errors import UserError, finite_json
 from simulator.hardware import HardwareProfile, load_profile
 from simulator.models import ModelSpec, load_model
@@ -27,6 +27,7 @@ from simulator.paths import check_plot_path, check_writable_file, read_json, wri
 from simulator.serving import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCHED_TOKENS,
+    SIMULATOR_BATCHING,
     AcceptanceModel,
     Engine,
     ServingConfig,
@@ -34,6 +35,7 @@ from simulator.serving import (
     draft_tp,
     interval_scales,
     kv_cache_blocks,
+    server_batching,
     simulate_serving,
     span,
 )
@@ -435,15 +437,12 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
                    "0.7 on), vllm-v0 (before 0.7) and sglang: fitted by `python -m simulator fit-engine`) (default: %(default)s)")
 
 
-SIMULATOR_BATCHING = {"max_batch": DEFAULT_MAX_BATCH, "max_batched_tokens": DEFAULT_MAX_BATCHED_TOKENS, "chunked_prefill": False, "prefill_apart": False}
-
-
 def batching(args: argparse.Namespace, hw: HardwareProfile) -> dict:
     """max_batch, max_batched_tokens, chunked_prefill and prefill_apart: each as its flag gives it, else
-    as the --engine's server runs (`engine.scheduler_defaults`), else the simulator's own (`ideal`).
+    as the --engine's server runs, else the simulator's own (`serving.server_batching`).
     Turning chunking off turns off the engine's running of chunks apart with it."""
-    server = scheduler_defaults(args.engine, hw)
-    out = {k: getattr(args, k) if getattr(args, k) is not None else server.get(k, v) for k, v in SIMULATOR_BATCHING.items()}
+    server = server_batching(args.engine, hw)
+    out = {k: getattr(args, k) if getattr(args, k) is not None else server[k] for k in SIMULATOR_BATCHING}
     if args.prefill_apart is None and not out["chunked_prefill"]:
         out["prefill_apart"] = False
     return out

@@ -14,7 +14,7 @@ from simulator.__main__ import main
 from simulator.hardware import load_profile
 from simulator.models import load_model
 from simulator.plan import build_plan, format_plan
-from simulator.serving import ServingConfig, kv_cache_blocks
+from simulator.serving import DEFAULT_MAX_BATCHED_TOKENS, ServingConfig, kv_cache_blocks
 
 A100, H100 = load_profile("a100"), load_profile("h100")
 LLAMA_7B, LLAMA3_70B = load_model("llama-2-7b"), load_model("llama-3-70b")
@@ -256,7 +256,7 @@ def test_a_search_simulates_with_the_engines_overheads_and_batching(tmp_path, ca
     c = capacity.Candidate(replicas=1, tp=1, draft=capacity.NO_DRAFT, gamma=0, max_batch=16)
     ideal = capacity.simulation_job(c, small_query(), {capacity.NO_DRAFT: None})[4]
     sglang = capacity.simulation_job(c, small_query(engine="sglang"), {capacity.NO_DRAFT: None})[4]
-    assert ideal.engine.ideal and not ideal.chunked_prefill and ideal.max_batched_tokens == capacity.DEFAULT_MAX_BATCHED_TOKENS
+    assert ideal.engine.ideal and not ideal.chunked_prefill and ideal.max_batched_tokens == DEFAULT_MAX_BATCHED_TOKENS
     assert sglang.engine.name == "sglang" and not sglang.engine.ideal
     assert (sglang.chunked_prefill, sglang.prefill_apart, sglang.max_batched_tokens, sglang.max_batch) == (True, True, 8192, 16)
     code, out, err = run([*SMALL_CLI, "--slo-ttft-p99", "2s", "--slo-tpot-p99", "50ms", "--engine", "sglang", "--json", "--plot-dir", str(tmp_path)], capsys)
