@@ -257,12 +257,10 @@ def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np
     if "m" in frame:
         nbytes = np.where(kind == "gemm", gemm_bytes(frame), nbytes)
     if "n_q" in frame:
-        tokens = frame["b"].to_numpy(float) * frame["n_q"].to_numpy(float)
+        b, h, hk, d, n_q, n_kv, e = (frame[c].to_numpy(float) for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes"))
         q_bytes = np.where(fp8_query(frame, dev), 1.0, 2.0)
-        q_o = tokens * frame["h"].to_numpy(float) * frame["d"].to_numpy(float) * (q_bytes + 2.0)  # Q, O (bf16)
-        # the cache's K and V, each row read at least once
-        b, hk, n_kv, d, e = (frame[c].to_numpy(float) for c in ("b", "hk", "n_kv", "d", "kv_bytes"))
-        cache = b * hk * n_kv * d * 2.0 * e
+        q_o = b * n_q * h * d * (q_bytes + 2.0)  # Q, O (bf16)
+        cache = b * hk * n_kv * d * 2.0 * e  # the cache's K and V, each row read at least once
         nbytes = np.where(np.isin(kind, ("prefill-attention", "decode-attention")), q_o + cache, nbytes)
     bad |= np.maximum(nbytes - dev.l2_bytes, 0.0) / dev.hbm_bytes_per_s > measured
     if "n_q" in frame:
