@@ -558,6 +558,25 @@ def test_k_is_split_only_into_slices_the_library_allows():
     assert time(8, 64, 65536, 1024.0) < 0.5 * time(8, 64, 65536, 4096.0)
 
 
+def test_an_output_that_stays_in_l2_is_written_at_the_l2_rate():
+    """A GEMM over a short k is its output's write: on L40S (96 MiB L2) a 4096 x 4096 bf16 output
+    (32 MiB) stays in L2, so a slower L2 makes the call slower; an 8192 x 16384 one (256 MiB) goes
+    to DRAM, and the L2's rate does not move it."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    hw = load_profile("l40s")
+    P = Fitted.start("gemm").values(np.array([hw.generation], dtype=object))
+
+    def time(m, n, l2_scale):
+        dev = Dev.of([hw.model_copy(update={"l2_bytes_per_s": hw.l2_bytes_per_s * l2_scale})])
+        return kernels.gemm_time(P, dev, m, n, 32)[0]
+
+    assert time(4096, 4096, 0.25) > 1.5 * time(4096, 4096, 1.0)
+    assert time(8192, 16384, 0.25) == pytest.approx(time(8192, 16384, 1.0), rel=0.02)
+
+
 @settings(max_examples=60, deadline=None)
 @given(flops_scale=st.floats(0.01, 1.0), burst=st.floats(1e-5, 10.0), grow=st.floats(1.0, 100.0), e_mma=st.floats(0.1, 10.0),
        gpu=st.sampled_from(["a100", "l40s", "h100-sxm", "gb200", "rtx-pro-6000-blackwell-server", "l4"]))  # fmt: skip
@@ -587,7 +606,7 @@ def test_the_power_limit_only_slows_and_more_so_the_harder_and_longer_a_kernel_r
 
 def test_the_power_limit_follows_the_datasheets_power_per_flop():
     """At the same share of its peak, a GPU loses more to its power limit the less TDP its
-    datasheet gives each peak FLOP (GB200 0.48 pJ, L40S 0.97, RTX PRO 6000 1.19, A100 1.28); at
+    datasheet gives each peak FLOP (GB200 0.48 pJ, L40S 0.97, A100 1.282, RTX PRO 6000 1.283); at
     the shipped fit a long 8192^3 GEMM loses more on GB200 than on L40S; a decode GEMM (m = 1, far
     from the tensor peak) loses nothing anywhere; a profile without a TDP is not slowed."""
     from simulator.gpu_model import kernels
@@ -595,7 +614,7 @@ def test_the_power_limit_follows_the_datasheets_power_per_flop():
     from simulator.gpu_model.params import load_fitted
 
     fitted = load_fitted()["families"]["gemm:bf16"]
-    order = ["gb200", "l40s", "rtx-pro-6000-blackwell-server", "a100"]
+    order = ["gb200", "l40s", "a100", "rtx-pro-6000-blackwell-server"]
     dev = Dev.of([load_profile(g) for g in order])
     P = fitted.values(dev.generation)
     t = np.full(len(order), 1e-3)

@@ -176,7 +176,10 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     # a bf16 tile fetches only the rows and columns inside the matrix (cp.async / TMA fill the rest with
     # zeros); the scaled-MM kernels are priced with their full tile, which their tables fit better
     t_load = ((np.minimum(bm, m) + np.minimum(bn, n)) if unquantized else (bm + bn)) * ks * e / load
-    t_epilogue = bm * bn * np.where(split, 4.0, 2.0) / np.minimum(load, bw / active)
+    # the output tile goes out at the SM's load rate or its share of the memory that takes it: the L2 when
+    # the output stays resident there (written back after the call, if ever), else DRAM
+    l2_rate = np.maximum(dev.l2_bytes_per_s * P["f_l2"], bw)
+    t_epilogue = bm * bn * np.where(split, 4.0, 2.0) * (hit_a / np.minimum(load, l2_rate / active) + (1.0 - hit_a) / np.minimum(load, bw / active))
     tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
     dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
     l2_bytes = A * hit_a + W * hit_w
@@ -204,7 +207,7 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
     """`device_s` of a kernel doing `flops` at the boost clock, slowed by the board's power limit.
 
     At full tensor-core load the newer GPUs draw more than their power limit feeds (the
-    datasheet's TDP over the dense bf16 peak is 1.28 pJ/FLOP on A100, 1.19 on RTX PRO 6000, 0.97
+    datasheet's TDP over the dense bf16 peak is 1.28 pJ/FLOP on A100 and on RTX PRO 6000, 0.97
     on L40S, 0.48 on GB200), and the power controller lowers the clock until the draw fits. A
     kernel's demand, as a fraction of the limit, is
         D = (flops / device_s) / peak_dtype  x  e_mma  x  P_bf16 / TDP
@@ -213,8 +216,8 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
     f^POWER_EXPONENT: f V^2 with the voltage following the clock would be cubic; the share of the
     memory and of leakage, which does not follow the clock, makes it less, and 2 is taken. Above
     the limit the clock falls by D^(1/POWER_EXPONENT) and the kernel takes that much longer. One
-    e_mma serves every GPU: at the shipped fit (1.5 pJ) a sustained 8192^3 bf16 GEMM takes 1.06x
-    its unthrottled time on RTX PRO 6000, 1.08x on A100, 1.18x on L40S and 1.7x on GB200; the
+    e_mma serves every GPU: at the shipped fit (1.4 pJ) a sustained 8192^3 bf16 GEMM takes 1.04x
+    its unthrottled time on RTX PRO 6000, 1.07x on A100, 1.15x on L40S and 1.65x on GB200; the
     tables show compute-bound GEMMs past 1 ms slowing by ~10% on L40S and ~25% on GB200 and not
     at all on the other two (whose per-generation MMA efficiency takes up the difference).
 
