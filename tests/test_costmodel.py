@@ -935,6 +935,31 @@ def test_flashinfer_decode_plans_like_prefill_except_where_trtllm_kernels_run():
             assert splits[0] == pytest.approx(np.ceil(512 / kernels._chunk_pages(1.0, 512.0, 2 * dev.sm_count[0] / 8)))
 
 
+def test_flashinfer_holds_as_many_programs_per_sm_as_its_shared_memory_fits():
+    """FlashInfer's occupancy is stated per 100 KiB of an SM's shared memory: an SM with twice the
+    shared memory runs a program-bound decode (many sequences, a short context) about twice as fast;
+    TensorRT-LLM's persistent context kernels (GB200) hold one program per SM, whatever the
+    parameter says, where FlashInfer's own prefill (RTX PRO 6000) follows it."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    hw = load_profile("l40s")
+    P = Fitted.start("flashinfer").values(np.array([hw.generation], dtype=object))
+    P["c_kernel"] = np.array([100.0])
+
+    def decode(smem):
+        dev = Dev.of([hw.model_copy(update={"sram_bytes_per_sm": smem})])
+        return kernels.attention_time(P, dev, "flashinfer", 2048, 32, 8, 128, 1, 1, cache_write=False)[0]
+
+    assert decode(102400) == pytest.approx(2.0 * decode(204800), rel=0.15)
+    for name, persistent in (("gb200", True), ("rtx-pro-6000", False)):
+        dev = Dev.of([load_profile(name)])
+        Q = Fitted.start("flashinfer").values(dev.generation)
+        times = [kernels.attention_time({**Q, "ctas_per_sm": np.array([c])}, dev, "flashinfer", 8, 32, 8, 128, 4096, 4096)[0] for c in (1.0, 4.0)]
+        assert (times[0] == pytest.approx(times[1], rel=1e-9)) == persistent, name
+
+
 def test_trtllm_context_kernels_tile_each_query_head_by_128_tokens():
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev

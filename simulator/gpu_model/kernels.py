@@ -39,6 +39,7 @@ from simulator.gpu_model.device import GEMM_DTYPES, Dev
 Params = dict[str, np.ndarray]
 
 SOFTMIN_SHARPNESS = 30.0  # in log time: configs 10% slower than the best weigh e^-3 of it
+OCCUPANCY_SMEM = 100.0 * 1024  # bytes of shared memory FlashInfer's `ctas_per_sm` is stated per
 POWER_EXPONENT = 2.0  # board draw ~ f^2 under load (see `power_limited`)
 POWER_ONSET = 2.0  # the power controller's share felt by a burst b: 1 / (1 + (t_power / b)^2)
 POWER_KNEE = 8.0  # the power limit's max(demand, 1) is (1 + demand^8)^(1/8): 1.003 at 0.7 of the limit, 1.09 at it
@@ -365,7 +366,13 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
       decode splits only when b h_kv programs leave the GPU's resident slots (ctas_per_sm x S) idle.
       Their context (prefill) kernels take 128 tokens of one query head per program against 128
       K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`).
-    K/V rows per iteration B_c = 64."""
+    K/V rows per iteration B_c = 64.
+    Occupancy: FlashInfer's own kernels hold `ctas_per_sm` programs per 100 KiB of an SM's shared
+    memory (`attention_time`; the same kernel fits twice as many into Blackwell's 228 KiB as into
+    Ada's 100). The TensorRT-LLM context kernels are persistent (a tile scheduler of their own; 512
+    threads and 82 KiB of shared memory per program at head dimension 128, accumulators in tensor
+    memory: FlashInfer's trtllm fmha kernel table) and are priced at one program per SM
+    (`persistent`), not at FlashInfer's occupancy."""
     group = h / hk
     packed = n_q * group
     br = np.where((packed > 64) & (d < 256), 128.0, np.where(packed > 16, 64.0, 16.0))
@@ -394,7 +401,7 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
         programs = np.where(context, b * h * ctx_q_blocks, programs)
         heads = np.where(context, h, hk)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
-                copies=np.zeros(b.shape))  # fmt: skip
+                copies=np.zeros(b.shape), persistent=context)  # fmt: skip
 
 
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
@@ -423,8 +430,10 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     when K/V are split, FA2's swapped decode's copies, and the query's quantization where it is fp8."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
-    occupancy = P.get("ctas_per_sm", np.ones(b.shape))
+    # programs resident per SM: as many as its shared memory holds (the parameter is per 100 KiB)
+    occupancy = P["ctas_per_sm"] * dev.sram_bytes_per_sm / OCCUPANCY_SMEM if "ctas_per_sm" in P else np.ones(b.shape)
     g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy)
+    occupancy = np.where(g.get("persistent", False), 1.0, occupancy)  # a persistent kernel: one program per SM, looping over its tiles
     S, f = dev.sm_count, dev.clock_hz
     fp8_mma = fp8_attention(library, dev.generation, kv_bytes)
     peak = np.where(fp8_mma, np.nan_to_num(dev.peak("fp8"), nan=0.0), 0.0)
