@@ -368,11 +368,12 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
       K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`).
     K/V rows per iteration B_c = 64.
     Occupancy: FlashInfer's own kernels hold `ctas_per_sm` programs per 100 KiB of an SM's shared
-    memory (`attention_time`; the same kernel fits twice as many into Blackwell's 228 KiB as into
-    Ada's 100). The TensorRT-LLM context kernels are persistent (a tile scheduler of their own; 512
-    threads and 82 KiB of shared memory per program at head dimension 128, accumulators in tensor
-    memory: FlashInfer's trtllm fmha kernel table) and are priced at one program per SM
-    (`persistent`), not at FlashInfer's occupancy."""
+    memory (`attention_time`; an SM of Hopper or datacenter Blackwell, 228 KiB, holds 2.3 times what
+    one of Ada or RTX Blackwell, 100 KiB, does). The TensorRT-LLM context kernels are persistent (a
+    tile scheduler of their own; the fp8 one at head dimension 128 runs 512 threads and 82 KiB of
+    shared memory per program, its accumulators in tensor memory: the trtllm fmha kernel table
+    FlashInfer ships) and are priced at one program per SM (`persistent`), not at FlashInfer's
+    occupancy."""
     group = h / hk
     packed = n_q * group
     br = np.where((packed > 64) & (d < 256), 128.0, np.where(packed > 16, 64.0, 16.0))
