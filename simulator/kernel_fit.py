@@ -34,6 +34,7 @@ from simulator.hardware import HardwareProfile
 
 GENERATION_PRIOR = 0.3  # prior width of a per-generation log-deviation (a factor of e^0.3 = 1.35)
 HOST_PRIOR = 1.0  # prior width of a per-host log-deviation of a timer parameter (hosts differ by factors, not percents)
+HOST_RANGE = 5.0  # a host parameter's log-deviation may lower it to e^-5 of its start
 FIT_ROWS_PER_GPU = 600  # rows of each GPU a fit samples (fixed seed); every row is predicted
 LOSS_SCALE = 0.1  # soft-L1 scale of the log residual: residuals beyond ~10% count linearly
 CALIBRATION_EVERY = 3  # in-GPU split: every third row of each file fits, the rest is held out
@@ -386,9 +387,10 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     if not len(frame):
         raise UserError(f"{group.name}: no rows to fit")
     spec = family(group.family)
-    names = list(spec)
+    names = [n for n in spec if not spec[n].host]  # fitted in common; a host parameter stays at its start (`params`)
+    fixed = {n: p.start for n, p in spec.items() if p.host}
     gens = sorted(frame["generation"].unique())
-    per_gen = [n for n in names if spec[n].per_generation] if len(gens) > 0 else []
+    per_gen = [n for n in spec if spec[n].per_generation] if len(gens) > 0 else []
     dev = device_of(frame, profiles)
     gen_index = pd.Categorical(frame["generation"], categories=gens).codes
     y = np.log(frame["measured_s"].to_numpy())
@@ -408,17 +410,19 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     slots = [(n, key) for n in tnames for key in (sorted(set(keys[n])) if len(set(keys[n])) > 1 else [])]
     slot_rows = [keys[n] == key for n, key in slots]
     nd, nh = len(gens) * len(per_gen), len(slots)
+    # a host parameter's start is its upper bound (no penalty): its deviations can only lower it
     x0 += [(start.fitted.generation.get(g, {}).get(n, 0.0) if start else 0.0) for g in gens for n in per_gen]
     x0 += [start.timer_host.get(key, {}).get(n, 0.0) if start else _host_start(frame, dev, rows, n) for (n, key), rows in zip(slots, slot_rows, strict=True)]
-    lo += [-2.0] * (nd + nh)
-    hi += [2.0] * (nd + nh)
+    lo += [-HOST_RANGE if spec[n].host else -2.0 for _ in gens for n in per_gen] + [-2.0] * nh
+    hi += [0.0 if spec[n].host else 2.0 for _ in gens for n in per_gen] + [2.0] * nh
     x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
-    prior_weight = np.concatenate([np.full(nd, np.sqrt(len(frame) / max(1, nd)) * 0.05 / GENERATION_PRIOR),
+    width = np.tile([HOST_PRIOR if spec[n].host else GENERATION_PRIOR for n in per_gen], len(gens))
+    prior_weight = np.concatenate([np.sqrt(len(frame) / max(1, nd)) * 0.05 / width,
                                    np.full(nh, np.sqrt(len(frame) / max(1, nh)) * 0.05 / HOST_PRIOR)])  # fmt: skip
     ncommon = len(names) + len(tnames)
 
     def unpack(x):
-        common = dict(zip(names, x[: len(names)], strict=True))
+        common = {**dict(zip(names, x[: len(names)], strict=True)), **fixed}
         timer = dict(zip(tnames, x[len(names) : ncommon], strict=True))
         deltas = x[ncommon : ncommon + nd].reshape(len(gens), len(per_gen))
         return common, timer, deltas, x[ncommon + nd :]

@@ -34,7 +34,7 @@ def _rows(kind: str, rng: np.random.Generator, n: int) -> pd.DataFrame:
     raise ValueError(kind)
 
 
-def _model_seconds(kind: str, frame: pd.DataFrame, alias: str, c_floor: float = 16000.0) -> np.ndarray:
+def _model_seconds(kind: str, frame: pd.DataFrame, alias: str, c_floor: float = 16000.0, host: dict[str, float] | None = None) -> np.ndarray:
     hw = load_profile(alias)
     dev = Dev.of([hw] * len(frame))
     if kind == "gemm":
@@ -45,22 +45,24 @@ def _model_seconds(kind: str, frame: pd.DataFrame, alias: str, c_floor: float = 
         P = Fitted.start("fa2").values(dev.generation)
         t = kernels.attention_time(P, dev, "fa2", frame["batch_size"], frame["num_heads"], frame["num_key_value_heads"], 128, 1, frame["step"], 2.0)
         return sources.timed(t, sources.attention_timer("vllm"), {"c_floor": c_floor}, dev)
-    P = Fitted.start("nccl").values(dev.generation)
+    P = {**Fitted.start("nccl").values(dev.generation), **{k: np.full(len(frame), v) for k, v in (host or {}).items()}}
     link = collectives.link_of([hw] * len(frame))
     return collectives.collective_time(P, dev, frame["op_name"], frame["num_gpus"], frame["message_size"] * 2.0, link)
 
 
 def write_tables(folder: Path, rows: int = 40, kinds=("gemm", "decode-attention", "collective"), gpus=GPUS, seed: int = 0,
-                 floors: dict[str, float] | None = None) -> Path:  # fmt: skip
+                 floors: dict[str, float] | None = None, hosts: dict[str, dict[str, float]] | None = None) -> Path:  # fmt: skip
     """A data folder with one table per (GPU, kind) and its manifest; returns the folder. `floors`:
-    the CUDA-graph replay floor (cycles) of a GPU's host, where it is not the default."""
+    the CUDA-graph replay floor (cycles) of a GPU's host, where it is not the default; `hosts`: the
+    collective model's host parameters (PCIe topology) of a GPU's machine, where not the default."""
     rng = np.random.default_rng(seed)
     (folder / "measured").mkdir(parents=True, exist_ok=True)
     manifest = []
     for alias, factor in gpus.items():
         for kind in kinds:
             frame = _rows(kind, rng, rows)
-            seconds = _model_seconds(kind, frame, alias, (floors or {}).get(alias, 16000.0)) * factor * np.exp(rng.normal(0.0, 0.03, len(frame)))
+            seconds = _model_seconds(kind, frame, alias, (floors or {}).get(alias, 16000.0), (hosts or {}).get(alias))
+            seconds = seconds * factor * np.exp(rng.normal(0.0, 0.03, len(frame)))
             frame["latency_ms"] = seconds * 1e3
             name = f"measured/{alias}-{kind}.csv"
             frame.to_csv(folder / name, index=False)

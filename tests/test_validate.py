@@ -148,6 +148,27 @@ def test_a_hosts_timer_floor_is_its_own(tmp_path):
     assert few["few_shot"]["A100-80GB-SXM"][kind]["mape"] < 6 < few["leave_one_gpu_out"]["A100-80GB-SXM"][kind]["mape"]
 
 
+def test_a_pcie_hosts_topology_is_its_own_and_an_unmeasured_host_has_none(tmp_path):
+    """The factors a PCIe ring pays for leaving a switch or a socket belong to the machine: fitted
+    on a host that pays 0.3 for each, that GPU keeps them, while a PCIe GPU the fit never saw (RTX
+    PRO 6000, another generation) takes 1, a ring at the link's rate, not the measured host's."""
+    from simulator import data
+    from simulator import kernel_fit as kf
+    from simulator.hardware import load_profile
+
+    folder = write_tables(tmp_path / "data", rows=80, kinds=("collective",), hosts={"l40s": {"eff_cross": 0.3, "eff_socket": 0.3}})
+    tables = data.load_tables([folder])
+    group = kf.GROUPS["collective"]
+    frame = kf.group_rows(tables.kinds, group, tables.profiles)
+    fit = kf.fit_group(group, frame, tables.profiles)
+    assert fit.fitted.common["eff_cross"] == 1.0 and fit.fitted.common["eff_socket"] == 1.0
+    l40s, unseen = (fit.fitted.for_generation(load_profile(name).generation) for name in ("l40s", "rtx-pro-6000"))
+    assert l40s["eff_cross"] * l40s["eff_socket"] == pytest.approx(0.09, rel=0.25)
+    assert unseen["eff_cross"] == 1.0 and unseen["eff_socket"] == 1.0
+    rows = frame[frame["gpu"] == "L40S"]
+    assert np.median(np.abs(np.log(kf.predict(group, fit, rows, tables.profiles) / rows["measured_s"].to_numpy()))) < 0.1
+
+
 def test_collective_intervals_are_per_link_kind(result):
     """NVLink and PCIe systems err differently: a collective's interval is its link kind's, from
     the GPUs of that kind, and a device model takes its own link kind's (pooled where none was fitted)."""

@@ -17,8 +17,10 @@ transfer between systems of that kind. c_steps is a fraction of a chunk per rank
 NCCL's tree is a chain with the ring's 2(n - 1) hops, so ring and tree cannot be told apart here.
 On PCIe a ring that leaves one PCIe switch (n > 2, pairs of GPUs per switch) or one CPU socket
 (n > 4) crosses the host's uplinks, priced by eff_cross and eff_socket: properties of the host
-platform, not of the GPU, so a PCIe system the fit never saw is predicted poorly at 4 and 8 GPUs
-(how poorly, `validate` reports). Tensor parallelism's all-reduce uses this model.
+platform, not of the GPU (`Param.host`). Each measured machine keeps its own; a machine never
+measured takes 1, a ring at the link's rate, since one host's topology says nothing of another's
+(the two PCIe machines in the data keep 0.64x and 0.07x of their 2-GPU bus bandwidth at 8 GPUs), and
+the interval carries what that leaves out. Tensor parallelism's all-reduce uses this model.
 """
 
 from __future__ import annotations

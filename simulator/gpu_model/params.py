@@ -5,8 +5,11 @@ do not belong to one GPU: fractions of a peak, cycles at the profile's boost clo
 physics fixes (a memory round trip). A parameter marked `per_generation` may take a value of its
 own for each architecture generation present in the fit (a multiplicative deviation from the
 common value, shrunk towards it by a prior); a GPU of a generation the fit never saw gets the
-common value. Fitted values live in `fitted.json` beside this file, written by
-`python -m simulator fit-kernels` (see `simulator.kernel_fit`).
+common value. A parameter marked `host` belongs to the machine a GPU sat in when its table was
+measured (the PCIe topology a ring crosses), not to the GPU: it is not fitted in common but held at
+its `start`, the value taken for a machine never measured, and each generation in the fit gets its
+own deviation from it under the wider prior of a host. Fitted values live in `fitted.json` beside
+this file, written by `python -m simulator fit-kernels` (see `simulator.kernel_fit`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Param:
     high: float
     doc: str
     per_generation: bool = False
+    host: bool = False  # a property of the machine, not of the GPU: `start` for a GPU the fit never saw (see below)
 
 
 def _family(*params: Param) -> dict[str, Param]:
@@ -109,8 +113,8 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("c_steps", "chunks", 0.4, 1e-6, 4.0, "non-overlapped chunk steps per rank"),
         Param("fill_Simple", "bytes", 1.2e5, 1e3, 1e8, "Simple protocol pipeline fill"),
         Param("int8_red_penalty", "fraction", 0.012, 1e-6, 0.5, "extra wire time of int8 reductions"),
-        Param("eff_cross", "fraction", 0.4, 0.001, 1.0, "PCIe: bandwidth factor of a ring leaving one PCIe switch (host platform)", True),
-        Param("eff_socket", "fraction", 0.15, 0.001, 1.0, "PCIe: bandwidth factor of a ring leaving one CPU socket (host platform)", True),
+        Param("eff_cross", "fraction", 1.0, 0.001, 1.0, "PCIe: bandwidth factor of a ring leaving one PCIe switch (host platform; 1 on a host never measured)", True, host=True),
+        Param("eff_socket", "fraction", 1.0, 0.001, 1.0, "PCIe: bandwidth factor of a ring leaving one CPU socket (host platform; 1 on a host never measured)", True, host=True),
     ),
     "operators": _family(
         Param("eff_norm", "fraction", 0.5, 0.02, 2.0, "of the attention family's memory rate a residual add + RMSNorm kernel reaches"),
