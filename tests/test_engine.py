@@ -121,6 +121,28 @@ def test_fit_recovers_a_known_engine(tmp_path):
     assert fitted.step_s == pytest.approx(truth.step_s, rel=0.2)
 
 
+def test_the_fit_keeps_the_lowest_optimum_of_its_starts_and_pays_the_prior(monkeypatch):
+    """The engine fit runs from every start in FIT_STARTS (and from zero with an active set) and keeps
+    the run with the lowest objective, wherever it sits in the list; its residuals end with the prior,
+    PRIOR_WEIGHT x each coefficient over its scale."""
+    objectives = {3: 0.5, 1: 0.2, 4: 0.9}  # run index -> objective; the others 1.0
+    calls = []
+
+    def fake_run(name, rows, setups, base, active_set, progress, x0=None):
+        calls.append((tuple(x0), active_set))
+        i = len(calls) - 1
+        return np.full(len(ev.FIT_PARAMS), float(i)), objectives.get(i, 1.0)
+
+    monkeypatch.setattr(ev, "_levenberg_marquardt", fake_run)
+    fitted = ev.fit_engine("vllm", [], [])
+    assert len(calls) == len(ev.FIT_STARTS) + 1 and calls[-1] == (tuple(np.zeros(len(ev.FIT_PARAMS))), True)
+    assert fitted.request_s == pytest.approx(1.0 * ev.PARAM_SCALE[ev.FIT_PARAMS.index("request_s")])  # run 1's x
+    monkeypatch.setattr(ev, "_log_errors", lambda rows, setups, eng: np.array([0.1, -0.2]))
+    x = np.arange(len(ev.FIT_PARAMS), dtype=float)
+    res = ev._fit_residuals([], [], EngineOverhead(name="vllm"), x)
+    assert res.tolist() == pytest.approx([0.1, -0.2, *(ev.PRIOR_WEIGHT * x)])
+
+
 # --- the CLI --------------------------------------------------------------------------------------
 
 
