@@ -203,7 +203,10 @@ def fit_engine(name: str, rows: list[e2e.ServingResult], setups: list[Setup], pr
     TTFT terms trade against each other, and the one with the lowest objective is kept."""
     base = EngineOverhead(name=name, graph_max_batch=GRAPH_MAX_BATCH[name])
     starts = [(np.asarray(x0, dtype=float), False) for x0 in FIT_STARTS] + [(np.zeros(len(FIT_PARAMS)), True)]
-    runs = [_levenberg_marquardt(name, rows, setups, base, active_set, progress, x0) for x0, active_set in starts]
+    runs = []
+    for i, (x0, active_set) in enumerate(starts):
+        say = (lambda msg, i=i: progress(f"{msg} (run {i + 1} of {len(starts)})")) if progress else None
+        runs.append(_levenberg_marquardt(name, rows, setups, base, active_set, say, x0))
     x, _ = min(runs, key=lambda run: run[1])
     return _with(base, x * PARAM_SCALE)
 
