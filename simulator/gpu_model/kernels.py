@@ -61,13 +61,19 @@ def resident(working_set_bytes, cache_bytes):
     return 1.0 / (1.0 + ratio**8)
 
 
+def l2_rate(dev: Dev, f_l2, dram_bytes_per_s):
+    """Bytes/s of L2-resident traffic at the share f_l2 of the L2's bandwidth: never slower than the
+    DRAM rate `dram_bytes_per_s` it would otherwise go at."""
+    return np.maximum(dev.l2_bytes_per_s * f_l2, dram_bytes_per_s)
+
+
 def memory_time(nbytes, dev: Dev, f_bw, f_l2, u_l2, working_set=None):
     """A memory-bound transfer of `nbytes`: the L2-resident share at the L2 rate, the rest at the
     DRAM rate. `working_set`: the bytes the call keeps live (default the transfer itself)."""
     ws = nbytes if working_set is None else working_set
     hit = resident(ws, dev.l2_bytes * u_l2)
     dram = dev.hbm_bytes_per_s * f_bw
-    l2 = np.maximum(dev.l2_bytes_per_s * f_l2, dram)  # a resident byte is never slower than a DRAM one
+    l2 = l2_rate(dev, f_l2, dram)
     return nbytes * (hit / l2 + (1.0 - hit) / dram)
 
 
@@ -96,7 +102,7 @@ def _configs(tiles_m, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 _GEMM_CONFIGS = _configs(GEMM_TILES_M, GEMM_SPLITS)
-_UNSPLIT_CONFIGS = _configs(SCALED_MM_TILES_M, (1,))  # the scaled-MM kernels of quantized GEMMs pick a tile config by m and never split K
+_UNSPLIT_CONFIGS = _configs(SCALED_MM_TILES_M, (1,))  # the scaled-MM kernels of quantized GEMMs never split K (their tile: `scaled_mm_tile`)
 
 
 def _next_pow2(x):
@@ -179,8 +185,7 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     t_load = ((np.minimum(bm, m) + np.minimum(bn, n)) if unquantized else (bm + bn)) * ks * e / load
     # the output tile goes out at the SM's load rate or its share of the memory that takes it: the L2 when
     # the output stays resident there (written back after the call, if ever), else DRAM
-    l2_rate = np.maximum(dev.l2_bytes_per_s * P["f_l2"], bw)
-    t_epilogue = bm * bn * np.where(split, 4.0, 2.0) * (hit_a / np.minimum(load, l2_rate / active) + (1.0 - hit_a) / np.minimum(load, bw / active))
+    t_epilogue = bm * bn * np.where(split, 4.0, 2.0) * (hit_a / np.minimum(load, l2_rate(dev, P["f_l2"], bw) / active) + (1.0 - hit_a) / np.minimum(load, bw / active))
     tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
     dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
     l2_bytes = A * hit_a + W * hit_w
