@@ -36,7 +36,7 @@ from simulator.gpu_model.model import interval_class
 from simulator.hardware import HardwareProfile
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-INTERVAL = (0.10, 0.90)  # an 80% prediction interval
+INTERVAL_LEVEL = 0.80  # the prediction interval's nominal coverage
 NAIVE_FRACTION, NAIVE_OVERHEAD_S = 0.7, 5e-6
 
 
@@ -56,6 +56,19 @@ def weighted_quantiles(values: np.ndarray, groups: np.ndarray, qs) -> list[float
     w = 1.0 / counts
     cum = (np.cumsum(w) - 0.5 * w) / w.sum()
     return [float(np.interp(q, cum, v)) for q in qs]
+
+
+def interval_bounds(log_ratios: np.ndarray, gpus: np.ndarray) -> tuple[float, float]:
+    """(low, high) log bounds of the INTERVAL_LEVEL interval from leave-one-GPU-out log residuals
+    (log measured / predicted) of other GPUs: +-q, q the INTERVAL_LEVEL quantile of their size,
+    each GPU weighing the same. Symmetric because most of an unseen GPU's error is a bias of its own
+    whose sign the GPUs before it do not tell (the fit sat between them): their residuals say how
+    large it gets, not which way it goes. Measured on the shipped data, pooled over GPUs and kinds,
+    this covers a held-out GPU's rows 82% of the time in the median, where the 10th-90th
+    percentiles of the signed residuals cover 77%, and no kind falls to 0 for a bias the one other
+    GPU of its kind had the other way round."""
+    q = weighted_quantiles(np.abs(log_ratios), gpus, (INTERVAL_LEVEL,))[0]
+    return -q, q
 
 
 def naive_roofline(kind: str, frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
@@ -289,14 +302,14 @@ def _coverage(residuals: dict, logo_pred: dict) -> tuple[dict, dict]:
         gpus = np.concatenate([np.full(len(r), g, dtype=object) for g, r in per_gpu])
         ratios = np.log(np.concatenate([r for _, r in per_gpu]))
         pooled[key] = (gpus, ratios)
-        lo, hi = weighted_quantiles(ratios, gpus, INTERVAL)
+        lo, hi = interval_bounds(ratios, gpus)
         intervals[key] = {"low": float(np.exp(lo)), "high": float(np.exp(hi)), "gpus": sorted({g for g, _ in per_gpu})}
     for (gpu, kind), (pred, measured, key) in logo_pred.items():
         for k in (key, kind):  # the GPU's class where another GPU shares it, else the kind pooled
             gpus, ratios = pooled[k]
             others = gpus != gpu
             if others.any():
-                lo, hi = weighted_quantiles(ratios[others], gpus[others], INTERVAL)
+                lo, hi = interval_bounds(ratios[others], gpus[others])
                 inside = (measured >= pred * np.exp(lo)) & (measured <= pred * np.exp(hi))
                 coverage.setdefault(gpu, {})[kind] = float(inside.mean())
                 break

@@ -169,6 +169,32 @@ def test_a_pcie_hosts_topology_is_its_own_and_an_unmeasured_host_has_none(tmp_pa
     assert np.median(np.abs(np.log(kf.predict(group, fit, rows, tables.profiles) / rows["measured_s"].to_numpy()))) < 0.1
 
 
+def test_a_parameter_declaration_keeps_its_invariants():
+    """A host parameter's value on a measured machine is its per-generation deviation: one that
+    is not per_generation would sit at its start everywhere; a start outside the bounds never fits."""
+    from simulator.gpu_model.params import FAMILIES, Param
+
+    assert all(p.per_generation for f in FAMILIES.values() for p in f.values() if p.host)
+    with pytest.raises(ValueError, match="must also be per_generation"):
+        Param("eff_x", "fraction", 1.0, 0.001, 1.0, "a host factor", per_generation=False, host=True)
+    with pytest.raises(ValueError, match="outside"):
+        Param("f_x", "fraction", 1.5, 0.0, 1.0, "a fraction")
+
+
+def test_the_interval_is_symmetric_and_each_gpu_weighs_the_same():
+    """exp(+-q), q the 80th percentile of |log ratio| with every GPU weighing the same: a GPU whose
+    model ran 2x slow (log 2 on each row) makes the interval +-log 2 for the next one, whichever
+    way it errs; a GPU with ten times the rows does not outweigh a GPU with few."""
+    from simulator.validate import interval_bounds
+
+    lo, hi = interval_bounds(np.full(50, math.log(2.0)), np.full(50, "A", dtype=object))
+    assert (lo, hi) == pytest.approx((-math.log(2.0), math.log(2.0)))
+    many = np.concatenate([np.zeros(1000), np.full(10, math.log(4.0))])
+    gpus = np.array(["big"] * 1000 + ["small"] * 10, dtype=object)
+    lo, hi = interval_bounds(many, gpus)
+    assert hi == -lo and math.log(2.0) < hi <= math.log(4.0)  # pooled unweighted, the 80th percentile would be 0
+
+
 def test_collective_intervals_are_per_link_kind(result):
     """NVLink and PCIe systems err differently: a collective's interval is its link kind's, from
     the GPUs of that kind, and a device model takes its own link kind's (pooled where none was fitted)."""

@@ -140,13 +140,16 @@ def scaled_mm_tile(generation, m, n, dtype: str = "fp8") -> tuple[np.ndarray, np
     Those generations keep the rule."""
     gen = np.asarray(generation, dtype=object)
     m, n = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (m, n)))
+    ada = (gen == "ada") & (dtype == "fp8")
+    if not np.any(ada):  # no row has a known dispatch table
+        none = np.full(np.broadcast_shapes(m.shape, ada.shape), np.nan)
+        return none, none.copy()
     N2 = _next_pow2(n)
     buckets = [m <= 16, m <= 32, m <= 64, m <= 128, m <= 256]
     ada_m = np.select(buckets, [_by_n(N2, 8192, 24576, 16, 16, 32), 32, 64, _by_n(N2, 8192, 16384, 64, 128, 128), np.where(N2 <= 4096, 64, 128)],
                       _by_n(N2, 4096, 8192, 128, 256, 128))  # fmt: skip
     ada_n = np.select(buckets, [_by_n(N2, 8192, 24576, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64),
                                 _by_n(N2, 8192, 16384, 128, 128, 64), 128], 128)  # fmt: skip
-    ada = (gen == "ada") & (dtype == "fp8")
     return np.where(ada, ada_m, np.nan), np.where(ada, ada_n, np.nan)
 
 

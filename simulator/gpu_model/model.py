@@ -19,8 +19,9 @@ device time), with the parameters fitted to the measured tables (`fitted.json`):
   those same rates -- whichever attention library the GPU runs;
 - all-reduce: the fitted NCCL model over the profile's interconnect.
 
-Every cost carries an 80% interval: its time times the 10th and 90th percentiles of
-measured / predicted over the held-out GPUs of the leave-one-GPU-out validation of its kind.
+Every cost carries an 80% interval: its time times exp(+-q), q the 80th percentile of
+|log(measured / predicted)| over the held-out GPUs of the leave-one-GPU-out validation of its kind
+(`simulator.validate.interval_bounds`: symmetric, as the sign of a new GPU's bias is unknown).
 """
 
 from __future__ import annotations

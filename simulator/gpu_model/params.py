@@ -37,6 +37,12 @@ class Param:
     per_generation: bool = False
     host: bool = False  # a property of the machine, not of the GPU: `start` for a GPU the fit never saw (see below)
 
+    def __post_init__(self) -> None:
+        if not self.low <= self.start <= self.high:
+            raise ValueError(f"parameter {self.name}: start {self.start} outside [{self.low}, {self.high}]")
+        if self.host and not self.per_generation:  # a host's own value is its deviation: without one it would be held at start
+            raise ValueError(f"parameter {self.name}: a host parameter must also be per_generation")
+
 
 def _family(*params: Param) -> dict[str, Param]:
     return {p.name: p for p in params}
