@@ -177,8 +177,8 @@ INTERVAL_LEVEL = 0.8
 
 
 def interval(low: float, high: float) -> dict:
-    """An 80% prediction interval: the kernels' times scaled by the 10th and 90th percentiles of
-    measured / predicted on held-out GPUs (`simulator validate`, leave-one-GPU-out) of their kinds."""
+    """An 80% prediction interval: the kernels' times scaled by the bounds of measured / predicted
+    on held-out GPUs (`simulator validate`, leave-one-GPU-out; `validate.interval_bounds`) of their kinds."""
     return {"low": float(low), "high": float(high), "level": INTERVAL_LEVEL}
 
 
