@@ -34,9 +34,9 @@ from simulator.data import Tables, load_tables
 from simulator.errors import UserError
 from simulator.gpu_model.model import interval_class
 from simulator.hardware import HardwareProfile
+from simulator.plan import INTERVAL_LEVEL  # the prediction interval's nominal coverage, which plan reports beside it
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-INTERVAL_LEVEL = 0.80  # the prediction interval's nominal coverage
 NAIVE_FRACTION, NAIVE_OVERHEAD_S = 0.7, 5e-6
 
 
