@@ -3,7 +3,7 @@
 A real engine (vLLM, SGLang) spends CPU time around every step it runs and every request it serves:
 
     step time        t = t_host + max(t_gpu, [no CUDA graph] a_layer L)
-    step host time   t_host = a_0 + a_seq b + a_tok T
+    step host time   t_host = a_0 + a_seq b + a_tok T   (/ N for a decode step in a call of N, see below)
     request time     t_req  = r_0 + r_tok P        (API server: HTTP, tokenising, handing to the engine)
     request latency  t_lat  = r_lat                (a wait no process is busy for: passing between processes)
     speculative step t_spec = a_spec gamma          (proposing: one more engine pass per draft token, in t_host)
@@ -23,6 +23,10 @@ delays the entry but occupies nothing: the hops between the API server and the e
 take at the same time; it is modelled as one wait before the engine's queue (the way back adds to TTFT
 and to a closed loop's cycle alike, and to every token the same, so not to TPOT). A closed-loop sweep
 tells the two apart: serial time grows a round's TTFT with the number of users, a latency does not.
+vLLM V0's multi-step scheduling (`--num-scheduler-steps N`, vLLM 0.6) runs N decode steps per call:
+the scheduler and the input preparation run once per call and the output processing of a step
+overlaps the next step's kernels ("vLLM v0.6.0: 2.7x Throughput Improvement and 5x Latency
+Reduction", vLLM blog, 2024-09-05), so a decode step inside such a call carries t_host / N.
 
 Each preset also brings its server's batching (`scheduler_defaults`: running-request cap, step token
 budget, chunked prefill mixed with the decodes or run apart), which `simulate --engine` takes unless its
@@ -95,12 +99,17 @@ class EngineOverhead(BaseModel):
         graphed = not prefill and sequences <= self.graph_max_batch
         return 0.0 if graphed or sequences == 0 else self.eager_s_per_layer * n_layers
 
-    def step_time_s(self, gpu_s, sequences: int, tokens: int, n_layers: int, prefill: bool, draft_passes: int = 0):
+    def step_time_s(self, gpu_s, sequences: int, tokens: int, n_layers: int, prefill: bool, draft_passes: int = 0, steps_per_call: int = 1):
         """t of one step whose kernels take `gpu_s` (a float, or an array of steps): the host work
-        before the launches, then the longer of the kernels and their launches."""
+        before the launches, then the longer of the kernels and their launches. A decode step inside
+        a call of `steps_per_call` steps (vLLM V0's --num-scheduler-steps) carries 1 / steps_per_call
+        of the host work: the call schedules and prepares its inputs once, and its output processing
+        runs behind the next step's kernels (vLLM's v0.6.0 release post, "multi-step scheduling" and
+        "asynchronous output processing")."""
         if self.ideal:
             return gpu_s
-        return self.step_host_s(sequences, tokens, draft_passes) + np.maximum(gpu_s, self.launch_s(sequences, n_layers, prefill))
+        host = self.step_host_s(sequences, tokens, draft_passes) / (1 if prefill else max(1, steps_per_call))
+        return host + np.maximum(gpu_s, self.launch_s(sequences, n_layers, prefill))
 
     def request_in_s(self, prompt_tokens: int) -> float:
         """t_req: API-server time before a request of `prompt_tokens` reaches the engine's queue."""

@@ -494,7 +494,7 @@ class ServingConfig(BaseModel):
     max_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS  # prefill tokens one step may add (with chunking: all tokens)
     chunked_prefill: bool = False  # split prompts into chunks that share steps with decodes
     prefill_apart: bool = False  # with chunked_prefill: chunks run in steps of their own, ahead of the decodes (SGLang's default)
-    scheduler_steps: int = 1  # decode steps per scheduler call (vLLM V0's --num-scheduler-steps): requests enter only between calls
+    scheduler_steps: int = 1  # decode steps per scheduler call (vLLM V0's --num-scheduler-steps): requests enter only between calls, and a call's decode steps share its step host time
     gamma: int = 4  # draft tokens per speculative step; 0 or no draft: plain decoding
     spec_off_above_batch: int | None = None  # plain decoding while more sequences than this run
     block_tokens: int = BLOCK_TOKENS
@@ -772,7 +772,7 @@ class Engine:
         if type(self) is not Engine:
             return None
         cfg = self.cfg
-        return (self.target, self.draft, hw.model_dump_json(), cfg.dtype, cfg.tp, time_scale, self.gamma, cfg.engine)
+        return (self.target, self.draft, hw.model_dump_json(), cfg.dtype, cfg.tp, time_scale, self.gamma, cfg.engine, cfg.scheduler_steps)
 
     # --- arrivals ----------------------------------------------------------------------------
 
@@ -1056,7 +1056,7 @@ class Engine:
         """`_decode_s` without the memo: the target's verify (or decode) pass and the engine's host
         work, then the draft's gamma passes, pass j reading contexts ctx_i + j."""
         target_s = self.target_cost.uniform_s(n, q, ctx_sum, memo=False)
-        step_s = self.cfg.engine.step_time_s(target_s, n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0)
+        step_s = self.cfg.engine.step_time_s(target_s, n, n * q, self.target.n_layers, False, self.gamma if q > 1 else 0, self.cfg.scheduler_steps)
         if self.draft_cost is not None:
             passes = self.gamma if q > 1 else 1  # without speculation, one pass keeps the draft's cache in step
             step_s = step_s + self.draft_cost.uniform_s(n, 1, ctx_sum[:, None] + n * np.arange(passes), memo=False).sum(axis=1)

@@ -421,7 +421,8 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
                         "unless started with --enable-mixed-chunk (default: on with --engine sglang)")  # fmt: skip
     p.add_argument("--scheduler-steps", type=int, default=1,
                    help="decode steps per scheduler call, as vLLM's --num-scheduler-steps (before 0.7): a request waits for "
-                        "the call under way to end before its prefill (default: %(default)s)")  # fmt: skip
+                        "the call under way to end before its prefill, and each decode step of a call carries 1/N of the "
+                        "--engine's step host time (default: %(default)s)")  # fmt: skip
     p.add_argument("--spec-off-above-batch", type=int, default=None, help="decode without speculation while more sequences than this run")
     p.add_argument("--slo-ttft", default=None, help="goodput SLO on time to first token: 2s, 500ms, or a bare number of seconds")
     p.add_argument("--slo-tpot", default=None, help="goodput SLO on time per output token: 50ms, or a bare number of seconds")

@@ -990,3 +990,35 @@ def test_a_streaming_bound_fa3_prefill_runs_at_twice_the_programs_stream():
     g = kernels._fa2_geometry(dev, *(np.ones(1) * x for x in (4, 32, 32, 128, 8192, 8192)))
     per_program = 2 * 128 * 128 * 2 / (kernels.FA3_KV_STAGES * 4e9)
     assert fast == pytest.approx(per_program * g["total"][0] * 4 * 32 / dev.sm_count[0], rel=0.35)  # the work over the SMs, one program each
+
+
+def test_fa2_style_programs_wait_for_the_scores_exp2_where_warp_specialised_ones_overlap_it(monkeypatch):
+    """A compute-bound causal prefill: FlashAttention-2's warps run a block's MMAs, then its scores'
+    exp2 at 16 per clock per SM, so the exp2 adds (FLOP per clock per SM) / (4 d 16) to the MMAs'
+    time: a quarter on A100 (2048 dense bf16 FLOP per clock per SM, d = 128), an eighth on L40S
+    (1012). FA3 on H100 and TensorRT-LLM's context kernels on GB200 overlap it with the MMAs."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    def main_kernel(gpu, library, sfu):
+        monkeypatch.setattr(kernels, "SFU_PER_CLOCK", sfu)
+        dev = Dev.of([load_profile(gpu)])
+        P = Fitted.start(library if library == "fa2" else "flashinfer").values(dev.generation)
+        P.update(f_cta=np.array([1.0]), t_prog_us=np.array([0.1]), c_kernel=np.array([100.0]), bw_cta=np.array([1e6 if library == "fa2" else 1000.0]))
+        return kernels.attention_time(P, dev, library, 8, 32, 32, 128, 16384, 16384, cache_write=False)[0]
+
+    def exp2_share(gpu, library="fa2"):
+        return main_kernel(gpu, library, 16.0) / main_kernel(gpu, library, 1e30) - 1.0
+
+    for gpu in ("a100", "l40s"):
+        hw = load_profile(gpu)
+        per_sm_clock = hw.peak_flops("bf16") / (hw.sm_count * hw.clock_hz)
+        assert exp2_share(gpu) == pytest.approx(per_sm_clock / (4 * 128 * 16), rel=0.02), gpu
+    assert exp2_share("a100") == pytest.approx(0.25, rel=0.01)
+    assert exp2_share("h100-sxm") < 0.01  # FA3: overlapped
+    # TensorRT-LLM's context kernels overlap it too; on GB200 (8192 FLOP per clock per SM) the exp2 of a
+    # score (1/16 clock) takes as long as its MMAs (4 x 128 / 8192 clock), so their overlap is the
+    # smooth maximum of two equal times (+12%), where running one after the other would double it
+    assert exp2_share("gb200", "flashinfer") == pytest.approx(0.12, abs=0.02)
+    assert exp2_share("l40s", "flashinfer") > 0.1  # FlashInfer's own FA2-style kernels: after the MMAs

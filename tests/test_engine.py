@@ -62,6 +62,24 @@ def test_step_time_adds_to_every_step():
     assert step["tpot"]["mean"] == pytest.approx(base["tpot"]["mean"] + 1e-3, rel=1e-9)  # every decode step
 
 
+def test_a_multi_step_call_spreads_the_step_host_time_over_its_decode_steps():
+    """vLLM V0's --num-scheduler-steps 10: the call schedules once and overlaps its output processing,
+    so each of its decode steps carries a tenth of the step host time; the prefill step all of it."""
+    one = [Request(0, 0.0, 256, 32)]
+    e = EngineOverhead(name="x", step_s=1e-3, step_s_per_sequence=2e-4, graph_max_batch=256)
+    assert e.step_time_s(1e-4, 1, 1, 24, prefill=False, steps_per_call=10) == pytest.approx(1.2e-4 + 1e-4)
+    assert e.step_time_s(1e-4, 1, 256, 24, prefill=True, steps_per_call=10) == pytest.approx(1.2e-3 + 1e-4)
+
+    def latency(engine, steps):
+        cfg = ServingConfig(gamma=0, dtype="bf16", engine=engine, check_invariants=True, scheduler_steps=steps)
+        return simulate_serving(L4, SMALL, None, AcceptanceModel(), cfg, iter(one), np.random.default_rng(0))["latency_s"]
+
+    base, ten = latency(IDEAL, 10), latency(e, 10)
+    assert ten["tpot"]["mean"] == pytest.approx(base["tpot"]["mean"] + 1.2e-4, rel=1e-9)
+    assert ten["ttft"]["mean"] == pytest.approx(base["ttft"]["mean"] + 1.2e-3, rel=1e-9)
+    assert latency(e, 1)["tpot"]["mean"] == pytest.approx(latency(IDEAL, 1)["tpot"]["mean"] + 1.2e-3, rel=1e-9)
+
+
 def test_the_api_server_takes_one_request_at_a_time():
     """Ten requests sent at once through a 10 ms API server: the last reaches the engine 100 ms after it was sent."""
     many = [Request(i, 0.0, 64, 4) for i in range(10)]
@@ -260,15 +278,17 @@ def test_the_light_load_probe_serves_one_user_and_sees_only_per_step_time():
     """`light_load_gap_pct`: one user, one request after another, on a row's setup. A host time per
     sequence in the step moves the median TPOT by itself over the kernels-only step (one sequence
     runs; at the row's own 4 requests/s several would, and the gap would be several times as
-    large); a per-request time moves it not at all (it adds to TTFT)."""
+    large), a tenth of it here, where the row's server ran calls of 10 decode steps; a per-request
+    time moves it not at all (it adds to TTFT)."""
     rows = e2e.load()
     row = next(r for r in rows if r.row == 6)  # Llama-3.1-70B, 4 x H100, vLLM 0.6 at 4 requests/s
     setup = ev.row_setup(row, ev.sharegpt_means(rows))
     assert ev.light_load_gap_pct(row, setup, IDEAL) == 0.0
     assert ev.light_load_gap_pct(row, setup, EngineOverhead(name="x", request_s=0.05)) == pytest.approx(0.0, abs=1e-9)
-    step = EngineOverhead(name="x", step_s_per_sequence=1e-3)
+    step = EngineOverhead(name="x", step_s_per_sequence=1e-2)
     workload = setup.workload.model_copy(update={"rate_per_s": math.inf, "concurrency": 1, "requests": ev.LIGHT_LOAD_REQUESTS})
     report = simulate_serving(row.profile, row.spec, None, AcceptanceModel(), setup.serving, ev.make_stream(workload, np.random.default_rng(0)),
                               np.random.default_rng(0), concurrency=1)  # fmt: skip
     kernels_tpot = report["latency_s"]["tpot"]["p50"]
+    assert setup.serving.scheduler_steps == 10
     assert ev.light_load_gap_pct(row, setup, step) == pytest.approx(100 * 1e-3 / kernels_tpot, rel=0.05)

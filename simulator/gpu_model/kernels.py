@@ -23,9 +23,12 @@ calls (`resident`).
 Attention (FlashAttention-2 as vLLM builds it, FlashInfer): a call runs Q rows against a paged K/V
 cache. The library decides the programs: query rows per program (B_r), K/V rows per iteration (B_c),
 GQA query heads packed into one program's rows, split-KV for decode. Per program:
-    t_prog + sum over its K/V blocks of max(4 B_r B_c d / (f_cta P_mma / S), 2 B_c d e_kv / bw_cta)
+    t_prog + sum over its K/V blocks of max(4 B_r B_c d / (f_cta P_mma / S) + B_r B_c / (16 f), 2 B_c d e_kv / bw_cta)
 and over the grid: max(longest program, total work / S + gamma x longest), with the compulsory
-traffic (Q, O, the cache) at DRAM or L2 speed as a floor. The measured per-program streaming rate
+traffic (Q, O, the cache) at DRAM or L2 speed as a floor. B_r B_c / (16 f) is the scores' exp2 at
+the SFUs' 16 per clock per SM, after the MMAs in FlashAttention-2-style kernels, overlapped with
+them in warp-specialised ones (FA3, TensorRT-LLM's): an SM of A100 does 2048 dense bf16 FLOP per
+clock, one of Ada or RTX Blackwell 1024, so the exp2 is a larger share of a block on A100. The measured per-program streaming rate
 bw_cta (~26-30 GB/s) and fixed time (~3-4 us) are the same in seconds on A100, L40S and RTX PRO 6000,
 not in cycles: they are set by memory latency, not by the clock.
 """
@@ -43,6 +46,10 @@ OCCUPANCY_SMEM = 100.0 * 1024  # bytes of shared memory FlashInfer's `ctas_per_s
 POWER_EXPONENT = 2.0  # board draw ~ f^2 under load (see `power_limited`)
 POWER_ONSET = 2.0  # the power controller's share felt by a burst b: 1 / (1 + (t_power / b)^2)
 POWER_KNEE = 8.0  # the power limit's max(demand, 1) is (1 + demand^8)^(1/8): 1.003 at 0.7 of the limit, 1.09 at it
+# exp2 results per clock per SM on the special function units: 16 on every compute capability from 5.0
+# (CUDA C++ Programming Guide, throughput of native arithmetic instructions); FlashAttention-3 (Shah et
+# al. 2024, section 3.1) quotes H100 SXM5's 3.9 TFLOPS of special functions, 16 x 132 SMs x 1.83 GHz
+SFU_PER_CLOCK = 16.0
 OVERLAP_POWER = 6.0  # two overlapped activities take (a^p + b^p)^(1/p): their max, +12% when they are equal
 
 
@@ -343,7 +350,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
     # on for paged K/V and split calls: hopper/flash_api.cpp `run_mha_fwd`) and has no swap: no copies
     copies = np.where(on_fa3, 0.0, copies)
     stages = np.where(fa3, FA3_KV_STAGES, 1.0)
-    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages)
+    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages, specialised=on_fa3)
 
 
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
@@ -381,7 +388,8 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     tile scheduler of their own; the fp8 one at head dimension 128 runs 512 threads and 82 KiB of
     shared memory per program, its accumulators in tensor memory: the trtllm fmha kernel table
     FlashInfer ships) and are priced at one program per SM (`persistent`), not at FlashInfer's
-    occupancy."""
+    occupancy. The TensorRT-LLM kernels, decode and context, are warp-specialised (load, MMA and
+    softmax warps of their own): their scores' exp2 overlaps their MMAs (`specialised`)."""
     group = h / hk
     packed = n_q * group
     br = np.where((packed > 64) & (d < 256), 128.0, np.where(packed > 16, 64.0, 16.0))
@@ -410,7 +418,7 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
         programs = np.where(context, b * h * ctx_q_blocks, programs)
         heads = np.where(context, h, hk)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
-                copies=np.zeros(b.shape), persistent=context)  # fmt: skip
+                copies=np.zeros(b.shape), persistent=context, specialised=context | planner)  # fmt: skip
 
 
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
@@ -455,7 +463,12 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     hit = resident(working_set, dev.l2_bytes * P["u_l2"])
     rate = g.get("stages", 1.0) * P["bw_cta"] * 1e9 / (hit / P["l2_speedup"] + (1.0 - hit))
     keys_per_block = np.minimum(g["bc"], n_kv)
-    iteration = np.maximum(4.0 * g["br"] * keys_per_block * d / (P["f_cta"] * peak / S), 2.0 * keys_per_block * d * kv_bytes / rate)
+    # the block's scores: two MMAs, then one exp2 each on the SFUs. A FlashAttention-2-style program's
+    # warps do one after the other; warp-specialised kernels (FA3, TensorRT-LLM's) overlap them
+    mma = 4.0 * g["br"] * keys_per_block * d / (P["f_cta"] * peak / S)
+    softmax = g["br"] * keys_per_block / (SFU_PER_CLOCK * f)
+    scores = np.where(g.get("specialised", False), overlapped(mma, softmax), mma + softmax)
+    iteration = np.maximum(scores, 2.0 * keys_per_block * d * kv_bytes / rate)
     t_prog = P["t_prog_us"] * 1e-6
     work = b * g["heads"] * g["total"] * iteration + g["programs"] * t_prog
     longest = g["most"] * iteration + t_prog
