@@ -28,9 +28,10 @@ and over the grid: max(longest program, total work / S + gamma x longest), with 
 traffic (Q, O, the cache) at DRAM or L2 speed as a floor. B_r B_c / (16 f) is the scores' exp2 at
 the SFUs' 16 per clock per SM, after the MMAs in FlashAttention-2-style kernels, overlapped with
 them in warp-specialised ones (FA3, TensorRT-LLM's): an SM of A100 does 2048 dense bf16 FLOP per
-clock, one of Ada or RTX Blackwell 1024, so the exp2 is a larger share of a block on A100. The measured per-program streaming rate
-bw_cta (~26-30 GB/s) and fixed time (~3-4 us) are the same in seconds on A100, L40S and RTX PRO 6000,
-not in cycles: they are set by memory latency, not by the clock.
+clock, one of Ada or RTX Blackwell 1024, so the exp2 is a larger share of a block on A100. The
+measured per-program streaming rate bw_cta (~26-30 GB/s) and fixed time (~3-4 us) are the same in
+seconds on A100, L40S and RTX PRO 6000, not in cycles: they are set by memory latency, not by the
+clock.
 """
 
 from __future__ import annotations
