@@ -468,7 +468,7 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     # warps do one after the other; warp-specialised kernels (FA3, TensorRT-LLM's) overlap them
     mma = 4.0 * g["br"] * keys_per_block * d / (P["f_cta"] * peak / S)
     softmax = g["br"] * keys_per_block / (SFU_PER_CLOCK * f)
-    scores = np.where(g.get("specialised", False), overlapped(mma, softmax), mma + softmax)
+    scores = np.where(g["specialised"], overlapped(mma, softmax), mma + softmax)
     iteration = np.maximum(scores, 2.0 * keys_per_block * d * kv_bytes / rate)
     t_prog = P["t_prog_us"] * 1e-6
     work = b * g["heads"] * g["total"] * iteration + g["programs"] * t_prog
