@@ -7,11 +7,13 @@ A row becomes a simulation (`row_setup`):
   row's rate, every request at once (rate inf), or closed loop with `max_concurrency` users;
 - lengths: a `random` row's fixed input and output lengths (the client's default range ratio 0); a
   ShareGPT row's mean prompt and output lengths are its own printed totals / num_prompts where it printed
-  them, else the pooled totals of every ShareGPT row that did (`sharegpt_means`), drawn uniform on
-  [1, 2 n - 1] (`workload.WorkloadSpec(lengths="uniform")`: ShareGPT's spread, not its exact law);
+  them, else the pooled totals of every ShareGPT row that did (`sharegpt_means`), drawn as
+  `workload.WorkloadSpec(lengths="sharegpt")` draws them: prompts uniform on [1, 2 n - 1], outputs of the
+  long-tailed law whose median over mean the light-load rows show (`sharegpt_output_median_ratio`);
 - requests: num_prompts, at most `max_requests` for open-loop and closed-loop rows (their latencies are
-  steady-state figures), at most `MAX_AT_ONCE` for an all-at-once row (its TTFT is the time to drain the
-  queue: rows of up to 1000 prompts run whole; the 5000-prompt rows print only throughput);
+  steady-state figures), at most `MAX_AT_ONCE` for an all-at-once row (every prompt of the rows here:
+  its TTFT is the time to drain the queue, and its throughput ends with the longest outputs decoding
+  on their own, which a part of the burst would not hold in proportion);
   a closed-loop row without num_prompts sends `CLOSED_LOOP_REQUESTS_PER_USER` per user;
 - the engine's scheduler limits (`scheduler_limits`), from each engine's documented defaults, and the
   row's `num_scheduler_steps` (decode steps per scheduler call) where its server set one.
@@ -53,7 +55,7 @@ from simulator.units import release
 from simulator.workload import WorkloadSpec, make_stream
 
 DEFAULT_MAX_REQUESTS = 200  # per open- or closed-loop row: enough for steady-state medians, fast on 2 cores
-MAX_AT_ONCE = 1000  # requests of an all-at-once row: its TTFT grows with the queue, so up to here every prompt
+MAX_AT_ONCE = 5000  # requests of an all-at-once row: its TTFT grows with the queue and its tail with the burst, so up to here every prompt
 CLOSED_LOOP_REQUESTS_PER_USER = 10
 LIGHT_LOAD_REQUESTS = 20  # requests one user sends one after another in the light-load probe (`light_load_gap_pct`)
 SEED = 0
@@ -89,6 +91,25 @@ class Setup:
     lengths: str  # where the lengths came from
 
 
+def sharegpt_output_median_ratio(rows: list[e2e.ServingResult]) -> float | None:
+    """ShareGPT's median output over its mean output, as the rows show it (None: they do not): the
+    median output of each open-loop ShareGPT row that prints its median end-to-end latency, TTFT and
+    TPOT, (e2el - TTFT) / TPOT + 1 (a request's latency is its first token and one TPOT per token
+    after it), over the rows' mean output (`sharegpt_means`); the median of those rows.
+    `workload.SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN` is its value on the shipped file."""
+    means = sharegpt_means(rows)
+    medians = []
+    for r in rows:
+        m = r.metrics
+        ttft = m.get("ttft_median_ms", m.get("ttft_mean_ms"))
+        tpot = m.get("tpot_median_ms", m.get("tpot_mean_ms"))
+        if r.dataset == "sharegpt" and math.isfinite(r.request_rate_per_s) and r.max_concurrency is None and "e2el_median_ms" in m and ttft and tpot:
+            medians.append((m["e2el_median_ms"] - ttft) / tpot + 1.0)
+    if means is None or not medians:
+        return None
+    return float(np.median(medians)) / means[1]
+
+
 def sharegpt_means(rows: list[e2e.ServingResult]) -> tuple[float, float] | None:
     """(prompt, output) tokens per ShareGPT request, pooled over the rows that printed their totals (None: none did)."""
     printed = [r for r in rows if r.dataset == "sharegpt" and r.total_input_tokens and r.total_output_tokens and r.num_prompts]
@@ -114,13 +135,13 @@ def row_setup(r: e2e.ServingResult, means: tuple[float, float] | None, max_reque
         prompt, output, lengths, how = r.input_len, r.output_len, "fixed", "fixed (random dataset)"
     elif r.total_input_tokens and r.total_output_tokens and r.num_prompts:
         prompt, output = r.total_input_tokens / r.num_prompts, r.total_output_tokens / r.num_prompts
-        lengths, how = "uniform", "uniform, the row's own ShareGPT means"
+        lengths, how = "sharegpt", "ShareGPT's law, the row's own means"
     else:
         if means is None:
             raise UserError(f"{where}: a ShareGPT row without total_input_tokens and total_output_tokens needs another ShareGPT row "
                             "in the file that prints them (the mean lengths are taken from it)")
         prompt, output = means
-        lengths, how = "uniform", "uniform, pooled ShareGPT means"
+        lengths, how = "sharegpt", "ShareGPT's law, pooled ShareGPT means"
     at_once = math.isinf(r.request_rate_per_s) and r.max_concurrency is None
     if r.num_prompts is None:
         requests = CLOSED_LOOP_REQUESTS_PER_USER * r.max_concurrency

@@ -345,7 +345,7 @@ class Timeline:
     """Engine state over time in at most N_BUCKETS equal buckets: time-weighted sums of busy time,
     running sequences and KV blocks, output tokens, and the peak of KV blocks, per bucket. When time
     outgrows the buckets, neighbours merge and the width doubles, so memory stays fixed. A step is
-    booked to the bucket where it starts."""
+    booked to the bucket where it starts (a bucket's busy time can then exceed its width)."""
 
     N_BUCKETS = 128
     BUFFER = 4096  # steps held before they are booked in bulk
@@ -465,7 +465,8 @@ class Timeline:
             "bucket_s": w,
             "start_s": (np.arange(used) * w).tolist(),
             "batch_mean": batch.tolist(),
-            "kv_used_fraction_mean": (self.kv_block_s[:used] / w / capacity_blocks).tolist(),
+            # over the step time booked to the bucket where a step that began in it outlasts it (a long prefill), else its width
+            "kv_used_fraction_mean": (self.kv_block_s[:used] / np.maximum(busy, w) / capacity_blocks).tolist(),
             "kv_used_fraction_peak": (self.kv_peak_blocks[:used] / capacity_blocks).tolist(),
             "output_tokens_per_s": (self.output_tokens[:used] / w).tolist(),
             "busy_fraction": np.minimum(busy / w, 1.0).tolist(),

@@ -407,7 +407,9 @@ def _add_options(p: argparse.ArgumentParser, requests_default: int | None) -> No
     p.add_argument("--trace", metavar="FILE", default=None, help="replay a CSV or JSONL trace of arrival_time_s, prompt_tokens, output_tokens")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per request (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=256, help="output tokens per request (default: %(default)s)")
-    p.add_argument("--lengths", choices=["fixed", "uniform"], default="fixed", help="prompt and output lengths: all equal, or uniform with those means (default: %(default)s)")
+    p.add_argument("--lengths", choices=["fixed", "uniform", "sharegpt"], default="fixed",
+                   help="prompt and output lengths: all equal; uniform with those means; or sharegpt: prompts uniform, outputs long-tailed as "
+                        "ShareGPT's replies in `vllm bench serve` (median 0.58 of the mean, within the benchmark's 2048-token cap) (default: %(default)s)")
     p.add_argument("--max-batch", type=int, default=None,
                    help=f"sequences running at once (default: the --engine's server default, {DEFAULT_MAX_BATCH} with --engine ideal)")
     p.add_argument("--max-batched-tokens", type=int, default=None,

@@ -11,10 +11,12 @@ from one numpy Generator, so a seed fixes the whole workload.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from statistics import NormalDist
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -31,6 +33,18 @@ CHUNK = 4096  # requests drawn per numpy call
 MAX_TIME_S = 2.0**22
 MAX_TOKENS = 2**53
 MAX_RATE_PER_S = 1e9  # arrivals a nanosecond apart
+# ShareGPT as `vllm bench serve` samples it (SGLang's bench_serving prunes alike): pairs of at least 4
+# prompt and 4 output tokens, prompts of at most 1024 and prompt + output of at most 2048 tokens
+# (vllm/benchmarks/datasets.py `is_valid_sequence`).
+SHAREGPT_MIN_TOKENS, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
+# The median output over the mean output of its pairs. The published light-load ShareGPT rows
+# (simulator/e2e/published_serving.csv rows 1-8, 4 and 8 requests/s) give the median
+# output as (median end-to-end latency - TTFT) / TPOT + 1 = 114-123 tokens, 119 in their median, where
+# the rows that print their totals average 204.5 output tokens per prompt: 0.58
+# (`simulator.e2e_validate.sharegpt_output_median_ratio` recomputes it from the file).
+SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN = 0.58
+SHAREGPT_OUTPUT_MIN_MEAN = 16  # a mean output below this leaves the law's median under the filter's 4 tokens
+SHAREGPT_CAP_OVER_MEAN = 6  # and one above 1/6 of the output cap leaves too little of its tail to keep that median
 
 
 class Request(NamedTuple):
@@ -44,8 +58,9 @@ class WorkloadSpec(BaseModel):
     """Where requests come from. `arrival`: 'poisson' (exponential gaps at `rate_per_s`),
     'gamma' (gamma-distributed gaps with mean 1 / rate_per_s and shape `burstiness`), or
     'trace' (rows of `trace_path`); a rate of inf sends every request at time 0. Random streams
-    draw prompt and output lengths as `lengths` says: 'fixed' (every request the same) or
-    'uniform' (integers on [1, 2 n - 1], mean n). `concurrency` N closes the loop: at most N
+    draw prompt and output lengths as `lengths` says: 'fixed' (every request the same),
+    'uniform' (integers on [1, 2 n - 1], mean n), or 'sharegpt' (prompts as 'uniform' draws them,
+    outputs as ShareGPT's replies run in a benchmark: see `sharegpt_outputs`). `concurrency` N closes the loop: at most N
     requests are in flight; a request due while N are is sent when one completes (the semaphore
     of `vllm bench serve --max-concurrency`, whose clock starts when the request is sent)."""
 
@@ -57,7 +72,7 @@ class WorkloadSpec(BaseModel):
     requests: int | None = 1000  # None: every row of the trace
     prompt_tokens: int = 512
     output_tokens: int = 256
-    lengths: Literal["fixed", "uniform"] = "fixed"
+    lengths: Literal["fixed", "uniform", "sharegpt"] = "fixed"
     trace_path: str | None = None
     concurrency: int | None = None  # closed loop: users; None: open loop
 
@@ -81,6 +96,12 @@ class WorkloadSpec(BaseModel):
             if self.requests / self.rate_per_s > MAX_TIME_S:
                 raise UserError(f"--rate: {self.requests} requests at {self.rate_per_s:g}/s arrive over {self.requests / self.rate_per_s:.3g} s, "
                                 f"past the {MAX_TIME_S:.0f} s a simulated clock keeps to the nanosecond; raise --rate or lower --requests")
+            if self.lengths == "sharegpt":
+                cap = sharegpt_output_cap(min(self.prompt_tokens, SHAREGPT_MAX_PROMPT))
+                if not (self.prompt_tokens <= SHAREGPT_MAX_PROMPT // 2 and SHAREGPT_OUTPUT_MIN_MEAN <= self.output_tokens <= cap // SHAREGPT_CAP_OVER_MEAN):
+                    raise UserError(f"--lengths sharegpt draws pairs inside the benchmark's filter (prompts of at most {SHAREGPT_MAX_PROMPT}, prompt + output "
+                                    f"of at most {SHAREGPT_MAX_TOTAL} tokens): --prompt-len at most {SHAREGPT_MAX_PROMPT // 2} and --output-len from "
+                                    f"{SHAREGPT_OUTPUT_MIN_MEAN} to 1/{SHAREGPT_CAP_OVER_MEAN} of {SHAREGPT_MAX_TOTAL} - (2 x prompt - 1), got {self.prompt_tokens} and {self.output_tokens}")
         if self.requests is not None and self.requests < 1:
             raise UserError(f"--requests must be >= 1, got {self.requests}")
         if self.concurrency is not None and self.concurrency < 1:
@@ -92,6 +113,70 @@ def _lengths(rng: np.random.Generator, mean_tokens: int, kind: str, n: int) -> n
     if kind == "fixed" or mean_tokens == 1:
         return np.full(n, mean_tokens, dtype=np.int64)
     return rng.integers(1, 2 * mean_tokens, size=n, endpoint=False)  # uniform on [1, 2 mean - 1]
+
+
+def sharegpt_output_cap(prompt_tokens: int) -> int:
+    """The longest output a 'sharegpt' stream draws beside prompts of mean `prompt_tokens`: the
+    benchmark's prompt + output cap less the longest prompt 'uniform' draws (one cap for every
+    request, so the law's mean is exact; the benchmark's own cap is at most 2 mean prompt tokens longer)."""
+    return SHAREGPT_MAX_TOTAL - (2 * prompt_tokens - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def truncated_lognormal(mean: float, median: float, low: float, high: float) -> tuple[float, float]:
+    """(mu, sigma) of the log-normal law whose part on [low, high] has this mean and median.
+
+    On [low, high] a log-normal (mu, sigma) with a = (ln low - mu) / sigma, b = (ln high - mu) / sigma
+    has the mean e^(mu + sigma^2 / 2) (Phi(b - sigma) - Phi(a - sigma)) / (Phi(b) - Phi(a)) and the
+    median e^(mu + sigma Phi^-1((Phi(a) + Phi(b)) / 2)). For each sigma the mean fixes mu (it grows
+    with mu), and the median over the mean falls as sigma grows: two bisections."""
+    if not low < median < mean < high:
+        raise UserError(f"a log-normal law on [{low:g}, {high:g}] cannot have median {median:g} below a mean of {mean:g}")
+    phi = NormalDist()
+    lo_log, hi_log = math.log(low), math.log(high)
+
+    def solve_mu(sigma: float) -> float:
+        def trunc_mean(mu: float) -> float:
+            a, b = (lo_log - mu) / sigma, (hi_log - mu) / sigma
+            mass = phi.cdf(b) - phi.cdf(a)
+            if mass <= 0.0:
+                return high if a > 0 else low
+            return math.exp(mu + sigma * sigma / 2) * (phi.cdf(b - sigma) - phi.cdf(a - sigma)) / mass
+
+        lo, hi = lo_log - 8.0 * sigma, hi_log + 8.0 * sigma
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if trunc_mean(mid) < mean else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    def trunc_median(mu: float, sigma: float) -> float:
+        a, b = (lo_log - mu) / sigma, (hi_log - mu) / sigma
+        p = 0.5 * (phi.cdf(a) + phi.cdf(b))
+        return math.exp(mu + sigma * phi.inv_cdf(min(max(p, 1e-300), 1.0 - 1e-16)))
+
+    s_lo, s_hi = 1e-3, 5.0
+    for _ in range(60):
+        s_mid = 0.5 * (s_lo + s_hi)
+        s_lo, s_hi = (s_mid, s_hi) if trunc_median(solve_mu(s_mid), s_mid) > median else (s_lo, s_mid)
+    sigma = 0.5 * (s_lo + s_hi)
+    return solve_mu(sigma), sigma
+
+
+def sharegpt_outputs(rng: np.random.Generator, mean_tokens: int, prompt_tokens: int, n: int) -> np.ndarray:
+    """Output lengths of ShareGPT pairs as a benchmark keeps them: a log-normal law whose part
+    inside the benchmark's filter (SHAREGPT_MIN_TOKENS up to `sharegpt_output_cap`) has the mean
+    `mean_tokens` and the median SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN of it; a draw outside is drawn
+    again, as the benchmark passes over a pair it prunes. A long tail: the median reply is 0.58 of
+    the mean and one in fifty is more than five times as long, which sets how long the last
+    requests of a burst decode on their own."""
+    low, high = SHAREGPT_MIN_TOKENS - 0.5, sharegpt_output_cap(prompt_tokens) + 0.5  # a draw rounds to the nearest whole token
+    mu, sigma = truncated_lognormal(float(mean_tokens), SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN * mean_tokens, low, high)
+    out = np.exp(rng.normal(mu, sigma, size=n))
+    bad = (out < low) | (out > high)
+    while bad.any():
+        out[bad] = np.exp(rng.normal(mu, sigma, size=int(bad.sum())))
+        bad = (out < low) | (out > high)
+    return np.rint(out).astype(np.int64)
 
 
 def random_stream(spec: WorkloadSpec, rng: np.random.Generator) -> Iterator[Request]:
@@ -111,8 +196,11 @@ def random_stream(spec: WorkloadSpec, rng: np.random.Generator) -> Iterator[Requ
         else:
             gaps_s = rng.gamma(spec.burstiness, 1.0 / (spec.rate_per_s * spec.burstiness), size=n)
         arrivals_s = t_s + np.cumsum(gaps_s)
-        prompts = _lengths(rng, spec.prompt_tokens, spec.lengths, n)
-        outputs = _lengths(rng, spec.output_tokens, spec.lengths, n)
+        prompts = _lengths(rng, spec.prompt_tokens, "uniform" if spec.lengths == "sharegpt" else spec.lengths, n)
+        if spec.lengths == "sharegpt":
+            outputs = sharegpt_outputs(rng, spec.output_tokens, spec.prompt_tokens, n)
+        else:
+            outputs = _lengths(rng, spec.output_tokens, spec.lengths, n)
         for a, p, o in zip(arrivals_s.tolist(), prompts.tolist(), outputs.tolist(), strict=True):
             yield Request(rid, a, p, o)
             rid += 1

@@ -19,7 +19,7 @@ from simulator.errors import UserError
 from simulator.hardware import load_profile
 from simulator.models import BUILTIN_MODELS
 from simulator.serving import AcceptanceModel, ServingConfig, simulate_serving
-from simulator.workload import Request
+from simulator.workload import SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN, Request
 from tests.test_e2e_data import GOOD, write
 
 L4 = load_profile("L4")
@@ -292,3 +292,19 @@ def test_the_light_load_probe_serves_one_user_and_sees_only_per_step_time():
     kernels_tpot = report["latency_s"]["tpot"]["p50"]
     assert setup.serving.scheduler_steps == 10
     assert ev.light_load_gap_pct(row, setup, step) == pytest.approx(100 * 1e-3 / kernels_tpot, rel=0.05)
+
+
+def test_sharegpt_rows_draw_sharegpts_law_and_a_burst_runs_whole():
+    """A ShareGPT row's requests take ShareGPT's long-tailed outputs: the median over the mean that
+    the light-load rows show (recomputed from the shipped file, within rounding of the constant
+    `workload` keeps), and an all-at-once row runs every prompt it sent, since its throughput ends
+    with the longest replies decoding on their own. A random-dataset row keeps its fixed lengths."""
+    rows = e2e.load()
+    assert ev.sharegpt_output_median_ratio(rows) == pytest.approx(SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN, abs=0.005)
+    means = ev.sharegpt_means(rows)
+    by_row = {r.row: r for r in rows}
+    for row, requests in ((19, 1000), (9, 5000), (1, ev.DEFAULT_MAX_REQUESTS)):
+        setup = ev.row_setup(by_row[row], means)
+        assert setup.workload.lengths == "sharegpt" and setup.workload.requests == requests
+    assert ev.row_setup(by_row[23], means).workload.lengths == "fixed"
+    assert ev.sharegpt_output_median_ratio([r for r in rows if r.dataset != "sharegpt"]) is None

@@ -192,6 +192,19 @@ def test_timeline_merges_and_keeps_totals():
     assert tl.width_s * Timeline.N_BUCKETS > 99.99
 
 
+def test_a_step_longer_than_its_bucket_never_shows_more_kv_in_use_than_its_peak():
+    """A step is booked to the bucket where it starts; one that outlasts the bucket (a long prefill)
+    books more step time there than the bucket is wide. The bucket's mean KV use is taken over the
+    time booked to it, not its width, so it stays within the peak: 10 blocks held for 3 ms from
+    0.5 ms into 1 ms buckets read 10 blocks on average, not 30."""
+    tl = Timeline(width_s=1e-3)
+    tl.add_one(0.5e-3, 3e-3, 2, 10, 1)
+    summary = tl.summary(capacity_blocks=100, end_s=3.5e-3)
+    assert summary["kv_used_fraction_mean"][0] == pytest.approx(0.1)
+    assert summary["kv_used_fraction_peak"][0] == pytest.approx(0.1)
+    assert max(summary["kv_used_fraction_mean"]) <= max(summary["kv_used_fraction_peak"])
+
+
 # --- KV capacity -----------------------------------------------------------------------------
 
 

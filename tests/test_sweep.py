@@ -51,7 +51,7 @@ def test_points_combine_with_the_grid():
         ({"grid": {"gpu": []}}, "grid.gpu is empty"),
         ({"grid": {"gamma": [2, "four"]}}, "grid.gamma[1]: expected a whole number"),
         ({"grid": {"chunked_prefill": ["yes"]}}, "grid.chunked_prefill[0]: expected true or false"),
-        ({"grid": {"lengths": ["zipf"]}}, "grid.lengths[0]: must be one of fixed, uniform"),
+        ({"grid": {"lengths": ["zipf"]}}, "grid.lengths[0]: must be one of fixed, uniform, sharegpt"),
         ({"points": [{"max_batch": 8}, {"maxbatch": 8}]}, "points[1]: unknown key 'maxbatch'"),
         ({"points": []}, "points must be a non-empty list"),
     ],

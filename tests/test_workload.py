@@ -4,13 +4,23 @@ seed fixes the stream, and trace files are read strictly (every malformed row na
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import simpy
 
 from simulator.errors import UserError
-from simulator.workload import WorkloadSpec, load_trace, make_stream, random_stream, request_source
+from simulator.workload import (
+    SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN,
+    WorkloadSpec,
+    load_trace,
+    make_stream,
+    random_stream,
+    request_source,
+    sharegpt_output_cap,
+    truncated_lognormal,
+)
 
 
 def gaps(spec: WorkloadSpec, seed: int = 0) -> np.ndarray:
@@ -46,8 +56,42 @@ def test_lengths_fixed_and_uniform():
     assert outputs.min() >= 1 and outputs.max() <= 39 and outputs.mean() == pytest.approx(20, rel=0.02)
 
 
-def test_same_seed_same_stream_and_ids_count_up():
-    spec = WorkloadSpec(requests=5000, lengths="uniform")
+def test_sharegpt_outputs_keep_the_mean_the_median_and_the_benchmarks_filter():
+    """40 000 requests of ShareGPT's means in the published rows (prompt 220, output 204 tokens). The
+    outputs' coefficient of variation is about 1.2, so the mean's standard error is 0.6% and 2% is over
+    3 SE; the median's is under 1%, so 3% is over 3 SE as well. Mutants caught: uniform outputs
+    (median = mean, 72% off), exponential ones (median 0.69 of the mean, 19% off), a tail left
+    uncut (outputs past 2048 - longest prompt). Prompts are drawn as 'uniform' draws them: the same
+    numbers from the same seed."""
+    spec = WorkloadSpec(requests=40_000, prompt_tokens=220, output_tokens=204, lengths="sharegpt").check()
+    reqs = list(random_stream(spec, np.random.default_rng(0)))
+    prompts = np.array([r.prompt_tokens for r in reqs])
+    outputs = np.array([r.output_tokens for r in reqs])
+    assert outputs.mean() == pytest.approx(204, rel=0.02)
+    assert np.median(outputs) == pytest.approx(SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN * 204, rel=0.03)
+    assert outputs.min() >= 4 and outputs.max() <= sharegpt_output_cap(220) == 2048 - 439
+    assert (prompts + outputs).max() <= 2048
+    assert 0.01 < (outputs > 5 * 204).mean() < 0.03  # the long tail that ends a burst
+    uniform = random_stream(spec.model_copy(update={"lengths": "uniform"}), np.random.default_rng(0))
+    assert [next(uniform).prompt_tokens for _ in range(100)] == prompts[:100].tolist()  # the first chunk's prompts come first
+
+
+def test_the_truncated_log_normal_has_the_mean_and_median_asked_for():
+    """Without a cut the law is the plain log-normal: median e^mu, mean e^(mu + sigma^2 / 2); with one,
+    the part inside keeps the mean and median asked for (a wide draw's moments, to 1%)."""
+    mu, sigma = truncated_lognormal(100.0, 58.0, 1e-6, 1e12)
+    assert math.exp(mu) == pytest.approx(58.0, rel=1e-6) and sigma == pytest.approx(math.sqrt(2 * math.log(100 / 58)), rel=1e-6)
+    mu, sigma = truncated_lognormal(204.0, 118.32, 3.5, 1609.5)
+    x = np.exp(np.random.default_rng(1).normal(mu, sigma, size=2_000_000))
+    x = x[(x >= 3.5) & (x <= 1609.5)]
+    assert x.mean() == pytest.approx(204.0, rel=0.01) and np.median(x) == pytest.approx(118.32, rel=0.01)
+    with pytest.raises(UserError, match="cannot have median"):
+        truncated_lognormal(100.0, 120.0, 1.0, 1000.0)
+
+
+@pytest.mark.parametrize("lengths", ["uniform", "sharegpt"])
+def test_same_seed_same_stream_and_ids_count_up(lengths):
+    spec = WorkloadSpec(requests=5000, prompt_tokens=256, output_tokens=128, lengths=lengths)
     a = list(make_stream(spec, np.random.default_rng(42)))
     b = list(make_stream(spec, np.random.default_rng(42)))
     c = list(make_stream(spec, np.random.default_rng(43)))
@@ -70,6 +114,9 @@ def test_rate_must_be_positive_and_at_most_a_nanosecond_apart(rate):  # inf: eve
         ({"prompt_tokens": 0}, "--prompt-len"),
         ({"output_tokens": 0}, "--output-len"),
         ({"arrival": "trace"}, "--trace FILE"),
+        ({"lengths": "sharegpt", "prompt_tokens": 513, "output_tokens": 100}, "--prompt-len at most 512"),
+        ({"lengths": "sharegpt", "prompt_tokens": 220, "output_tokens": 269}, "--output-len from 16 to 1/6"),
+        ({"lengths": "sharegpt", "prompt_tokens": 220, "output_tokens": 15}, "--output-len from 16"),
     ],
 )
 def test_other_bad_workloads(fields, message):
