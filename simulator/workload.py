@@ -43,7 +43,7 @@ SHAREGPT_MIN_TOKENS, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
 # the rows that print their totals average 204.5 output tokens per prompt: 0.58
 # (`simulator.e2e_validate.sharegpt_output_median_ratio` recomputes it from the file).
 SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN = 0.58
-SHAREGPT_OUTPUT_MIN_MEAN = 16  # a mean output below this leaves the law's median under the filter's 4 tokens
+SHAREGPT_OUTPUT_MIN_MEAN = 16  # a mean output below this puts the law's median within a few tokens of the filter's 4
 SHAREGPT_CAP_OVER_MEAN = 6  # and one above 1/6 of the output cap leaves too little of its tail to keep that median
 
 
@@ -131,7 +131,7 @@ def truncated_lognormal(mean: float, median: float, low: float, high: float) -> 
     median e^(mu + sigma Phi^-1((Phi(a) + Phi(b)) / 2)). For each sigma the mean fixes mu (it grows
     with mu), and the median over the mean falls as sigma grows: two bisections."""
     if not low < median < mean < high:
-        raise UserError(f"a log-normal law on [{low:g}, {high:g}] cannot have median {median:g} below a mean of {mean:g}")
+        raise UserError(f"no log-normal law on [{low:g}, {high:g}] has the mean {mean:g} and the median {median:g} (it needs low < median < mean < high)")
     phi = NormalDist()
     lo_log, hi_log = math.log(low), math.log(high)
 
@@ -167,8 +167,8 @@ def sharegpt_outputs(rng: np.random.Generator, mean_tokens: int, prompt_tokens: 
     inside the benchmark's filter (SHAREGPT_MIN_TOKENS up to `sharegpt_output_cap`) has the mean
     `mean_tokens` and the median SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN of it; a draw outside is drawn
     again, as the benchmark passes over a pair it prunes. A long tail: the median reply is 0.58 of
-    the mean and one in fifty is more than five times as long, which sets how long the last
-    requests of a burst decode on their own."""
+    the mean and, at ShareGPT's own means (220 prompt, 204 output tokens), one in fifty is more
+    than five times as long, which sets how long the last requests of a burst decode on their own."""
     low, high = SHAREGPT_MIN_TOKENS - 0.5, sharegpt_output_cap(prompt_tokens) + 0.5  # a draw rounds to the nearest whole token
     mu, sigma = truncated_lognormal(float(mean_tokens), SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN * mean_tokens, low, high)
     out = np.exp(rng.normal(mu, sigma, size=n))
