@@ -25,14 +25,17 @@ The fit (`fit_engines`): per engine, Levenberg-Marquardt on the log errors of ev
 engine's fit rows and a weak prior on each coefficient (`PRIOR_WEIGHT`), the simulation in the loop
 (forward differences), coefficients kept >= 0, each run to convergence (`FIT_TOLERANCE`), from several
 starts (`FIT_STARTS`, and from zero with an active set as well); the lowest objective is kept
-(`fit_engine`).
+(`fit_engine`). The runs are independent: `fit_engines` spreads every engine's over the machine's cores.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import multiprocessing
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,14 +225,30 @@ def fit_engine(name: str, rows: list[e2e.ServingResult], setups: list[Setup], pr
     clipped at 0), and from zero also with an active set (a coefficient at 0 whose gradient points below
     it is held there), each to convergence; the runs stop at different local optima of a problem whose
     TTFT terms trade against each other, and the one with the lowest objective is kept."""
-    base = EngineOverhead(name=name, graph_max_batch=GRAPH_MAX_BATCH[name])
-    starts = [(np.asarray(x0, dtype=float), False) for x0 in FIT_STARTS] + [(np.zeros(len(FIT_PARAMS)), True)]
-    runs = []
-    for i, (x0, active_set) in enumerate(starts):
-        say = (lambda msg, i=i: progress(f"{msg} (run {i + 1} of {len(starts)})")) if progress else None
-        runs.append(_levenberg_marquardt(name, rows, setups, base, active_set, say, x0))
+    return _lowest(name, [_start_run(name, rows, setups, i, progress) for i in range(len(_starts()))])
+
+
+def _starts() -> list[tuple[np.ndarray, bool]]:
+    """(x0 / PARAM_SCALE, active set) of each run of an engine's fit."""
+    return [(np.asarray(x0, dtype=float), False) for x0 in FIT_STARTS] + [(np.zeros(len(FIT_PARAMS)), True)]
+
+
+def _base(name: str) -> EngineOverhead:
+    return EngineOverhead(name=name, graph_max_batch=GRAPH_MAX_BATCH[name])
+
+
+def _start_run(name: str, rows, setups, i: int, progress) -> tuple[np.ndarray, float]:
+    """Run `i` of the engine's fit (`_starts`)."""
+    starts = _starts()
+    x0, active_set = starts[i]
+    say = (lambda msg: progress(f"{msg} (run {i + 1} of {len(starts)})")) if progress else None
+    return _levenberg_marquardt(name, rows, setups, _base(name), active_set, say, x0)
+
+
+def _lowest(name: str, runs: list[tuple[np.ndarray, float]]) -> EngineOverhead:
+    """The engine of the run with the lowest objective (the first of equals, in `_starts` order)."""
     x, _ = min(runs, key=lambda run: run[1])
-    return _with(base, x * PARAM_SCALE)
+    return _with(_base(name), x * PARAM_SCALE)
 
 
 def _levenberg_marquardt(name, rows, setups, base: EngineOverhead, active_set: bool, progress, x0=None) -> tuple[np.ndarray, float]:
@@ -282,18 +301,44 @@ def data_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def fit_engines(path: Path | None = None, max_requests: int = DEFAULT_MAX_REQUESTS, progress=None) -> dict:
-    """Fit each preset (`vllm`, `vllm-v0`, `sglang`) to its fit rows of the published set: the JSON `fit-engine` writes."""
+_FIT_JOBS: dict = {}  # engine -> (rows, setups, progress): what the worker processes of `fit_engines` read (set before they fork)
+
+
+def _fit_job(task: tuple[str, int]) -> tuple[np.ndarray, float]:
+    name, i = task
+    rows, setups, progress = _FIT_JOBS[name]
+    return _start_run(name, rows, setups, i, progress)
+
+
+def fit_engines(path: Path | None = None, max_requests: int = DEFAULT_MAX_REQUESTS, progress=None, workers: int | None = None) -> dict:
+    """Fit each preset (`vllm`, `vllm-v0`, `sglang`) to its fit rows of the published set: the JSON `fit-engine` writes.
+    Every engine's runs (`fit_engine`'s, one per start) are independent: they run on `workers` processes
+    (default: the machine's cores), the engines whose rows simulate the most requests first, and each
+    engine keeps its lowest run as `fit_engine` does, so the result is the same on any number."""
     path = Path(path) if path is not None else e2e.PUBLISHED_CSV
     rows = e2e.load(path)
     fit_rows, _ = e2e.split(rows)
     means = sharegpt_means(rows)
-    engines = {}
+    jobs = {}
     for name in GRAPH_MAX_BATCH:
         mine = [r for r in fit_rows if preset_name(r) == name]
         if not mine:
             raise UserError(f"{path}: no fit row of engine {name}")
-        fitted = fit_engine(name, mine, [row_setup(r, means, max_requests) for r in mine], progress)
+        jobs[name] = (mine, [row_setup(r, means, max_requests) for r in mine], progress)
+    heaviest = sorted(jobs, key=lambda name: -sum(s.workload.requests for s in jobs[name][1]))
+    tasks = [(name, i) for name in heaviest for i in range(len(_starts()))]
+    _FIT_JOBS.clear()
+    _FIT_JOBS.update(jobs)
+    n = workers or min(len(tasks), os.cpu_count() or 1)
+    if n <= 1:
+        runs = [_fit_job(t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork")) as pool:
+            runs = list(pool.map(_fit_job, tasks))
+    engines = {}
+    for name in GRAPH_MAX_BATCH:
+        mine = jobs[name][0]
+        fitted = _lowest(name, [run for (task_name, _), run in zip(tasks, runs, strict=True) if task_name == name])
         engines[name] = fitted.model_copy(update={"source": f"fitted by `python -m simulator fit-engine` to rows {', '.join(str(r.row) for r in mine)}"
                                                             f" of {path.name}"}).model_dump()  # fmt: skip
     return {"data": path.name, "data_sha256": data_sha256(path), "fit_rows": [r.row for r in fit_rows], "max_requests": max_requests,

@@ -161,6 +161,30 @@ def test_the_fit_keeps_the_lowest_optimum_of_its_starts_and_pays_the_prior(monke
     assert res.tolist() == pytest.approx([0.1, -0.2, *(ev.PRIOR_WEIGHT * x)])
 
 
+def test_fit_engines_spreads_the_runs_over_processes_and_keeps_what_one_process_keeps(monkeypatch):
+    """`fit_engines` runs every engine's starts as independent tasks on worker processes: with two
+    workers it writes what it writes with one, which is each engine's `fit_engine` (the lowest of its
+    runs, the first of equals). The runs here are a stand-in whose objective depends on the engine and
+    the start (the real ones simulate the rows for minutes); a pool that mixed engines up, lost a run
+    or kept a later equal would change the answer."""
+
+    def fake_run(name, rows, setups, base, active_set, progress, x0=None):
+        i = next(j for j, (x, a) in enumerate(ev._starts()) if a == active_set and np.array_equal(x, x0))
+        best = {"vllm": 2, "vllm-v0": 4, "sglang": 0}[name]
+        return np.full(len(ev.FIT_PARAMS), 10.0 * len(name) + i), 0.1 if i in (best, best + 1) else 1.0 + i  # a tie after the best
+
+    monkeypatch.setattr(ev, "_levenberg_marquardt", fake_run)
+    one = ev.fit_engines(workers=1)
+    two = ev.fit_engines(workers=2)
+    assert one == two
+    rows = e2e.load()
+    fit_rows, _ = e2e.split(rows)
+    for name, values in one["engines"].items():
+        mine = [r for r in fit_rows if ev.preset_name(r) == name]
+        alone = ev.fit_engine(name, mine, [ev.row_setup(r, ev.sharegpt_means(rows)) for r in mine])
+        assert values["request_s"] == alone.request_s == pytest.approx((10.0 * len(name) + {"vllm": 2, "vllm-v0": 4, "sglang": 0}[name]) * ev.PARAM_SCALE[ev.FIT_PARAMS.index("request_s")])
+
+
 # --- the CLI --------------------------------------------------------------------------------------
 
 
