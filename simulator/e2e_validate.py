@@ -96,18 +96,18 @@ class Setup:
 
 def sharegpt_output_median_ratio(rows: list[e2e.ServingResult]) -> float | None:
     """ShareGPT's median output over its mean output, as the rows show it (None: they do not): the
-    median output of each open-loop ShareGPT row that prints its median end-to-end latency, TTFT and
-    TPOT, (e2el - TTFT) / TPOT + 1 (a request's latency is its first token and one TPOT per token
-    after it), over the rows' mean output (`sharegpt_means`); the median of those rows.
-    `workload.SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN` is its value on the shipped file."""
+    median output of each open-loop ShareGPT row that prints its median end-to-end latency and its
+    scored TTFT and TPOT (`measured`), (e2el - TTFT) / TPOT + 1 (a request's latency is its first
+    token and one TPOT per token after it), over the rows' mean output (`sharegpt_means`); the median
+    of those rows. `workload.SHAREGPT_OUTPUT_MEDIAN_OVER_MEAN` is its value on the shipped file."""
     means = sharegpt_means(rows)
     medians = []
     for r in rows:
-        m = r.metrics
-        ttft = m.get("ttft_median_ms", m.get("ttft_mean_ms"))
-        tpot = m.get("tpot_median_ms", m.get("tpot_mean_ms"))
-        if r.dataset == "sharegpt" and math.isfinite(r.request_rate_per_s) and r.max_concurrency is None and "e2el_median_ms" in m and ttft and tpot:
-            medians.append((m["e2el_median_ms"] - ttft) / tpot + 1.0)
+        if r.dataset != "sharegpt" or not math.isfinite(r.request_rate_per_s) or r.max_concurrency is not None or "e2el_median_ms" not in r.metrics:
+            continue
+        m = measured(r)
+        if m["ttft"] and m["tpot"]:
+            medians.append((r.metrics["e2el_median_ms"] / 1e3 - m["ttft"]) / m["tpot"] + 1.0)
     if means is None or not medians:
         return None
     return float(np.median(medians)) / means[1]

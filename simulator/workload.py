@@ -139,8 +139,8 @@ def truncated_lognormal(mean: float, median: float, low: float, high: float) -> 
         def trunc_mean(mu: float) -> float:
             a, b = (lo_log - mu) / sigma, (hi_log - mu) / sigma
             mass = phi.cdf(b) - phi.cdf(a)
-            if mass <= 0.0:
-                return high if a > 0 else low
+            if mass <= 0.0:  # the whole law below low (a > 0) or above high
+                return low if a > 0 else high
             return math.exp(mu + sigma * sigma / 2) * (phi.cdf(b - sigma) - phi.cdf(a - sigma)) / mass
 
         lo, hi = lo_log - 8.0 * sigma, hi_log + 8.0 * sigma
