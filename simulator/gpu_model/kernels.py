@@ -18,7 +18,7 @@ else the best of B_M >= 64 on TMA-fed GPUs; on Hopper on (CUTLASS 3.x, TMA-fed) 
 run at a rate of their own (`load_bpf_c3x`), on Ampere and Ada (CUTLASS 2.x) at the bf16 fit's.
 Otherwise the library is taken to pick the best config: the time is a soft minimum over configs (a
 log-sum-exp in log time, sharp enough to be the minimum within a percent, smooth for the fit). DRAM bytes are the compulsory A, W, C minus what stays L2-resident between
-calls (`resident`).
+calls (`resident`); the resident bytes stream at the L2's rate, never slower than DRAM's (`l2_rate`).
 
 Attention (FlashAttention-2 as vLLM builds it, FlashInfer): a call runs Q rows against a paged K/V
 cache. The library decides the programs: query rows per program (B_r), K/V rows per iteration (B_c),
@@ -201,7 +201,7 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
     l2_bytes = A * hit_a + W * hit_w
     stream = (A * (1 - hit_a) + W * (1 - hit_w) + l2_bytes / P["l2_speedup"]) / (active * P["bw_sm"] * 1e9)
-    memory = overlapped(np.maximum(dram_bytes / bw, stream), l2_bytes / (dev.l2_bytes_per_s * P["f_l2"]))
+    memory = overlapped(np.maximum(dram_bytes / bw, stream), l2_bytes / l2_rate(dev, P["f_l2"], bw))
     t = overlapped(waves * tile, memory)
     # split-K: fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
     t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
