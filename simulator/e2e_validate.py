@@ -24,13 +24,17 @@ which equals TPOT when every streamed chunk holds one token), output tokens/s. A
 The fit (`fit_engines`): per engine, Levenberg-Marquardt on the log errors of every scored metric of the
 engine's fit rows and a weak prior on each coefficient (`PRIOR_WEIGHT`), the simulation in the loop
 (forward differences), coefficients kept >= 0, each run to convergence (`FIT_TOLERANCE`), from several
-starts (`FIT_STARTS`, and from zero with an active set as well); the lowest objective is kept
-(`fit_engine`). The runs are independent: `fit_engines` spreads every engine's over the machine's cores.
+starts (`FIT_STARTS`, from zero with an active set as well, and from the shipped preset where
+`engine_fitted.json` has one); the lowest objective is kept (`fit_engine`). The objective is a simulation
+with TTFT terms that trade against each other, so runs stop at different local optima; starting one
+from the shipped coefficients means a refit after a change elsewhere (the kernel model) ends no higher
+than where they already sit. The runs are independent: `fit_engines` spreads every engine's over the machine's cores.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -225,12 +229,19 @@ def fit_engine(name: str, rows: list[e2e.ServingResult], setups: list[Setup], pr
     clipped at 0), and from zero also with an active set (a coefficient at 0 whose gradient points below
     it is held there), each to convergence; the runs stop at different local optima of a problem whose
     TTFT terms trade against each other, and the one with the lowest objective is kept."""
-    return _lowest(name, [_start_run(name, rows, setups, i, progress) for i in range(len(_starts()))])
+    return _lowest(name, [_start_run(name, rows, setups, i, progress) for i in range(len(_starts(name)))])
 
 
-def _starts() -> list[tuple[np.ndarray, bool]]:
-    """(x0 / PARAM_SCALE, active set) of each run of an engine's fit."""
-    return [(np.asarray(x0, dtype=float), False) for x0 in FIT_STARTS] + [(np.zeros(len(FIT_PARAMS)), True)]
+def _starts(name: str, fitted_path: Path = FITTED_PATH) -> list[tuple[np.ndarray, bool]]:
+    """(x0 / PARAM_SCALE, active set) of each run of an engine's fit: FIT_STARTS, zero with an active
+    set, then the engine's shipped coefficients where `fitted_path` has them."""
+    starts = [(np.asarray(x0, dtype=float), False) for x0 in FIT_STARTS] + [(np.zeros(len(FIT_PARAMS)), True)]
+    try:
+        shipped = json.loads(fitted_path.read_text())["engines"][name]
+        starts.append((np.asarray([float(shipped[p]) for p in FIT_PARAMS]) / PARAM_SCALE, False))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no shipped preset (a first fit, or a file of another layout): the fixed starts alone
+    return starts
 
 
 def _base(name: str) -> EngineOverhead:
@@ -239,7 +250,7 @@ def _base(name: str) -> EngineOverhead:
 
 def _start_run(name: str, rows, setups, i: int, progress) -> tuple[np.ndarray, float]:
     """Run `i` of the engine's fit (`_starts`)."""
-    starts = _starts()
+    starts = _starts(name)
     x0, active_set = starts[i]
     say = (lambda msg: progress(f"{msg} (run {i + 1} of {len(starts)})")) if progress else None
     return _levenberg_marquardt(name, rows, setups, _base(name), active_set, say, x0)
@@ -326,7 +337,7 @@ def fit_engines(path: Path | None = None, max_requests: int = DEFAULT_MAX_REQUES
             raise UserError(f"{path}: no fit row of engine {name}")
         jobs[name] = (mine, [row_setup(r, means, max_requests) for r in mine], progress)
     heaviest = sorted(jobs, key=lambda name: -sum(s.workload.requests for s in jobs[name][1]))
-    tasks = [(name, i) for name in heaviest for i in range(len(_starts()))]
+    tasks = [(name, i) for name in heaviest for i in range(len(_starts(name)))]
     _FIT_JOBS.clear()
     _FIT_JOBS.update(jobs)
     n = workers or min(len(tasks), os.cpu_count() or 1)

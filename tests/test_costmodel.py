@@ -994,6 +994,28 @@ def test_trtllm_context_kernels_tile_each_query_head_by_128_tokens():
     assert list(l40s["programs"]) == [4 * 8 * 1, 4 * 8 * 32] and list(l40s["br"]) == [64.0, 128.0]
 
 
+def test_a_trtllm_context_program_feeds_two_query_tiles_from_each_kv_tile_it_loads(monkeypatch):
+    """TensorRT-LLM's context kernels step 256 query rows (two 128-row tiles) per 128-row K/V tile
+    (stepQ 256 in their kernel table), so where a program's K/V stream decides, a GB200 prefill takes
+    half the time it would with one tile per K/V load; its decode and FlashInfer's own kernels (L40S)
+    keep one."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    def time(gpu, n_q):
+        dev = Dev.of([load_profile(gpu)])
+        P = Fitted.start("flashinfer").values(dev.generation)
+        P["f_cta"], P["t_prog_us"], P["c_kernel"], P["bw_cta"] = np.array([1.0]), np.array([1e-3]), np.array([100.0]), np.array([2.0])
+        return kernels.attention_time(P, dev, "flashinfer", 4, 32, 32, 128, n_q, 8192, cache_write=False)[0]
+
+    two = {(gpu, n_q): time(gpu, n_q) for gpu in ("gb200", "l40s") for n_q in (8192, 1)}
+    monkeypatch.setattr(kernels, "TRTLLM_CONTEXT_TILES_PER_STEP", 1.0)
+    one = {(gpu, n_q): time(gpu, n_q) for gpu in ("gb200", "l40s") for n_q in (8192, 1)}
+    assert one["gb200", 8192] / two["gb200", 8192] == pytest.approx(2.0, rel=0.02)
+    assert one["gb200", 1] == two["gb200", 1] and one["l40s", 8192] == two["l40s", 8192]
+
+
 def test_a_streaming_bound_fa3_prefill_runs_at_twice_the_programs_stream():
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev

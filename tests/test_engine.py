@@ -140,9 +140,9 @@ def test_fit_recovers_a_known_engine(tmp_path):
 
 
 def test_the_fit_keeps_the_lowest_optimum_of_its_starts_and_pays_the_prior(monkeypatch):
-    """The engine fit runs from every start in FIT_STARTS (and from zero with an active set) and keeps
-    the run with the lowest objective, wherever it sits in the list; its residuals end with the prior,
-    PRIOR_WEIGHT x each coefficient over its scale."""
+    """The engine fit runs from every start in FIT_STARTS, from zero with an active set and from the
+    shipped preset, and keeps the run with the lowest objective, wherever it sits in the list; its
+    residuals end with the prior, PRIOR_WEIGHT x each coefficient over its scale."""
     objectives = {3: 0.5, 1: 0.2, 4: 0.9}  # run index -> objective; the others 1.0
     calls = []
 
@@ -153,12 +153,33 @@ def test_the_fit_keeps_the_lowest_optimum_of_its_starts_and_pays_the_prior(monke
 
     monkeypatch.setattr(ev, "_levenberg_marquardt", fake_run)
     fitted = ev.fit_engine("vllm", [], [])
-    assert len(calls) == len(ev.FIT_STARTS) + 1 and calls[-1] == (tuple(np.zeros(len(ev.FIT_PARAMS))), True)
+    shipped = engine_overhead("vllm")
+    assert len(calls) == len(ev.FIT_STARTS) + 2 and calls[-2] == (tuple(np.zeros(len(ev.FIT_PARAMS))), True)
+    assert calls[-1] == (tuple(np.array([getattr(shipped, p) for p in ev.FIT_PARAMS]) / ev.PARAM_SCALE), False)
     assert fitted.request_s == pytest.approx(1.0 * ev.PARAM_SCALE[ev.FIT_PARAMS.index("request_s")])  # run 1's x
     monkeypatch.setattr(ev, "_log_errors", lambda rows, setups, eng: np.array([0.1, -0.2]))
     x = np.arange(len(ev.FIT_PARAMS), dtype=float)
     res = ev._fit_residuals([], [], EngineOverhead(name="vllm"), x)
     assert res.tolist() == pytest.approx([0.1, -0.2, *(ev.PRIOR_WEIGHT * x)])
+
+
+def test_a_refit_starts_one_run_from_the_shipped_preset_where_there_is_one(tmp_path):
+    """The last start is the engine's shipped coefficients (over PARAM_SCALE), so a refit after a change
+    elsewhere ends no higher than they sit; without a file, or without that engine in it, the fixed
+    starts alone run."""
+    fixed = len(ev.FIT_STARTS) + 1
+    shipped = {name: {p: 0.0 for p in ev.FIT_PARAMS} for name in ("vllm", "sglang")}
+    shipped["vllm"].update(step_s_per_token=3e-5, request_latency_s=0.011)
+    path = tmp_path / "engine_fitted.json"
+    path.write_text(json.dumps({"engines": shipped}))
+    starts = ev._starts("vllm", path)
+    assert len(starts) == fixed + 1 and not starts[-1][1]
+    x = dict(zip(ev.FIT_PARAMS, starts[-1][0] * ev.PARAM_SCALE, strict=True))
+    assert x["step_s_per_token"] == pytest.approx(3e-5) and x["request_latency_s"] == pytest.approx(0.011) and x["step_s"] == 0.0
+    assert len(ev._starts("vllm-v0", path)) == fixed
+    assert len(ev._starts("vllm", tmp_path / "absent.json")) == fixed
+    path.write_text("not json")
+    assert len(ev._starts("vllm", path)) == fixed
 
 
 def test_fit_engines_spreads_the_runs_over_processes_and_keeps_what_one_process_keeps(monkeypatch):
@@ -169,7 +190,7 @@ def test_fit_engines_spreads_the_runs_over_processes_and_keeps_what_one_process_
     or kept a later equal would change the answer."""
 
     def fake_run(name, rows, setups, base, active_set, progress, x0=None):
-        i = next(j for j, (x, a) in enumerate(ev._starts()) if a == active_set and np.array_equal(x, x0))
+        i = next(j for j, (x, a) in enumerate(ev._starts(name)) if a == active_set and np.array_equal(x, x0))
         best = {"vllm": 2, "vllm-v0": 4, "sglang": 0}[name]
         return np.full(len(ev.FIT_PARAMS), 10.0 * len(name) + i), 0.1 if i in (best, best + 1) else 1.0 + i  # a tie after the best
 

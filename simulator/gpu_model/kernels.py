@@ -356,6 +356,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
 
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
 FLASHINFER_PAGE = 64  # tokens per KV page in the measured tables (vLLM's block size there)
+TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM context program runs per K/V tile it loads (stepQ 256)
 FLASHINFER_MIN_CHUNK_PAGES = max(128 // FLASHINFER_PAGE, 1)  # the planner's smallest K/V chunk: 128 tokens
 
 
@@ -381,7 +382,11 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
       0.10.2 (vllm-project/vllm#23214). Where the TensorRT-LLM kernels run (`TRTLLM_GENERATIONS`),
       decode splits only when b h_kv programs leave the GPU's resident slots (ctas_per_sm x S) idle.
       Their context (prefill) kernels take 128 tokens of one query head per program against 128
-      K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`).
+      K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`),
+      and step two such query tiles per K/V tile they load (stepQ 256 for tileQ 128 at head
+      dimension 128, bf16 and fp8 alike, in the kernel table TensorRT-LLM and FlashInfer ship,
+      `kernelMetaInfo.h`): one K/V stream feeds two tiles' MMAs, so each tile sees it at
+      `TRTLLM_CONTEXT_TILES_PER_STEP` times a program's rate (`stages`, as FA3's two K/V stages).
     K/V rows per iteration B_c = 64.
     Occupancy: FlashInfer's own kernels hold `ctas_per_sm` programs per 100 KiB of an SM's shared
     memory (`attention_time`; an SM of Hopper or datacenter Blackwell, 228 KiB, holds 2.3 times what
@@ -419,7 +424,8 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
         programs = np.where(context, b * h * ctx_q_blocks, programs)
         heads = np.where(context, h, hk)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
-                copies=np.zeros(b.shape), persistent=context, specialised=context | planner)  # fmt: skip
+                copies=np.zeros(b.shape), persistent=context, specialised=context | planner,
+                stages=np.where(context, TRTLLM_CONTEXT_TILES_PER_STEP, 1.0))  # fmt: skip
 
 
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
