@@ -226,8 +226,8 @@ def _log_errors(rows, setups, engine: EngineOverhead) -> np.ndarray:
 def fit_engine(name: str, rows: list[e2e.ServingResult], setups: list[Setup], progress: Callable[[str], None] | None = None) -> EngineOverhead:
     """Levenberg-Marquardt on the log errors of `rows` (the engine's fit rows) and the prior
     (`_fit_residuals`) over FIT_PARAMS, from each of FIT_STARTS with plainly projected steps (a step is
-    clipped at 0), and from zero also with an active set (a coefficient at 0 whose gradient points below
-    it is held there), each to convergence; the runs stop at different local optima of a problem whose
+    clipped at 0), from zero also with an active set (a coefficient at 0 whose gradient points below
+    it is held there), and from the shipped preset (`_starts`), each to convergence; the runs stop at different local optima of a problem whose
     TTFT terms trade against each other, and the one with the lowest objective is kept."""
     return _lowest(name, [_start_run(name, rows, setups, i, progress) for i in range(len(_starts(name)))])
 
