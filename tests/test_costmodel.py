@@ -943,17 +943,28 @@ def test_activation_quantization_costs_its_per_element_work_whatever_n():
 
 def test_flashinfer_decode_plans_like_prefill_except_where_trtllm_kernels_run():
     """vLLM decodes with FlashInfer's tensor-core path (its prefill planner: 2 S / h_kv slots) since
-    0.10.2; the TensorRT-LLM path splits by its own occupancy (`ctas_per_sm`)."""
+    0.10.2; the TensorRT-LLM path splits K/V as its launcher does: one CTA per SM over the batch's
+    head CTAs, at least one 256-row K/V step each, whatever FlashInfer's own occupancy
+    (`ctas_per_sm`)."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
 
     one = np.ones(1)
     for name, own in (("l40s", False), ("rtx-pro-6000", False), ("gb200", True)):
         dev = Dev.of([load_profile(name)])
-        splits = [kernels._flashinfer_geometry(dev, one, 32 * one, 8 * one, 128 * one, one, 32768 * one, c)["splits"][0] for c in (1.0, 4.0)]
-        assert (splits[0] != splits[1]) == own, name
+        S = dev.sm_count[0]
+
+        def splits(b, h, hk, n_kv, c=1.0, dev=dev):
+            return kernels._flashinfer_geometry(dev, b * one, h * one, hk * one, 128 * one, one, n_kv * one, c)["splits"][0]
+
+        assert splits(1, 32, 8, 32768, 1.0) == splits(1, 32, 8, 32768, 4.0), name
         if not own:  # the prefill planner's slots: 2 S / h_kv work items
-            assert splits[0] == pytest.approx(np.ceil(512 / kernels._chunk_pages(1.0, 512.0, 2 * dev.sm_count[0] / 8)))
+            assert splits(1, 32, 8, 32768) == pytest.approx(np.ceil(512 / kernels._chunk_pages(1.0, 512.0, 2 * S / 8)))
+            continue
+        assert splits(1, 32, 8, 32768) == np.floor(S / 8)  # 19 CTAs per sequence on GB200's 152 SMs
+        assert splits(1, 64, 1, 32768) == np.floor(S / 4)  # 64 query heads of one KV head: 4 CTAs of 16
+        assert splits(1, 32, 8, 300) == 2  # at least one 256-row step per CTA
+        assert splits(64, 32, 8, 32768) == 1  # 512 head CTAs already fill the SMs
 
 
 def test_flashinfer_holds_as_many_programs_per_sm_as_its_shared_memory_fits():

@@ -357,6 +357,8 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
 FLASHINFER_PAGE = 64  # tokens per KV page in the measured tables (vLLM's block size there)
 TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM context program runs per K/V tile it loads (stepQ 256)
+TRTLLM_DECODE_STEP_KV = 256.0  # K/V rows a TensorRT-LLM generation CTA takes per step (stepKv of the Q8/Q16 kernels in their table)
+TRTLLM_DECODE_HEADS_PER_CTA = 16.0  # the most query heads of one KV head a generation CTA holds (its largest tileQ, 16)
 FLASHINFER_MIN_CHUNK_PAGES = max(128 // FLASHINFER_PAGE, 1)  # the planner's smallest K/V chunk: 128 tokens
 
 
@@ -380,7 +382,11 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
       outputs are merged by one more kernel. Decode is the same call with one query per sequence:
       vLLM has decoded with FlashInfer's tensor-core path (its prefill kernels and planner) since
       0.10.2 (vllm-project/vllm#23214). Where the TensorRT-LLM kernels run (`TRTLLM_GENERATIONS`),
-      decode splits only when b h_kv programs leave the GPU's resident slots (ctas_per_sm x S) idle.
+      decode takes their launcher's K/V split (FlashInfer include/flashinfer/trtllm/fmha/
+      fmhaKernels.cuh, `computeCtaAndClusterConfig`): CTAs per sequence's K/V = min(ceil(n_kv /
+      stepKv), max(1, floor(S / (b x head CTAs)))), one CTA per SM and at least a K/V step each,
+      stepKv 256 for the generation kernels (their kernel table), a CTA holding up to 16 query
+      heads of one KV head (`TRTLLM_DECODE_HEADS_PER_CTA`).
       Their context (prefill) kernels take 128 tokens of one query head per program against 128
       K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`),
       and step two such query tiles per K/V tile they load (stepQ 256 for tileQ 128 at head
@@ -404,14 +410,16 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
     pages = np.ceil(n_kv / FLASHINFER_PAGE)
     decode = n_q == 1
     planner = decode & np.isin(dev.generation, TRTLLM_GENERATIONS)  # a decode planner of its own; elsewhere the prefill one
-    slots = np.where(planner, ctas_per_sm * dev.sm_count / hk, 2.0 * dev.sm_count / hk) / np.maximum(b, 1.0)
+    slots = 2.0 * dev.sm_count / hk / np.maximum(b, 1.0)
     chunk = _chunk_pages(q_blocks, pages, slots)
-    chunk = np.where(planner & (b * hk >= ctas_per_sm * dev.sm_count), pages, chunk)
-    splits = np.ceil(pages / chunk)
+    head_ctas = hk * np.ceil(group / TRTLLM_DECODE_HEADS_PER_CTA)
+    kv_ctas = np.minimum(np.ceil(n_kv / TRTLLM_DECODE_STEP_KV), np.maximum(1.0, np.floor(dev.sm_count / np.maximum(b * head_ctas, 1.0))))
+    splits = np.where(planner, kv_ctas, np.ceil(pages / chunk))
+    chunk_tokens = np.where(planner, np.ceil(n_kv / kv_ctas), chunk * FLASHINFER_PAGE)  # each CTA a contiguous share of the K/V
     # causal visits per packed block: packed rows r cover query positions r / group
     _, total, most = _causal_blocks(n_q, n_kv, br / group, bc)
     total = np.where(decode, q_blocks * np.ceil(n_kv / bc), total)
-    chunk_blocks = np.ceil(chunk * FLASHINFER_PAGE / bc)
+    chunk_blocks = np.ceil(chunk_tokens / bc)
     most = np.minimum(most, chunk_blocks)
     programs = b * hk * q_blocks * splits
     heads = hk

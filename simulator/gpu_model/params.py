@@ -90,7 +90,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
     ),
     "flashinfer": _family(
         Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a program reaches", True),
-        Param("ctas_per_sm", "programs", 2.0, 0.5, 8.0, "programs resident at once per 100 KiB of an SM's shared memory (the kernels' occupancy; the decode planner's slots)", True),
+        Param("ctas_per_sm", "programs", 2.0, 0.5, 8.0, "programs resident at once per 100 KiB of an SM's shared memory (the kernels' occupancy)", True),
         Param("bw_cta", "GB/s", 40.0, 2.0, 1000.0, "K/V bytes one program streams per second from DRAM"),
         Param("l2_speedup", "x", 1.5, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),
         Param("t_prog_us", "us", 2.0, 0.1, 20.0, "fixed time of one program"),
