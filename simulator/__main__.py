@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the vllm and sglang engine presets (host overheads) to the fit rows of the published serving results",
         description="Fit each engine's host-time coefficients (simulator.engine: per step, per sequence, per token, per eager layer, per "
         "request, per prompt token) by Levenberg-Marquardt on the log errors of TTFT, TPOT and output tokens/s of that engine's fit rows "
-        "(simulator.e2e.split), simulating each row, and write them with the data's SHA-256 to simulator/engine_fitted.json (or --out).",
+        "(simulator.e2e.split), simulating each row, from several fixed starts and from the shipped presets, and write them with the "
+        "data's SHA-256 to simulator/engine_fitted.json (or --out).",
     )
     p.add_argument("--results", default=None, metavar="CSV", help="results file (default: simulator/e2e/published_serving.csv)")
     p.add_argument("--out", default=None, help="where to write the fit (default: the shipped simulator/engine_fitted.json)")
