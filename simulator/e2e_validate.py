@@ -229,7 +229,8 @@ def fit_engine(name: str, rows: list[e2e.ServingResult], setups: list[Setup], pr
     clipped at 0), from zero also with an active set (a coefficient at 0 whose gradient points below
     it is held there), and from the shipped preset (`_starts`), each to convergence; the runs stop at different local optima of a problem whose
     TTFT terms trade against each other, and the one with the lowest objective is kept."""
-    return _lowest(name, [_start_run(name, rows, setups, i, progress) for i in range(len(_starts(name)))])
+    starts = _starts(name)
+    return _lowest(name, [_start_run(name, rows, setups, starts, i, progress) for i in range(len(starts))])
 
 
 def _starts(name: str, fitted_path: Path = FITTED_PATH) -> list[tuple[np.ndarray, bool]]:
@@ -248,9 +249,8 @@ def _base(name: str) -> EngineOverhead:
     return EngineOverhead(name=name, graph_max_batch=GRAPH_MAX_BATCH[name])
 
 
-def _start_run(name: str, rows, setups, i: int, progress) -> tuple[np.ndarray, float]:
-    """Run `i` of the engine's fit (`_starts`)."""
-    starts = _starts(name)
+def _start_run(name: str, rows, setups, starts: list[tuple[np.ndarray, bool]], i: int, progress) -> tuple[np.ndarray, float]:
+    """Run `i` of the engine's fit from its `starts` (`_starts`)."""
     x0, active_set = starts[i]
     say = (lambda msg: progress(f"{msg} (run {i + 1} of {len(starts)})")) if progress else None
     return _levenberg_marquardt(name, rows, setups, _base(name), active_set, say, x0)
@@ -312,13 +312,13 @@ def data_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-_FIT_JOBS: dict = {}  # engine -> (rows, setups, progress): what the worker processes of `fit_engines` read (set before they fork)
+_FIT_JOBS: dict = {}  # engine -> (rows, setups, progress, starts): what the worker processes of `fit_engines` read (set before they fork)
 
 
 def _fit_job(task: tuple[str, int]) -> tuple[np.ndarray, float]:
     name, i = task
-    rows, setups, progress = _FIT_JOBS[name]
-    return _start_run(name, rows, setups, i, progress)
+    rows, setups, progress, starts = _FIT_JOBS[name]
+    return _start_run(name, rows, setups, starts, i, progress)
 
 
 def fit_engines(path: Path | None = None, max_requests: int = DEFAULT_MAX_REQUESTS, progress=None, workers: int | None = None) -> dict:
@@ -335,9 +335,9 @@ def fit_engines(path: Path | None = None, max_requests: int = DEFAULT_MAX_REQUES
         mine = [r for r in fit_rows if preset_name(r) == name]
         if not mine:
             raise UserError(f"{path}: no fit row of engine {name}")
-        jobs[name] = (mine, [row_setup(r, means, max_requests) for r in mine], progress)
+        jobs[name] = (mine, [row_setup(r, means, max_requests) for r in mine], progress, _starts(name))
     heaviest = sorted(jobs, key=lambda name: -sum(s.workload.requests for s in jobs[name][1]))
-    tasks = [(name, i) for name in heaviest for i in range(len(_starts(name)))]
+    tasks = [(name, i) for name in heaviest for i in range(len(jobs[name][3]))]
     _FIT_JOBS.clear()
     _FIT_JOBS.update(jobs)
     n = workers or min(len(tasks), os.cpu_count() or 1)
