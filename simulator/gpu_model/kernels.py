@@ -9,9 +9,17 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
     tiles  T = ceil(m / B_M) ceil(n / B_N) s,      waves w = ceil(T / S)
     tile   t = max(2 B_M B_N k_s / (f_mma P_mma / S),  (B_M + B_N) k_s e / (load_bpf P_bf16 / S))
                + (1 - overlap) B_M B_N e_C / (BW f_bw / min(T, S))  + c_tile / f
-    time     max(w t, DRAM bytes / (f_bw BW)) + [split-K: fp32 partials written and reduced inside the kernel]
+    time     max(w t, DRAM bytes / (f_bw BW), operand bytes / (min(T, S) bw_sm smem / 100 KiB))
+               + [split-K: the fp32 partials' traffic and the reduction step's t_split]
     then slowed by the board's power limit where the MMAs draw more than the TDP (`power_limited`)
 B_M also takes 32 for bf16 (small-M kernels), whose tiles fetch only the rows inside the matrix.
+One SM streams operands at a rate set by the bytes its pipeline keeps in flight over the memory
+latency; the kernels fill the shared memory with pipeline stages, so the rate is stated per 100 KiB
+of it (`bw_sm`): an SM of Hopper or Blackwell (228 KiB) keeps 2.3x the bytes in flight of one of
+Ada or RTX Blackwell (100 KiB), as its share of DRAM bandwidth asks. A split-K call ends with a
+reduction of the slices' partials that no slice can start before the others are done (cuBLAS's
+second, reducing kernel or the last slice's fix-up): a fixed `t_split_us` on top of the partials'
+traffic, so the library splits only where the parallelism it gains pays for it.
 Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/w8a8/cutlass) never split K (s = 1)
 and take the tile their dispatch gives for (m, n) where it is known and used (`scaled_mm_tile`: Ada),
 else the best of B_M >= 64 on TMA-fed GPUs; on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
@@ -43,7 +51,7 @@ from simulator.gpu_model.device import GEMM_DTYPES, Dev
 Params = dict[str, np.ndarray]
 
 SOFTMIN_SHARPNESS = 30.0  # in log time: configs 10% slower than the best weigh e^-3 of it
-OCCUPANCY_SMEM = 100.0 * 1024  # bytes of shared memory FlashInfer's `ctas_per_sm` is stated per
+OCCUPANCY_SMEM = 100.0 * 1024  # bytes of shared memory FlashInfer's `ctas_per_sm` and a GEMM's `bw_sm` are stated per
 POWER_EXPONENT = 2.0  # board draw ~ f^2 under load (see `power_limited`)
 POWER_ONSET = 2.0  # the power controller's share felt by a burst b: 1 / (1 + (t_power / b)^2)
 POWER_KNEE = 8.0  # the power limit's max(demand, 1) is (1 + demand^8)^(1/8): 1.003 at 0.7 of the limit, 1.09 at it
@@ -200,11 +208,13 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     tile = overlapped(t_mma, t_load) + (1.0 - P["overlap"]) * t_epilogue + P["c_tile"] / f
     dram_bytes = (A + np.where(split, 0.0, C)) * (1 - hit_a) + W * (1 - hit_w)
     l2_bytes = A * hit_a + W * hit_w
-    stream = (A * (1 - hit_a) + W * (1 - hit_w) + l2_bytes / P["l2_speedup"]) / (active * P["bw_sm"] * 1e9)
+    bw_sm = P["bw_sm"] * 1e9 * dev.sram_bytes_per_sm / OCCUPANCY_SMEM  # bytes in flight scale with the shared memory they fill
+    stream = (A * (1 - hit_a) + W * (1 - hit_w) + l2_bytes / P["l2_speedup"]) / (active * bw_sm)
     memory = overlapped(np.maximum(dram_bytes / bw, stream), l2_bytes / l2_rate(dev, P["f_l2"], bw))
     t = overlapped(waves * tile, memory)
-    # split-K: fp32 partials written and reduced in the kernel (serial split-K), through L2 when they fit
-    t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw, 0.0)
+    # split-K: fp32 partials written and read back for the reduction, through L2 when they fit, and the
+    # reduction step's own fixed time (it waits for every slice)
+    t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw + P["t_split_us"] * 1e-6, 0.0)
     # the library's heuristics split K only into slices of at least ~k_slice (a smooth penalty)
     t = t * np.where(split, 1.0 + (P["k_slice"] / ks) ** 4, 1.0)
     if not unquantized:  # the dispatch table's tile where the generation has one, else the best at least 64 rows high on TMA-fed GPUs
