@@ -160,6 +160,16 @@ def _normalise(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+VENDOR_WORDS = {"nvidia", "amd", "tesla", "geforce"}  # words of a name that do not change the part
+
+
+def _words(name: str) -> frozenset[str]:
+    """A name's words in any order, the vendor's left out and an SXM socket's generation with them
+    (`H100-SXM5-80GB`, `h100-80gb-sxm` and `h100-sxm-80gb` are one part)."""
+    words = (re.sub(r"^sxm\d$", "sxm", w) for w in re.split(r"[^0-9a-z]+", name.lower()) if w)
+    return frozenset(w for w in words if w not in VENDOR_WORDS)
+
+
 _loaded: dict[tuple[Path, str], HardwareProfile] = {}  # (file, its text) -> profile: a sweep asks for the same few again and again
 
 
@@ -218,6 +228,11 @@ def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> HardwarePr
     plain = re.sub(r"sxm\d?$", "", wanted.removeprefix("nvidia"))
     if plain and plain in index:
         return index[plain]
+    # the same words in another order: taken only where they name one profile
+    words = _words(name_or_path)
+    same = {p.name for p in profiles.values() for key in (p.name, *p.aliases) if words and _words(key) == words}
+    if len(same) == 1:
+        return profiles[same.pop()]
     names = list(profiles)
     close = difflib.get_close_matches(
         name_or_path.upper(),

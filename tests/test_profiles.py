@@ -236,6 +236,17 @@ def test_a_vendor_prefix_or_an_sxm_suffix_does_not_change_the_part():
         load_profile("sxm")
 
 
+def test_a_name_with_its_words_in_another_order_is_the_same_part():
+    """`h100-80gb-sxm` (the data folder's slug order), `H100-SXM5-80GB` (a socket generation) and
+    `pcie h100` name one profile each; words that fit several profiles, or none, stay unknown."""
+    assert load_profile("h100-80gb-sxm").name == load_profile("H100-SXM5-80GB").name == "H100-SXM"
+    assert load_profile("NVIDIA A100 SXM4 40GB").name == "A100-40GB-SXM" and load_profile("80gb-a100-sxm4").name == "A100-80GB-SXM"
+    assert load_profile("pcie h100").name == "H100-PCIe"
+    for unknown in ("nvidia", "sxm-nvidia", "80gb-sxm", "NVIDIA A10"):
+        with pytest.raises(UserError, match="unknown GPU"):
+            load_profile(unknown)
+
+
 def test_a_gpus_host_cpu_is_one_the_model_knows(tmp_path):
     assert {p.host_cpu for p in PROFILES.values()} == {"x86-64", "grace"}
     assert PROFILES["GB200"].host_cpu == PROFILES["GB300"].host_cpu == "grace" and PROFILES["B200"].host_cpu == "x86-64"
