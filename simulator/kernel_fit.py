@@ -243,7 +243,8 @@ def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np
     FlashInfer fp8 prefill rows: up to 360x; FlashInfer's fp8 decode at head dimension 256 on RTX
     PRO 6000, whose times match the same calls at 128, up to 1.8x faster than reading its cache),
     or than the same call with fewer query heads (`fewer_heads_slower`), or whose head dimension
-    the call did not apply (`head_dim_ignored`). Such rows are neither fitted nor scored, and
+    (`head_dim_ignored`) or query heads past the KV heads (`query_heads_ignored`) the call did not
+    apply. Such rows are neither fitted nor scored, and
     `validate` counts them."""
     if not len(frame) or "kind" not in frame:
         return np.zeros(len(frame), dtype=bool)
@@ -265,7 +266,7 @@ def implausible(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np
         nbytes = np.where(np.isin(kind, ("prefill-attention", "decode-attention")), q_o + cache, nbytes)
     bad |= np.maximum(nbytes - dev.l2_bytes, 0.0) / dev.hbm_bytes_per_s > measured
     if "n_q" in frame:
-        bad |= fewer_heads_slower(frame) | head_dim_ignored(frame)
+        bad |= fewer_heads_slower(frame) | head_dim_ignored(frame) | query_heads_ignored(frame)
     return bad
 
 
@@ -314,6 +315,40 @@ def head_dim_ignored(frame: pd.DataFrame) -> np.ndarray:
             rows = np.ones(len(f), dtype=bool)
             for col, value in zip(table + ["d"], key, strict=True):
                 rows &= f[col].to_numpy() == value
+            out |= rows
+    return out
+
+
+QUERY_HEADS_MIN_RATIO = 1.2  # the least median time ratio of prefill calls with 2h query heads over h
+
+
+def query_heads_ignored(frame: pd.DataFrame) -> np.ndarray:
+    """Prefill rows with more query heads than KV heads, of a table (GPU, library, KV dtype, head
+    dimension) whose calls do not grow with their query heads: doubling h doubles a prefill call's
+    FLOPs, so calls of at least `HEAD_DIM_WORK_S` must take `QUERY_HEADS_MIN_RATIO` times longer at 2h
+    than at h, in the median over the table's pairs (FlashAttention on A100, L40S and RTX PRO 6000
+    and FlashInfer on GB200: 1.5-1.9). FlashInfer's fp8 prefill on L40S and RTX PRO 6000 takes 1.1
+    and 0.6: its calls with the query heads of a KV group packed run at a median 5x (up to 80x) the
+    FLOP rate of the same call with one query head per KV head, where FlashAttention and FlashInfer
+    elsewhere stay within 1.3x of it, and many above the datasheet peak. The rows with
+    h = h_kv keep their shape's work and stay. (Decode is exempt: its time is its cache's bytes,
+    which the query heads do not change.)"""
+    out = np.zeros(len(frame), dtype=bool)
+    if not len(frame) or "h" not in frame:
+        return out
+    table = ["gpu", "library", "kind", "kv_bytes", "d"]
+    call = ["b", "hk", "n_q", "n_kv"]
+    f = frame[table + call + ["h", "measured_s"]]
+    f = f[frame["kind"].to_numpy() == "prefill-attention"]
+    half = f.assign(h=f["h"] * 2.0).rename(columns={"measured_s": "half_s"})
+    pairs = f.merge(half, on=table + call + ["h"], how="inner")
+    pairs = pairs[pairs["half_s"] >= HEAD_DIM_WORK_S]
+    packed = frame["h"].to_numpy(float) > frame["hk"].to_numpy(float)
+    for key, grp in pairs.groupby(table, dropna=False):
+        if np.median(grp["measured_s"] / grp["half_s"]) < QUERY_HEADS_MIN_RATIO:
+            rows = packed & (frame["kind"].to_numpy() == "prefill-attention")
+            for col, value in zip(table, key, strict=True):
+                rows &= frame[col].to_numpy() == value
             out |= rows
     return out
 

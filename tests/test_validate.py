@@ -308,6 +308,24 @@ def test_a_table_whose_head_dimension_changes_nothing_is_implausible():
     assert flagged == [False, True] * 3 + [False, False] * 3 + [False, False] * 3
 
 
+def test_a_prefill_table_whose_calls_ignore_their_query_heads_loses_its_packed_rows():
+    """`query_heads_ignored`: a prefill table whose calls take their median time at 2h query heads
+    as at h (calls of at least 50 us) loses its rows with more query heads than KV heads and keeps
+    those with one per KV head; a table where 2h costs 1.8x keeps every row, so does one whose only
+    h / 2 twins are launch-bound, and decode rows are exempt (their time is their cache's bytes)."""
+    from simulator import kernel_fit as kf
+
+    rows = []
+    for library, kind, ratio, base_s in (("flashinfer", "prefill-attention", 1.05, 1e-4), ("fa2", "prefill-attention", 1.8, 1e-4),
+                                         ("fa3", "prefill-attention", 1.0, 1e-6), ("flashinfer", "decode-attention", 1.0, 1e-4)):  # fmt: skip
+        for hk in (4.0, 8.0):
+            call = {"gpu": "L40S", "library": library, "kind": kind, "kv_bytes": 1.0, "b": 4.0, "hk": hk, "d": 128.0,
+                    "n_q": 1.0 if kind == "decode-attention" else 2048.0, "n_kv": 2048.0}  # fmt: skip
+            rows += [{**call, "h": hk * g, "measured_s": base_s * hk * ratio ** np.log2(g)} for g in (1.0, 2.0, 4.0)]
+    flagged = kf.query_heads_ignored(pd.DataFrame(rows)).tolist()
+    assert flagged == [False, True, True] * 2 + [False, False, False] * 6
+
+
 def test_a_host_timer_deviation_is_its_host_cpus_and_reaches_gpus_the_fit_never_saw():
     """`t_host_us` (the host's Python and launch work of an eager call) deviates per host CPU, so a
     GPU measured on an x86-64 server takes the x86-64 hosts' value; `c_floor` (a graph replay's
