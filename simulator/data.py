@@ -21,14 +21,16 @@ plus, on every row: gpu (profile name), generation, framework, manifest_source, 
 row of the file) and measured_s.
 
 Bad input ends in one `UserError` line naming the file (and row): no manifest, a listed file
-missing, an unknown GPU (with the closest profile names) or kind, a missing column, a latency
-that is not a positive number.
+missing, a missing column, a latency that is not a positive number. A manifest row of a kind this
+project does not know, or whose GPU has no profile (named with the closest profiles), is left out
+and named in `Tables.not_read`, so a folder with a newer collector's tables or a part without a
+profile still gives the rest; a folder with nothing else is the same error.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,7 @@ class Tables:
     kinds: dict[str, pd.DataFrame]
     profiles: dict[str, HardwareProfile]
     folders: list[Path]
+    not_read: list[str] = field(default_factory=list)  # manifest rows left out, each with its reason
 
     def gpus(self, kind: str | None = None) -> list[str]:
         frames = [self.kinds[kind]] if kind else list(self.kinds.values())
@@ -197,7 +200,11 @@ def _standardise(kind: str, df: pd.DataFrame, path: Path) -> pd.DataFrame:
     raise UserError(f"{path}: unknown kind {kind!r}; known: {', '.join(KIND_COLUMNS)}")
 
 
-def read_folder(folder: Path, profiles: dict[str, HardwareProfile], cache: dict) -> dict[str, list[pd.DataFrame]]:
+def read_folder(folder: Path, profiles: dict[str, HardwareProfile], cache: dict, not_read: list[str] | None = None) -> dict[str, list[pd.DataFrame]]:
+    """The tables of one folder, by kind. A manifest row of a kind this project does not know, or
+    whose GPU resolves to no profile (a newer collector's, a part without a profile yet), is left
+    out with its reason appended to `not_read`, so the rest of the folder is still read; without
+    `not_read` it is an error."""
     manifest = folder / MANIFEST
     if not folder.is_dir():
         raise UserError(f"{folder}: no such data folder (pass --data DIR)")
@@ -214,20 +221,26 @@ def read_folder(folder: Path, profiles: dict[str, HardwareProfile], cache: dict)
     for i, entry in enumerate(rows.to_dict("records"), start=1):
         where = f"{manifest}: row {i}"
         kind = entry["kind"].strip()
-        if kind not in KIND_COLUMNS:
-            raise UserError(f"{where}: unknown kind {kind!r}; known: {', '.join(KIND_COLUMNS)}")
         path = folder / entry["file"].strip()
+        try:
+            if kind not in KIND_COLUMNS:
+                raise UserError(f"{where}: unknown kind {kind!r}; known: {', '.join(KIND_COLUMNS)}")
+            p = None if entry["gpu"].strip().startswith(PER_ROW_GPU) else _resolve_manifest_gpu(entry, where, cache)
+        except UserError as unknown:
+            if not_read is None:
+                raise
+            not_read.append(f"{unknown} ({entry['file'].strip()})")
+            continue
         if not path.is_file():
             raise UserError(f"{where}: file {entry['file']!r} does not exist")
         table = _standardise(kind, _read_table(path, kind), path)
-        if entry["gpu"].strip().startswith(PER_ROW_GPU):
+        if p is None:
             gpu_values = table["gpu"].astype(str)
             resolved = {g: _resolve_gpu(g, f"{path}: gpu column", cache) for g in gpu_values.unique()}
             table["gpu"] = gpu_values.map({g: p.name for g, p in resolved.items()})
             for p in resolved.values():
                 profiles[p.name] = p
         else:
-            p = _resolve_manifest_gpu(entry, where, cache)
             profiles[p.name] = p
             table["gpu"] = p.name
         table["generation"] = table["gpu"].map(lambda g: profiles[g].generation)
@@ -242,13 +255,18 @@ def read_folder(folder: Path, profiles: dict[str, HardwareProfile], cache: dict)
 
 
 def load_tables(folders: list[Path], kinds: tuple[str, ...] | None = None) -> Tables:
-    """Every file listed in each folder's manifest, by kind (only `kinds` if given)."""
+    """Every file listed in each folder's manifest, by kind (only `kinds` if given). Rows of an
+    unknown kind or GPU are left out and named in `not_read` (`read_folder`); if nothing else is
+    left, the first of them is the error."""
     profiles: dict[str, HardwareProfile] = {}
     cache: dict[str, HardwareProfile] = {}
     merged: dict[str, list[pd.DataFrame]] = {}
+    not_read: list[str] = []
     for folder in folders:
-        for kind, frames in read_folder(Path(folder), profiles, cache).items():
+        for kind, frames in read_folder(Path(folder), profiles, cache, not_read).items():
             if kinds is None or kind in kinds:
                 merged.setdefault(kind, []).extend(frames)
+    if not_read and not merged:
+        raise UserError(not_read[0] + (f" (and {len(not_read) - 1} more rows; nothing else to read)" if len(not_read) > 1 else " (nothing else to read)"))
     tables = {k: pd.concat(v, ignore_index=True) for k, v in merged.items()}
-    return Tables(tables, profiles, [Path(f) for f in folders])
+    return Tables(tables, profiles, [Path(f) for f in folders], not_read)

@@ -570,4 +570,5 @@ def fit_all(tables, per_gpu: int = FIT_ROWS_PER_GPU, progress=None) -> dict:
         "intervals": logo["intervals"],
         "leave_one_gpu_out_mape": summary,
         "excluded": logo["excluded"],
+        **({"not_read": list(tables.not_read)} if tables.not_read else {}),
     }

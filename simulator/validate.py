@@ -15,7 +15,8 @@ held-out GPU's rows inside the 80% interval built from the other GPUs' leave-one
 of the same kind. Published attention measurements (A100 only) have the in-GPU split
 (`simulator.published`). Rows no kernel could produce (`kernel_fit.implausible`) are counted in
 `excluded` and neither fitted nor scored; rows of a dtype or kernel library the model does not
-price (`unsupported` in `simulator.data`) are counted in `unsupported`.
+price (`unsupported` in `simulator.data`) are counted in `unsupported`; manifest rows of a kind the
+project does not know or a GPU without a profile are listed in `not_read` (`data.read_folder`).
 """
 
 from __future__ import annotations
@@ -182,6 +183,10 @@ def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpu
     if few_shot:
         out["few_shot"] = {"k": few_shot}
     say = progress or (lambda msg: None)
+    if tables.not_read:
+        out["not_read"] = list(tables.not_read)
+        for reason in tables.not_read:
+            say(f"not read: {reason}")
     frames, reports = {}, {}
     for name, group in kf.GROUPS.items():
         frame = kf.group_rows(tables.kinds, group, profiles)
@@ -406,6 +411,8 @@ def format_validation(out: dict) -> str:
                       ("unsupported", "Not priced by the model (a dtype or kernel library it does not know), neither fitted nor scored")):  # fmt: skip
         if out.get(key):
             lines.append(f"{what}: " + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out[key].items()) for k, n in sorted(ks.items())))
+    if out.get("not_read"):
+        lines.append("Not read (a kind the model does not know, or a GPU without a profile in hardware_profiles/): " + "; ".join(out["not_read"]))
     if "published" in out:
         m = out["published"]["held_out"]
         lines.append(f"Published A100 attention (FlashAttention papers, Triton tutorial, Flash-Decoding blog): held-out MAPE {m['mape']:.1f}% (n {m['n']})")

@@ -63,10 +63,28 @@ def test_a_manifest_row_naming_a_missing_file(folder, capsys):
     assert "manifest.csv: row 1" in err and "gone.csv" in err and "does not exist" in err
 
 
-def test_an_unknown_gpu_names_the_closest_profiles(folder, capsys):
+def test_a_table_of_an_unknown_gpu_is_left_out_named_with_the_closest_profiles(folder, capsys):
+    """A manifest row whose GPU has no profile is not read, with its reason (row, name, closest
+    profiles); the folder's other tables still are, and `validate` lists it. A folder with nothing
+    else to read is refused with that reason."""
+    from simulator.validate import format_validation
+
     _edit_manifest(folder, gpu="a100-80gb-sxn", device="NVIDIA A999")
+    first = pd.read_csv(folder / "manifest.csv", dtype=str).loc[0]
+    tables = load_tables([folder])
+    [reason] = tables.not_read
+    assert "row 1" in reason and "unknown GPU 'a100-80gb-sxn'" in reason and "a100" in reason.split("closest:")[1] and first["file"] in reason
+    assert not tables.kinds[first["kind"]]["file"].str.endswith(first["file"]).any()
+    files = {f for t in tables.kinds.values() for f in t["file"].unique()}
+    assert len(files) == len(pd.read_csv(folder / "manifest.csv")) - 1  # every other table
+    out = {"data": [str(folder)], "leave_one_gpu_out": {}, "in_gpu": {}, "naive_roofline": {}, "interval_coverage": {}, "targets": [],
+           "not_read": tables.not_read}  # fmt: skip
+    assert "Not read" in format_validation(out) and "a100-80gb-sxn" in format_validation(out)
+    m = pd.read_csv(folder / "manifest.csv", dtype=str, keep_default_na=False)
+    m["gpu"], m["device"] = "a999", ""
+    m.to_csv(folder / "manifest.csv", index=False)
     err = _refused(["validate", "--data", str(folder)], capsys)
-    assert "row 1" in err and "unknown GPU 'a100-80gb-sxn'" in err and "closest: " in err and "a100" in err.split("closest:")[1]
+    assert "row 1" in err and "unknown GPU 'a999'" in err and "nothing else to read" in err
 
 
 @pytest.mark.parametrize(("row", "gpu", "device", "profile"), [(0, "ampere_a100_80g", "NVIDIA A100-SXM4-80GB", "A100-80GB-SXM"),
@@ -80,10 +98,12 @@ def test_a_gpu_id_the_project_does_not_know_resolves_through_the_driver_name(fol
     assert len(mine) and set(mine["gpu"]) == {profile}
 
 
-def test_an_unknown_kind(folder, capsys):
+def test_a_table_of_an_unknown_kind_is_left_out(folder):
     _edit_manifest(folder, kind="matmul")
-    err = _refused(["validate", "--data", str(folder)], capsys)
-    assert "row 1" in err and "unknown kind 'matmul'" in err and "gemm" in err
+    tables = load_tables([folder])
+    [reason] = tables.not_read
+    assert "row 1" in reason and "unknown kind 'matmul'" in reason and "gemm" in reason
+    assert "matmul" not in tables.kinds and len(tables.kinds["gemm"])
 
 
 def test_a_table_with_a_missing_column(folder, capsys):
@@ -104,7 +124,7 @@ def test_a_latency_that_is_not_a_positive_number(folder, capsys, bad):
 
 
 def test_bad_input_writes_nothing(folder, tmp_path, capsys):
-    _edit_manifest(folder, kind="matmul")
+    _edit_manifest(folder, file="measured/gone.csv")
     plots = tmp_path / "plots"
     _refused(["validate", "--data", str(folder), "--plot-dir", str(plots)], capsys)
     assert not any(plots.iterdir())  # checked for writability before the work, left empty
