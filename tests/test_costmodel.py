@@ -1047,6 +1047,34 @@ def test_trtllm_context_kernels_tile_each_query_head_by_128_tokens():
     assert list(l40s["programs"]) == [4 * 8 * 1, 4 * 8 * 32] and list(l40s["br"]) == [64.0, 128.0]
 
 
+def test_flashinfer_prefill_on_hopper_over_a_bf16_cache_runs_its_fa3_kernels():
+    """On H100, FlashInfer's prefill over a bf16 cache runs its sm90 kernels: one query head's tokens
+    per 128 x 96 tile (192 at d = 64, 32 K/V rows at d = 256), no packing, no split, warp-specialised,
+    two K/V stages. Over an fp8 cache (a bf16 query), in decode, and on Ada the
+    FA2-style kernels stay: the group packed into 64- or 128-row tiles of 64 K/V rows."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+
+    one = np.ones(4)
+    d = np.array([128.0, 64.0, 256.0, 128.0])
+    n_q = np.array([1000.0, 1000.0, 1000.0, 1.0])
+    h100 = kernels._flashinfer_geometry(Dev.of([load_profile("h100")] * 4), 4 * one, 32 * one, 8 * one, d, n_q, 1000 * one, 1.0, 2.0 * one)
+    assert list(h100["br"][:3]) == [128.0, 192.0, 128.0] and list(h100["bc"][:3]) == [96.0, 96.0, 32.0]
+    assert list(h100["programs"][:3]) == [4 * 32 * 8, 4 * 32 * 6, 4 * 32 * 8] and list(h100["heads"][:3]) == [32.0] * 3
+    assert list(h100["specialised"]) == [True, True, True, False] and list(h100["stages"]) == [2.0, 2.0, 2.0, 1.0]
+    assert h100["heads"][3] == 8.0 and h100["bc"][3] == 64.0  # decode: FA2-style, the group packed
+    for dev, kv in ((Dev.of([load_profile("h100")] * 4), 1.0), (Dev.of([load_profile("l40s")] * 4), 2.0)):
+        g = kernels._flashinfer_geometry(dev, 4 * one, 32 * one, 8 * one, d, n_q, 1000 * one, 1.0, kv * one)
+        assert not g["specialised"].any() and list(g["heads"]) == [8.0] * 4 and set(g["bc"]) == {64.0}
+    # the call's price follows: the same bf16 prefill on H100 is faster on these kernels than on FA2-style ones
+    from simulator.gpu_model.params import Fitted
+
+    dev = Dev.of([load_profile("h100")])
+    P = Fitted.start("flashinfer").values(dev.generation)
+    fa3, fp8 = (kernels.attention_time(P, dev, "flashinfer", 4, 32, 8, 128, 4096, 4096, kv_bytes=kv)[0] for kv in (2.0, 1.0))
+    assert fa3 < fp8
+
+
 def test_a_trtllm_context_program_feeds_two_query_tiles_from_each_kv_tile_it_loads(monkeypatch):
     """TensorRT-LLM's context kernels step 256 query rows (two 128-row tiles) per 128-row K/V tile
     (stepQ 256 in their kernel table), so where a program's K/V stream decides, a GB200 prefill takes

@@ -321,7 +321,7 @@ FA3_GENERATIONS = ("hopper",)  # where vLLM's flash-attn build runs FlashAttenti
 FA3_KV_STAGES = 2.0  # K/V tiles a FlashAttention-3 program keeps in flight (hopper/flash_fwd_launch_template.h: kStages = 2 on sm90); FA2's loads run one tile ahead
 
 
-def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0):
+def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.0):
     """vLLM's FlashAttention-2 build (paged K/V, so always its split-KV kernel with B_r = 64 and
     B_c = 256 / 128 / 64 for d <= 64 / 128 / more). A decode call (one query per sequence) with
     grouped heads swaps the group into the rows (seqlenq_ngroups_swapped) and splits K/V by the
@@ -370,6 +370,8 @@ TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM contex
 TRTLLM_DECODE_STEP_KV = 256.0  # K/V rows a TensorRT-LLM generation CTA takes per step (stepKv of the Q8/Q16 kernels in their table)
 TRTLLM_DECODE_HEADS_PER_CTA = 16.0  # the most query heads of one KV head a generation CTA holds (its largest tileQ, 16)
 FLASHINFER_MIN_CHUNK_PAGES = max(128 // FLASHINFER_PAGE, 1)  # the planner's smallest K/V chunk: 128 tokens
+FLASHINFER_SM90_GENERATIONS = ("hopper",)  # where FlashInfer's prefill picks its own FlashAttention-3 kernels for a bf16 query and cache
+FLASHINFER_SM90_STAGES = 2.0  # K/V tiles its paged prefill keeps in flight (NUM_STAGES 2, hopper/prefill_sm90.cuh)
 
 
 def _chunk_pages(items, pages, slots):
@@ -381,7 +383,14 @@ def _chunk_pages(items, pages, slots):
     return np.minimum(chunk, np.maximum(pages, FLASHINFER_MIN_CHUNK_PAGES))
 
 
-def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
+def _flashinfer_sm90_tiles(d):
+    """(B_r, B_c) of FlashInfer's sm90 paged prefill (`BatchPrefillWithPagedKVCacheDispatched`,
+    include/flashinfer/attention/hopper/prefill_sm90.cuh): 192 x 96 at head dimension 64, 128 x 96
+    at 128, 128 x 32 at 256."""
+    return np.where(d <= 64, 192.0, 128.0), np.where(d <= 128, 96.0, 32.0)
+
+
+def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes=2.0):
     """FlashInfer's batch attention over a paged cache, as its planners lay it out (FlashInfer
     include/flashinfer/attention/scheduler.cuh):
     - the query heads of a KV group packed into a program's rows (packed length n_q h / h_kv);
@@ -404,6 +413,17 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
       `kernelMetaInfo.h`): one K/V stream feeds two tiles' MMAs, so each tile sees it at
       `TRTLLM_CONTEXT_TILES_PER_STEP` times a program's rate (`stages`, as FA3's two K/V stages).
     K/V rows per iteration B_c = 64.
+    On Hopper (`FLASHINFER_SM90_GENERATIONS`) a prefill call over a bf16 cache runs FlashInfer's own
+    FlashAttention-3 kernels: its backend "auto" picks them on sm90 where the query and the cache
+    share a 16-bit dtype (flashinfer/utils.py, `determine_attention_backend` and
+    `is_fa3_backend_supported`), so an fp8 cache under a bf16 query stays on the kernels above, and
+    decode too (its tensor-core path asks for the "fa2" prefill module by name, flashinfer/decode.py).
+    Those kernels are warp-specialised (producer warps load K/V, two consumer warpgroups run the
+    MMAs and the softmax), take one query head's tokens per tile (`_flashinfer_sm90_tiles`), keep
+    `FLASHINFER_SM90_STAGES` K/V tiles in flight and never split K/V. They are priced at FlashInfer's
+    occupancy like its other kernels: one of their programs (~130 KiB at head dimension 128, one per
+    SM) does the work of the several smaller ones the fitted `ctas_per_sm` and `f_cta` describe
+    together, an SM's share of the peak being what the fits measure, not a program's.
     Occupancy: FlashInfer's own kernels hold `ctas_per_sm` programs per 100 KiB of an SM's shared
     memory (`attention_time`; an SM of Hopper or datacenter Blackwell, 228 KiB, holds 2.3 times what
     one of Ada or RTX Blackwell, 100 KiB, does). The TensorRT-LLM context kernels are persistent (a
@@ -441,9 +461,19 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm):
         splits = np.where(context, 1.0, splits)
         programs = np.where(context, b * h * ctx_q_blocks, programs)
         heads = np.where(context, h, hk)
+    sm90 = ~decode & np.isin(dev.generation, FLASHINFER_SM90_GENERATIONS) & (np.asarray(kv_bytes, dtype=float) >= 2)
+    stages = np.where(context, TRTLLM_CONTEXT_TILES_PER_STEP, 1.0)
+    if sm90.any():  # FlashInfer's FlashAttention-3 prefill: one query head's tokens per tile, no split
+        br90, bc90 = _flashinfer_sm90_tiles(d)
+        q90, total90, most90 = _causal_blocks(n_q, n_kv, br90, bc90)
+        br, bc = np.where(sm90, br90, br), np.where(sm90, bc90, bc)
+        total, most = np.where(sm90, total90, total), np.where(sm90, most90, most)
+        splits = np.where(sm90, 1.0, splits)
+        programs = np.where(sm90, b * h * q90, programs)
+        heads = np.where(sm90, h, heads)
+        stages = np.where(sm90, FLASHINFER_SM90_STAGES, stages)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
-                copies=np.zeros(b.shape), persistent=context, specialised=context | planner,
-                stages=np.where(context, TRTLLM_CONTEXT_TILES_PER_STEP, 1.0))  # fmt: skip
+                copies=np.zeros(b.shape), persistent=context, specialised=context | planner | sm90, stages=stages)  # fmt: skip
 
 
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
@@ -474,7 +504,7 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     # programs resident per SM: as many as its shared memory holds (the parameter is per 100 KiB)
     occupancy = P["ctas_per_sm"] * dev.sram_bytes_per_sm / OCCUPANCY_SMEM if "ctas_per_sm" in P else np.ones(b.shape)
-    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy)
+    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy, kv_bytes)
     occupancy = np.where(g.get("persistent", False), 1.0, occupancy)  # a persistent kernel: one program per SM, looping over its tiles
     S, f = dev.sm_count, dev.clock_hz
     fp8_mma = fp8_attention(library, dev.generation, kv_bytes)
@@ -517,5 +547,5 @@ def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm
     dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.zeros(1, dtype=bool), np.full(1, np.nan), {},
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
-    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0)
+    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape))
     return 2 + (g["splits"] > 1) + g["copies"] + fp8_attention(library, dev_like.generation, kv_bytes)
