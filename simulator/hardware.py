@@ -170,6 +170,18 @@ def _words(name: str) -> frozenset[str]:
     return frozenset(w for w in words if w not in VENDOR_WORDS)
 
 
+def _memory_fits(name: str, memory_bytes: float) -> bool:
+    """Whether every memory size a name states (`141gb`) is the profile's, in GB or GiB, within 8%."""
+    sizes = [float(w[:-2]) for w in _words(name) if re.fullmatch(r"\d+gb", w)]
+    return all(any(abs(size / (memory_bytes / unit) - 1.0) <= 0.08 for unit in (1e9, 2**30)) for size in sizes)
+
+
+def _part_words(name: str) -> frozenset[str]:
+    """`_words` less those of the memory (`141gb`, `hbm3e`, `gddr7`) and the SXM socket: what is left
+    names the part where one profile has it (`NVIDIA H200 141GB HBM3e`, `b200-sxm-180gb`)."""
+    return frozenset(w for w in _words(name) if w != "sxm" and not re.fullmatch(r"\d+gb|hbm\d*e?|gddr\d*x?", w))
+
+
 _loaded: dict[tuple[Path, str], HardwareProfile] = {}  # (file, its text) -> profile: a sweep asks for the same few again and again
 
 
@@ -228,11 +240,15 @@ def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> HardwarePr
     plain = re.sub(r"sxm\d?$", "", wanted.removeprefix("nvidia"))
     if plain and plain in index:
         return index[plain]
-    # the same words in another order: taken only where they name one profile
-    words = _words(name_or_path)
-    same = {p.name for p in profiles.values() for key in (p.name, *p.aliases) if words and _words(key) == words}
-    if len(same) == 1:
-        return profiles[same.pop()]
+    # the same words in another order, then without the memory's kind and the SXM socket and with a
+    # memory size only as a check on the profile's (`h100-94gb` is not the 80 GB part): each taken
+    # only where it names one profile
+    for words_of in (_words, _part_words):
+        words = words_of(name_or_path)
+        same = {p.name for p in profiles.values() for key in (p.name, *p.aliases) if words and words_of(key) == words}
+        same = {n for n in same if _memory_fits(name_or_path, profiles[n].memory_bytes)}
+        if len(same) == 1:
+            return profiles[same.pop()]
     names = list(profiles)
     close = difflib.get_close_matches(
         name_or_path.upper(),

@@ -247,6 +247,17 @@ def test_a_name_with_its_words_in_another_order_is_the_same_part():
             load_profile(unknown)
 
 
+def test_a_name_with_its_memory_resolves_where_the_memory_is_the_profiles():
+    """The memory's kind and size are not part of a part's name (`NVIDIA H200 141GB HBM3e`,
+    `b200-sxm-180gb`), but a size that is not the profile's names another part: `h100-94gb` (the NVL's
+    memory) is no H100-SXM, and the A100s stay apart by theirs."""
+    assert load_profile("NVIDIA H200 141GB HBM3e").name == load_profile("h200-sxm-141gb").name == "H200"
+    assert load_profile("b200-sxm-180gb").name == "B200" and load_profile("NVIDIA L40S 48GB GDDR6").name == "L40S"
+    assert load_profile("a100 40gb").name == "A100-40GB-SXM" and load_profile("A100 80GB").name == "A100-80GB-SXM"
+    with pytest.raises(UserError, match="unknown GPU 'h100-94gb'"):
+        load_profile("h100-94gb")
+
+
 def test_a_gpus_host_cpu_is_one_the_model_knows(tmp_path):
     assert {p.host_cpu for p in PROFILES.values()} == {"x86-64", "grace"}
     assert PROFILES["GB200"].host_cpu == PROFILES["GB300"].host_cpu == "grace" and PROFILES["B200"].host_cpu == "x86-64"
