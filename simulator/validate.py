@@ -33,6 +33,7 @@ import pandas as pd
 from simulator import kernel_fit as kf
 from simulator.data import Tables, load_tables
 from simulator.errors import UserError
+from simulator.gpu_model import sources
 from simulator.gpu_model.model import interval_class
 from simulator.hardware import HardwareProfile
 from simulator.plan import INTERVAL_LEVEL  # the prediction interval's nominal coverage, which plan reports beside it
@@ -109,7 +110,8 @@ def _fit(group: kf.Group, train: pd.DataFrame, profiles, ctx: dict, per_gpu: int
 
 def _predict(group, fit, frame, profiles, ctx) -> np.ndarray:
     if fit is None:  # no rows to fit this family on: only rows that need none of its parameters are predicted
-        pred = kf.predict(group, kf.GroupFit(group.name, kf.Fitted.start(group.family), {}, 0), frame, profiles, ctx)
+        timer = {name: sources.TIMER_START[name] for name in group.timer_params}
+        pred = kf.predict(group, kf.GroupFit(group.name, kf.Fitted.start(group.family), timer, 0), frame, profiles, ctx)
         return np.where(group.own_rows(frame), np.nan, pred)
     return kf.predict(group, fit, frame, profiles, ctx)
 

@@ -82,6 +82,22 @@ def test_few_shot_scores_the_rest_of_the_gpu(folder):
     assert out["few_shot"]["L40S"]["gemm:bf16"]["n"] == out["leave_one_gpu_out"]["L40S"]["gemm:bf16"]["n"] - 5
 
 
+def test_a_kind_only_one_gpu_has_is_scored_in_gpu_and_not_left_one_out(tmp_path):
+    """A GEMM dtype that one GPU of the data alone has (fp8 here, half of H100's rows): nothing to fit
+    it on when that GPU is held out, so it has no leave-one-GPU-out entry, while its in-GPU split is
+    scored; a quantized group's prediction without a fit of its own must not fail on the timers it
+    lacks."""
+    folder = write_tables(tmp_path / "data", rows=60, kinds=("gemm",))
+    path = folder / "measured" / "h100-gemm.csv"
+    frame = pd.read_csv(path)
+    frame.loc[frame.index % 2 == 1, "gemm_dtype"] = "fp8"
+    frame.to_csv(path, index=False)
+    out = validate([folder], per_gpu=60, workers=1)
+    assert "gemm:fp8" not in out["leave_one_gpu_out"].get("H100-SXM", {})
+    assert out["in_gpu"]["H100-SXM"]["gemm:fp8"]["n"] > 0 and math.isfinite(out["in_gpu"]["H100-SXM"]["gemm:fp8"]["mape"])
+    assert set(out["leave_one_gpu_out"]["L40S"]) == {"gemm:bf16"}
+
+
 def test_workers_give_the_same_result(folder, result):
     parallel = validate([folder], per_gpu=40, workers=2)
     assert parallel["leave_one_gpu_out"] == result["leave_one_gpu_out"] and parallel["in_gpu"] == result["in_gpu"]
