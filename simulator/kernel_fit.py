@@ -229,6 +229,16 @@ def mma_work(frame: pd.DataFrame, dev: Dev) -> tuple[np.ndarray, np.ndarray]:
     return flops, peak
 
 
+def unpriced(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> np.ndarray:
+    """GEMM rows of a dtype whose MMAs their GPU's profile has no peak for (an nvfp4 table of a GPU
+    without fp4 tensor cores): the model has no rate to price them at, so, like a dtype it does not
+    know, they are counted as unsupported and neither fitted nor scored."""
+    if not len(frame) or "kind" not in frame or "m" not in frame:
+        return np.zeros(len(frame), dtype=bool)
+    _, peak = mma_work(frame, device_of(frame, profiles))
+    return (frame["kind"].to_numpy() == "gemm") & ~np.isfinite(peak)
+
+
 def gemm_bytes(frame: pd.DataFrame) -> np.ndarray:
     """Compulsory bytes of each GEMM row: A and W read once at their dtype's size, C written in bf16."""
     m, n, k = (frame[c].to_numpy(float) for c in ("m", "n", "k"))
@@ -555,6 +565,7 @@ def fit_all(tables, per_gpu: int = FIT_ROWS_PER_GPU, progress=None) -> dict:
         frame = group_rows(tables.kinds, group, tables.profiles)
         if not len(frame):
             continue
+        frame = frame[~unpriced(frame, tables.profiles)].reset_index(drop=True)
         frame = frame[~implausible(frame, tables.profiles)].reset_index(drop=True)
         say(f"{name}: all GPUs")
         ctx = {g: fits[g] for g in group.needs if g in fits}

@@ -15,7 +15,8 @@ held-out GPU's rows inside the 80% interval built from the other GPUs' leave-one
 of the same kind. Published attention measurements (A100 only) have the in-GPU split
 (`simulator.published`). Rows no kernel could produce (`kernel_fit.implausible`) are counted in
 `excluded` and neither fitted nor scored; rows of a dtype or kernel library the model does not
-price (`unsupported` in `simulator.data`) are counted in `unsupported`; manifest rows of a kind the
+price (`unsupported` in `simulator.data`), or a GEMM dtype their GPU has no peak for
+(`kernel_fit.unpriced`), are counted in `unsupported`; manifest rows of a kind the
 project does not know or a GPU without a profile are listed in `not_read` (`data.read_folder`).
 """
 
@@ -192,6 +193,12 @@ def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpu
     frames, reports = {}, {}
     for name, group in kf.GROUPS.items():
         frame = kf.group_rows(tables.kinds, group, profiles)
+        if not len(frame):
+            continue
+        no_rate = kf.unpriced(frame, profiles)
+        for (gpu, kind), n in frame.loc[no_rate, ["gpu", "kind"]].value_counts().items():
+            out["unsupported"].setdefault(gpu, {})[kind] = out["unsupported"].get(gpu, {}).get(kind, 0) + int(n)
+        frame = frame[~no_rate].reset_index(drop=True)
         if not len(frame):
             continue
         bad = kf.implausible(frame, profiles)
@@ -410,7 +417,7 @@ def format_validation(out: dict) -> str:
                 line += f"  {cell(out['few_shot'].get(gpu, {}).get(kind))}"
             lines.append(line)
     for key, what in (("excluded", "Excluded as faster than any kernel could be (datasheet peak, DRAM bytes, fewer heads slower, head dimension not applied)"),
-                      ("unsupported", "Not priced by the model (a dtype or kernel library it does not know), neither fitted nor scored")):  # fmt: skip
+                      ("unsupported", "Not priced by the model (a dtype or kernel library it does not know, or a GEMM dtype the GPU has no tensor-core peak for), neither fitted nor scored")):  # fmt: skip
         if out.get(key):
             lines.append(f"{what}: " + "; ".join(f"{g} {k} {n}" for g, ks in sorted(out[key].items()) for k, n in sorted(ks.items())))
     if out.get("not_read"):

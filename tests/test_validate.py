@@ -98,6 +98,25 @@ def test_a_kind_only_one_gpu_has_is_scored_in_gpu_and_not_left_one_out(tmp_path)
     assert set(out["leave_one_gpu_out"]["L40S"]) == {"gemm:bf16"}
 
 
+def test_a_gemm_dtype_the_gpu_has_no_peak_for_is_unsupported(tmp_path):
+    """nvfp4 rows of L40S (no fp4 tensor cores in its profile): no rate to price them at, so they are
+    counted under `unsupported` (gemm) and neither fitted nor scored; the GPU's other rows are."""
+    from simulator import kernel_fit as kf
+    from simulator.data import load_tables
+
+    folder = write_tables(tmp_path / "data", rows=60, kinds=("gemm",))
+    path = folder / "measured" / "l40s-gemm.csv"
+    frame = pd.read_csv(path)
+    frame.loc[frame.index < 10, "gemm_dtype"] = "nvfp4"
+    frame.to_csv(path, index=False)
+    tables = load_tables([folder])
+    gemm = kf.group_rows(tables.kinds, kf.GROUPS["gemm:nvfp4"], tables.profiles)
+    assert kf.unpriced(gemm, tables.profiles).sum() == 10
+    out = validate([folder], per_gpu=60, workers=1)
+    assert out["unsupported"] == {"L40S": {"gemm": 10}}
+    assert "gemm:nvfp4" not in out["in_gpu"].get("L40S", {}) and out["in_gpu"]["L40S"]["gemm:bf16"]["n"] > 0
+
+
 def test_workers_give_the_same_result(folder, result):
     parallel = validate([folder], per_gpu=40, workers=2)
     assert parallel["leave_one_gpu_out"] == result["leave_one_gpu_out"] and parallel["in_gpu"] == result["in_gpu"]
