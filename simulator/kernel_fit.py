@@ -304,6 +304,26 @@ HEAD_DIM_WORK_S = 50e-6  # calls this long are their work, not their launch: dou
 HEAD_DIM_MIN_RATIO = 1.2  # the least median time ratio of such calls at 2d over d (FA2 on RTX PRO 6000: 1.9)
 
 
+def _doubling_ignored(frame: pd.DataFrame, column: str, call: list[str], by: list[str], min_ratio: float, pairs_from=None) -> np.ndarray:
+    """Rows of each `by` group whose calls do not grow with `column`: over the group's pairs of calls
+    that differ only in `column` doubled (the other `call` columns equal; of the rows `pairs_from`,
+    default all), with the smaller lasting at least `HEAD_DIM_WORK_S`, the median time ratio of the
+    doubled call to its twin is below `min_ratio`."""
+    out = np.zeros(len(frame), dtype=bool)
+    keys = list(dict.fromkeys(by + call + [column]))
+    f = frame[keys + ["measured_s"]] if pairs_from is None else frame.loc[pairs_from, keys + ["measured_s"]]
+    half = f.assign(**{column: f[column] * 2.0}).rename(columns={"measured_s": "half_s"})
+    pairs = f.merge(half, on=keys, how="inner")
+    pairs = pairs[pairs["half_s"] >= HEAD_DIM_WORK_S]
+    for key, grp in pairs.groupby(by, dropna=False):
+        if np.median(grp["measured_s"] / grp["half_s"]) < min_ratio:
+            rows = np.ones(len(frame), dtype=bool)
+            for col, value in zip(by, key, strict=True):
+                rows &= frame[col].to_numpy() == value
+            out |= rows
+    return out
+
+
 def head_dim_ignored(frame: pd.DataFrame) -> np.ndarray:
     """Attention rows of a table (GPU, library, kind, KV dtype) whose head dimension d the call did
     not apply: the table's calls at d take the median time of the same calls at d / 2, where those
@@ -311,22 +331,10 @@ def head_dim_ignored(frame: pd.DataFrame) -> np.ndarray:
     FlashInfer's d = 256 rows on RTX PRO 6000 (decode and prefill, bf16 and fp8 caches) take the time
     of their d = 128 twins to the percent at every size, where FlashAttention's on the same GPU take
     1.9x; some are faster than reading their cache allows."""
-    out = np.zeros(len(frame), dtype=bool)
     if not len(frame) or "d" not in frame:
-        return out
+        return np.zeros(len(frame), dtype=bool)
     table = ["gpu", "library", "kind", "kv_bytes"]
-    call = ["b", "h", "hk", "n_q", "n_kv"]
-    f = frame[table + call + ["d", "measured_s"]].assign(pos=np.arange(len(frame)))
-    half = f.assign(d=f["d"] * 2.0).rename(columns={"measured_s": "half_s"}).drop(columns="pos")
-    pairs = f.merge(half, on=table + call + ["d"], how="inner")
-    pairs = pairs[pairs["half_s"] >= HEAD_DIM_WORK_S]
-    for key, grp in pairs.groupby(table + ["d"], dropna=False):
-        if np.median(grp["measured_s"] / grp["half_s"]) < HEAD_DIM_MIN_RATIO:
-            rows = np.ones(len(f), dtype=bool)
-            for col, value in zip(table + ["d"], key, strict=True):
-                rows &= f[col].to_numpy() == value
-            out |= rows
-    return out
+    return _doubling_ignored(frame, "d", ["b", "h", "hk", "n_q", "n_kv"], table + ["d"], HEAD_DIM_MIN_RATIO)
 
 
 QUERY_HEADS_MIN_RATIO = 1.2  # the least median time ratio of prefill calls with 2h query heads over h
@@ -343,24 +351,12 @@ def query_heads_ignored(frame: pd.DataFrame) -> np.ndarray:
     elsewhere stay within 1.3x of it, and many above the datasheet peak. The rows with
     h = h_kv keep their shape's work and stay. (Decode is exempt: its time is its cache's bytes,
     which the query heads do not change.)"""
-    out = np.zeros(len(frame), dtype=bool)
     if not len(frame) or "h" not in frame:
-        return out
-    table = ["gpu", "library", "kind", "kv_bytes", "d"]
-    call = ["b", "hk", "n_q", "n_kv"]
-    f = frame[table + call + ["h", "measured_s"]]
-    f = f[frame["kind"].to_numpy() == "prefill-attention"]
-    half = f.assign(h=f["h"] * 2.0).rename(columns={"measured_s": "half_s"})
-    pairs = f.merge(half, on=table + call + ["h"], how="inner")
-    pairs = pairs[pairs["half_s"] >= HEAD_DIM_WORK_S]
+        return np.zeros(len(frame), dtype=bool)
+    prefill = frame["kind"].to_numpy() == "prefill-attention"
     packed = frame["h"].to_numpy(float) > frame["hk"].to_numpy(float)
-    for key, grp in pairs.groupby(table, dropna=False):
-        if np.median(grp["measured_s"] / grp["half_s"]) < QUERY_HEADS_MIN_RATIO:
-            rows = packed & (frame["kind"].to_numpy() == "prefill-attention")
-            for col, value in zip(table, key, strict=True):
-                rows &= frame[col].to_numpy() == value
-            out |= rows
-    return out
+    table = ["gpu", "library", "kind", "kv_bytes", "d"]
+    return prefill & packed & _doubling_ignored(frame, "h", ["b", "hk", "n_q", "n_kv"], table, QUERY_HEADS_MIN_RATIO, pairs_from=prefill)
 
 
 def device_of(frame: pd.DataFrame, profiles: dict[str, HardwareProfile]) -> Dev:

@@ -454,24 +454,19 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     programs = b * hk * q_blocks * splits
     heads = hk
     context = ~decode & np.isin(dev.generation, TRTLLM_GENERATIONS)
-    if context.any():  # TensorRT-LLM's context kernels (...Q128Kv128PersistentContext): each query head's tokens by 128, K/V by 128, no split
-        ctx_q_blocks, ctx_total, ctx_most = _causal_blocks(n_q, n_kv, np.full(b.shape, 128.0), np.full(b.shape, 128.0))
-        br, bc = np.where(context, 128.0, br), np.where(context, 128.0, bc)
-        total, most = np.where(context, ctx_total, total), np.where(context, ctx_most, most)
-        splits = np.where(context, 1.0, splits)
-        programs = np.where(context, b * h * ctx_q_blocks, programs)
-        heads = np.where(context, h, hk)
     sm90 = ~decode & np.isin(dev.generation, FLASHINFER_SM90_GENERATIONS) & (np.asarray(kv_bytes, dtype=float) >= 2)
-    stages = np.where(context, TRTLLM_CONTEXT_TILES_PER_STEP, 1.0)
-    if sm90.any():  # FlashInfer's FlashAttention-3 prefill: one query head's tokens per tile, no split
+    per_head = context | sm90
+    if per_head.any():  # kernels that tile each query head's tokens, unpacked and unsplit: TensorRT-LLM's
+        # context kernels (...Q128Kv128PersistentContext: 128 by 128) and FlashInfer's FlashAttention-3 prefill
         br90, bc90 = _flashinfer_sm90_tiles(d)
-        q90, total90, most90 = _causal_blocks(n_q, n_kv, br90, bc90)
-        br, bc = np.where(sm90, br90, br), np.where(sm90, bc90, bc)
-        total, most = np.where(sm90, total90, total), np.where(sm90, most90, most)
-        splits = np.where(sm90, 1.0, splits)
-        programs = np.where(sm90, b * h * q90, programs)
-        heads = np.where(sm90, h, heads)
-        stages = np.where(sm90, FLASHINFER_SM90_STAGES, stages)
+        head_br, head_bc = np.where(context, 128.0, br90), np.where(context, 128.0, bc90)
+        head_q_blocks, head_total, head_most = _causal_blocks(n_q, n_kv, head_br, head_bc)
+        br, bc = np.where(per_head, head_br, br), np.where(per_head, head_bc, bc)
+        total, most = np.where(per_head, head_total, total), np.where(per_head, head_most, most)
+        splits = np.where(per_head, 1.0, splits)
+        programs = np.where(per_head, b * h * head_q_blocks, programs)
+        heads = np.where(per_head, h, hk)
+    stages = np.select([context, sm90], [TRTLLM_CONTEXT_TILES_PER_STEP, FLASHINFER_SM90_STAGES], 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
                 copies=np.zeros(b.shape), persistent=context, specialised=context | planner | sm90, stages=stages)  # fmt: skip
 
@@ -547,5 +542,5 @@ def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm
     dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.zeros(1, dtype=bool), np.full(1, np.nan), {},
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
-    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape))
+    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes)
     return 2 + (g["splits"] > 1) + g["copies"] + fp8_attention(library, dev_like.generation, kv_bytes)
