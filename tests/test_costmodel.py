@@ -579,6 +579,62 @@ def test_a_split_k_call_pays_for_its_reduction_step_once():
     assert time(4096, 4096, 1024, 10.0) == time(4096, 4096, 1024, 0.0)
 
 
+def test_small_gemms_run_unsplit_on_ada_and_rtx_blackwell_and_their_k_loop_is_a_chain_of_steps():
+    """cuBLAS on sm89 and sm120 runs a GEMM of fewer than 2^21 multiply-adds unsplit unless k > 8192
+    (m >= 2; m = 1 takes its matrix-vector path), and such a call's one program walks all of k at
+    t_k_ns per element of k (per 100 KiB of shared memory, half of it per fp8 element): the L40S and
+    RTX PRO 6000 tables put m = 2, n = 32 at 35 us for k = 8192 and 5 us for k = 10240. A100 splits
+    the same call."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    def timer(gpu, smem_scale=1.0):
+        hw = load_profile(gpu)
+        dev = Dev.of([hw.model_copy(update={"sram_bytes_per_sm": int(hw.sram_bytes_per_sm * smem_scale)})])
+        P = Fitted.start("gemm").values(dev.generation)
+
+        def time(m, n, k, t_k_ns=4.0, dtype="bf16"):
+            return kernels.gemm_time({**P, "t_k_ns": np.array([t_k_ns])}, dev, m, n, k, dtype)[0]
+
+        return time
+
+    # differences within 10%: the tile configs that tie on the chain pull the soft minimum below it
+    for gpu in ("l40s", "rtx-pro-6000-blackwell-server"):  # 100 KiB of shared memory per SM
+        time = timer(gpu)
+        assert time(2, 32, 8192) - time(2, 32, 4096) == pytest.approx(4096 * 4e-9, rel=0.1)
+        assert time(2, 32, 8192, t_k_ns=8.0) - time(2, 32, 8192) == pytest.approx(8192 * 4e-9, rel=0.1)
+        assert time(8, 256, 1000, t_k_ns=80.0) - time(8, 256, 1000, t_k_ns=40.0) == pytest.approx(1000 * 40e-9, rel=0.1)  # just under 2^21
+        assert time(2, 32, 10240) < 0.5 * time(2, 32, 8192)  # past k = 8192 it splits again
+        assert time(8, 256, 1024, t_k_ns=80.0) < 0.7 * time(8, 256, 1000, t_k_ns=80.0)  # 2^21 multiply-adds: split
+        assert time(1, 32, 8192) < 0.5 * time(2, 32, 8192)  # the matrix-vector path
+    l40s = timer("l40s")
+    # an fp8 step is as deep in bytes as a bf16 one: half the time per element of k
+    assert l40s(16, 64, 8192, t_k_ns=8.0, dtype="fp8") - l40s(16, 64, 8192, dtype="fp8") == pytest.approx(8192 * 2e-9, rel=0.1)
+    # twice the shared memory holds twice the stages in flight: half the time per step
+    assert l40s(2, 32, 8192, t_k_ns=8.0) - timer("l40s", smem_scale=2.0)(2, 32, 8192, t_k_ns=8.0) == pytest.approx(8192 * 4e-9, rel=0.1)
+    assert timer("a100")(2, 32, 8192) < 0.5 * l40s(2, 32, 8192)
+
+
+def test_the_matrix_vector_path_reduces_its_slices_without_a_reduction_step():
+    """m = 1 on sm89 and sm120 takes cuBLAS's matrix-vector kernels, which split k and reduce inside
+    the kernel: its split calls pay no t_split_us (the L40S and RTX PRO 6000 tables measure m = 1,
+    n <= 128 at 2-4 us up to k = 16384, 2-3x under m = 2); on A100 the same call pays it."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    for gpu, pays in (("l40s", False), ("rtx-pro-6000-blackwell-server", False), ("a100", True)):
+        dev = Dev.of([load_profile(gpu)])
+        P = Fitted.start("gemm").values(dev.generation)
+
+        def time(m, t_split_us, dev=dev, P=P):
+            return kernels.gemm_time({**P, "t_split_us": np.array([t_split_us])}, dev, m, 64, 16384)[0]
+
+        assert (time(1, 5.0) - time(1, 0.0) > 1e-6) == pays
+        assert time(2, 5.0) - time(2, 0.0) > 1e-6  # m = 2 past k = 8192 splits and reduces
+
+
 def test_an_sms_operand_stream_grows_with_the_shared_memory_its_pipeline_fills():
     """One SM streams operands at the bytes its pipeline keeps in flight over the memory latency,
     and the stages fill its shared memory: a GEMV over 64 MiB of weights on GB200 (228 KiB per SM)

@@ -9,7 +9,8 @@ GEMM [m, k] @ [k, n] (cuBLAS/CUTLASS as vLLM calls them). For a tile config (B_M
     tiles  T = ceil(m / B_M) ceil(n / B_N) s,      waves w = ceil(T / S)
     tile   t = max(2 B_M B_N k_s / (f_mma P_mma / S),  (B_M + B_N) k_s e / (load_bpf P_bf16 / S))
                + (1 - overlap) B_M B_N e_C / (BW f_bw / min(T, S))  + c_tile / f
-    time     max(w t, DRAM bytes / (f_bw BW), operand bytes / (min(T, S) bw_sm smem / 100 KiB))
+    time     max(w t, DRAM bytes / (f_bw BW), operand bytes / (min(T, S) bw_sm smem / 100 KiB),
+                 k_s (e / 2) t_k / (smem / 100 KiB))
                + [split-K: the fp32 partials' traffic and the reduction step's t_split]
     then slowed by the board's power limit where the MMAs draw more than the TDP (`power_limited`)
 B_M also takes 32 for bf16 (small-M kernels), whose tiles fetch only the rows inside the matrix.
@@ -19,7 +20,12 @@ of it (`bw_sm`): an SM of Hopper or Blackwell (228 KiB) keeps 2.3x the bytes in 
 Ada or RTX Blackwell (100 KiB), as its share of DRAM bandwidth asks. A split-K call ends with a
 reduction of the slices' partials that no slice can start before the others are done (cuBLAS's
 second, reducing kernel or the last slice's fix-up): a fixed `t_split_us` on top of the partials'
-traffic, so the library splits only where the parallelism it gains pays for it.
+traffic, so the library splits only where the parallelism it gains pays for it. A program's k
+loop is a chain of steps, each waiting on its loads: whatever its tile, it spends at least t_k per
+element of k, a memory latency over the stages the shared memory holds (a step is a fixed number of
+bytes deep, so an fp8 element costs half). It binds where few programs walk a long k: cuBLAS on Ada
+and RTX Blackwell keeps calls under 2^21 multiply-adds unsplit up to k = 8192 (`NO_SPLIT_GENERATIONS`),
+and its matrix-vector path (m = 1 there) reduces its slices inside the kernel, with no t_split.
 Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/w8a8/cutlass) never split K (s = 1)
 and take the tile their dispatch gives for (m, n) where it is known and used (`scaled_mm_tile`: Ada),
 else the best of B_M >= 64 on TMA-fed GPUs; on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
@@ -65,8 +71,17 @@ OVERLAP_POWER = 6.0  # two overlapped activities take (a^p + b^p)^(1/p): their m
 def overlapped(a, b):
     """The time of two activities that overlap: a smooth maximum (exact when one dominates)."""
     hi = np.maximum(a, b)
-    lo = np.minimum(a, b)
-    return hi * (1.0 + (lo / np.maximum(hi, 1e-300)) ** OVERLAP_POWER) ** (1.0 / OVERLAP_POWER)
+    r = np.minimum(a, b) / np.maximum(hi, 1e-300)
+    if OVERLAP_POWER == 6.0 and isinstance(r, np.ndarray) and r.ndim:  # the same, in place by products and roots (a third faster)
+        np.multiply(r, r, out=r)
+        x = r * r
+        x *= r
+        x += 1.0
+        np.sqrt(x, out=x)
+        np.cbrt(x, out=x)
+        x *= hi
+        return x
+    return hi * (1.0 + r**OVERLAP_POWER) ** (1.0 / OVERLAP_POWER)
 
 
 def resident(working_set_bytes, cache_bytes):
@@ -111,6 +126,15 @@ SCALED_MM_MIN_TILE_M_C3X = 64  # a TMA-fed generation without a dispatch table b
 GEMM_TILES_N = (64, 128, 256)
 GEMM_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 UNQUANTIZED = ("bf16", "fp16")
+# cuBLAS on Ada and RTX Blackwell (sm89, sm120) runs a GEMM of fewer than 2^21 multiply-adds (m n k)
+# unsplit, one program per tile walking all of k, unless k is past 8192; m = 1 takes its matrix-vector
+# path instead. Each GPU's table shows it alone: on L40S and on RTX PRO 6000 a bf16 GEMM with
+# 2 <= m <= 16 and n <= 512 takes ~2 us + 4.1 ns per element of k up to the first k where m n k
+# reaches 2^21 (or k = 10240), and 3.5-5.6 us there (m = 2, n = 32: 35.1 us at k = 8192, 5.1-5.5
+# at 10240; m = 4, n = 128: 16.4-16.8 us at 3584, 4.0-4.4 at 4096). A100 and GB200 split such calls.
+NO_SPLIT_GENERATIONS = ("ada", "blackwell-rtx")
+NO_SPLIT_MULTIPLY_ADDS = 2.0**21
+NO_SPLIT_MAX_K = 8192
 
 
 def _configs(tiles_m, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -212,12 +236,21 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     stream = (A * (1 - hit_a) + W * (1 - hit_w) + l2_bytes / P["l2_speedup"]) / (active * bw_sm)
     memory = overlapped(np.maximum(dram_bytes / bw, stream), l2_bytes / l2_rate(dev, P["f_l2"], bw))
     t = overlapped(waves * tile, memory)
+    # a program's k loop is a chain of dependent steps (load, then MMA), each a memory latency over the
+    # stages in flight, whatever the tile's size or the SM's rate: stages fill the shared memory, and a
+    # step's depth is a number of bytes per row (twice the elements in fp8), so per element of k
+    t = overlapped(t, ks * (e / 2.0) * P["t_k_ns"] * 1e-9 * OCCUPANCY_SMEM / dev.sram_bytes_per_sm)
     # split-K: fp32 partials written and read back for the reduction, through L2 when they fit, and the
     # reduction step's own fixed time (it waits for every slice)
-    t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw + P["t_split_us"] * 1e-6, 0.0)
+    small_lib = np.isin(dev.generation, NO_SPLIT_GENERATIONS) if unquantized else np.zeros(np.shape(m), dtype=bool)
+    gemv = small_lib & (m == 1)  # the matrix-vector path reduces its slices inside the kernel: no reduction step
+    t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw + np.where(gemv, 0.0, P["t_split_us"] * 1e-6), 0.0)
     # the library's heuristics split K only into slices of at least ~k_slice (a smooth penalty)
     t = t * np.where(split, 1.0 + (P["k_slice"] / ks) ** 4, 1.0)
-    if not unquantized:  # the dispatch table's tile where the generation has one, else the best at least 64 rows high on TMA-fed GPUs
+    if unquantized:  # small calls the library keeps unsplit (NO_SPLIT_GENERATIONS)
+        whole = small_lib & (m > 1) & (m * n * k < NO_SPLIT_MULTIPLY_ADDS) & (k <= NO_SPLIT_MAX_K)
+        t = np.where(split & whole, np.inf, t)
+    else:  # the dispatch table's tile where the generation has one, else the best at least 64 rows high on TMA-fed GPUs
         tile_m, tile_n = scaled_mm_tile(dev.generation, m, n, dtype)
         table = np.isfinite(tile_m)
         other = np.where(table, (bm != tile_m) | (bn != tile_n), (bm < SCALED_MM_MIN_TILE_M_C3X) & dev.tma)
@@ -244,7 +277,7 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
     memory and of leakage, which does not follow the clock, makes it less, and 2 is taken. Above
     the limit the clock falls by D^(1/POWER_EXPONENT) and the kernel takes that much longer. One
     e_mma serves every GPU: at the shipped fit (1.4 pJ) a sustained 8192^3 bf16 GEMM takes 1.04x
-    its unthrottled time on RTX PRO 6000, 1.07x on A100, 1.15x on L40S and 1.65x on GB200; the
+    its unthrottled time on RTX PRO 6000, 1.06x on A100, 1.15x on L40S and 1.63x on GB200; the
     tables show compute-bound GEMMs past 1 ms slowing by ~10% on L40S and ~25% on GB200 and not
     at all on the other two (whose per-generation MMA efficiency takes up the difference).
 

@@ -61,6 +61,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile: prologue, pipeline fill, epilogue", True),
         Param("overlap", "fraction", 0.5, 0.0, 1.0, "of a tile's epilogue (writing C) hidden behind the next tile's main loop", True),
         Param("k_slice", "elements", 256.0, 16.0, 8192.0, "the shortest K slice the library's heuristics split K into (cuBLAS ships heuristics per architecture)", True),
+        Param("t_k_ns", "ns", 3.0, 0.01, 50.0, "least time a program's k loop spends per element of k: one step's load-to-MMA latency over the stages in flight (memory latency, so in seconds, not cycles)"),
         Param("t_split_us", "us", 1.0, 0.0, 10.0, "fixed time of a split-K call's reduction of its slices' partials (a second kernel, or the last slice's wait and fix-up)"),
         Param("u_l2", "fraction", 0.7, 0.05, 1.0, "of the L2 that holds operands between calls"),
         Param("f_l2", "fraction", 0.2, 0.01, 1.0, "of the L2 bandwidth operands resident there stream at"),
