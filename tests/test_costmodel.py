@@ -619,7 +619,8 @@ def test_small_gemms_run_unsplit_on_ada_and_rtx_blackwell_and_their_k_loop_is_a_
 def test_the_matrix_vector_path_reduces_its_slices_without_a_reduction_step():
     """m = 1 on sm89 and sm120 takes cuBLAS's matrix-vector kernels, which split k and reduce inside
     the kernel: its split calls pay no t_split_us (the L40S and RTX PRO 6000 tables measure m = 1,
-    n <= 128 at 2-4 us up to k = 16384, 2-3x under m = 2); on A100 the same call pays it."""
+    n <= 128 at 2-6 us up to k = 16384, 2-3x under m = 2 where that walks k unsplit); on A100 the
+    same call pays it."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
     from simulator.gpu_model.params import Fitted
