@@ -579,6 +579,22 @@ def test_a_split_k_call_pays_for_its_reduction_step_once():
     assert time(4096, 4096, 1024, 10.0) == time(4096, 4096, 1024, 0.0)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(*[st.one_of(st.just(0.0), st.floats(1e-9, 1e3))] * 2), min_size=1, max_size=20))  # times in seconds
+def test_two_overlapped_activities_take_their_smooth_maximum_and_leave_their_inputs_alone(pairs):
+    """overlapped(a, b) = (a^6 + b^6)^(1/6), computed in place on arrays: the same number as the
+    formula, for arrays and scalars, and its arguments unchanged."""
+    from simulator.gpu_model.kernels import OVERLAP_POWER, overlapped
+
+    a, b = (np.array(x, dtype=float) for x in zip(*pairs, strict=True))
+    a0, b0 = a.copy(), b.copy()
+    want = (a**OVERLAP_POWER + b**OVERLAP_POWER) ** (1.0 / OVERLAP_POWER)
+    assert np.allclose(overlapped(a, b), want, rtol=1e-12, atol=0.0)
+    assert np.array_equal(a, a0) and np.array_equal(b, b0)
+    assert overlapped(float(a[0]), float(b[0])) == pytest.approx(float(want[0]), rel=1e-12, abs=0.0)
+    assert np.all(overlapped(a, b) >= np.maximum(a, b)) and np.all(overlapped(a, b) <= 2.0 ** (1.0 / OVERLAP_POWER) * np.maximum(a, b) * (1 + 1e-12))
+
+
 def test_small_gemms_run_unsplit_on_ada_and_rtx_blackwell_and_their_k_loop_is_a_chain_of_steps():
     """cuBLAS on sm89 and sm120 runs a GEMM of fewer than 2^21 multiply-adds unsplit unless k > 8192
     (m >= 2; m = 1 takes its matrix-vector path), and such a call's one program walks all of k at

@@ -71,8 +71,9 @@ OVERLAP_POWER = 6.0  # two overlapped activities take (a^p + b^p)^(1/p): their m
 def overlapped(a, b):
     """The time of two activities that overlap: a smooth maximum (exact when one dominates)."""
     hi = np.maximum(a, b)
-    r = np.minimum(a, b) / np.maximum(hi, 1e-300)
-    if OVERLAP_POWER == 6.0 and isinstance(r, np.ndarray) and r.ndim:  # the same, in place by products and roots (a third faster)
+    r = np.minimum(a, b)
+    if OVERLAP_POWER == 6.0 and isinstance(r, np.ndarray) and r.ndim and r.dtype.kind == "f":  # the same, in place (a third faster)
+        r /= np.maximum(hi, 1e-300)
         np.multiply(r, r, out=r)
         x = r * r
         x *= r
@@ -81,7 +82,7 @@ def overlapped(a, b):
         np.cbrt(x, out=x)
         x *= hi
         return x
-    return hi * (1.0 + r**OVERLAP_POWER) ** (1.0 / OVERLAP_POWER)
+    return hi * (1.0 + (r / np.maximum(hi, 1e-300)) ** OVERLAP_POWER) ** (1.0 / OVERLAP_POWER)
 
 
 def resident(working_set_bytes, cache_bytes):
@@ -216,10 +217,15 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     hit_w = resident(A + C + weight_copies * W, l2)
     kernel_s = P["c_kernel"] * np.where(dev.tma, P["x_tma"], 1.0) / f + P["t_kernel_us"] * 1e-6
     # every tile config at once: configs along axis 0, rows along axis 1
-    bm, bn, s = (c[:, None] for c in (_GEMM_CONFIGS if unquantized else _UNSPLIT_CONFIGS))
+    configs = _GEMM_CONFIGS if unquantized else _UNSPLIT_CONFIGS
+    bm, bn, s = (c[:, None] for c in configs)
+    # what depends on the split alone is computed once per split count and gathered (`at`): the same numbers
+    splits, at = np.unique(configs[2], return_inverse=True)
+    s_only = splits[:, None]
     split = s > 1
     tiles = np.ceil(m / bm) * np.ceil(n / bn) * s
-    ks = np.ceil(k / s)
+    ks_only = np.ceil(k / s_only)
+    ks = ks_only[at]
     waves = np.ceil(tiles / S)
     active = np.minimum(tiles, S)
     t_mma = 2.0 * bm * bn * ks / mma
@@ -244,9 +250,10 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     # reduction step's own fixed time (it waits for every slice)
     small_lib = np.isin(dev.generation, NO_SPLIT_GENERATIONS) if unquantized else np.zeros(np.shape(m), dtype=bool)
     gemv = small_lib & (m == 1)  # the matrix-vector path reduces its slices inside the kernel: no reduction step
-    t = t + np.where(split, (2.0 * s * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s * m * n, l2)) / bw + np.where(gemv, 0.0, P["t_split_us"] * 1e-6), 0.0)
+    reduction = (2.0 * s_only * 4.0 * m * n + C) * (1 - resident(A + W + C + 8.0 * s_only * m * n, l2)) / bw + np.where(gemv, 0.0, P["t_split_us"] * 1e-6)
+    t = t + np.where(split, reduction[at], 0.0)
     # the library's heuristics split K only into slices of at least ~k_slice (a smooth penalty)
-    t = t * np.where(split, 1.0 + (P["k_slice"] / ks) ** 4, 1.0)
+    t = t * np.where(split, (1.0 + (P["k_slice"] / ks_only) ** 4)[at], 1.0)
     if unquantized:  # small calls the library keeps unsplit (NO_SPLIT_GENERATIONS)
         whole = small_lib & (m > 1) & (m * n * k < NO_SPLIT_MULTIPLY_ADDS) & (k <= NO_SPLIT_MAX_K)
         t = np.where(split & whole, np.inf, t)
@@ -257,7 +264,9 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
         t = np.where(other, np.inf, t)
     L = np.log(t)
     low = L.min(axis=0)
-    soft = low - np.log(np.exp(-SOFTMIN_SHARPNESS * (L - low)).sum(axis=0)) / SOFTMIN_SHARPNESS
+    L -= low
+    L *= -SOFTMIN_SHARPNESS
+    soft = low - np.log(np.exp(L, out=L).sum(axis=0)) / SOFTMIN_SHARPNESS
     first_load = P["t_dram_us"] * 1e-6 * (1.0 - hit_w * hit_a)
     t = np.exp(soft) + kernel_s + first_load
     return power_limited(P, dev, t, 2.0 * m * n * k, dev.peak(peak_dtype), None if repeats is None else repeats * t)
