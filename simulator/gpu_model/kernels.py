@@ -35,7 +35,8 @@ log-sum-exp in log time, smooth for the fit; configs that nearly tie pull it bel
 the bf16 tables at the shipped fit it sits 2.5% below the hard minimum in the median, 7.3% at the
 90th percentile, 13% at most, and the fitted efficiencies absorb that: at 100 for 30 the bf16
 leave-one-GPU-out errors went 9.41, 12.04, 14.19, 14.91% -> 9.78, 12.22, 14.20, 14.99% on A100,
-GB200, L40S, RTX PRO 6000, and at 20 they moved by 0.25 points at most).
+GB200, L40S, RTX PRO 6000, and at 20 they moved by 0.25 points at most; a softmin-weighted mean
+of the configs' log times, which ties leave at the best one, gave 10.05, 12.07, 14.53, 15.06%).
 DRAM bytes are the compulsory A, W, C minus what stays L2-resident between calls (`resident`); the
 resident bytes stream at the L2's rate, never slower than DRAM's (`l2_rate`).
 
