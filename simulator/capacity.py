@@ -39,7 +39,7 @@ from simulator.errors import UserError
 from simulator.forward import kv_bytes_per_token, weight_bytes
 from simulator.hardware import DTYPE_BYTES, HardwareProfile, load_profile
 from simulator.models import BUILTIN_MODELS, ModelSpec, load_model
-from simulator.plan import DEFAULT_ALPHA
+from simulator.plan import DEFAULT_ALPHA, format_provenance, kernel_model_of
 from simulator.serving import (
     BLOCK_TOKENS,
     MEMORY_UTILIZATION,
@@ -618,6 +618,7 @@ def search(
         "binding_constraint": None if recommendation else (closest or {}).get("binding"),
         "speculation_stops_paying": _crossover(query, draft_specs, recommendation or closest, rows),
         "assumptions": assumptions(query, draft_specs),
+        "kernel_model": kernel_model_of(query.hw),
     }
     report["verdict"] = verdict(report)
     return report
@@ -751,6 +752,7 @@ def format_search(report: dict, top: int = 20) -> str:
         f"Capacity plan: {report['model']} on {report['gpu']} ({report['dtype']}), {report['rate_per_s']:g} requests/s, "
         f"prompt {report['prompt_len']}, output {report['output_len']} tokens",
         f"SLO: {_slo_text(report)}; at most {report['max_gpus']} GPUs",
+        *([f"Kernels: {format_provenance(report['gpu'], report['kernel_model'])}"] if report.get("kernel_model") else []),
         f"Space: {report['candidates_total']} candidates: replicas x tensor parallel {', '.join(map(str, sp['tp_degrees']))}; "
         f"drafts {', '.join(sp['drafts'])} (layer-skip keeps {sp['layer_skip_fraction']:.0%} of the layers); "
         f"gamma {', '.join(map(str, sp['gammas']))}; max batch {', '.join(map(str, sp['max_batches']))}",

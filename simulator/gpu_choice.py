@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from simulator.errors import UserError
 from simulator.hardware import load_profile
+from simulator.plan import fitted_on_text, standing_text
 
 S_PER_HOUR = 3600.0
 
@@ -108,6 +109,7 @@ def cross_report(reports: dict[str, dict], prices: dict[str, float]) -> dict:
         "max_gpus": first["max_gpus"],
         "prices_usd_per_gpu_hour": prices,
         **compare(reports, prices),
+        "kernel_model": {name: r.get("kernel_model") for name, r in reports.items()},
         "searches": reports,
     }
     report["verdict"] = verdict(report)
@@ -146,6 +148,9 @@ def format_cross(report: dict) -> str:
             f"{'-' if e['usd_per_gpu_hour'] is None else format(e['usd_per_gpu_hour'], '.4g'):>9} "
             f"{'-' if cheap is None else format(cheap['usd_per_million_output_tokens'], '.3g'):>9}  {'-' if cheap is None else cheap['deployment']}"
         )
+    models = {name: km for name, km in report.get("kernel_model", {}).items() if km}
+    if models:
+        lines += ["", f"Kernel model {fitted_on_text(next(iter(models.values())))}: " + "; ".join(standing_text(name, km) for name, km in models.items())]
     lines += ["", *(f"{e['gpu']}: {e['verdict']}" for e in report["per_gpu"] if not e["meets_slo"])]
     lines.append("Answer: " + report["verdict"])
     lines += [f"Plot: {path}" for path in report.get("plots", [])]

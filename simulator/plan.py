@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 
 from simulator.attention import attention_summary
+from simulator.device_model import device_model
 from simulator.errors import UserError
 from simulator.forward import forward, kv_bytes_per_token, step_time_s, weight_bytes
 from simulator.hardware import DTYPE_BYTES, HardwareProfile
@@ -170,7 +171,34 @@ def build_plan(
         "verify_compute_bound_from_tokens": memory_bound_until_tokens(target, hw, dtype),
         "attention": attention_summary(batch, target.n_heads, prompt_len, target.d_head, hw, causal=True, dtype=dtype),
         "intervals": intervals,
+        "kernel_model": kernel_model_of(hw),
     }
+
+
+def kernel_model_of(hw: HardwareProfile) -> dict | None:
+    """Where a GPU stands with the shipped kernel model's fit (`GpuDeviceModel.provenance`); None
+    for a CPU profile, which the kernel model does not price."""
+    return device_model(hw).provenance() if hw.kind == "gpu" else None
+
+
+def fitted_on_text(kernel_model: dict) -> str:
+    """`fitted on A100-80GB-SXM, GB200, ...`: the GPUs whose tables the kernel model was fitted on."""
+    return f"fitted on {', '.join(kernel_model['fitted_on']) or 'no measured GPU (start values)'}"
+
+
+def standing_text(name: str, kernel_model: dict) -> str:
+    """Where GPU `name` stands with the GPUs the kernel model was fitted on."""
+    if kernel_model["measured"]:
+        return f"{name} is one of them"
+    same = kernel_model["generation_measured_on"]
+    if same:
+        return f"{name} is not: it takes its generation's ({kernel_model['generation']}) values, fitted on {', '.join(same)}"
+    return f"{name} is not, nor is any {kernel_model['generation']} GPU: it takes the values common to every generation"
+
+
+def format_provenance(name: str, kernel_model: dict) -> str:
+    """One line: the GPUs the kernel model was fitted on, and where `name` stands with them."""
+    return f"{fitted_on_text(kernel_model)}; {standing_text(name, kernel_model)}"
 
 
 INTERVAL_LEVEL = 0.8
@@ -203,6 +231,7 @@ def format_plan(plan: dict) -> str:
         f"GPU       {gpu['name']}: {_si(gpu['hbm_bytes_per_s'], 'B/s')} memory bandwidth, "
         f"{_si(gpu['peak_flops_per_s'], 'FLOP/s')} {plan['dtype']} peak, ridge {gpu['ridge_flops_per_byte']:.0f} FLOP/B"
         + (f" (estimates: {', '.join(gpu['estimates'])})" if gpu["estimates"] else ""),
+        *([f"Kernels   {format_provenance(gpu['name'], plan['kernel_model'])}"] if plan.get("kernel_model") else []),
         f"Workload  target {plan['target']}, draft {plan['draft']}, alpha {plan['alpha']:g} (assumed), batch {plan['batch']}, "
         f"prompt {plan['prompt_len']}, output {plan['output_len']} tokens, {plan['dtype']}",
         f"Memory    weights + KV cache {_si(plan['weights_and_kv_bytes'], 'B')} of {_si(gpu['memory_bytes'], 'B')}"

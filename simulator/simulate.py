@@ -161,6 +161,7 @@ def simulate(
             "slo_tpot_s": serving.slo_tpot_s,
             "seed": seed,
             **({"bild" if hasattr(speculation, "rates") else "tree": speculation.summary(target)} if speculation else {}),
+            "kernel_model": plan_lib.kernel_model_of(hw),
         },
         **reports,
     }
@@ -245,6 +246,7 @@ def format_report(report: dict) -> str:
         + (f", speculation off above batch {c['spec_off_above_batch']}" if c["spec_off_above_batch"] is not None else ""),
         f"KV cache ({runs[0]}): {first['capacity_blocks']} blocks x {first['block_tokens']} tokens = {first['capacity_tokens']} tokens",
         "SLO: " + (" and ".join(x for x in slo if x) or "none (goodput counts every completed request)"),
+        *([f"Kernels: {plan_lib.format_provenance(c['gpu'], c['kernel_model'])}"] if c.get("kernel_model") else []),
     ]
     table: list[tuple[str, list[str]]] = []
 

@@ -70,6 +70,38 @@ def test_a_cpu_profile_has_no_interval(capsys, tmp_path):
     code, out, err = run(["plan", "--gpu", str(path), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["intervals"] == {}
+    assert json.loads(out)["kernel_model"] is None  # the GPU kernel model does not price a CPU
+    code, text, _ = run(["plan", "--gpu", str(path)], capsys)
+    assert code == 0 and "\nKernels " not in text
+
+
+def test_plan_says_which_gpus_the_kernel_model_was_fitted_on_and_where_this_one_stands(capsys):
+    """One of them; of a generation one of them has (its fitted values); of one none has (the common values)."""
+    from simulator.gpu_model.model import GpuDeviceModel
+    from simulator.gpu_model.params import load_fitted
+    from simulator.hardware import load_profile
+
+    shipped = load_fitted()
+    fitted_on = sorted({g for gpus in shipped["gpus"].values() for g in gpus})
+    assert "A100-80GB-SXM" in fitted_on and "L40S" in fitted_on and "H100-SXM" not in fitted_on
+    for gpu, needle in (("a100", "A100-80GB-SXM is one of them"), ("l4", "L4 is not: it takes its generation's (ada) values, fitted on L40S"),
+                        ("h100", "H100-SXM is not, nor is any hopper GPU: it takes the values common to every generation")):  # fmt: skip
+        code, text, _ = run(["plan", "--gpu", gpu], capsys)
+        model_line = text.splitlines()[1]
+        assert code == 0 and model_line.startswith("Kernels   fitted on " + ", ".join(fitted_on) + "; ")
+        assert model_line.endswith(needle), model_line
+    code, out, _ = run(["plan", "--gpu", "l4", "--json"], capsys)
+    assert json.loads(out)["kernel_model"] == {"fitted_on": fitted_on, "measured": False, "generation": "ada", "generation_measured_on": ["L40S"]}
+    # a fit of other GPUs' tables: the same rules over its own list
+    mine = {**shipped, "gpus": {"gemm:bf16": ["L40S", "GB200"], "collective": ["GB200", "A100-80GB-SXM"]}}
+    rtx = GpuDeviceModel.of(load_profile("rtx-4090"), mine).provenance()
+    assert rtx == {"fitted_on": ["A100-80GB-SXM", "GB200", "L40S"], "measured": False, "generation": "ada", "generation_measured_on": ["L40S"]}
+    b200 = GpuDeviceModel.of(load_profile("b200"), mine).provenance()
+    assert not b200["measured"] and b200["generation_measured_on"] == ["GB200"]
+    gb200 = GpuDeviceModel.of(load_profile("gb200"), mine).provenance()
+    assert gb200["measured"] and gb200["generation_measured_on"] == ["GB200"]
+    h100 = GpuDeviceModel.of(load_profile("h100"), {**shipped, "gpus": {"gemm:bf16": ["A100-80GB-SXM", "NO-SUCH-GPU"]}}).provenance()
+    assert not h100["measured"] and h100["generation_measured_on"] == []  # a name no profile has counts for no generation
 
 
 def test_plan_options_change_the_answer(capsys):

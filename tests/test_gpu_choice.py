@@ -101,6 +101,13 @@ def test_cli_across_gpu_types_text_and_json(tmp_path):
     assert all((tmp_path / name).is_dir() for name in report["gpus"])
     text = gpu_choice.format_cross(report)
     assert "Answer: fewest GPUs: " in text and "lowest cost: " in text and "USD per million output tokens" in text
+    # where each GPU stands with the kernel model's fit: A100 was measured, no Hopper GPU was
+    assert report["kernel_model"]["A100-80GB-SXM"]["measured"] and not report["kernel_model"]["H100-SXM"]["measured"]
+    assert report["kernel_model"]["H100-SXM"] == report["searches"]["H100-SXM"]["kernel_model"]
+    line = next(x for x in text.splitlines() if x.startswith("Kernel model fitted on "))
+    assert line.endswith(": A100-80GB-SXM is one of them; H100-SXM is not, nor is any hopper GPU: it takes the values common to every generation")
+    single = capacity.format_search(report["searches"]["H100-SXM"])
+    assert "\nKernels: fitted on " in single and "H100-SXM is not, nor is any hopper GPU" in single
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ def test_simulate_text_report(capsys):
         assert needle in out
     assert "simulate" in err  # the progress bar is on stderr
     assert "80% intervals" in out and "TPOT p50" in out
+    assert "\nKernels: fitted on " in out and "A100-80GB-SXM is one of them" in out
 
 
 def test_simulate_without_intervals_runs_once(capsys):
@@ -55,6 +56,7 @@ def test_simulate_json_keys(capsys):
     report = json.loads(out)
     assert set(report) == {"config", "speculative", "autoregressive", "comparison"}
     assert report["config"]["slo_ttft_s"] == 0.2 and report["config"]["slo_tpot_s"] == 0.05
+    assert report["config"]["kernel_model"]["measured"] and report["config"]["kernel_model"]["generation"] == "ampere"
     for name in ("speculative", "autoregressive"):
         run = report[name]
         assert set(run) == {"requests", "duration_s", "latency_s", "throughput", "goodput", "gpu_busy_fraction",

@@ -27,15 +27,16 @@ Every cost carries an 80% interval: its time times exp(+-q), q the 80th percenti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
+from simulator.errors import UserError
 from simulator.gpu_model import collectives, kernels, sources
 from simulator.gpu_model.device import Dev
 from simulator.gpu_model.params import load_fitted
 from simulator.gpu_model.sources import QUANTIZED_OWN
-from simulator.hardware import DTYPE_BYTES, HardwareProfile
+from simulator.hardware import DTYPE_BYTES, HardwareProfile, load_profile
 from simulator.roofline import KernelCost
 
 FLASHINFER_GENERATIONS = ("blackwell",)  # vLLM's default attention backend there (trtllm-gen/FlashInfer kernels)
@@ -52,6 +53,15 @@ OPERATOR_BYTES = {  # bytes moved per element (bf16/fp16 elements): reads + writ
 @lru_cache(maxsize=1)
 def _fitted() -> dict:
     return load_fitted()
+
+
+@cache
+def _generation_of(gpu: str) -> str | None:
+    """The tensor-core generation of a GPU the fit names (None where no profile has that name)."""
+    try:
+        return load_profile(gpu).generation
+    except UserError:
+        return None
 
 
 def interval_class(hw: HardwareProfile):
@@ -81,6 +91,15 @@ class GpuDeviceModel:
             fam = self.fitted["families"][group]
             self._param_memo[group] = {k: np.asarray([v]) for k, v in fam.for_generation(self.hw.generation).items()}
         return self._param_memo[group]
+
+    def provenance(self) -> dict:
+        """Where this GPU stands with the shipped fit: `fitted_on`, the measured GPUs whose tables it
+        was fitted on; `measured`, whether this GPU is one of them; `generation_measured_on`, those
+        of its tensor-core generation, whose fitted values it takes (none: it takes the values
+        common to every generation, and its times are the model's prediction for a GPU it never saw)."""
+        fitted_on = sorted({g for gpus in self.fitted.get("gpus", {}).values() for g in gpus})
+        same = [g for g in fitted_on if _generation_of(g) == self.hw.generation]
+        return {"fitted_on": fitted_on, "measured": self.hw.name in fitted_on, "generation": self.hw.generation, "generation_measured_on": same}
 
     def library(self) -> str:
         return "flashinfer" if self.hw.generation in FLASHINFER_GENERATIONS else "fa2"

@@ -198,8 +198,9 @@ class Fitted:
 
 def load_fitted(path: Path = FITTED_PATH) -> dict:
     """The shipped fit: {"families": {group: Fitted}, "timers": {group: {...}}, "intervals": {kind:
-    {"low", "high"}}, "data": {...}}. A group the file lacks (or a missing file, in a checkout before
-    the first fit) takes every parameter's start value."""
+    {"low", "high"}}, "data": {...}, "gpus": {group: [the GPUs whose tables it was fitted on]}}. A
+    group the file lacks (or a missing file, in a checkout before the first fit) takes every
+    parameter's start value."""
     raw: dict = {}
     if path.exists():
         try:
@@ -209,4 +210,5 @@ def load_fitted(path: Path = FITTED_PATH) -> dict:
     groups = raw.get("groups", {})
     families = {g: Fitted.from_json(f, groups[g]) if g in groups else Fitted.start(f) for g, f in GROUP_FAMILIES.items() if f in FAMILIES}
     timers = {g: groups[g].get("timer", {}) for g in groups}
-    return {"families": families, "timers": timers, "intervals": raw.get("intervals", {}), "data": raw.get("data", {})}
+    gpus = {g: list(groups[g].get("gpus", [])) for g in groups}
+    return {"families": families, "timers": timers, "intervals": raw.get("intervals", {}), "data": raw.get("data", {}), "gpus": gpus}
