@@ -283,19 +283,35 @@ def profiles_table(profiles: dict[str, HardwareProfile], dtype: str = "fp16") ->
             "peak_flops_per_s": p.peak_flops(dtype),
             "ridge_flops_per_byte": p.ridge_flops_per_byte(dtype),
             "estimates": len(p.estimates),
+            "kernel_model": kernel_model_of(p),
         }
         for p in profiles.values()
     ]
 
 
+def fit_column(kernel_model: dict | None) -> str:
+    """`measured`, `via L40S` (a measured GPU of its generation), `common` (none: the values common
+    to every generation), `-` on a CPU."""
+    if kernel_model is None:
+        return "-"
+    if kernel_model["measured"]:
+        return "measured"
+    return f"via {', '.join(kernel_model['generation_measured_on'])}" if kernel_model["generation_measured_on"] else "common"
+
+
 def format_profiles(rows: list[dict]) -> str:
     width = max([16, *(len(r["name"]) for r in rows)])
-    head = f"{'name':<{width}} {'SMs':>4} {'SRAM/SM':>8} {'memory':>9} {'bandwidth':>11} {'fp16 peak':>13} {'ridge':>7} {'estimates':>9}  aliases"
+    fits = [fit_column(r.get("kernel_model")) for r in rows]
+    fit_width = max([10, *(len(f) for f in fits)])
+    head = (f"{'name':<{width}} {'SMs':>4} {'SRAM/SM':>8} {'memory':>9} {'bandwidth':>11} {'fp16 peak':>13} {'ridge':>7} {'estimates':>9}  "
+            f"{'kernel fit':<{fit_width}}  aliases")  # fmt: skip
     out = [head]
-    for r in rows:
+    for r, fit in zip(rows, fits, strict=True):
         out.append(
             f"{r['name']:<{width}} {r['sm_count']:>4} {r['sram_bytes_per_sm'] // 1024:>5} KiB "
             f"{r['memory_bytes'] / 2**30:>5.0f} GiB {_si(r['hbm_bytes_per_s'], 'B/s'):>11} {_si(r['peak_flops_per_s'], 'FLOP/s'):>13} "
-            f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}  {', '.join(r['aliases'])}"
+            f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}  {fit:<{fit_width}}  {', '.join(r['aliases'])}"
         )
-    return "\n".join(out)
+    rules = ("kernel fit: measured, the kernel model was fitted on this GPU's tables; via X, on X's, a GPU of its generation, "
+             "whose fitted values it takes; common, on no GPU of its generation: the values common to every generation")  # fmt: skip
+    return "\n".join([*out, "", rules])

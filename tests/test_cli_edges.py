@@ -467,9 +467,11 @@ def test_profiles_shows_every_alias_whole():
 
     code, out, _ = simulator_cli(["profiles"])
     assert code == 0
-    lines = out.splitlines()[1:]
-    for profile, line in zip(shipped_profiles().values(), lines, strict=True):
+    profiles = shipped_profiles()
+    lines = out.splitlines()[1 : len(profiles) + 1]
+    for profile, line in zip(profiles.values(), lines, strict=True):
         assert line.startswith(profile.name + " ") and line.endswith(", ".join(profile.aliases))
+    assert out.splitlines()[len(profiles) + 1 :][-1].startswith("kernel fit: measured, ")  # the column's key, after the table
 
 
 def test_compare_tells_its_configurations_apart_with_units_per_row():

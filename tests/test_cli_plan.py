@@ -143,6 +143,16 @@ def test_profiles_lists_every_device(capsys):
     assert "A100-80GB-SXM" in out and "ridge" in out
 
 
+def test_profiles_say_which_gpus_the_kernel_model_measured_and_which_borrow_a_generation(capsys):
+    code, out, _ = run(["profiles", "--json"], capsys)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["L40S"]["kernel_model"]["measured"] and rows["L4"]["kernel_model"]["generation_measured_on"] == ["L40S"]
+    code, text, _ = run(["profiles"], capsys)
+    cells = {line.split()[0]: line for line in text.splitlines()[1:] if line}
+    assert " measured " in cells["A100-80GB-SXM"] and " via L40S " in cells["L4"] and " via GB200 " in cells["B200"]
+    assert " common " in cells["H100-SXM"] and " common " in cells["MI300X"]
+
+
 def _bad_profile(tmp_path, **change):
     data = yaml.safe_load((PROFILE_DIR / "a100-80gb-sxm.yaml").read_text())
     data.update(change)
