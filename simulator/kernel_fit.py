@@ -51,6 +51,7 @@ class Group:
     timer_params: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()  # groups whose fits (of the same split) its predictions use
     uses_family: Callable[[pd.DataFrame], np.ndarray] | None = None  # rows priced with the group's own parameters (default: all)
+    held: tuple[str, ...] = ()  # family parameters the group's rows never use: held at their start, not fitted
 
     def own_rows(self, frame: pd.DataFrame) -> np.ndarray:
         return self.uses_family(frame) if self.uses_family else np.ones(len(frame), dtype=bool)
@@ -69,13 +70,14 @@ def _predict_gemm(dtype: str):
                 return np.full(len(f), np.nan)
             P = quantized_params(P, ctx["gemm:bf16"].fitted.values(dev.generation))
         out = np.empty(len(f))
-        for framework, idx in f.groupby("framework").indices.items():
-            timer = sources.gemm_timer(framework, dtype)
+        versions = f["version"] if "version" in f else pd.Series("", index=f.index)  # a frame without one: no release known
+        for (framework, version), idx in f.groupby([f["framework"], versions], dropna=False).indices.items():
+            timer = sources.gemm_timer(framework, dtype, version)
             sub = f.iloc[idx]
             Pi = {k: v[idx] for k, v in P.items()}
             di = dev.take(idx)
             t = sources.gemm_call(Pi, di, sub["m"].to_numpy(), sub["n"].to_numpy(), sub["k"].to_numpy(), dtype, timer.weight_copies,
-                                 timer.replays * timer.calls_per_replay)
+                                 timer.replays * timer.calls_per_replay, timer.fp8_quant)
             out[idx] = sources.timed(t, timer, {k: v[idx] for k, v in T.items()}, di)
         return out
 
@@ -151,9 +153,11 @@ def _is(column: str, value: str) -> Callable[[pd.DataFrame], np.ndarray]:
 GROUPS: dict[str, Group] = {
     "gemm:bf16": Group("gemm:bf16", "gemm", ("gemm",), _is("dtype", "bf16"), _predict_gemm("bf16"), ("c_floor",)),
     # quantized GEMMs run on the bf16 GEMM's memory system and tiles: only their MMA rate and kernel
-    # costs (the activation-quantization kernel's included) are their own
+    # costs (the activation quantization's included) are their own; fp8's quantization runs fused or
+    # op by op (no q_rate), the others' in their kernels (no bw_ew): `kernels.quantize_time`
     **{f"gemm:{d}": Group(f"gemm:{d}", "gemm_quantized", ("gemm",), _is("dtype", d), _predict_gemm(d),
-                          ("c_floor", "t_host_us") if d == "fp8_block" else ("c_floor",), needs=("gemm:bf16",))
+                          ("c_floor", "t_host_us") if d == "fp8_block" else ("c_floor",), needs=("gemm:bf16",),
+                          held=("q_rate",) if d == "fp8" else ("bw_ew",))
        for d in ("fp8", "fp8_block", "nvfp4")},  # fmt: skip
     # FlashAttention-2 runs prefill and decode through one kernel (its split-KV kernel): one fit.
     "attention:fa2": Group("attention:fa2", "fa2", ("prefill-attention", "decode-attention"), _is("library", "fa2"), _predict_attention("fa2"), ("c_floor",)),
@@ -428,8 +432,8 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     if not len(frame):
         raise UserError(f"{group.name}: no rows to fit")
     spec = family(group.family)
-    names = [n for n in spec if not spec[n].host]  # fitted in common; a host parameter stays at its start (`params`)
-    fixed = {n: p.start for n, p in spec.items() if p.host}
+    names = [n for n in spec if not spec[n].host and n not in group.held]  # fitted in common; a host parameter stays at its start (`params`)
+    fixed = {n: p.start for n, p in spec.items() if p.host or n in group.held}
     gens = sorted(frame["generation"].unique())
     per_gen = [n for n in spec if spec[n].per_generation] if len(gens) > 0 else []
     dev = device_of(frame, profiles)

@@ -1052,8 +1052,52 @@ def test_activation_quantization_costs_its_per_element_work_whatever_n():
     fast = kernels.quantize_time(P, dev, elements, 1.0)[0]
     assert fast < t and fast >= elements * 3.0 / dev.hbm_bytes_per_s[0]
     P["q_rate"] = np.array([0.5])
-    small_n = [sources.gemm_call(P, dev, 8192.0, 32.0, k, "fp8")[0] for k in (2048.0, 8192.0)]
+    small_n = [sources.gemm_call(P, dev, 8192.0, 32.0, k, "nvfp4")[0] for k in (2048.0, 8192.0)]
     assert small_n[1] / small_n[0] > 3.0
+
+
+def test_fp8_activations_are_quantized_as_the_vllm_release_that_timed_them_does():
+    """vLLM 0.19's fp8 tables show the quantization at its bytes' cost ("fused"); 0.14's show PyTorch's
+    op-by-op reference ("native": 27 bytes per element at the DRAM or L2 rate, no faster than the
+    SMs keep bytes in flight); the quantization kernels of nvfp4 and fp8_block keep their
+    per-element work (`q_rate`), and a serving engine's fp8 is fused."""
+    from simulator.gpu_model import kernels, sources
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+    from simulator.kernel_fit import GROUPS, quantized_params
+
+    assert sources.gemm_timer("vllm", "fp8", "0.14.0").fp8_quant == "native"
+    assert sources.gemm_timer("vllm", "fp8", "0.18.1").fp8_quant == "native"
+    assert sources.gemm_timer("vllm", "fp8", "0.19.0").fp8_quant == "fused"
+    assert sources.gemm_timer("vllm", "fp8", "v0.20.1rc2").fp8_quant == "fused"
+    assert sources.gemm_timer("other", "fp8").fp8_quant == sources.KERNEL_ONLY.fp8_quant == "fused"
+    dev = Dev.of([load_profile("l40s")])
+    P = quantized_params(Fitted.start("gemm_quantized").values(dev.generation), Fitted.start("gemm").values(dev.generation))
+    P["q_rate"] = np.array([0.05])  # slow per-element work: it shows wherever the path pays it
+    fixed = P["c_kernel"][0] / dev.clock_hz[0] + P["t_kernel_us"][0] * 1e-6
+    dram = dev.hbm_bytes_per_s[0] * P["f_bw"][0]
+    big = 8192.0 * 65536.0  # far past the L2
+    fused = kernels.quantize_time(P, dev, big, 1.0, "fused")[0] - fixed
+    assert fused == pytest.approx(big * 3.0 / dram, rel=1e-6)
+    kernel = kernels.quantize_time(P, dev, big, 1.0, "kernel")[0] - fixed
+    assert kernel >= big / (dev.sm_count[0] * dev.clock_hz[0] * 0.05)
+    native = kernels.quantize_time(P, dev, big, 1.0, "native")[0] - fixed
+    assert native == pytest.approx(big * kernels.NATIVE_FP8_QUANT_BYTES / dram, rel=0.02) and kernels.NATIVE_FP8_QUANT_BYTES == 27.0
+    P["bw_ew"] = np.array([1.0])  # 1 GB/s per SM: the SMs' streaming binds
+    assert kernels.quantize_time(P, dev, big, 1.0, "native")[0] - fixed >= big * 27.0 / (dev.sm_count[0] * 1e9)
+    P["bw_ew"] = np.array([400.0])
+    small = 1024.0 * 1024.0  # its fp32 intermediate fits the L2: faster per element than from DRAM
+    assert (kernels.quantize_time(P, dev, small, 1.0, "native")[0] - fixed) / small < native / big
+    # the path is fp8's alone; the harness's release decides it, an engine fuses it
+    gb200 = Dev.of([load_profile("gb200")])
+    Pg = quantized_params(Fitted.start("gemm_quantized").values(gb200.generation), Fitted.start("gemm").values(gb200.generation))
+    for dtype in ("nvfp4", "fp8_block"):
+        kept = sources.gemm_call(Pg, gb200, 4096.0, 32.0, 4096.0, dtype)[0]
+        assert np.isfinite(kept) and sources.gemm_call(Pg, gb200, 4096.0, 32.0, 4096.0, dtype, fp8_quant="native")[0] == kept
+    native_call, fused_call = (sources.gemm_call(P, dev, 8192.0, 32.0, 65536.0, "fp8", fp8_quant=q)[0] for q in ("native", "fused"))
+    assert native_call > 5.0 * fused_call
+    # each group fits only the parameters its rows use
+    assert GROUPS["gemm:fp8"].held == ("q_rate",) and GROUPS["gemm:nvfp4"].held == GROUPS["gemm:fp8_block"].held == ("bw_ew",)
 
 
 def test_flashinfer_decode_plans_like_prefill_except_where_trtllm_kernels_run():

@@ -183,6 +183,26 @@ def test_a_hosts_timer_floor_is_its_own(tmp_path):
     assert few["few_shot"]["A100-80GB-SXM"][kind]["mape"] < 6 < few["leave_one_gpu_out"]["A100-80GB-SXM"][kind]["mape"]
 
 
+def test_a_groups_held_parameters_stay_at_their_start(tmp_path):
+    """A family parameter a group's rows never use (fp8's q_rate, nvfp4's bw_ew) is held at its start
+    instead of fitted: a flat direction would only move the fit's path."""
+    import dataclasses
+
+    from simulator import data
+    from simulator import kernel_fit as kf
+    from simulator.gpu_model.params import family
+
+    folder = write_tables(tmp_path / "data", rows=40, kinds=("collective",))
+    tables = data.load_tables([folder])
+    group = kf.GROUPS["collective"]
+    frame = kf.group_rows(tables.kinds, group, tables.profiles)
+    free = kf.fit_group(group, frame, tables.profiles)
+    start = family("nccl")["c_steps"].start
+    assert free.fitted.common["c_steps"] != pytest.approx(start, rel=1e-3)  # the rows do move it
+    held = kf.fit_group(dataclasses.replace(group, held=("c_steps",)), frame, tables.profiles)
+    assert held.fitted.common["c_steps"] == start
+
+
 def test_a_pcie_hosts_topology_is_its_own_and_an_unmeasured_host_has_none(tmp_path):
     """The factors a PCIe ring pays for leaving a switch or a socket belong to the machine: fitted
     on a host that pays 0.3 for each, that GPU keeps them, while a PCIe GPU the fit never saw (RTX

@@ -309,16 +309,39 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
     return t * (1.0 + felt * (slow - 1.0))
 
 
-def quantize_time(P: Params, dev: Dev, elements, out_bytes_per_element):
-    """A kernel that reads bf16 activations and writes them quantized (fp8 / fp4 with scales): its
-    bytes at the DRAM rate, overlapped with its per-element work at `q_rate` elements per cycle per SM
-    (the quantized family's, where the parameters have it). The tables hold that work: an fp8 GEMM
-    with n = 32 and m k = 67 M takes 0.47 ms on GB200 (0.2 ms on RTX PRO 6000) where reading A once
-    takes 0.02 ms, and it grows with m k whatever n is."""
+# vLLM's fp8 activation quantization (static per-tensor scale) as PyTorch's op-by-op reference,
+# QuantFP8.forward_native, which vLLM runs where its configuration turns custom ops off: x.to(float32)
+# (2 bytes read, 4 written per element), times the scale's reciprocal (4, 4), clamp to the fp8 range
+# (4, 4), .to(fp8) (4, 1). Its first op keeps 6 bytes per element live.
+NATIVE_FP8_QUANT_BYTES = (2.0 + 4.0) + (4.0 + 4.0) + (4.0 + 4.0) + (4.0 + 1.0)
+NATIVE_FP8_QUANT_WORKING_SET = 2.0 + 4.0
+QUANT_PATHS = ("kernel", "fused", "native")
+
+
+def quantize_time(P: Params, dev: Dev, elements, out_bytes_per_element, path: str = "kernel"):
+    """Activations quantized before a scaled-MM GEMM (bf16 in, the dtype and its scales out), by
+    `path`:
+    - "kernel": vLLM's quantization kernel (nvfp4, fp8_block): its bytes at the DRAM rate,
+      overlapped with its per-element work at `q_rate` elements per cycle per SM where the
+      parameters have it;
+    - "fused": its bytes at the DRAM rate and no more: fp8 in the vLLM releases whose tables show it
+      so (`sources.FUSED_FP8_QUANT`; RTX PRO 6000's, vLLM 0.19: ~5 bytes of DRAM traffic per
+      element), and fp8 in a serving engine, whose compiler fuses the quantization into the op
+      before it;
+    - "native": fp8 op by op (`NATIVE_FP8_QUANT_BYTES`), the releases before: their traffic at the
+      DRAM or L2 rate as its working set fits the L2, and no faster than the SMs keep bytes in
+      flight (`bw_ew` per SM). The vLLM 0.14 tables show it: an fp8 GEMM with n = 32 costs 42 ps per
+      element of A on L40S (36 bytes at its DRAM's datasheet rate), 16.5 ps while the fp32
+      intermediate fits its L2, and 6.9 ps on GB200."""
     elements = np.asarray(elements, dtype=float)
-    t = memory_time(elements * (2.0 + out_bytes_per_element), dev, P["f_bw"], 1.0, P["u_l2"])
-    if "q_rate" in P:
-        t = overlapped(t, elements / (dev.sm_count * dev.clock_hz * P["q_rate"]))
+    if path == "native":
+        nbytes = elements * NATIVE_FP8_QUANT_BYTES
+        t = memory_time(nbytes, dev, P["f_bw"], P["f_l2"], P["u_l2"], elements * NATIVE_FP8_QUANT_WORKING_SET)
+        t = overlapped(t, nbytes / (dev.sm_count * P["bw_ew"] * 1e9))
+    else:
+        t = memory_time(elements * (2.0 + out_bytes_per_element), dev, P["f_bw"], 1.0, P["u_l2"])
+        if path == "kernel" and "q_rate" in P:
+            t = overlapped(t, elements / (dev.sm_count * dev.clock_hz * P["q_rate"]))
     return t + P["c_kernel"] / dev.clock_hz + P["t_kernel_us"] * 1e-6
 
 

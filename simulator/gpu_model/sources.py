@@ -15,7 +15,8 @@ of the benchmark. The sources the model knows, from their published harness code
   was closed unmerged, so its `forward` is taken to keep the write).
   Replaying a small graph costs the host and the GPU's front end a fixed time per replay that no
   kernel can go below (`c_floor`, in cycles of the GPU clock: it is ~15-19 k cycles on every GPU
-  measured, 7-12 us); fp8 activations are quantized by a kernel of their own inside the call.
+  measured, 7-12 us); fp8 activations are quantized inside the call, as the release runs it
+  (`FUSED_FP8_QUANT`: op by op before vLLM 0.19, one kernel at its bytes' cost from 0.19 on).
   Both floors are partly the host's, and each GPU's tables were measured on a host of its own, so
   the fit gives the replay floor a deviation per GPU and the eager host time one per kind of host
   CPU (`HOST_TIMER_PARAMS`, `HardwareProfile.host_cpu`), which a GPU the fit never saw inherits
@@ -45,18 +46,31 @@ class Timer:
     eager_host: bool = False  # an eager call whose host work can bound it
     cache_write: bool = True  # an attention call's time includes writing the new tokens' K/V into the cache
     replays: int = 1  # replays run back to back per measurement, warm-up included (how long the GPU works flat out)
+    fp8_quant: str = "fused"  # how an fp8 call's activations are quantized (`kernels.quantize_time`'s path)
 
 
 KERNEL_ONLY = Timer()
 AIC_REPLAYS = 3 + 6  # collector/helper.py `benchmark_with_power`: num_warmups=3 replays, then num_runs=6 timed ones
 
 
-def gemm_timer(framework: str, dtype: str) -> Timer:
+# The first vLLM release whose fp8 GEMM tables show the activation quantization at its bytes' cost
+# (RTX PRO 6000's, 0.19); the tables of 0.14 (L40S, GB200) show PyTorch's op-by-op reference
+# (`kernels.NATIVE_FP8_QUANT_BYTES`), which vLLM runs where its configuration turns custom ops off:
+# the collector's `VllmConfig()` defaults to compiling with inductor, whose default is custom_ops
+# "none", and the benchmarked layer is never compiled. Where between the two releases that changed,
+# the tables do not say; the releases before 0.19 are taken to run the reference.
+FUSED_FP8_QUANT = (0, 19)
+
+
+def gemm_timer(framework: str, dtype: str, version: str = "") -> Timer:
+    """What a GEMM row of `framework` (at `version`) timed, for `dtype`."""
     if framework == "vllm":
         if dtype == "fp8_block":
             return Timer(graph=False, calls_per_replay=1, weight_copies=1, eager_host=True, replays=AIC_REPLAYS)
         copies = 1 if dtype == "nvfp4" else 6
-        return Timer(graph=True, calls_per_replay=copies, weight_copies=copies, replays=AIC_REPLAYS)
+        release = units.release(version)
+        fp8_quant = "fused" if len(release) == 2 and release >= FUSED_FP8_QUANT else "native"
+        return Timer(graph=True, calls_per_replay=copies, weight_copies=copies, replays=AIC_REPLAYS, fp8_quant=fp8_quant)
     return KERNEL_ONLY
 
 
@@ -88,16 +102,18 @@ def timed(device_s, timer: Timer, T: dict, dev: Dev):
     return t
 
 
-QUANTIZED_OWN = ("f_mma", "c_kernel", "t_kernel_us", "c_tile", "load_bpf_c3x", "q_rate")  # a quantized GEMM's own parameters; the rest are the bf16 GEMM's
+QUANTIZED_OWN = ("f_mma", "c_kernel", "t_kernel_us", "c_tile", "load_bpf_c3x", "q_rate", "bw_ew")  # a quantized GEMM's own parameters; the rest are the bf16 GEMM's
 QUANTIZED_OUT_BYTES = {"fp8": 1.0, "fp8_block": 1.0 + 4.0 / 128, "nvfp4": 0.5 + 1.0 / 16}
 
 
-def gemm_call(P: dict, dev: Dev, m, n, k, dtype: str, weight_copies=1.0, repeats=None):
+def gemm_call(P: dict, dev: Dev, m, n, k, dtype: str, weight_copies=1.0, repeats=None, fp8_quant: str = "fused"):
     """Device seconds of one linear layer call in `dtype`: for quantized dtypes the activation
-    quantization kernel (bf16 in, the dtype and its scales out) and the GEMM. `repeats`: how many
-    such calls run back to back (a benchmark's; None: for good, see `kernels.power_limited`)."""
+    quantization (bf16 in, the dtype and its scales out; for fp8 by `fp8_quant`, a path of
+    `kernels.quantize_time`) and the GEMM. `repeats`: how many such calls run back to back (a
+    benchmark's; None: for good, see `kernels.power_limited`)."""
     t = K.gemm_time(P, dev, m, n, k, dtype, weight_copies, repeats)
     if dtype in QUANTIZED_OUT_BYTES:
-        t = t + K.quantize_time(P, dev, np.asarray(m, dtype=float) * np.asarray(k, dtype=float), QUANTIZED_OUT_BYTES[dtype])
+        path = fp8_quant if dtype == "fp8" else "kernel"
+        t = t + K.quantize_time(P, dev, np.asarray(m, dtype=float) * np.asarray(k, dtype=float), QUANTIZED_OUT_BYTES[dtype], path)
     return t
 
