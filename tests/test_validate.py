@@ -397,3 +397,19 @@ def test_a_host_timer_deviation_is_its_host_cpus_and_reaches_gpus_the_fit_never_
     assert values["t_host_us"] == pytest.approx(200.0 * np.exp([-0.4, 0.5, 0.5, -0.4]))
     assert values["c_floor"] == pytest.approx([16000.0, 16000.0, 16000.0 * math.exp(0.1), 16000.0])
     assert list(kf.timer_keys(frame, profiles, "t_host_us")) == ["host:x86-64", "host:grace", "host:grace", "host:x86-64"]
+
+
+def test_a_frames_source_rows_are_its_own_and_grouped_once():
+    """`kernel_fit.source_rows` groups a frame's rows by (framework, version) once per frame (a fit
+    predicts one frame at every step); a frame made after another was dropped, even at its id,
+    gets its own rows."""
+    from simulator import kernel_fit as kf
+
+    f = pd.DataFrame({"framework": ["vllm", "vllm", "x"], "version": ["0.14.0", "0.19.0", "0.14.0"]})
+    rows = kf.source_rows(f)
+    assert {k: list(v) for k, v in rows.items()} == {("vllm", "0.14.0"): [0], ("vllm", "0.19.0"): [1], ("x", "0.14.0"): [2]}
+    assert kf.source_rows(f) is rows
+    for i in range(50):
+        g = pd.DataFrame({"framework": [f"engine-{i}"] * (i % 3 + 1)})  # no version column: ""
+        assert {k: len(v) for k, v in kf.source_rows(g).items()} == {(f"engine-{i}", ""): i % 3 + 1}
+        del g
