@@ -315,7 +315,6 @@ def power_limited(P: Params, dev: Dev, device_s, flops, peak_flops_per_s, burst_
 # (4, 4), .to(fp8) (4, 1). Its first op keeps 6 bytes per element live.
 NATIVE_FP8_QUANT_BYTES = (2.0 + 4.0) + (4.0 + 4.0) + (4.0 + 4.0) + (4.0 + 1.0)
 NATIVE_FP8_QUANT_WORKING_SET = 2.0 + 4.0
-QUANT_PATHS = ("kernel", "fused", "native")
 
 
 def quantize_time(P: Params, dev: Dev, elements, out_bytes_per_element, path: str = "kernel"):
