@@ -944,13 +944,16 @@ def test_tma_generations_pay_their_own_kernel_prologue():
 
 def test_vllm_attention_timers_see_the_cache_write_only_where_forward_does_it():
     """aiconfigurator's collector times `impl.forward`: vLLM's FlashAttention backend moved the K/V
-    cache write out of it in 0.16, FlashInfer's kept it; another source times device kernels."""
+    cache write out of it in 0.16, FlashInfer's in 0.17; another source times device kernels."""
     from simulator.gpu_model import sources
 
     assert sources.attention_timer("vllm", "fa2", "0.14.0").cache_write
     assert not sources.attention_timer("vllm", "fa2", "0.19.0").cache_write
     assert not sources.attention_timer("vllm", "fa2", "v0.16.0rc1").cache_write
-    assert sources.attention_timer("vllm", "flashinfer", "0.19.0").cache_write
+    assert sources.attention_timer("vllm", "flashinfer", "0.16.0").cache_write
+    assert not sources.attention_timer("vllm", "flashinfer", "0.17.0").cache_write
+    assert not sources.attention_timer("vllm", "flashinfer", "0.19.0").cache_write
+    assert sources.attention_timer("vllm", "flashinfer", "0.14.0").cache_write
     assert sources.attention_timer("vllm", "fa2", "main").cache_write  # no release named: as before the split
     assert sources.attention_timer("vllm", "fa2", "0.19.0").graph
     assert sources.attention_timer("nccl-tests") == sources.KERNEL_ONLY

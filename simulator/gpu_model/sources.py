@@ -10,9 +10,11 @@ of the benchmark. The sources the model knows, from their published harness code
   fp8, 1 for fp8_block and nvfp4; fp8_block runs eagerly (no graph), so the host's Python and
   launch work bounds it. An attention replay is one `impl.forward` of the backend
   (collector/vllm/collect_attn.py), which writes the new tokens' K/V into the cache, except where
-  the backend moved the write out of `forward` into `do_kv_cache_update` (FlashAttention from
-  vLLM 0.16: vllm-project/vllm PR #25954, tracking issue #32335; FlashInfer's split, PR #32514,
-  was closed unmerged, so its `forward` is taken to keep the write).
+  the backend moved the write out of `forward` into `do_kv_cache_update` (tracking issue
+  vllm-project/vllm#32335): FlashAttention from vLLM 0.16 (PR #25954), FlashInfer from 0.17 (PR
+  #35422, merged 2026-02-26, days before 0.16 shipped: 0.17 is the first release sure to carry it;
+  the earlier attempts #32514 and #32551 were closed unmerged). The tables here, of 0.14 and 0.19,
+  lie on either side of both.
   Replaying a small graph costs the host and the GPU's front end a fixed time per replay that no
   kernel can go below (`c_floor`, in cycles of the GPU clock: it is ~15-19 k cycles on every GPU
   measured, 7-12 us); fp8 activations are quantized inside the call, as the release runs it
@@ -74,7 +76,8 @@ def gemm_timer(framework: str, dtype: str, version: str = "") -> Timer:
     return KERNEL_ONLY
 
 
-FA2_SPLIT_CACHE_WRITE = (0, 16)  # the first vLLM release whose FlashAttention `forward` leaves the cache write out
+# the first vLLM release whose backend's `forward` leaves the cache write out, per kernel library
+SPLIT_CACHE_WRITE = {"fa2": (0, 16), "flashinfer": (0, 17)}
 
 
 def attention_timer(framework: str, library: str = "fa2", version: str = "") -> Timer:
@@ -82,7 +85,7 @@ def attention_timer(framework: str, library: str = "fa2", version: str = "") -> 
     if framework != "vllm":
         return KERNEL_ONLY
     release = units.release(version)
-    split = library == "fa2" and len(release) == 2 and release >= FA2_SPLIT_CACHE_WRITE
+    split = library in SPLIT_CACHE_WRITE and len(release) == 2 and release >= SPLIT_CACHE_WRITE[library]
     return Timer(graph=True, cache_write=not split)
 
 
