@@ -53,6 +53,7 @@ class Group:
     needs: tuple[str, ...] = ()  # groups whose fits (of the same split) its predictions use
     uses_family: Callable[[pd.DataFrame], np.ndarray] | None = None  # rows priced with the group's own parameters (default: all)
     held: tuple[str, ...] = ()  # family parameters the group's rows never use: held at their start, not fitted
+    unidentified: Callable[[pd.DataFrame, Dev], tuple[str, ...]] | None = None  # parameters a frame's rows cannot tell apart: held too
 
     def own_rows(self, frame: pd.DataFrame) -> np.ndarray:
         return self.uses_family(frame) if self.uses_family else np.ones(len(frame), dtype=bool)
@@ -104,11 +105,12 @@ def _predict_gemm(dtype: str):
 def _predict_attention(library: str):
     def predict(P, T, dev, f, ctx):
         # one timer per (framework, version) a table names, not per row: this runs at every step of a fit
-        write, graph = np.ones(len(f), dtype=bool), np.ones(len(f), dtype=bool)
+        write, graph, query = (np.ones(len(f), dtype=bool) for _ in range(3))
         for (framework, version), idx in source_rows(f).items():
             timer = sources.attention_timer(framework, library, version)
-            write[idx], graph[idx] = timer.cache_write, timer.graph
-        t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")), cache_write=write)
+            write[idx], graph[idx], query[idx] = timer.cache_write, timer.graph, timer.query_quant
+        t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")), cache_write=write,
+                                   query_quant=query)  # fmt: skip
         return np.where(graph, sources.timed(t, sources.attention_timer("vllm"), T, dev), t)
 
     return predict
@@ -167,6 +169,15 @@ def _is(column: str, value: str) -> Callable[[pd.DataFrame], np.ndarray]:
     return lambda f: (f[column] == value).to_numpy()
 
 
+
+def _softmax_unidentified(frame: pd.DataFrame, dev: Dev) -> tuple[str, ...]:
+    """x_sfu, the softmax's SFU-rate instructions per score, where no prefill row's kernels overlap
+    the softmax with the MMAs: a program that does one after the other at one head dimension only
+    scales its iteration, as a lower f_cta does, and a decode call's few scores per byte of K/V
+    leave it to absorb what is not the softmax."""
+    cols = [frame[c].to_numpy(float) for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")]
+    return () if (kernels.softmax_overlapped("flashinfer", dev, *cols) & (cols[4] > 1)).any() else ("x_sfu",)
+
 GROUPS: dict[str, Group] = {
     "gemm:bf16": Group("gemm:bf16", "gemm", ("gemm",), _is("dtype", "bf16"), _predict_gemm("bf16"), ("c_floor",)),
     # quantized GEMMs run on the bf16 GEMM's memory system and tiles: only their MMA rate and kernel
@@ -179,7 +190,8 @@ GROUPS: dict[str, Group] = {
     # FlashAttention-2 runs prefill and decode through one kernel (its split-KV kernel): one fit.
     "attention:fa2": Group("attention:fa2", "fa2", ("prefill-attention", "decode-attention"), _is("library", "fa2"), _predict_attention("fa2"), ("c_floor",)),
     # FlashInfer decodes with its decode kernel and prefills with its prefill kernel: a fit each.
-    **{f"attention:flashinfer-{k}": Group(f"attention:flashinfer-{k}", "flashinfer", (f"{k}-attention",), _is("library", "flashinfer"), _predict_attention("flashinfer"), ("c_floor",))
+    **{f"attention:flashinfer-{k}": Group(f"attention:flashinfer-{k}", "flashinfer", (f"{k}-attention",), _is("library", "flashinfer"), _predict_attention("flashinfer"), ("c_floor",),
+                                          unidentified=_softmax_unidentified)
        for k in ("prefill", "decode")},  # fmt: skip
     "collective": Group("collective", "nccl", ("collective",), lambda f: np.ones(len(f), dtype=bool), _predict_collective),
     "operators": Group("operators", "operators", ("operators",), lambda f: np.ones(len(f), dtype=bool), _predict_operators,
@@ -449,11 +461,12 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     if not len(frame):
         raise UserError(f"{group.name}: no rows to fit")
     spec = family(group.family)
-    names = [n for n in spec if not spec[n].host and n not in group.held]  # fitted in common; a host parameter stays at its start (`params`)
-    fixed = {n: p.start for n, p in spec.items() if p.host or n in group.held}
-    gens = sorted(frame["generation"].unique())
-    per_gen = [n for n in spec if spec[n].per_generation] if len(gens) > 0 else []
     dev = device_of(frame, profiles)
+    held = set(group.held) | set(group.unidentified(frame, dev) if group.unidentified else ())
+    names = [n for n in spec if not spec[n].host and n not in held]  # fitted in common; a host parameter stays at its start (`params`)
+    fixed = {n: p.start for n, p in spec.items() if p.host or n in held}
+    gens = sorted(frame["generation"].unique())
+    per_gen = [n for n in spec if spec[n].per_generation and n not in held] if len(gens) > 0 else []
     gen_index = pd.Categorical(frame["generation"], categories=gens).codes
     y = np.log(frame["measured_s"].to_numpy())
     w = np.ones(len(frame)) if weights is None else weights

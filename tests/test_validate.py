@@ -413,3 +413,43 @@ def test_a_frames_source_rows_are_its_own_and_grouped_once():
         g = pd.DataFrame({"framework": [f"engine-{i}"] * (i % 3 + 1)})  # no version column: ""
         assert {k: len(v) for k, v in kf.source_rows(g).items()} == {(f"engine-{i}", ""): i % 3 + 1}
         del g
+
+
+def test_the_softmax_rate_is_told_only_by_prefill_kernels_that_overlap_it(tmp_path):
+    """x_sfu (SFU-rate instructions per score) is fitted only where some prefill row's kernels overlap
+    the softmax with the MMAs (TensorRT-LLM's context kernels on GB200, FlashInfer's FlashAttention-3
+    kernels on Hopper over a bf16 cache): where a program does one after the other at one head
+    dimension, it only scales the iteration as a lower f_cta does, and is held at its start (1, the
+    exp2 alone). A fit holds what `unidentified` names."""
+    import dataclasses
+
+    import pandas as pd
+
+    from simulator import data
+    from simulator import kernel_fit as kf
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted, family
+    from simulator.hardware import load_profile
+
+    def frame(n_q, kv_bytes):
+        return pd.DataFrame({"b": [4.0], "h": [32.0], "hk": [8.0], "d": [128.0], "n_q": [float(n_q)], "n_kv": [4096.0], "kv_bytes": [kv_bytes]})
+
+    unidentified = kf.GROUPS["attention:flashinfer-prefill"].unidentified
+    for gpu, n_q, kv_bytes, told in (("gb200", 4096, 1.0, True), ("gb200", 1, 1.0, False), ("l40s", 4096, 1.0, False),
+                                     ("rtx-pro-6000", 4096, 1.0, False), ("h100", 4096, 2.0, True), ("h100", 4096, 1.0, False)):  # fmt: skip
+        assert unidentified(frame(n_q, kv_bytes), Dev.of([load_profile(gpu)])) == (() if told else ("x_sfu",)), (gpu, n_q, kv_bytes)
+    assert family("flashinfer")["x_sfu"].start == 1.0
+    # priced: more SFU work per score slows a compute-bound prefill, overlapped or not
+    for gpu in ("gb200", "l40s"):
+        dev = Dev.of([load_profile(gpu)])
+        P = Fitted.start("flashinfer").values(dev.generation)
+        t = [kernels.attention_time({**P, "x_sfu": np.array([x])}, dev, "flashinfer", 1, 64, 64, 128, 8192, 8192, cache_write=False)[0] for x in (1.0, 3.0)]
+        assert t[1] > t[0], gpu
+    # and a fit holds what the group's `unidentified` names
+    folder = write_tables(tmp_path / "data", rows=40, kinds=("collective",))
+    tables = data.load_tables([folder])
+    group = kf.GROUPS["collective"]
+    rows = kf.group_rows(tables.kinds, group, tables.profiles)
+    held = kf.fit_group(dataclasses.replace(group, unidentified=lambda f, d: ("c_steps",)), rows, tables.profiles)
+    assert held.fitted.common["c_steps"] == family("nccl")["c_steps"].start

@@ -544,6 +544,14 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
 
 
+def softmax_overlapped(library: str, dev: Dev, b, h, hk, d, n_q, n_kv, kv_bytes=2.0) -> np.ndarray:
+    """Calls whose kernels overlap the scores' softmax with their MMAs (warp-specialised: TensorRT-LLM's,
+    FlashAttention-3's); elsewhere a program's warps do one after the other (`attention_time`)."""
+    b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
+    kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
+    return np.broadcast_to(np.asarray(LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes)["specialised"], dtype=bool), b.shape)
+
+
 def fp8_attention(library, generation, kv_bytes) -> np.ndarray:
     """Calls over an fp8 cache whose query vLLM quantizes to fp8 and whose MMAs run in fp8: FlashInfer
     where it calls TensorRT-LLM's kernels (`TRTLLM_GENERATIONS`), and FlashAttention-3 (vLLM's
@@ -554,17 +562,20 @@ def fp8_attention(library, generation, kv_bytes) -> np.ndarray:
     return (np.asarray(kv_bytes, dtype=float) < 2) & fp8_kernels
 
 
-def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True):
+def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True, query_quant=True):
     """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
     `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
     causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
     K and V into the cache (`kv_bytes` per element: 2 bf16, 1 fp8). With an fp8 cache, vLLM
     quantizes the query to fp8 and runs fp8 MMAs only where its kernels take fp8 operands
     (`fp8_attention`); FlashInfer's own kernels keep a bf16 query, widen the fp8 K/V as they load it
-    and run bf16 MMAs.
+    and run bf16 MMAs. vLLM's attention layer quantizes the query before it calls the backend, as a
+    plain torch op that its compiled graph fuses into the op before (vllm `Attention.forward`,
+    `query_quant`): that costs the query's bytes, not a kernel, and a timer of the backend's call
+    alone does not see it (`query_quant` false, a bool or one per row, `sources.attention_timer`).
     Kernels: the cache write (left out where `cache_write`, a bool or one per row, is false: a
-    timer that does not see it, `sources.attention_timer`), the attention kernel, a combine kernel
-    when K/V are split, FA2's swapped decode's copies, and the query's quantization where it is fp8."""
+    timer that does not see it), the attention kernel, a combine kernel when K/V are split, and
+    FA2's swapped decode's copies."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     # programs resident per SM: as many as its shared memory holds (the parameter is per 100 KiB)
@@ -586,7 +597,7 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     # the block's scores: two MMAs, then one exp2 each on the SFUs. A FlashAttention-2-style program's
     # warps do one after the other; warp-specialised kernels (FA3, TensorRT-LLM's) overlap them
     mma = 4.0 * g["br"] * keys_per_block * d / (P["f_cta"] * peak / S)
-    softmax = g["br"] * keys_per_block / (SFU_PER_CLOCK * f)
+    softmax = g["br"] * keys_per_block * P.get("x_sfu", 1.0) / (SFU_PER_CLOCK * f)  # x_sfu SFU-rate instructions per score
     scores = np.where(g["specialised"], overlapped(mma, softmax), mma + softmax)
     iteration = np.maximum(scores, 2.0 * keys_per_block * d * kv_bytes / rate)
     t_prog = P["t_prog_us"] * 1e-6
@@ -603,7 +614,7 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     write = mem(new_kv + tokens * hk * d * 2.0 * kv_bytes) + kernel_s
     combine = np.where(g["splits"] > 1, mem(g["splits"] * b * h * n_q * (d + 1) * 4.0 + q_bytes) + kernel_s, 0.0)
     copies = g["copies"] * (mem(2.0 * q_bytes) + kernel_s)
-    quantize_q = np.where(fp8_mma, mem(q_bytes * 1.5) + kernel_s, 0.0)
+    quantize_q = np.where(fp8_mma & np.asarray(query_quant, dtype=bool), mem(q_bytes * 1.5), 0.0)  # fused: bf16 in, fp8 out
     return main + np.where(cache_write, write, 0.0) + combine + copies + quantize_q
 
 
@@ -613,4 +624,4 @@ def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
     g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes)
-    return 2 + (g["splits"] > 1) + g["copies"] + fp8_attention(library, dev_like.generation, kv_bytes)
+    return 2 + (g["splits"] > 1) + g["copies"]

@@ -93,7 +93,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
     ),
     "flashinfer": _family(
         Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a program reaches", True),
-        Param("ctas_per_sm", "programs", 2.0, 0.5, 8.0, "programs resident at once per 100 KiB of an SM's shared memory (the kernels' occupancy)", True),
+        Param("ctas_per_sm", "programs", 2.0, 0.5, 8.0, "programs resident at once per 100 KiB of an SM's shared memory (the kernels' occupancy)"),
         Param("bw_cta", "GB/s", 40.0, 2.0, 1000.0, "K/V bytes one program streams per second from DRAM"),
         Param("l2_speedup", "x", 1.5, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),
         Param("t_prog_us", "us", 2.0, 0.1, 20.0, "fixed time of one program"),
@@ -102,6 +102,8 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("u_l2", "fraction", 0.9, 0.05, 1.5, "of the L2 that keeps a call's working set between calls"),
         Param("f_l2", "fraction", 0.3, 0.01, 1.0, "of the L2 bandwidth L2-resident traffic reaches"),
         Param("c_kernel", "cycles", 5000.0, 100.0, 20000.0, "device time of one kernel of the call", True),
+        Param("x_sfu", "ops", 1.0, 0.5, 4.0, "SFU-rate instructions per score: its exp2 (1, the start) and what else of the softmax runs at that rate; "
+              "told from f_cta only by kernels that overlap the softmax with the MMAs, held at the start where a fit has none (`kernel_fit`)"),
     ),
     "nccl": _family(
         Param("alpha_nvlink_LL", "us", 8.8, 0.5, 40.0, "base latency (launch and synchronisation), NVLink, LL protocol"),

@@ -14,7 +14,9 @@ of the benchmark. The sources the model knows, from their published harness code
   vllm-project/vllm#32335): FlashAttention from vLLM 0.16 (PR #25954), FlashInfer from 0.17 (PR
   #35422, merged 2026-02-26, days before 0.16 shipped: 0.17 is the first release sure to carry it;
   the earlier attempts #32514 and #32551 were closed unmerged). The tables here, of 0.14 and 0.19,
-  lie on either side of both.
+  lie on either side of both. Over an fp8 cache the collector casts the query to fp8 before the
+  timed call (vLLM's attention layer quantizes it before calling the backend too), so no row
+  holds the query's quantization.
   Replaying a small graph costs the host and the GPU's front end a fixed time per replay that no
   kernel can go below (`c_floor`, in cycles of the GPU clock: it is ~15-19 k cycles on every GPU
   measured, 7-12 us); fp8 activations are quantized inside the call, as the release runs it
@@ -47,6 +49,7 @@ class Timer:
     weight_copies: int = 1  # distinct weight matrices cycled through between two uses of one
     eager_host: bool = False  # an eager call whose host work can bound it
     cache_write: bool = True  # an attention call's time includes writing the new tokens' K/V into the cache
+    query_quant: bool = True  # an fp8 attention call's time includes quantizing its query (`kernels.attention_time`)
     replays: int = 1  # replays run back to back per measurement, warm-up included (how long the GPU works flat out)
     fp8_quant: str = "fused"  # how an fp8 call's activations are quantized (`kernels.quantize_time`'s path)
 
@@ -86,7 +89,7 @@ def attention_timer(framework: str, library: str = "fa2", version: str = "") -> 
         return KERNEL_ONLY
     release = units.release(version)
     split = library in SPLIT_CACHE_WRITE and len(release) == 2 and release >= SPLIT_CACHE_WRITE[library]
-    return Timer(graph=True, cache_write=not split)
+    return Timer(graph=True, cache_write=not split, query_quant=False)
 
 
 TIMER_PARAMS = ("c_floor", "t_host_us")
