@@ -169,7 +169,6 @@ def _is(column: str, value: str) -> Callable[[pd.DataFrame], np.ndarray]:
     return lambda f: (f[column] == value).to_numpy()
 
 
-
 def _softmax_unidentified(frame: pd.DataFrame, dev: Dev) -> tuple[str, ...]:
     """x_sfu, the softmax's SFU-rate instructions per score, where no prefill row's kernels overlap
     the softmax with the MMAs: a program that does one after the other at one head dimension only
@@ -177,6 +176,7 @@ def _softmax_unidentified(frame: pd.DataFrame, dev: Dev) -> tuple[str, ...]:
     leave it to absorb what is not the softmax."""
     cols = [frame[c].to_numpy(float) for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")]
     return () if (kernels.softmax_overlapped("flashinfer", dev, *cols) & (cols[4] > 1)).any() else ("x_sfu",)
+
 
 GROUPS: dict[str, Group] = {
     "gemm:bf16": Group("gemm:bf16", "gemm", ("gemm",), _is("dtype", "bf16"), _predict_gemm("bf16"), ("c_floor",)),
