@@ -850,7 +850,7 @@ def test_small_m_bf16_gemms_fetch_only_their_rows_and_scaled_mm_keep_their_tiles
     from simulator.gpu_model.device import Dev
     from simulator.gpu_model.params import Fitted
 
-    slow_loads = {"load_bpf": np.full(3, 0.002), "load_bpf_c3x": np.full(3, 0.002), "e_mma": np.full(3, 1e-9)}
+    slow_loads = {"load_bpf": np.full(3, 0.002), "bw_load_scaled": np.full(3, 20.0), "e_mma": np.full(3, 1e-9)}
     m = np.array([1.0, 32.0, 64.0])
     dev = Dev.of([load_profile("l40s")] * 3)
     P = {**Fitted.start("gemm").values(dev.generation), **slow_loads}
@@ -877,8 +877,13 @@ def test_ada_scaled_mm_takes_the_tile_of_vllms_dispatch_table(m, n, tile):
     from simulator.gpu_model import kernels
 
     assert tuple(float(x) for x in kernels.scaled_mm_tile("ada", m, n)) == tile
-    assert all(np.isnan(kernels.scaled_mm_tile(gen, m, n)).all() for gen in ("hopper", "blackwell", "blackwell-rtx", "ampere"))
+    assert all(np.isnan(kernels.scaled_mm_tile(gen, m, n)).all() for gen in ("hopper", "blackwell", "ampere"))
     assert all(np.isnan(kernels.scaled_mm_tile("ada", m, n, dtype)).all() for dtype in ("fp8_block", "nvfp4"))
+    assert all(tuple(float(x) for x in kernels.scaled_mm_tile("blackwell-rtx", m, n, dtype)) == (128.0, 128.0) for dtype in ("fp8", "nvfp4"))
+    assert np.isnan(kernels.scaled_mm_tile("blackwell-rtx", m, n, "fp8_block")).all()
+    gens = np.array(["ada", "blackwell-rtx", "hopper"], dtype=object)  # one row per generation, as a fit's frame has them
+    got = np.stack(kernels.scaled_mm_tile(gens, m, n), axis=1)
+    assert tuple(got[0]) == tile and tuple(got[1]) == (128.0, 128.0) and np.isnan(got[2]).all()
 
 
 def test_ada_fp8_gemms_pay_for_the_tile_the_table_picks():
@@ -908,22 +913,48 @@ def test_ada_fp8_gemms_pay_for_the_tile_the_table_picks():
     assert kernels.gemm_time(slow, dev, 1, 4096, 4096, "fp8")[0] < 0.8 * kernels.gemm_time(slow, dev, 64, 4096, 4096, "fp8")[0]
 
 
-def test_scaled_mm_loads_run_at_their_own_rate_on_tma_generations_only():
-    """`load_bpf_c3x` (the quantized family's) prices the scaled-MM kernels' loads on Hopper on
-    (CUTLASS 3.x); on Ada they run at the bf16 fit's `load_bpf`; a bf16 GEMM never reads it."""
+def test_rtx_blackwell_scaled_mm_runs_one_128_by_128_tile_for_every_shape():
+    """On RTX Blackwell the fp8 and nvfp4 scaled-MM kernels of vLLM up to 0.19 run 128 x 128 tiles
+    whatever m is: with the MMAs binding, a 1-row GEMM costs what a 128-row one does, at least one
+    program's 128 x 128 x k MMAs at the SM's share of the peak; GB200 (the best tile) is cheaper
+    at 1 row than at 128."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
     from simulator.gpu_model.params import Fitted
 
-    for gpu, tma in (("l40s", False), ("h100-sxm", True), ("gb200", True)):
+    m, k = np.array([1.0, 16.0, 128.0]), 8192
+    for gpu, one_tile in (("rtx-pro-6000-blackwell-server", True), ("gb200", False)):
+        dev = Dev.of([load_profile(gpu)] * 3)
+        P = {**Fitted.start("gemm").values(dev.generation), "bw_load_scaled": np.full(3, 1e4), "e_mma": np.full(3, 1e-9)}
+        for dtype, peak in (("fp8", "fp8"), ("nvfp4", "fp4")):
+            t = kernels.gemm_time(P, dev, m, 256, k, dtype)
+            assert bool(t[0] == pytest.approx(t[2], rel=1e-3)) is one_tile, (gpu, dtype, t)
+            if one_tile:
+                one_program = 2.0 * 128 * 128 * k / (dev.peak(peak)[0] / dev.sm_count[0] * P["f_mma"][0])
+                assert t[0] >= one_program
+
+
+def test_scaled_mm_loads_run_at_their_own_rate_per_shared_memory():
+    """`bw_load_scaled` (the quantized family's) prices vLLM's scaled-MM kernels' loads on every
+    generation, per 100 KiB of the SM's shared memory: where the loads bind, twice the shared
+    memory halves the time. A bf16 GEMM never reads it (cuBLAS's loads are `load_bpf`'s)."""
+    import dataclasses
+
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    for gpu in ("l40s", "h100-sxm", "gb200", "rtx-pro-6000-blackwell-server"):
         dev = Dev.of([load_profile(gpu)])
-        P = {**Fitted.start("gemm").values(dev.generation), "e_mma": np.array([1e-9])}
+        P = {**Fitted.start("gemm").values(dev.generation), "e_mma": np.array([1e-9]), "bw_sm": np.array([1e4]), "t_k_ns": np.array([1e-6])}
 
-        def t(dtype, c3x, P=P, dev=dev):
-            return kernels.gemm_time({**P, "load_bpf_c3x": np.array([c3x])}, dev, 512, 4096, 4096, dtype)[0]
+        def t(dtype, rate, dev=dev, P=P):
+            return kernels.gemm_time({**P, "bw_load_scaled": np.array([rate])}, dev, 512, 4096, 4096, dtype)[0]
 
-        assert bool(t("fp8", 0.002) > 1.5 * t("fp8", 0.5)) is tma
-        assert t("bf16", 0.002) == t("bf16", 0.5)
+        assert t("fp8", 5.0) > 1.5 * t("fp8", 5000.0), gpu
+        assert t("bf16", 5.0) == t("bf16", 5000.0), gpu
+        bigger = dataclasses.replace(dev, sram_bytes_per_sm=2.0 * dev.sram_bytes_per_sm)
+        assert t("fp8", 5.0, dev=bigger) == pytest.approx(0.5 * t("fp8", 5.0), rel=0.05), gpu
 
 
 def test_tma_generations_pay_their_own_kernel_prologue():

@@ -27,9 +27,12 @@ bytes deep, so an fp8 element costs half). It binds where few programs walk a lo
 and RTX Blackwell keeps calls under 2^21 multiply-adds unsplit up to k = 8192 (`NO_SPLIT_GENERATIONS`),
 and its matrix-vector path (m = 1 there) reduces its slices inside the kernel, with no t_split.
 Quantized GEMMs (vLLM's scaled-MM kernels, csrc/quantization/w8a8/cutlass) never split K (s = 1)
-and take the tile their dispatch gives for (m, n) where it is known and used (`scaled_mm_tile`: Ada),
-else the best of B_M >= 64 on TMA-fed GPUs; on Hopper on (CUTLASS 3.x, TMA-fed) their operand loads
-run at a rate of their own (`load_bpf_c3x`), on Ampere and Ada (CUTLASS 2.x) at the bf16 fit's.
+and take the tile their dispatch gives for (m, n) where it is known (`scaled_mm_tile`: Ada, RTX Blackwell),
+else the best of B_M >= 64 on TMA-fed GPUs; their operand loads run at a rate of their own, the
+bytes their pipeline stages hold over a memory latency, per 100 KiB of the shared memory the stages
+fill (`bw_load_scaled`; CUTLASS 3.x sizes its stages to the shared memory, the sm89 configs take
+45-80 KiB of Ada's 100), where cuBLAS's bf16 loads keep pace with its MMAs (`load_bpf`, per FLOP of
+the bf16 peak).
 Otherwise the library is taken to pick the best config: the time is a soft minimum over configs (a
 log-sum-exp in log time, smooth for the fit; configs that nearly tie pull it below the best one: over
 the bf16 tables at the shipped fit it sits 2.5% below the hard minimum in the median, 7.3% at the
@@ -63,7 +66,7 @@ from simulator.gpu_model.device import GEMM_DTYPES, Dev
 Params = dict[str, np.ndarray]
 
 SOFTMIN_SHARPNESS = 30.0  # in log time: configs 10% slower than the best weigh e^-3 of it; N that tie sit log(N) / 30 below it
-OCCUPANCY_SMEM = 100.0 * 1024  # bytes of shared memory FlashInfer's `ctas_per_sm` and a GEMM's `bw_sm` are stated per
+OCCUPANCY_SMEM = 100.0 * 1024  # bytes of shared memory FlashInfer's `ctas_per_sm`, a GEMM's `bw_sm` and `bw_load_scaled` are stated per
 POWER_EXPONENT = 2.0  # board draw ~ f^2 under load (see `power_limited`)
 POWER_ONSET = 2.0  # the power controller's share felt by a burst b: 1 / (1 + (t_power / b)^2)
 POWER_KNEE = 8.0  # the power limit's max(demand, 1) is (1 + demand^8)^(1/8): 1.003 at 0.7 of the limit, 1.09 at it
@@ -174,30 +177,32 @@ def scaled_mm_tile(generation, m, n, dtype: str = "fp8") -> tuple[np.ndarray, np
         m <= 256: 64 x 128 (N2 <= 4096), 128 x 128;  above: 128 x 128, 256 x 128 (4096 < N2 <= 8192)
     The L40S tables show the buckets (an fp8 GEMM of m = 4096 with n from 5120 to 8192, the
     256 x 128 config, runs at half the rate of its neighbours up to k ~ 2048).
-    Not used, though known: RTX Blackwell (sm120) fp8 and nvfp4 run one 128 x 128 tile for every
-    shape in the release the RTX PRO 6000 tables come from (vLLM 0.19: c3x/scaled_mm_sm120_fp8_dispatch.cuh's
+
+    RTX Blackwell (sm120) fp8 and nvfp4: one 128 x 128 tile for every shape, in the releases up to
+    the one the RTX PRO 6000 tables come from (vLLM 0.19: c3x/scaled_mm_sm120_fp8_dispatch.cuh's
     default config, fp4/nvfp4_scaled_mm_sm120_kernels.cu's only one; later releases add fp8 configs
-    for m <= 256). In-GPU it fits those tables far better than the best-config rule (MAPE fp8 17.7 ->
-    9.1%, nvfp4 17.9 -> 10.5%), but leaving one GPU out it does worse (RTX PRO 6000 fp8 40.5 -> 50.4%,
-    nvfp4 22.2 -> 68.2%, GB200 fp8 19.8 -> 26.2%): the tensor-core efficiency it then needs per
-    generation differs between the GPUs here more than the best-config rule lets show, and a GPU
-    the fit never saw takes the common value. Hopper's and Blackwell's (sm90, sm100) fp8 tables,
-    with swap-AB configs for small m, changed between releases; the one at hand fits the GB200
-    tables worse than the best-config rule (in-GPU 14.7% against 7.7%, fitted on every third row).
-    Those generations keep the rule."""
+    for m <= 256, not modelled here). The tables show it: at n <= 256 an fp8 call takes ~7.4 ns per
+    element of k and an nvfp4 one ~3.8 ns whatever m is (1 to 128), one program's 128 x 128 MMAs
+    at 0.89 and 0.87 of an SM's share of the dtype's peak.
+
+    Hopper's and Blackwell's (sm90, sm100) fp8 tables, with swap-AB configs for small m, changed
+    between releases; the one at hand fits the GB200 tables worse than the best-config rule (in-GPU
+    14.7% against 7.7%, fitted on every third row). Those generations keep the rule."""
     gen = np.asarray(generation, dtype=object)
     m, n = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (m, n)))
     ada = (gen == "ada") & (dtype == "fp8")
-    if not np.any(ada):  # no row has a known dispatch table
-        none = np.full(np.broadcast_shapes(m.shape, ada.shape), np.nan)
-        return none, none.copy()
+    rtx = (gen == "blackwell-rtx") & (dtype in ("fp8", "nvfp4"))
+    shape = np.broadcast_shapes(m.shape, ada.shape)
+    if not np.any(ada):  # no row has a dispatch table by shape
+        one = np.where(rtx, 128.0, np.nan) * np.ones(shape)
+        return one, one.copy()
     N2 = _next_pow2(n)
     buckets = [m <= 16, m <= 32, m <= 64, m <= 128, m <= 256]
     ada_m = np.select(buckets, [_by_n(N2, 8192, 24576, 16, 16, 32), 32, 64, _by_n(N2, 8192, 16384, 64, 128, 128), np.where(N2 <= 4096, 64, 128)],
                       _by_n(N2, 4096, 8192, 128, 256, 128))  # fmt: skip
     ada_n = np.select(buckets, [_by_n(N2, 8192, 24576, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64),
                                 _by_n(N2, 8192, 16384, 128, 128, 64), 128], 128)  # fmt: skip
-    return np.where(ada, ada_m, np.nan), np.where(ada, ada_n, np.nan)
+    return np.where(ada, ada_m, np.where(rtx, 128.0, np.nan)), np.where(ada, ada_n, np.where(rtx, 128.0, np.nan))
 
 
 def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0, repeats=None):
@@ -213,10 +218,10 @@ def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1
     bw = dev.hbm_bytes_per_s * P["f_bw"]
     mma = dev.peak(peak_dtype) / S * P["f_mma"]
     unquantized = dtype in UNQUANTIZED
-    load_bpf = P["load_bpf"]
-    if not unquantized and "load_bpf_c3x" in P:  # the TMA-fed scaled-MM kernels' own load rate (CUTLASS 3.x, Hopper on)
-        load_bpf = np.where(dev.tma, P["load_bpf_c3x"], load_bpf)
-    load = load_bpf * dev.peak("bf16") / S
+    if unquantized or "bw_load_scaled" not in P:  # cuBLAS: loads keep pace with the MMAs (per FLOP of the bf16 peak)
+        load = P["load_bpf"] * dev.peak("bf16") / S
+    else:  # vLLM's scaled-MM kernels: the bytes their stages hold over a memory latency, per 100 KiB of the shared memory they fill
+        load = P["bw_load_scaled"] * 1e9 * dev.sram_bytes_per_sm / OCCUPANCY_SMEM
     W, A, C = e * k * n, e * m * k, 2.0 * m * n
     l2 = dev.l2_bytes * P["u_l2"]
     hit_a = resident(A + W + C, l2)  # the input and the output buffer are the caller's, reused call after call

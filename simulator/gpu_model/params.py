@@ -76,7 +76,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("c_kernel", "cycles", 4000.0, 1.0, 40000.0, "device time of the quantized path's kernels (activation quantization and the scaled GEMM) at the SM clock", True),
         Param("t_kernel_us", "us", 1.0, 0.0, 20.0, "the part of it that does not run at the SM clock"),
         Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile, scales applied in the epilogue", True),
-        Param("load_bpf_c3x", "B/FLOP", 0.015, 0.002, 1.0, "operand bytes one SM loads per dense bf16 FLOP it can do, in the TMA-fed scaled-MM kernels (Hopper on)"),
+        Param("bw_load_scaled", "GB/s per 100 KiB", 100.0, 20.0, 10000.0, "operand bytes one SM loads into its tiles per second in vLLM's scaled-MM kernels, per 100 KiB of its shared memory: the bytes their pipeline stages hold (they fill it) over a memory latency (100 KiB per microsecond: 100)"),
         Param("bw_ew", "GB/s per SM", 40.0, 3.0, 400.0, "bytes one SM streams per second through PyTorch's elementwise kernels (bytes in flight over memory latency): fp8's op-by-op quantization (`kernels.quantize_time`)"),
         Param("q_rate", "elements/cycle", 1.0, 0.01, 16.0, "activation elements one SM quantizes per cycle in the activation-quantization kernel (a scale per token: the row's max, then the row scaled and written)"),
     ),

@@ -106,7 +106,7 @@ def timed(device_s, timer: Timer, T: dict, dev: Dev):
     return t
 
 
-QUANTIZED_OWN = ("f_mma", "c_kernel", "t_kernel_us", "c_tile", "load_bpf_c3x", "q_rate", "bw_ew")  # a quantized GEMM's own parameters; the rest are the bf16 GEMM's
+QUANTIZED_OWN = ("f_mma", "c_kernel", "t_kernel_us", "c_tile", "bw_load_scaled", "q_rate", "bw_ew")  # a quantized GEMM's own parameters; the rest are the bf16 GEMM's
 QUANTIZED_OUT_BYTES = {"fp8": 1.0, "fp8_block": 1.0 + 4.0 / 128, "nvfp4": 0.5 + 1.0 / 16}
 
 
