@@ -914,7 +914,7 @@ def test_ada_fp8_gemms_pay_for_the_tile_the_table_picks():
 
 
 def test_rtx_blackwell_scaled_mm_runs_one_128_by_128_tile_for_every_shape():
-    """On RTX Blackwell the fp8 and nvfp4 scaled-MM kernels of vLLM up to 0.19 run 128 x 128 tiles
+    """On RTX Blackwell the fp8 and nvfp4 scaled-MM kernels run 128 x 128 tiles (the vLLM 0.19 tables)
     whatever m is: with the MMAs binding, a 1-row GEMM costs what a 128-row one does, at least one
     program's 128 x 128 x k MMAs at the SM's share of the peak; GB200 (the best tile) is cheaper
     at 1 row than at 128."""

@@ -178,12 +178,13 @@ def scaled_mm_tile(generation, m, n, dtype: str = "fp8") -> tuple[np.ndarray, np
     The L40S tables show the buckets (an fp8 GEMM of m = 4096 with n from 5120 to 8192, the
     256 x 128 config, runs at half the rate of its neighbours up to k ~ 2048).
 
-    RTX Blackwell (sm120) fp8 and nvfp4: one 128 x 128 tile for every shape, in the releases up to
-    the one the RTX PRO 6000 tables come from (vLLM 0.19: c3x/scaled_mm_sm120_fp8_dispatch.cuh's
-    default config, fp4/nvfp4_scaled_mm_sm120_kernels.cu's only one; later releases add fp8 configs
-    for m <= 256, not modelled here). The tables show it: at n <= 256 an fp8 call takes ~7.4 ns per
-    element of k and an nvfp4 one ~3.8 ns whatever m is (1 to 128), one program's 128 x 128 MMAs
-    at 0.89 and 0.87 of an SM's share of the dtype's peak.
+    RTX Blackwell (sm120) fp8 and nvfp4: one 128 x 128 tile for every shape, as the RTX PRO 6000
+    tables (vLLM 0.19) show: at n <= 256 an fp8 call takes ~7.4 ns per element of k and an nvfp4
+    one ~3.8 ns whatever m is (1 to 128), one program's 128 x 128 MMAs at 0.89 and 0.87 of an SM's
+    share of the dtype's peak. That is c3x/scaled_mm_sm120_fp8_dispatch.cuh's default config and
+    fp4/nvfp4_scaled_mm_sm120_kernels.cu's only one; vLLM PR #34424 (opened 2026-02-12) adds fp8
+    configs for m <= 256 (16, 32 and 64 rows), of which these tables show none, so they are not
+    modelled here.
 
     Hopper's and Blackwell's (sm90, sm100) fp8 tables, with swap-AB configs for small m, changed
     between releases; the one at hand fits the GB200 tables worse than the best-config rule (in-GPU
