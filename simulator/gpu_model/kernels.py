@@ -193,17 +193,16 @@ def scaled_mm_tile(generation, m, n, dtype: str = "fp8") -> tuple[np.ndarray, np
     m, n = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (m, n)))
     ada = (gen == "ada") & (dtype == "fp8")
     rtx = (gen == "blackwell-rtx") & (dtype in ("fp8", "nvfp4"))
-    shape = np.broadcast_shapes(m.shape, ada.shape)
+    other = np.broadcast_to(np.where(rtx, 128.0, np.nan), np.broadcast_shapes(m.shape, ada.shape))  # RTX Blackwell's one tile, else NaN
     if not np.any(ada):  # no row has a dispatch table by shape
-        one = np.where(rtx, 128.0, np.nan) * np.ones(shape)
-        return one, one.copy()
+        return other.copy(), other.copy()
     N2 = _next_pow2(n)
     buckets = [m <= 16, m <= 32, m <= 64, m <= 128, m <= 256]
     ada_m = np.select(buckets, [_by_n(N2, 8192, 24576, 16, 16, 32), 32, 64, _by_n(N2, 8192, 16384, 64, 128, 128), np.where(N2 <= 4096, 64, 128)],
                       _by_n(N2, 4096, 8192, 128, 256, 128))  # fmt: skip
     ada_n = np.select(buckets, [_by_n(N2, 8192, 24576, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64), _by_n(N2, 8192, 16384, 64, 128, 64),
                                 _by_n(N2, 8192, 16384, 128, 128, 64), 128], 128)  # fmt: skip
-    return np.where(ada, ada_m, np.where(rtx, 128.0, np.nan)), np.where(ada, ada_n, np.where(rtx, 128.0, np.nan))
+    return np.where(ada, ada_m, other), np.where(ada, ada_n, other)
 
 
 def gemm_time(P: Params, dev: Dev, m, n, k, dtype: str = "bf16", weight_copies=1.0, repeats=None):
