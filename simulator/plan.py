@@ -193,6 +193,10 @@ def standing_text(name: str, kernel_model: dict) -> str:
     same = kernel_model["generation_measured_on"]
     if same:
         return f"{name} is not: it takes its generation's ({kernel_model['generation']}) values, fitted on {', '.join(same)}"
+    kin = kernel_model.get("mma_class_measured_on")
+    if kin:
+        return (f"{name} is not, nor is any {kernel_model['generation']} GPU: it takes the tensor-core efficiencies of its class "
+                f"({kernel_model['mma_class']}), fitted on {', '.join(kin)}, and the values common to every generation")  # fmt: skip
     return f"{name} is not, nor is any {kernel_model['generation']} GPU: it takes the values common to every generation"
 
 
@@ -296,7 +300,9 @@ def fit_column(kernel_model: dict | None) -> str:
         return "-"
     if kernel_model["measured"]:
         return "measured"
-    return f"via {', '.join(kernel_model['generation_measured_on'])}" if kernel_model["generation_measured_on"] else "common"
+    if kernel_model["generation_measured_on"]:
+        return f"via {', '.join(kernel_model['generation_measured_on'])}"
+    return f"common, {kernel_model['mma_class']}" if kernel_model.get("mma_class_measured_on") else "common"
 
 
 def format_profiles(rows: list[dict]) -> str:
@@ -313,5 +319,6 @@ def format_profiles(rows: list[dict]) -> str:
             f"{r['ridge_flops_per_byte']:>7.0f} {r['estimates']:>9}  {fit:<{fit_width}}  {', '.join(r['aliases'])}"
         )
     rules = ("kernel fit: measured, the kernel model was fitted on this GPU's tables; via X, on X's, a GPU of its generation, "
-             "whose fitted values it takes; common, on no GPU of its generation: the values common to every generation")  # fmt: skip
+             "whose fitted values it takes; common, on no GPU of its generation: the values common to every generation "
+             "(common, mma.sync: but the tensor-core efficiencies of the measured GPUs of its tensor-core class)")  # fmt: skip
     return "\n".join([*out, "", rules])

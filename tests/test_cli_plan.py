@@ -91,17 +91,26 @@ def test_plan_says_which_gpus_the_kernel_model_was_fitted_on_and_where_this_one_
         assert code == 0 and model_line.startswith("Kernels   fitted on " + ", ".join(fitted_on) + "; ")
         assert model_line.endswith(needle), model_line
     code, out, _ = run(["plan", "--gpu", "l4", "--json"], capsys)
-    assert json.loads(out)["kernel_model"] == {"fitted_on": fitted_on, "measured": False, "generation": "ada", "generation_measured_on": ["L40S"]}
+    assert json.loads(out)["kernel_model"] == {"fitted_on": fitted_on, "measured": False, "generation": "ada", "generation_measured_on": ["L40S"],
+                                               "mma_class": "mma.sync", "mma_class_measured_on": []}  # fmt: skip
     # a fit of other GPUs' tables: the same rules over its own list
     mine = {**shipped, "gpus": {"gemm:bf16": ["L40S", "GB200"], "collective": ["GB200", "A100-80GB-SXM"]}}
     rtx = GpuDeviceModel.of(load_profile("rtx-4090"), mine).provenance()
-    assert rtx == {"fitted_on": ["A100-80GB-SXM", "GB200", "L40S"], "measured": False, "generation": "ada", "generation_measured_on": ["L40S"]}
+    assert rtx == {"fitted_on": ["A100-80GB-SXM", "GB200", "L40S"], "measured": False, "generation": "ada", "generation_measured_on": ["L40S"],
+                   "mma_class": "mma.sync", "mma_class_measured_on": []}  # fmt: skip
+    # a generation no GPU of the fit has borrows its tensor-core class's efficiencies where one has it
+    v100 = GpuDeviceModel.of(load_profile("v100"), mine).provenance()
+    assert v100["generation_measured_on"] == [] and v100["mma_class_measured_on"] == ["A100-80GB-SXM", "L40S"]
     b200 = GpuDeviceModel.of(load_profile("b200"), mine).provenance()
     assert not b200["measured"] and b200["generation_measured_on"] == ["GB200"]
     gb200 = GpuDeviceModel.of(load_profile("gb200"), mine).provenance()
     assert gb200["measured"] and gb200["generation_measured_on"] == ["GB200"]
     h100 = GpuDeviceModel.of(load_profile("h100"), {**shipped, "gpus": {"gemm:bf16": ["A100-80GB-SXM", "NO-SUCH-GPU"]}}).provenance()
     assert not h100["measured"] and h100["generation_measured_on"] == []  # a name no profile has counts for no generation
+    assert h100["mma_class"] == "wgmma" and h100["mma_class_measured_on"] == []
+    code, text, _ = run(["plan", "--gpu", "t4"], capsys)
+    assert text.splitlines()[1].endswith("T4 is not, nor is any turing GPU: it takes the tensor-core efficiencies of its class (mma.sync), fitted on "
+                                         + ", ".join(g for g in fitted_on if g != "GB200") + ", and the values common to every generation")  # fmt: skip
 
 
 def test_plan_options_change_the_answer(capsys):
@@ -150,7 +159,7 @@ def test_profiles_say_which_gpus_the_kernel_model_measured_and_which_borrow_a_ge
     code, text, _ = run(["profiles"], capsys)
     cells = {line.split()[0]: line for line in text.splitlines()[1:] if line}
     assert " measured " in cells["A100-80GB-SXM"] and " via L40S " in cells["L4"] and " via GB200 " in cells["B200"]
-    assert " common " in cells["H100-SXM"] and " common " in cells["MI300X"]
+    assert " common " in cells["H100-SXM"] and " common " in cells["MI300X"] and " common, mma.sync " in cells["T4"]
 
 
 def _bad_profile(tmp_path, **change):

@@ -972,6 +972,32 @@ def test_tma_generations_pay_their_own_kernel_prologue():
         c_kernel_s = P["c_kernel"][0] / dev.clock_hz[0]
         assert two - one == pytest.approx(c_kernel_s if tma else 0.0, rel=1e-6, abs=1e-15)
 
+def test_an_unseen_generation_takes_its_tensor_core_classs_efficiencies_and_nothing_else_of_it():
+    """A generation the fit never saw takes, in each `mma` parameter (the fraction of the tensor-core
+    peak its MMAs reach), the mean deviation of the fitted generations that issue the same MMA
+    instruction; in every other parameter, and where no generation of its class was fitted, the
+    common value. A generation the fit saw keeps its own."""
+    from simulator.gpu_model.device import MMA_CLASS
+    from simulator.gpu_model.params import FAMILIES, Fitted, Param
+
+    assert MMA_CLASS["ada"] == MMA_CLASS["blackwell-rtx"] == MMA_CLASS["ampere"] == "mma.sync"
+    assert len({MMA_CLASS["hopper"], MMA_CLASS["blackwell"], MMA_CLASS["ada"]}) == 3
+    assert {n for n, p in FAMILIES["gemm_quantized"].items() if p.mma} == {"f_mma"}
+    assert {n for n, p in FAMILIES["flashinfer"].items() if p.mma} == {"f_cta"}
+    with pytest.raises(ValueError):
+        Param("x", "fraction", 0.5, 0.1, 1.0, "not per generation", mma=True)
+    common = {"f_mma": 0.5, "c_kernel": 4000.0, "c_tile": 1500.0, "t_kernel_us": 1.0, "bw_load_scaled": 100.0, "bw_ew": 40.0, "q_rate": 1.0}
+    fit = Fitted("gemm_quantized", common, {"ada": {"f_mma": 0.4, "c_kernel": -0.5}, "ampere": {"f_mma": 0.2, "c_kernel": 0.3},
+                                            "blackwell": {"f_mma": -0.6, "c_kernel": 0.2}})  # fmt: skip
+    values = fit.values(np.array(["blackwell-rtx", "ada", "hopper", "blackwell", "volta", "no-such-generation"], dtype=object))
+    assert values["f_mma"] == pytest.approx(0.5 * np.exp([0.3, 0.4, 0.0, -0.6, 0.3, 0.0]))
+    assert values["c_kernel"] == pytest.approx(4000.0 * np.exp([0.0, -0.5, 0.0, 0.2, 0.0, 0.0]))
+    assert fit.for_generation("blackwell-rtx")["f_mma"] == pytest.approx(0.5 * np.exp(0.3))
+    assert fit.for_generation("hopper") == common
+    # clipped to the parameter's range like any deviation
+    high = Fitted("gemm_quantized", {**common, "f_mma": 0.9}, {"ada": {"f_mma": 0.5}})
+    assert high.for_generation("blackwell-rtx")["f_mma"] == 1.0
+
 
 def test_vllm_attention_timers_see_the_cache_write_only_where_forward_does_it():
     """aiconfigurator's collector times `impl.forward`: vLLM's FlashAttention backend moved the K/V

@@ -28,6 +28,23 @@ GEMM_DTYPES = {
 # Ampere and Ada (CUTLASS 2.x).
 TMA_GENERATIONS = ("hopper", "blackwell", "blackwell-rtx")
 
+# The tensor-core instruction class of each generation. Ampere, Ada and RTX Blackwell (sm_120) issue
+# warp-level `mma.sync` with operands and accumulators in registers; Hopper issues warpgroup
+# `wgmma` reading operands from shared memory; datacenter Blackwell (sm_100) issues `tcgen05.mma`
+# from one thread with accumulators in tensor memory (PTX ISA 8.x, "Warp Level Matrix Multiply-
+# Accumulate Instructions", "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
+# Instructions", "TensorCore 5th Generation Family Instructions").
+MMA_CLASS = {
+    "volta": "mma.sync",
+    "turing": "mma.sync",
+    "ampere": "mma.sync",
+    "ada": "mma.sync",
+    "blackwell-rtx": "mma.sync",
+    "hopper": "wgmma",
+    "blackwell": "tcgen05",
+    "cdna3": "mfma",
+}
+
 
 @dataclass(frozen=True)
 class Dev:

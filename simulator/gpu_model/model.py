@@ -33,7 +33,7 @@ import numpy as np
 
 from simulator.errors import UserError
 from simulator.gpu_model import collectives, kernels, sources
-from simulator.gpu_model.device import Dev
+from simulator.gpu_model.device import MMA_CLASS, Dev
 from simulator.gpu_model.params import load_fitted
 from simulator.gpu_model.sources import QUANTIZED_OWN
 from simulator.hardware import DTYPE_BYTES, HardwareProfile, load_profile
@@ -96,10 +96,17 @@ class GpuDeviceModel:
         """Where this GPU stands with the shipped fit: `fitted_on`, the measured GPUs whose tables it
         was fitted on; `measured`, whether this GPU is one of them; `generation_measured_on`, those
         of its tensor-core generation, whose fitted values it takes (none: it takes the values
-        common to every generation, and its times are the model's prediction for a GPU it never saw)."""
+        common to every generation, and its times are the model's prediction for a GPU it never saw);
+        `mma_class` (`device.MMA_CLASS`) and `mma_class_measured_on`, the GPUs of other generations
+        of its class, whose tensor-core efficiencies it takes where none of its generation was
+        measured (`params.Fitted.deviations`)."""
         fitted_on = sorted({g for gpus in self.fitted.get("gpus", {}).values() for g in gpus})
-        same = [g for g in fitted_on if _generation_of(g) == self.hw.generation]
-        return {"fitted_on": fitted_on, "measured": self.hw.name in fitted_on, "generation": self.hw.generation, "generation_measured_on": same}
+        gens = {g: _generation_of(g) for g in fitted_on}
+        same = [g for g in fitted_on if gens[g] == self.hw.generation]
+        cls = MMA_CLASS.get(self.hw.generation)
+        kin = [g for g in fitted_on if cls is not None and not same and MMA_CLASS.get(gens[g] or "") == cls]
+        return {"fitted_on": fitted_on, "measured": self.hw.name in fitted_on, "generation": self.hw.generation, "generation_measured_on": same,
+                "mma_class": cls, "mma_class_measured_on": kin}  # fmt: skip
 
     def library(self) -> str:
         return "flashinfer" if self.hw.generation in FLASHINFER_GENERATIONS else "fa2"

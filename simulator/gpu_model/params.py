@@ -5,10 +5,14 @@ do not belong to one GPU: fractions of a peak, cycles at the profile's boost clo
 physics fixes (a memory round trip). A parameter marked `per_generation` may take a value of its
 own for each architecture generation present in the fit (a multiplicative deviation from the
 common value, shrunk towards it by a prior); a GPU of a generation the fit never saw gets the
-common value. A parameter marked `host` belongs to the machine a GPU sat in when its table was
-measured (the PCIe topology a ring crosses), not to the GPU: it is not fitted in common but held at
-its `start`, the value taken for a machine never measured, and each generation in the fit gets its
-own deviation from it under the wider prior of a host. Fitted values live in `fitted.json` beside
+common value, except in a parameter marked `mma`: the fraction of the tensor-core peak a kernel's
+MMAs reach, which the instruction its generation issues decides (warp-level `mma.sync`, Hopper's
+`wgmma`, datacenter Blackwell's `tcgen05.mma`; `device.MMA_CLASS`), so such a GPU takes the mean
+deviation of the fitted generations of its class where the fit has any. A parameter marked
+`host` belongs to the machine a GPU sat in when its table was measured (the PCIe topology a ring
+crosses), not to the GPU: it is not fitted in common but held at its `start`, the value taken for
+a machine never measured, and each generation in the fit gets its own deviation from it under the
+wider prior of a host. Fitted values live in `fitted.json` beside
 this file, written by `python -m simulator fit-kernels` (see `simulator.kernel_fit`).
 """
 
@@ -22,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from simulator.errors import UserError
+from simulator.gpu_model.device import MMA_CLASS
 
 FITTED_PATH = Path(__file__).resolve().parent / "fitted.json"
 
@@ -36,12 +41,15 @@ class Param:
     doc: str
     per_generation: bool = False
     host: bool = False  # a property of the machine, not of the GPU: `start` for a GPU the fit never saw (see below)
+    mma: bool = False  # a property of the tensor-core instruction class: a generation the fit never saw takes its class's (see below)
 
     def __post_init__(self) -> None:
         if not self.low <= self.start <= self.high:
             raise ValueError(f"parameter {self.name}: start {self.start} outside [{self.low}, {self.high}]")
         if self.host and not self.per_generation:  # a host's own value is its deviation: without one it would be held at start
             raise ValueError(f"parameter {self.name}: a host parameter must also be per_generation")
+        if self.mma and (self.host or not self.per_generation):
+            raise ValueError(f"parameter {self.name}: a tensor-core class parameter must be per_generation and not the host's")
 
 
 def _family(*params: Param) -> dict[str, Param]:
@@ -52,7 +60,7 @@ def _family(*params: Param) -> dict[str, Param]:
 # source (how its harness times a call), not to a GPU.
 FAMILIES: dict[str, dict[str, Param]] = {
     "gemm": _family(
-        Param("f_mma", "fraction", 0.85, 0.3, 1.0, "of the dense tensor-core peak a GEMM tile's main loop reaches", True),
+        Param("f_mma", "fraction", 0.85, 0.3, 1.0, "of the dense tensor-core peak a GEMM tile's main loop reaches", True, mma=True),
         Param("f_bw", "fraction", 0.75, 0.3, 1.0, "of the DRAM bandwidth a streaming GEMM reaches", True),
         Param("load_bpf", "B/FLOP", 0.03, 0.002, 1.0, "operand bytes one SM loads into a tile per dense bf16 FLOP it can do (L2 to shared memory; kernels are built so loads keep pace with the MMAs, so this scales with the SM's MMA rate)"),
         Param("bw_sm", "GB/s per 100 KiB", 40.0, 2.0, 1000.0, "operand bytes one SM streams per second from DRAM (bytes in flight over memory latency), per 100 KiB of its shared memory (the pipeline stages that hold them)"),
@@ -72,7 +80,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("t_power_ms", "ms", 20.0, 0.1, 1000.0, "how long a kernel runs back to back before the power controller's lower clock takes hold"),
     ),
     "gemm_quantized": _family(
-        Param("f_mma", "fraction", 0.6, 0.05, 1.0, "of the dense tensor-core peak of the quantized dtype a tile's main loop reaches", True),
+        Param("f_mma", "fraction", 0.6, 0.05, 1.0, "of the dense tensor-core peak of the quantized dtype a tile's main loop reaches", True, mma=True),
         Param("c_kernel", "cycles", 4000.0, 1.0, 40000.0, "device time of the quantized path's kernels (activation quantization and the scaled GEMM) at the SM clock", True),
         Param("t_kernel_us", "us", 1.0, 0.0, 20.0, "the part of it that does not run at the SM clock"),
         Param("c_tile", "cycles", 1500.0, 1.0, 20000.0, "fixed cost of one output tile, scales applied in the epilogue", True),
@@ -81,7 +89,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("q_rate", "elements/cycle", 1.0, 0.01, 16.0, "activation elements one SM quantizes per cycle in the activation-quantization kernel (a scale per token: the row's max, then the row scaled and written)"),
     ),
     "fa2": _family(
-        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a 4-warp program reaches", True),
+        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a 4-warp program reaches", True, mma=True),
         Param("bw_cta", "GB/s", 26.0, 2.0, 512.0, "K/V bytes one program streams per second from DRAM (latency-bound)"),
         Param("l2_speedup", "x", 1.1, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),
         Param("t_prog_us", "us", 3.0, 0.1, 20.0, "fixed time of one program: block-table, Q and first K/V loads, output and statistics"),
@@ -92,7 +100,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("c_kernel", "cycles", 5000.0, 100.0, 20000.0, "device time of one kernel of the call (launch, ramp, drain)"),
     ),
     "flashinfer": _family(
-        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a program reaches", True),
+        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a program reaches", True, mma=True),
         Param("ctas_per_sm", "programs", 2.0, 0.5, 8.0, "programs resident at once per 100 KiB of an SM's shared memory (the kernels' occupancy)"),
         Param("bw_cta", "GB/s", 40.0, 2.0, 1000.0, "K/V bytes one program streams per second from DRAM"),
         Param("l2_speedup", "x", 1.5, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),
@@ -166,21 +174,34 @@ class Fitted:
     common: dict[str, float]
     generation: dict[str, dict[str, float]]
 
+    def deviations(self, generation: str) -> dict[str, float]:
+        """The log-deviations a generation takes: its own where the fit saw it; else, for the
+        parameters of its tensor-core class (`mma`), the mean of those of the fitted generations
+        of its class (`device.MMA_CLASS`), where there are any; else none (the common values)."""
+        if generation in self.generation:
+            return self.generation[generation]
+        cls = MMA_CLASS.get(generation)
+        peers = [d for g, d in self.generation.items() if cls is not None and MMA_CLASS.get(g) == cls]
+        if not peers:
+            return {}
+        spec = family(self.family)
+        names = {n for d in peers for n in d if spec[n].mma}
+        return {n: float(np.mean([d.get(n, 0.0) for d in peers])) for n in names}
+
     def values(self, generations) -> dict[str, np.ndarray]:
         """Every parameter as an array over rows of the given generation labels."""
         gens = np.asarray(generations, dtype=object)
         spec = family(self.family)
-        out = {}
-        for name, value in self.common.items():
-            v = np.full(len(gens), value, dtype=float)
-            for gen, deltas in self.generation.items():
-                if name in deltas:
-                    v[gens == gen] = min(max(value * math.exp(deltas[name]), spec[name].low), spec[name].high)
-            out[name] = v
+        out = {name: np.full(len(gens), value, dtype=float) for name, value in self.common.items()}
+        for gen in set(gens.tolist()):
+            rows = gens == gen
+            for name, delta in self.deviations(gen).items():
+                value = self.common[name]
+                out[name][rows] = min(max(value * math.exp(delta), spec[name].low), spec[name].high)
         return out
 
     def for_generation(self, generation: str) -> dict[str, float]:
-        deltas = self.generation.get(generation, {})
+        deltas = self.deviations(generation)
         spec = family(self.family)
         return {k: min(max(v * math.exp(deltas.get(k, 0.0)), spec[k].low), spec[k].high) for k, v in self.common.items()}
 
