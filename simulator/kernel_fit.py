@@ -106,11 +106,14 @@ def _predict_attention(library: str):
     def predict(P, T, dev, f, ctx):
         # one timer per (framework, version) a table names, not per row: this runs at every step of a fit
         write, graph, query = (np.ones(len(f), dtype=bool) for _ in range(3))
+        plan_h, plan_hk = np.full(len(f), np.nan), np.full(len(f), np.nan)
         for (framework, version), idx in source_rows(f).items():
             timer = sources.attention_timer(framework, library, version)
             write[idx], graph[idx], query[idx] = timer.cache_write, timer.graph, timer.query_quant
+            if timer.plan_heads is not None:
+                plan_h[idx], plan_hk[idx] = timer.plan_heads
         t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")), cache_write=write,
-                                   query_quant=query)  # fmt: skip
+                                   query_quant=query, plan_heads=(plan_h, plan_hk))  # fmt: skip
         return np.where(graph, sources.timed(t, sources.attention_timer("vllm"), T, dev), t)
 
     return predict
@@ -363,7 +366,8 @@ def head_dim_ignored(frame: pd.DataFrame) -> np.ndarray:
     last at least `HEAD_DIM_WORK_S` (twice the cache bytes and FLOPs), within `HEAD_DIM_MIN_RATIO`.
     FlashInfer's d = 256 rows on RTX PRO 6000 (decode and prefill, bf16 and fp8 caches) take the time
     of their d = 128 twins to the percent at every size, where FlashAttention's on the same GPU take
-    1.9x; some are faster than reading their cache allows."""
+    1.9x; some are faster than reading their cache allows: the collector plans FlashInfer for its
+    own model config, head dimension 128 (`sources`, `COLLECTOR_MODEL_HEADS`)."""
     if not len(frame) or "d" not in frame:
         return np.zeros(len(frame), dtype=bool)
     table = ["gpu", "library", "kind", "kv_bytes"]
@@ -381,7 +385,9 @@ def query_heads_ignored(frame: pd.DataFrame) -> np.ndarray:
     and FlashInfer on GB200: 1.5-1.9). FlashInfer's fp8 prefill on L40S and RTX PRO 6000 takes 1.1
     and 0.6: its calls with the query heads of a KV group packed run at a median 5x (up to 80x) the
     FLOP rate of the same call with one query head per KV head, where FlashAttention and FlashInfer
-    elsewhere stay within 1.3x of it, and many above the datasheet peak. The rows with
+    elsewhere stay within 1.3x of it, and many above the datasheet peak: the collector's plan lays
+    out the query blocks of a group of 2 (`sources.COLLECTOR_MODEL_HEADS`), and the kernel computes
+    no more of a larger group's rows. The rows with
     h = h_kv keep their shape's work and stay. (Decode is exempt: its time is its cache's bytes,
     which the query heads do not change.)"""
     if not len(frame) or "h" not in frame:

@@ -1194,6 +1194,61 @@ def test_flashinfer_decode_plans_like_prefill_except_where_trtllm_kernels_run():
         assert splits(64, 32, 8, 32768) == 1  # 512 head CTAs already fill the SMs
 
 
+def test_flashinfer_chunks_are_the_fewest_pages_its_binary_search_finds():
+    """`_chunk_pages` is FlashInfer's search in closed form: over whole numbers of pages, work items
+    and slots, the smallest chunk of at least the minimum whose items x ceil(pages / chunk) fit the
+    slots, or the whole K/V where no chunk does."""
+    from simulator.gpu_model import kernels
+
+    low = kernels.FLASHINFER_MIN_CHUNK_PAGES
+    pages, items, slots = (a.ravel().astype(float) for a in np.meshgrid(np.arange(1, 301), np.arange(1, 4), np.arange(1, 60), indexing="ij"))
+    got = kernels._chunk_pages(items, pages, slots)
+    for p, i, s, c in zip(pages, items, slots, got, strict=True):
+        fits = [x for x in range(int(low), int(p) + 1) if i * -(-p // x) <= s]
+        assert c == (fits[0] if fits else max(p, low)), (p, i, s)
+
+
+def test_the_collectors_flashinfer_plans_with_its_model_configs_heads():
+    """aiconfigurator's vLLM collector builds FlashInfer's plan from its small model config (16
+    query heads, 8 KV heads) and runs the call's heads over it: a decode call's K/V splits are those
+    of 8 KV heads whatever the call has, so on RTX PRO 6000 (188 SMs: floor(376 / 8) = 47 work
+    items) one sequence of 2048 pages takes 47 chunks, 16 sequences 2 each and 32 one, where the
+    call's own single KV head would give 16 sequences 23 each; a multi-head prefill's plan lays out
+    twice the query rows it has (group 2 against 1), and the blocks past its rows walk all their
+    keys. TensorRT-LLM's kernels (GB200) plan with the call's own heads."""
+    from simulator.gpu_model import kernels, sources
+    from simulator.gpu_model.device import Dev
+
+    assert sources.attention_timer("vllm", "flashinfer", "0.19.0").plan_heads == sources.COLLECTOR_MODEL_HEADS == (16.0, 8.0)
+    assert sources.attention_timer("some-engine", "flashinfer").plan_heads is None
+    one = np.ones(1)
+    rtx = Dev.of([load_profile("rtx-pro-6000")])
+
+    def geometry(dev, b, h, hk, n_q, n_kv, plan=None, d=128):
+        return kernels._flashinfer_geometry(dev, b * one, h * one, hk * one, d * one, n_q * one, n_kv * one, 1.0, 1.0 * one, plan)
+
+    plan = (16.0, 8.0)
+    assert [geometry(rtx, b, 8, 1, 1, 2048 * 64, plan)["splits"][0] for b in (1, 16, 32, 64)] == [47, 2, 1, 1]
+    assert geometry(rtx, 16, 8, 1, 1, 2048 * 64)["splits"][0] == 23
+    for hk in (1, 2, 4):  # the split per KV head does not move with the call's KV heads; the programs do
+        g = geometry(rtx, 1, 16, hk, 1, 2048 * 64, plan)
+        assert g["splits"][0] == 47 and g["programs"][0] == 47 * hk and g["br"][0] == 16
+    # a decode call's plan with group 2 keeps a 16-row tile, whatever its own group (64 here)
+    assert geometry(rtx, 1, 64, 1, 1, 4096, plan)["br"][0] == 16 and geometry(rtx, 1, 64, 1, 1, 4096)["br"][0] == 64
+    # multi-head prefill, 100 queries over 100 keys: one 128-row block of its own, two in the plan,
+    # the second past its rows and over every key (2 + 2 blocks of 64 keys)
+    own, planned = geometry(rtx, 1, 8, 8, 100, 100), geometry(rtx, 1, 8, 8, 100, 100, plan)
+    assert own["total"][0] == 2 and planned["total"][0] == 4 and planned["programs"][0] == 2 * own["programs"][0]
+    # grouped prefill, 512 queries over 512 keys (group 8 against the plan's 2): the plan's eight
+    # 128-row blocks hold 16 queries each, the first 128 queries, which see 16, 32, ... 128 keys
+    # (1, 1, 1, 1, 2, 2, 2, 2 blocks of 64); the rest go uncomputed
+    g, full = geometry(rtx, 1, 64, 8, 512, 512, plan), geometry(rtx, 1, 64, 8, 512, 512)
+    assert g["total"][0] == 12 and g["programs"][0] == 8 * 8 * g["splits"][0] and full["programs"][0] == 8 * 32 * full["splits"][0]
+    gb200 = Dev.of([load_profile("gb200")])
+    for n_q in (1, 100):
+        assert all(np.array_equal(geometry(gb200, 4, 32, 8, n_q, 4096, plan)[k], geometry(gb200, 4, 32, 8, n_q, 4096)[k]) for k in ("splits", "total", "programs"))
+
+
 def test_flashinfer_holds_as_many_programs_per_sm_as_its_shared_memory_fits():
     """FlashInfer's occupancy is stated per 100 KiB of an SM's shared memory: an SM with twice the
     shared memory runs a program-bound decode (many sequences, a short context) about twice as fast;
@@ -1263,8 +1318,8 @@ def test_flashinfer_prefill_on_hopper_over_a_bf16_cache_runs_its_fa3_kernels():
 def test_a_trtllm_context_program_feeds_two_query_tiles_from_each_kv_tile_it_loads(monkeypatch):
     """TensorRT-LLM's context kernels step 256 query rows (two 128-row tiles) per 128-row K/V tile
     (stepQ 256 in their kernel table), so where a program's K/V stream decides, a GB200 prefill takes
-    half the time it would with one tile per K/V load; its decode and FlashInfer's own kernels (L40S)
-    keep one."""
+    half the time it would with one tile per K/V load; FlashInfer's own kernels (L40S) keep one, and
+    its decode kernels stream their own step's two K/V tiles whatever the context kernels do."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
     from simulator.gpu_model.params import Fitted

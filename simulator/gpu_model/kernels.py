@@ -373,20 +373,22 @@ def fa2_num_splits(programs, sms2, kv_blocks, max_splits: int = 128):
     return np.where(need, np.argmax(good, axis=0) + 1, 1).astype(float)
 
 
-def _causal_blocks(n_q, n_kv, rows, bc):
+def _causal_blocks(n_q, n_kv, rows, bc, tiles=None):
     """Over the query blocks of `rows` rows of one (sequence, head), bottom-right causal (query i of
     n_q sees keys up to n_kv - n_q + i): (query blocks, K/V blocks visited in all, the most any
-    block visits)."""
+    block visits). `tiles`: the query blocks the kernel runs where its planner laid out another
+    number (default ceil(n_q / rows)); a block past the last query sees every key: FlashInfer's
+    kernels bound a block's keys by its last row's position and skip no block for having no rows."""
     n_q, n_kv, rows, bc = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(n_q, n_kv, rows, bc))
-    q_blocks = np.ceil(n_q / rows)
+    q_blocks = np.ceil(n_q / rows) if tiles is None else np.broadcast_to(np.asarray(tiles, dtype=float), n_q.shape)
     most = np.ceil(n_kv / bc)  # the last query block sees every key
-    if (n_q <= rows).all():  # one query block each (decode, short verify passes): it sees every key
-        return q_blocks, most.copy(), most
-    key = np.stack([n_q.ravel(), n_kv.ravel(), rows.ravel(), bc.ravel()], axis=1)
+    if (q_blocks <= 1).all() and (n_q <= rows).all():  # one query block each (decode, short verify passes): it sees every key
+        return q_blocks, q_blocks * most, most
+    key = np.stack([n_q.ravel(), n_kv.ravel(), rows.ravel(), bc.ravel(), q_blocks.ravel()], axis=1)
     shapes, inverse = np.unique(key, axis=0, return_inverse=True)
     sums = np.empty(len(shapes))
-    for j, (nq, nkv, r, c) in enumerate(shapes):  # a table has few distinct shapes
-        ends = np.minimum(np.arange(1, np.ceil(nq / r) + 1) * r, nq)
+    for j, (nq, nkv, r, c, t) in enumerate(shapes):  # a table has few distinct shapes
+        ends = np.minimum(np.arange(1, t + 1) * r, nq)
         sums[j] = np.ceil((nkv - nq + ends) / c).sum()
     total = sums[inverse.ravel()].reshape(n_q.shape)
     return q_blocks, total, most
@@ -396,7 +398,7 @@ FA3_GENERATIONS = ("hopper",)  # where vLLM's flash-attn build runs FlashAttenti
 FA3_KV_STAGES = 2.0  # K/V tiles a FlashAttention-3 program keeps in flight (hopper/flash_fwd_launch_template.h: kStages = 2 on sm90); FA2's loads run one tile ahead
 
 
-def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.0):
+def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.0, plan_heads=None):
     """vLLM's FlashAttention-2 build (paged K/V, so always its split-KV kernel with B_r = 64 and
     B_c = 256 / 128 / 64 for d <= 64 / 128 / more). A decode call (one query per sequence) with
     grouped heads swaps the group into the rows (seqlenq_ngroups_swapped) and splits K/V by the
@@ -443,6 +445,7 @@ TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs Tens
 FLASHINFER_PAGE = 64  # tokens per KV page in the measured tables (vLLM's block size there)
 TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM context program runs per K/V tile it loads (stepQ 256)
 TRTLLM_DECODE_STEP_KV = 256.0  # K/V rows a TensorRT-LLM generation CTA takes per step (stepKv of the Q8/Q16 kernels in their table)
+TRTLLM_DECODE_TILE_KV = 128.0  # K/V rows of one of its tiles (tileKv in the same table): a step streams two
 TRTLLM_DECODE_HEADS_PER_CTA = 16.0  # the most query heads of one KV head a generation CTA holds (its largest tileQ, 16)
 FLASHINFER_MIN_CHUNK_PAGES = max(128 // FLASHINFER_PAGE, 1)  # the planner's smallest K/V chunk: 128 tokens
 FLASHINFER_SM90_GENERATIONS = ("hopper",)  # where FlashInfer's prefill picks its own FlashAttention-3 kernels for a bf16 query and cache
@@ -451,10 +454,14 @@ FLASHINFER_SM90_STAGES = 2.0  # K/V tiles its paged prefill keeps in flight (NUM
 
 def _chunk_pages(items, pages, slots):
     """FlashInfer's planners' binary search (scheduler.cuh): the fewest pages per K/V chunk such that
-    items x ceil(pages / chunk) work items fit `slots`, never below FLASHINFER_MIN_CHUNK_PAGES."""
+    items x ceil(pages / chunk) work items fit `slots` (the work items a sequence may take: the
+    planner's limit over a batch of alike sequences), never below FLASHINFER_MIN_CHUNK_PAGES; the
+    whole K/V where not even one chunk each fits. ceil(pages / c) <= k holds from c = ceil(pages / k)
+    on, with k = floor(slots / items) chunks a sequence may take."""
     pages = np.maximum(pages, 1.0)
-    need = np.maximum(items, 1.0) * pages / np.maximum(slots, 1.0)  # ceil(pages / c) <= slots / items
-    chunk = np.maximum(np.ceil(need), FLASHINFER_MIN_CHUNK_PAGES)
+    per_sequence = np.floor(np.asarray(slots, dtype=float) / np.maximum(items, 1.0))
+    chunk = np.where(per_sequence >= 1.0, np.ceil(pages / np.maximum(per_sequence, 1.0)), pages)
+    chunk = np.maximum(chunk, FLASHINFER_MIN_CHUNK_PAGES)
     return np.minimum(chunk, np.maximum(pages, FLASHINFER_MIN_CHUNK_PAGES))
 
 
@@ -465,22 +472,29 @@ def _flashinfer_sm90_tiles(d):
     return np.where(d <= 64, 192.0, 128.0), np.where(d <= 128, 96.0, 32.0)
 
 
-def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes=2.0):
+def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes=2.0, plan_heads=None):
     """FlashInfer's batch attention over a paged cache, as its planners lay it out (FlashInfer
     include/flashinfer/attention/scheduler.cuh):
     - the query heads of a KV group packed into a program's rows (packed length n_q h / h_kv);
       query rows per program B_r = 128 / 64 / 16 by the packed length, 128 only below head
       dimension 256 (FA2DetermineCtaTileQ);
-    - K/V in chunks: prefill splits when its (query tile, chunk) items would not fit 2 S / h_kv;
-      the chunk is the fewest pages (>= 128 tokens) that keeps the items within the slots; split
-      outputs are merged by one more kernel. Decode is the same call with one query per sequence:
+    - K/V in chunks: prefill splits when its (query tile, chunk) items would not fit
+      floor(2 S / h_kv); the chunk is the fewest pages (>= 128 tokens) that keeps the items within
+      those slots (`_chunk_pages`); split outputs are merged by one more kernel;
+    - the heads the planner is given pick the query tile, the query blocks and the split, and the
+      kernel runs the call's KV heads over that plan (`plan_heads`: a harness that plans with other
+      heads than it calls with, `sources.COLLECTOR_MODEL_HEADS`; None: the call's). A query block the
+      plan lays out past the call's last packed row still walks its whole K/V chunk (the kernel
+      bounds a block's keys by its last row's position, `_causal_blocks`' `tiles`), and packed rows
+      past the plan's blocks are not computed. Decode is the same call with one query per sequence:
       vLLM has decoded with FlashInfer's tensor-core path (its prefill kernels and planner) since
       0.10.2 (vllm-project/vllm#23214). Where the TensorRT-LLM kernels run (`TRTLLM_GENERATIONS`),
       decode takes their launcher's K/V split (FlashInfer include/flashinfer/trtllm/fmha/
       fmhaKernels.cuh, `computeCtaAndClusterConfig`): CTAs per sequence's K/V = min(ceil(n_kv /
       stepKv), max(1, floor(S / (b x head CTAs)))), one CTA per SM and at least a K/V step each,
       stepKv 256 for the generation kernels (their kernel table), a CTA holding up to 16 query
-      heads of one KV head (`TRTLLM_DECODE_HEADS_PER_CTA`).
+      heads of one KV head (`TRTLLM_DECODE_HEADS_PER_CTA`) and streaming its step's two 128-row K/V
+      tiles (tileKv 128 in the same table) at twice a program's rate (`stages`).
       Their context (prefill) kernels take 128 tokens of one query head per program against 128
       K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`),
       and step two such query tiles per K/V tile they load (stepQ 256 for tileQ 128 at head
@@ -507,29 +521,35 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     FlashInfer ships) and are priced at one program per SM (`persistent`), not at FlashInfer's
     occupancy. The TensorRT-LLM kernels, decode and context, are warp-specialised (load, MMA and
     softmax warps of their own): their scores' exp2 overlaps their MMAs (`specialised`)."""
+    decode = n_q == 1
+    planner = decode & np.isin(dev.generation, TRTLLM_GENERATIONS)  # a decode planner of its own; elsewhere the prefill one
+    context = ~decode & np.isin(dev.generation, TRTLLM_GENERATIONS)
+    sm90 = ~decode & np.isin(dev.generation, FLASHINFER_SM90_GENERATIONS) & (np.asarray(kv_bytes, dtype=float) >= 2)
+    # the heads FlashInfer's own planner was given (`plan_heads`, NaN: the call's) pick the query
+    # tile, the query blocks and the K/V split; the kernel's grid runs the call's KV heads over them
+    plan_h, plan_hk = h, hk
+    if plan_heads is not None:
+        given = [np.broadcast_to(np.asarray(x, dtype=float), b.shape) for x in plan_heads]
+        told = ~planner & ~context & ~sm90 & np.isfinite(given[0]) & np.isfinite(given[1])
+        plan_h, plan_hk = np.where(told, given[0], h), np.where(told, given[1], hk)
     group = h / hk
-    packed = n_q * group
+    packed = n_q * plan_h / plan_hk
     br = np.where((packed > 64) & (d < 256), 128.0, np.where(packed > 16, 64.0, 16.0))
     bc = np.full(b.shape, 64.0)
     q_blocks = np.ceil(packed / br)
     pages = np.ceil(n_kv / FLASHINFER_PAGE)
-    decode = n_q == 1
-    planner = decode & np.isin(dev.generation, TRTLLM_GENERATIONS)  # a decode planner of its own; elsewhere the prefill one
-    slots = 2.0 * dev.sm_count / hk / np.maximum(b, 1.0)
+    slots = np.floor(2.0 * dev.sm_count / plan_hk) / np.maximum(b, 1.0)  # PrefillPlan: max_grid_size / num_kv_heads, in integers
     chunk = _chunk_pages(q_blocks, pages, slots)
     head_ctas = hk * np.ceil(group / TRTLLM_DECODE_HEADS_PER_CTA)
     kv_ctas = np.minimum(np.ceil(n_kv / TRTLLM_DECODE_STEP_KV), np.maximum(1.0, np.floor(dev.sm_count / np.maximum(b * head_ctas, 1.0))))
     splits = np.where(planner, kv_ctas, np.ceil(pages / chunk))
     chunk_tokens = np.where(planner, np.ceil(n_kv / kv_ctas), chunk * FLASHINFER_PAGE)  # each CTA a contiguous share of the K/V
     # causal visits per packed block: packed rows r cover query positions r / group
-    _, total, most = _causal_blocks(n_q, n_kv, br / group, bc)
-    total = np.where(decode, q_blocks * np.ceil(n_kv / bc), total)
+    _, total, most = _causal_blocks(n_q, n_kv, br / group, bc, q_blocks)
     chunk_blocks = np.ceil(chunk_tokens / bc)
     most = np.minimum(most, chunk_blocks)
     programs = b * hk * q_blocks * splits
     heads = hk
-    context = ~decode & np.isin(dev.generation, TRTLLM_GENERATIONS)
-    sm90 = ~decode & np.isin(dev.generation, FLASHINFER_SM90_GENERATIONS) & (np.asarray(kv_bytes, dtype=float) >= 2)
     per_head = context | sm90
     if per_head.any():  # kernels that tile each query head's tokens, unpacked and unsplit: TensorRT-LLM's
         # context kernels (...Q128Kv128PersistentContext: 128 by 128) and FlashInfer's FlashAttention-3 prefill
@@ -541,7 +561,7 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
         splits = np.where(per_head, 1.0, splits)
         programs = np.where(per_head, b * h * head_q_blocks, programs)
         heads = np.where(per_head, h, hk)
-    stages = np.select([context, sm90], [TRTLLM_CONTEXT_TILES_PER_STEP, FLASHINFER_SM90_STAGES], 1.0)
+    stages = np.select([context, sm90, planner], [TRTLLM_CONTEXT_TILES_PER_STEP, FLASHINFER_SM90_STAGES, TRTLLM_DECODE_STEP_KV / TRTLLM_DECODE_TILE_KV], 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
                 copies=np.zeros(b.shape), persistent=context, specialised=context | planner | sm90, stages=stages)  # fmt: skip
 
@@ -567,7 +587,7 @@ def fp8_attention(library, generation, kv_bytes) -> np.ndarray:
     return (np.asarray(kv_bytes, dtype=float) < 2) & fp8_kernels
 
 
-def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True, query_quant=True):
+def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True, query_quant=True, plan_heads=None):
     """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
     `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
     causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
@@ -580,12 +600,14 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     alone does not see it (`query_quant` false, a bool or one per row, `sources.attention_timer`).
     Kernels: the cache write (left out where `cache_write`, a bool or one per row, is false: a
     timer that does not see it), the attention kernel, a combine kernel when K/V are split, and
-    FA2's swapped decode's copies."""
+    FA2's swapped decode's copies. `plan_heads`: the (query, KV) heads FlashInfer's own planner
+    was given where not the call's (a pair of numbers or of arrays, NaN: the call's; a source's
+    `sources.Timer.plan_heads`); FlashAttention takes its work from the call's tensors."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     # programs resident per SM: as many as its shared memory holds (the parameter is per 100 KiB)
     occupancy = P["ctas_per_sm"] * dev.sram_bytes_per_sm / OCCUPANCY_SMEM if "ctas_per_sm" in P else np.ones(b.shape)
-    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy, kv_bytes)
+    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy, kv_bytes, plan_heads)
     occupancy = np.where(g.get("persistent", False), 1.0, occupancy)  # a persistent kernel: one program per SM, looping over its tiles
     S, f = dev.sm_count, dev.clock_hz
     fp8_mma = fp8_attention(library, dev.generation, kv_bytes)

@@ -25,6 +25,21 @@ of the benchmark. The sources the model knows, from their published harness code
   the fit gives the replay floor a deviation per GPU and the eager host time one per kind of host
   CPU (`HOST_TIMER_PARAMS`, `HardwareProfile.host_cpu`), which a GPU the fit never saw inherits
   (`simulator.kernel_fit.timer_keys`).
+  The collector builds the backend's attention metadata from a small model config of its own
+  (collector/vllm_v1/fake_hf_model/config.json: a Qwen3 with 16 query heads, 8 KV heads, head
+  dimension 128; `COLLECTOR_MODEL_HEADS`), not from the heads and head dimension of the call it
+  times, where its `create_vllm_config` takes no override of them (collector/vllm/utils.py at
+  070f5af; later versions pass the call's, `hf_config_override`), and the tables show it.
+  FlashInfer's own planner lays out every such call for 8 KV heads and a group of 2, and the
+  kernel runs the call's heads over that plan (`kernels._flashinfer_geometry`): a
+  decode call's K/V splits are those of 8 KV heads (on RTX PRO 6000 one sequence of 131071
+  tokens takes 43.5, 43.7 and 47.2 us with 1, 2 and 4 KV heads), and the kernel module is the
+  one for head dimension 128 (FlashInfer's d = 256 rows on RTX PRO 6000 take their d = 128 twins'
+  time, `kernel_fit.head_dim_ignored`). TensorRT-LLM's kernels (GB200) and FlashAttention-2 take
+  their work from the call's tensors. (FlashAttention-3 on Hopper takes its K/V splits from
+  scheduler metadata vLLM's builder computes ahead of the call from the metadata's heads,
+  `get_scheduler_metadata`; no Hopper table is in the data, and the model prices it with the
+  call's heads.)
 - nccl-tests (collector/collect_nccl.py): the out-of-place time column of `*_perf`, see
   `simulator.gpu_model.collectives`.
 - anything else: the device time of the call, as a kernel-level timer (CUDA events around one
@@ -52,6 +67,7 @@ class Timer:
     query_quant: bool = True  # an fp8 attention call's time includes quantizing its query (`kernels.attention_time`)
     replays: int = 1  # replays run back to back per measurement, warm-up included (how long the GPU works flat out)
     fp8_quant: str = "fused"  # how an fp8 call's activations are quantized (`kernels.quantize_time`'s path)
+    plan_heads: tuple[float, float] | None = None  # (query, KV) heads FlashInfer's planner was given, where not the call's
 
 
 KERNEL_ONLY = Timer()
@@ -87,8 +103,13 @@ def attention_timer(framework: str, library: str = "fa2", version: str = "") -> 
     if framework != "vllm":
         return KERNEL_ONLY
     split = library in SPLIT_CACHE_WRITE and units.release(version) >= SPLIT_CACHE_WRITE[library]
-    return Timer(graph=True, cache_write=not split, query_quant=False)
+    return Timer(graph=True, cache_write=not split, query_quant=False, plan_heads=COLLECTOR_MODEL_HEADS)
 
+
+# The heads of the model config aiconfigurator's vLLM collector builds its attention metadata from
+# (collector/vllm_v1/fake_hf_model/config.json, a small Qwen3: 16 query heads, 8 KV heads, head
+# dimension 128), whatever heads the timed call has.
+COLLECTOR_MODEL_HEADS = (16.0, 8.0)
 
 TIMER_PARAMS = ("c_floor", "t_host_us")
 HOST_TIMER_PARAMS = ("t_host_us",)  # the host CPU's own work: shared by the GPUs measured on one kind of host (`HardwareProfile.host_cpu`)
