@@ -522,8 +522,9 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     occupancy. The TensorRT-LLM kernels, decode and context, are warp-specialised (load, MMA and
     softmax warps of their own): their scores' exp2 overlaps their MMAs (`specialised`)."""
     decode = n_q == 1
-    planner = decode & np.isin(dev.generation, TRTLLM_GENERATIONS)  # a decode planner of its own; elsewhere the prefill one
-    context = ~decode & np.isin(dev.generation, TRTLLM_GENERATIONS)
+    trtllm = np.isin(dev.generation, TRTLLM_GENERATIONS)
+    planner = decode & trtllm  # a decode planner of its own; elsewhere the prefill one
+    context = ~decode & trtllm
     sm90 = ~decode & np.isin(dev.generation, FLASHINFER_SM90_GENERATIONS) & (np.asarray(kv_bytes, dtype=float) >= 2)
     # the heads FlashInfer's own planner was given (`plan_heads`, NaN: the call's) pick the query
     # tile, the query blocks and the K/V split; the kernel's grid runs the call's KV heads over them

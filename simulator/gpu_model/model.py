@@ -104,7 +104,7 @@ class GpuDeviceModel:
         gens = {g: _generation_of(g) for g in fitted_on}
         same = [g for g in fitted_on if gens[g] == self.hw.generation]
         cls = MMA_CLASS.get(self.hw.generation)
-        kin = [g for g in fitted_on if cls is not None and not same and MMA_CLASS.get(gens[g] or "") == cls]
+        kin = [g for g in fitted_on if cls is not None and not same and MMA_CLASS.get(gens[g]) == cls]
         return {"fitted_on": fitted_on, "measured": self.hw.name in fitted_on, "generation": self.hw.generation, "generation_measured_on": same,
                 "mma_class": cls, "mma_class_measured_on": kin}  # fmt: skip
 
