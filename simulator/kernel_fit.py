@@ -54,6 +54,7 @@ class Group:
     uses_family: Callable[[pd.DataFrame], np.ndarray] | None = None  # rows priced with the group's own parameters (default: all)
     held: tuple[str, ...] = ()  # family parameters the group's rows never use: held at their start, not fitted
     unidentified: Callable[[pd.DataFrame, Dev], tuple[str, ...]] | None = None  # parameters a frame's rows cannot tell apart: held too
+    per_generation: tuple[str, ...] = ()  # family parameters this group fits per generation besides the family's own
 
     def own_rows(self, frame: pd.DataFrame) -> np.ndarray:
         return self.uses_family(frame) if self.uses_family else np.ones(len(frame), dtype=bool)
@@ -193,8 +194,11 @@ GROUPS: dict[str, Group] = {
     # FlashAttention-2 runs prefill and decode through one kernel (its split-KV kernel): one fit.
     "attention:fa2": Group("attention:fa2", "fa2", ("prefill-attention", "decode-attention"), _is("library", "fa2"), _predict_attention("fa2"), ("c_floor",)),
     # FlashInfer decodes with its decode kernel and prefills with its prefill kernel: a fit each.
+    # A prefill's compulsory traffic (Q, O, the new K/V) reaches a fraction of DRAM of each generation's
+    # own: GB200's TensorRT-LLM context kernels reach half what FlashInfer's own kernels do on Ada and
+    # RTX Blackwell. A decode's long K/V stream reaches the same fraction on all three: a common one.
     **{f"attention:flashinfer-{k}": Group(f"attention:flashinfer-{k}", "flashinfer", (f"{k}-attention",), _is("library", "flashinfer"), _predict_attention("flashinfer"), ("c_floor",),
-                                          unidentified=_softmax_unidentified)
+                                          unidentified=_softmax_unidentified, per_generation=("f_bw",) if k == "prefill" else ())
        for k in ("prefill", "decode")},  # fmt: skip
     "collective": Group("collective", "nccl", ("collective",), lambda f: np.ones(len(f), dtype=bool), _predict_collective),
     "operators": Group("operators", "operators", ("operators",), lambda f: np.ones(len(f), dtype=bool), _predict_operators,
@@ -472,7 +476,7 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     names = [n for n in spec if not spec[n].host and n not in held]  # fitted in common; a host parameter stays at its start (`params`)
     fixed = {n: p.start for n, p in spec.items() if p.host or n in held}
     gens = sorted(frame["generation"].unique())
-    per_gen = [n for n in spec if spec[n].per_generation and n not in held] if len(gens) > 0 else []
+    per_gen = [n for n in spec if (spec[n].per_generation or n in group.per_generation) and n not in held] if len(gens) > 0 else []
     gen_index = pd.Categorical(frame["generation"], categories=gens).codes
     y = np.log(frame["measured_s"].to_numpy())
     w = np.ones(len(frame)) if weights is None else weights

@@ -801,9 +801,9 @@ def test_a_benchmark_burst_feels_the_power_limit_by_how_long_it_runs():
 def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
     """vLLM's flash-attn build runs FlashAttention-3 on sm90: prefill programs of FA3's bf16 causal
     tiles (tile_size_fwd_sm90: 192 x 128 for d <= 64, 192 x 144 for d <= 96, 128 x 128 up to 192,
-    128 x 80 up to 256); FA2's 64-row programs everywhere else; decode keeps the swapped path.
-    With twice the MMAs per streamed K/V byte, a long prefill on H100 runs faster than FA2's tiles
-    would let it."""
+    128 x 80 up to 256); FA2's 64-row programs everywhere else; decode packs the group into 64 rows
+    at d = 128. With twice the MMAs per streamed K/V byte, a long prefill on H100 runs faster than
+    FA2's tiles would let it."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
 
@@ -820,11 +820,10 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
     for gpu in ("a100", "l40s", "rtx-pro-6000-blackwell-server"):
         assert (geometry(gpu, 4096.0)["br"] == 64.0).all()
     decode_h100, decode_a100 = geometry("h100-sxm", 1.0, hk=8.0), geometry("a100", 1.0, hk=8.0)
-    assert (decode_h100["br"] == decode_a100["br"]).all() and (decode_h100["bc"] == decode_a100["bc"]).all()
-    mha_h100, mha_a100 = geometry("h100-sxm", 1.0), geometry("a100", 1.0)  # MHA decode too: FA2's path
-    assert all((mha_h100[k] == mha_a100[k]).all() for k in ("br", "bc", "splits", "stages"))
-    # FA3's TMA pipeline keeps two K/V tiles in flight (kStages = 2 on sm90): twice a program's stream
-    assert (hopper["stages"] == 2.0).all() and (decode_h100["stages"] == 1.0).all() and (geometry("a100", 4096.0)["stages"] == 1.0).all()
+    assert decode_h100["br"][2] == 64.0 and (decode_h100["heads"] == 8.0).all() and (decode_h100["bc"] == hopper["bc"]).all()
+    assert (decode_a100["br"] == 64.0).all() and decode_a100["bc"][2] == 128.0
+    # FA3's pipeline keeps two K/V tiles in flight (kStages = 2 on sm90), decode too: twice a program's stream
+    assert (hopper["stages"] == 2.0).all() and (decode_h100["stages"] == 2.0).all() and (geometry("a100", 4096.0)["stages"] == 1.0).all()
     # FA3 packs a KV group's query heads inside the kernel (PackGQA): no swap, so none of FA2's Q / O copies
     assert (decode_h100["copies"] == 0.0).all() and (decode_a100["copies"] == 1.0).all()  # one sequence: the swap's one copy on FA2
     assert kernels.attention_kernels("fa2", 8, 32, 8, 1, 4096, generation="hopper")[0] == 3  # cache write, attention, combine
@@ -839,6 +838,68 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
     as_fa2 = kernels.attention_time(P.values(dev.generation), Dev.of([load_profile("h100-sxm").model_copy(update={"generation": "ampere"})]),
                                     "fa2", *args)[0]  # fmt: skip
     assert fa3 < 0.75 * as_fa2
+
+
+def _fa3_heuristic_reference(total_mblocks: int, sms: int, kv_blocks: int, max_splits: int = 128) -> int:
+    """hopper/heuristics.h num_splits_heuristic for a causal call, one call at a time, as written there."""
+    if total_mblocks >= 0.8 * sms or kv_blocks <= 4:
+        return 1
+    top = min(max_splits, sms, kv_blocks)
+    eff = [(total_mblocks * s / sms) / math.ceil(total_mblocks * s / sms) for s in range(1, top + 1)]
+    return next(s for s in range(1, top + 1) if eff[s - 1] >= 0.85 * max(eff))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 200), st.integers(1, 2048)), min_size=1, max_size=8), st.sampled_from([78, 108, 132, 148]))
+def test_fa3_split_heuristic_is_flash_attention_3s_rule_row_by_row(rows, sms):
+    from simulator.gpu_model import kernels
+
+    total, blocks = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
+    got = kernels.fa3_num_splits(total, sms, blocks)
+    assert got.tolist() == [_fa3_heuristic_reference(t, sms, n) for t, n in rows]
+
+
+def test_fa3_decode_splits_k_v_as_vllms_scheduler_metadata_says():
+    """vLLM builds FA3's scheduler metadata ahead of the call from its model config's heads, and the
+    kernel runs the metadata's per-sequence splits (the prepare kernel: ceil(n / ceil(1.1 hk b m n
+    / SMs)), capped by the heuristic on hk query blocks). On H100 (132 SMs), one sequence of 131072
+    keys (1024 K/V blocks of 128) with one KV head: 109 splits planned for its own heads, 15 for the
+    collector's 16 / 8 (and then 15 programs stream all of K/V: a slower call); 8 KV heads split 15
+    ways either way. At most 4 K/V blocks never split; past 992 sequences nothing splits, and the
+    combine kernel is still launched where the call's own heads would split."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+
+    hw = load_profile("h100-sxm")
+    assert hw.sm_count == 132
+
+    def geometry(b, h, hk, n_kv, plan=None):
+        dev = Dev.of([hw])
+        x = [np.array([float(v)]) for v in (b, h, hk, 128, 1, n_kv)]
+        return kernels._fa2_geometry(dev, *x, 1.0, 2.0, None if plan is None else tuple(np.array([float(v)]) for v in plan))
+
+    own, planned = geometry(1, 32, 1, 131072), geometry(1, 32, 1, 131072, plan=(16, 8))
+    assert (own["splits"][0], own["programs"][0]) == (109.0, 109.0)
+    assert (planned["splits"][0], planned["programs"][0], planned["most"][0]) == (15.0, 15.0, math.ceil(1024 / 15))
+    assert geometry(1, 32, 8, 131072)["splits"][0] == geometry(1, 32, 8, 131072, plan=(16, 8))["splits"][0] == 15.0
+    assert geometry(1, 32, 1, 131072, plan=(np.nan, np.nan))["splits"][0] == 109.0  # NaN: the call's heads
+    # the prepare kernel over b equal sequences, written out
+    for b in (2, 3, 7, 40):
+        per_sm = math.ceil(1.1 * 8 * b * 1 * 1024 / 132)
+        assert geometry(b, 32, 2, 131072, plan=(16, 8))["splits"][0] == max(1, min(math.ceil(1024 / per_sm), 15))
+    short = geometry(1, 32, 1, 512, plan=(16, 8))
+    assert short["splits"][0] == 1.0 and not short["combine"][0]
+    many = geometry(993, 32, 8, 8192, plan=(16, 8))
+    assert many["splits"][0] == 1.0 and many["combine"][0]
+
+    from simulator.gpu_model.params import load_fitted
+
+    P = load_fitted()["families"]["attention:fa2"].values(np.array(["hopper"], dtype=object))
+    dev = Dev.of([hw])
+    args = (1.0, 32.0, 1.0, 128.0, np.array([1.0]), np.array([131072.0]))
+    t_own = kernels.attention_time(P, dev, "fa2", *args)[0]
+    t_planned = kernels.attention_time(P, dev, "fa2", *args, plan_heads=(16.0, 8.0))[0]
+    assert t_planned > 1.5 * t_own
 
 
 def test_small_m_bf16_gemms_fetch_only_their_rows_and_scaled_mm_keep_their_tiles():

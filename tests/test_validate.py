@@ -203,6 +203,31 @@ def test_a_groups_held_parameters_stay_at_their_start(tmp_path):
     assert held.fitted.common["c_steps"] == start
 
 
+def test_a_group_fits_per_generation_the_family_parameters_it_marks(tmp_path):
+    """A group may fit a family parameter per generation that the family keeps common (FlashInfer's
+    prefill its DRAM share, not its decode): each generation in the fit gets a deviation of it, a
+    generation the fit never saw the common value; unmarked, it stays one common value."""
+    import dataclasses
+
+    from simulator import data
+    from simulator import kernel_fit as kf
+    from simulator.gpu_model.params import family
+
+    assert kf.GROUPS["attention:flashinfer-prefill"].per_generation == ("f_bw",) and kf.GROUPS["attention:flashinfer-decode"].per_generation == ()
+    assert not family("flashinfer")["f_bw"].per_generation
+    folder = write_tables(tmp_path / "data", rows=40, kinds=("collective",))
+    tables = data.load_tables([folder])
+    group = kf.GROUPS["collective"]
+    frame = kf.group_rows(tables.kinds, group, tables.profiles)
+    plain = kf.fit_group(group, frame, tables.profiles)
+    assert all("c_steps" not in d for d in plain.fitted.generation.values())
+    marked = kf.fit_group(dataclasses.replace(group, per_generation=("c_steps",)), frame, tables.profiles)
+    gens = set(frame["generation"])
+    assert set(marked.fitted.generation) == gens and all("c_steps" in marked.fitted.generation[g] for g in gens)
+    assert any(abs(marked.fitted.generation[g]["c_steps"]) > 1e-4 for g in gens)  # the rows move it
+    assert marked.fitted.for_generation("cdna3")["c_steps"] == marked.fitted.common["c_steps"]
+
+
 def test_a_pcie_hosts_topology_is_its_own_and_an_unmeasured_host_has_none(tmp_path):
     """The factors a PCIe ring pays for leaving a switch or a socket belong to the machine: fitted
     on a host that pays 0.3 for each, that GPU keeps them, while a PCIe GPU the fit never saw (RTX

@@ -373,6 +373,44 @@ def fa2_num_splits(programs, sms2, kv_blocks, max_splits: int = 128):
     return np.where(need, np.argmax(good, axis=0) + 1, 1).astype(float)
 
 
+FA3_MAX_BATCH_DYNAMIC = 992  # sequences one program of FA3's scheduler-prepare kernel covers; beyond them no K/V split (flash_prepare_scheduler.cu)
+FA3_DYNAMIC_MARGIN = 1.1  # the prepare kernel's margin on the blocks each SM takes ("10% margin")
+
+
+def fa3_num_splits(total_mblocks, sms, kv_blocks, max_splits: int = 128):
+    """FlashAttention-3's split-KV heuristic (hopper/heuristics.h, num_splits_heuristic, for a
+    causal call): one split when the query blocks nearly fill the SMs (>= 80% of `sms`) or K/V has
+    at most 4 blocks; else the fewest splits whose wave efficiency (n_waves / ceil(n_waves)) is
+    within 85% of the best over 1..min(max_splits, sms, kv_blocks). Unlike FA2's it counts one
+    program per SM and skips no split count."""
+    total, sms, kv_blocks = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(total_mblocks, sms, kv_blocks))
+    need = (total < 0.8 * sms) & (kv_blocks > 4)
+    limit = np.minimum(np.minimum(max_splits, sms), kv_blocks)
+    top = int(limit[need].max()) if need.any() else 1
+    s = np.arange(1, top + 1, dtype=float)[:, None]
+    waves = total * s / sms
+    E = np.where(s <= limit, waves / np.ceil(waves), 0.0)
+    good = 0.85 * E.max(axis=0) <= E
+    return np.where(need, np.argmax(good, axis=0) + 1, 1).astype(float)
+
+
+def fa3_decode_splits(dev: Dev, b, hk_plan, group_plan, n_kv, br, bc):
+    """K/V splits a FlashAttention-3 decode call runs per sequence, as vLLM runs it (varlen, with scheduler metadata built ahead of the call: `get_scheduler_metadata`
+    from the builder's model-config heads, `hk_plan` KV heads and a group of `group_plan`):
+      cap    = fa3_num_splits(hk_plan * m, SMs, n)   (m = ceil(group_plan / B_r) query blocks, n = ceil(n_kv / B_c);
+               varlen: the batch counts as one sequence), 1 past FA3_MAX_BATCH_DYNAMIC sequences
+      per SM = ceil(1.1 * hk_plan * b * m * n / SMs)  K/V blocks (prepare_varlen_num_blocks_kernel)
+      splits = max(1, min(ceil(n / per SM), cap))
+    The kernel reads the metadata's per-sequence splits (flash_api.cpp `mha_fwd` skips the prepare
+    kernel when given metadata); the call's own `fa3_num_splits` on its tensors' heads only decides
+    whether the combine kernel is launched."""
+    n = np.ceil(n_kv / bc)
+    m = np.ceil(group_plan / br)
+    cap = np.where(b > FA3_MAX_BATCH_DYNAMIC, 1.0, fa3_num_splits(hk_plan * m, dev.sm_count, n))
+    per_sm = np.maximum(1.0, np.ceil(FA3_DYNAMIC_MARGIN * hk_plan * b * m * n / dev.sm_count))
+    return np.where(cap > 1, np.maximum(1.0, np.minimum(np.ceil(n / per_sm), cap)), 1.0)
+
+
 def _causal_blocks(n_q, n_kv, rows, bc, tiles=None):
     """Over the query blocks of `rows` rows of one (sequence, head), bottom-right causal (query i of
     n_q sees keys up to n_kv - n_q + i): (query blocks, K/V blocks visited in all, the most any
@@ -410,24 +448,42 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     128 x 128 (<= 192), 128 x 80 (<= 256). A program then does twice or three times FA2's MMAs
     per K/V byte it streams, and streams it FA3_KV_STAGES times as fast: its TMA pipeline keeps that
     many K/V tiles in flight where FA2 keeps one, and a program's stream is latency-bound (bytes in
-    flight over the memory latency). Its decode (one query per sequence: packed GQA, split K/V) is
-    priced as FA2's, grouped or not, less the swap's copies: FA3 packs the group in the kernel."""
+    flight over the memory latency). Its decode (one query per sequence) packs a KV head's group
+    into one program's rows (PackGQA: no swap and none of its copies; 64 rows at d = 128) and splits
+    K/V as vLLM's scheduler metadata says (`fa3_decode_splits`), computed for `plan_heads` where a
+    harness built it from other heads than the call's (`sources.COLLECTOR_MODEL_HEADS`)."""
     swapped = (n_q == 1) & (h > hk)
     heads = np.where(swapped, hk, h)
     rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
     bc = np.where(d <= 64, 256, np.where(d <= 128, 128, 64)).astype(float)
     br = np.full(b.shape, 64.0)
     on_fa3 = np.isin(dev.generation, FA3_GENERATIONS)
-    fa3 = on_fa3 & (n_q > 1)  # FA3's tiles and stages; its decode is priced as FA2's (see above)
+    fa3 = on_fa3 & (n_q > 1)  # FA3's prefill tiles (see above)
+    fa3_decode = on_fa3 & (n_q == 1)
     br = np.where(fa3, np.where(d <= 96, 192.0, 128.0), br)
-    bc = np.where(fa3, np.where(d <= 64, 128.0, np.where(d <= 96, 144.0, np.where(d <= 192, 128.0, 80.0))), bc)
+    bc = np.where(on_fa3, np.where(d <= 64, 128.0, np.where(d <= 96, 144.0, np.where(d <= 192, 128.0, 80.0))), bc)
+    # FA3's decode packs the group into one warpgroup's 64 rows at d = 128 (tile_size.h `use_one_mma_wg`)
+    def br_decode(group):
+        return np.where((d == 128) & (group <= 64), 64.0, np.where(d <= 96, 192.0, 128.0))
+
     q_blocks, total, most = _causal_blocks(rows_q, n_kv, br, bc)
-    q_blocks = np.where(swapped, np.ceil((h / hk) / 64), q_blocks)
+    packed = swapped | fa3_decode  # one program per (sequence, KV head) over the group's rows
+    heads = np.where(fa3_decode, hk, heads)
+    br = np.where(fa3_decode, br_decode(h / hk), br)
+    q_blocks = np.where(packed, np.ceil((h / hk) / br), q_blocks)
     kv_blocks = np.ceil(n_kv / bc)
+    plan_h, plan_hk = h, hk
+    if plan_heads is not None:  # the heads vLLM's builder gave FA3's scheduler (NaN: the call's)
+        given = [np.broadcast_to(np.asarray(x, dtype=float), b.shape) for x in plan_heads]
+        told = np.isfinite(given[0]) & np.isfinite(given[1])
+        plan_h, plan_hk = np.where(told, given[0], h), np.where(told, given[1], hk)
+    plan_group = np.floor(plan_h / plan_hk)
     splits = np.where(swapped, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0)
+    splits = np.where(fa3_decode, fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, br_decode(plan_group), bc), splits)
+    combine = np.where(fa3_decode, (fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks) > 1) | (splits > 1), splits > 1)
     per_split = np.ceil(kv_blocks / splits)
-    total = np.where(swapped, q_blocks * per_split * splits, total)
-    most = np.where(swapped, per_split, most)
+    total = np.where(packed, q_blocks * per_split * splits, total)
+    most = np.where(packed, per_split, most)
     programs = b * heads * q_blocks * splits
     # kernels besides the attention kernel that pass over Q/O: Q in and O out transposed by copies
     # with several sequences and KV heads, and one more on every swapped call (the tables of all
@@ -437,8 +493,9 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     # FlashAttention-3 packs a KV group's query heads into its tiles inside the kernel (PackGQA, always
     # on for paged K/V and split calls: hopper/flash_api.cpp `run_mha_fwd`) and has no swap: no copies
     copies = np.where(on_fa3, 0.0, copies)
-    stages = np.where(fa3, FA3_KV_STAGES, 1.0)
-    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages, specialised=on_fa3)
+    stages = np.where(on_fa3, FA3_KV_STAGES, 1.0)
+    return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages, specialised=on_fa3,
+                combine=combine)  # fmt: skip
 
 
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
@@ -602,8 +659,9 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     Kernels: the cache write (left out where `cache_write`, a bool or one per row, is false: a
     timer that does not see it), the attention kernel, a combine kernel when K/V are split, and
     FA2's swapped decode's copies. `plan_heads`: the (query, KV) heads FlashInfer's own planner
-    was given where not the call's (a pair of numbers or of arrays, NaN: the call's; a source's
-    `sources.Timer.plan_heads`); FlashAttention takes its work from the call's tensors."""
+    (FA3's scheduler metadata) was given where not the call's (a pair of numbers or of arrays, NaN:
+    the call's; a source's `sources.Timer.plan_heads`); FlashAttention-2 takes its work from the
+    call's tensors."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     # programs resident per SM: as many as its shared memory holds (the parameter is per 100 KiB)
@@ -640,7 +698,10 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
 
     main = np.maximum(schedule, mem(2.0 * q_bytes + cache)) + kernel_s
     write = mem(new_kv + tokens * hk * d * 2.0 * kv_bytes) + kernel_s
-    combine = np.where(g["splits"] > 1, mem(g["splits"] * b * h * n_q * (d + 1) * 4.0 + q_bytes) + kernel_s, 0.0)
+    # the combine kernel: launched on a split call (FA3: wherever the call's own count splits, its
+    # programs returning at once on sequences its scheduler left whole), reading the partials
+    partials = np.where(g["splits"] > 1, mem(g["splits"] * b * h * n_q * (d + 1) * 4.0 + q_bytes), 0.0)
+    combine = np.where(g.get("combine", g["splits"] > 1), partials + kernel_s, 0.0)
     copies = g["copies"] * (mem(2.0 * q_bytes) + kernel_s)
     quantize_q = np.where(fp8_mma & np.asarray(query_quant, dtype=bool), mem(q_bytes * 1.5), 0.0)  # fused: bf16 in, fp8 out
     return main + np.where(cache_write, write, 0.0) + combine + copies + quantize_q
@@ -652,4 +713,4 @@ def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
     g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes)
-    return 2 + (g["splits"] > 1) + g["copies"]
+    return 2 + g.get("combine", g["splits"] > 1) + g["copies"]

@@ -36,10 +36,10 @@ of the benchmark. The sources the model knows, from their published harness code
   tokens takes 43.5, 43.7 and 47.2 us with 1, 2 and 4 KV heads), and the kernel module is the
   one for head dimension 128 (FlashInfer's d = 256 rows on RTX PRO 6000 take their d = 128 twins'
   time, `kernel_fit.head_dim_ignored`). TensorRT-LLM's kernels (GB200) and FlashAttention-2 take
-  their work from the call's tensors. (FlashAttention-3 on Hopper takes its K/V splits from
-  scheduler metadata vLLM's builder computes ahead of the call from the metadata's heads,
-  `get_scheduler_metadata`; no Hopper table is in the data, and the model prices it with the
-  call's heads.)
+  their work from the call's tensors. FlashAttention-3 on Hopper takes its decode's K/V splits
+  from scheduler metadata vLLM's builder computes ahead of the call from the same config's heads
+  (`get_scheduler_metadata`; flash_api.cpp `mha_fwd` then skips its own), and the model prices
+  them with those heads (`kernels.fa3_decode_splits`); no Hopper table is in the data to show it.
 - nccl-tests (collector/collect_nccl.py): the out-of-place time column of `*_perf`, see
   `simulator.gpu_model.collectives`.
 - anything else: the device time of the call, as a kernel-level timer (CUDA events around one
@@ -67,7 +67,7 @@ class Timer:
     query_quant: bool = True  # an fp8 attention call's time includes quantizing its query (`kernels.attention_time`)
     replays: int = 1  # replays run back to back per measurement, warm-up included (how long the GPU works flat out)
     fp8_quant: str = "fused"  # how an fp8 call's activations are quantized (`kernels.quantize_time`'s path)
-    plan_heads: tuple[float, float] | None = None  # (query, KV) heads FlashInfer's planner was given, where not the call's
+    plan_heads: tuple[float, float] | None = None  # (query, KV) heads FlashInfer's planner (FA3's scheduler) was given, where not the call's
 
 
 KERNEL_ONLY = Timer()
