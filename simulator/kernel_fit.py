@@ -5,7 +5,8 @@ attention of one library, fitted together since they run the same kernels; colle
 parameters are fitted by robust least squares on log(predicted / measured) (a soft-L1 loss, so a
 few wild cells do not steer it), every GPU in the fit weighing the same; a parameter marked
 per-generation gets a log-deviation per generation present, with a Gaussian prior of width
-`GENERATION_PRIOR` pulling it to the common value. A source's timer parameters (`sources`) also
+`GENERATION_PRIOR` pulling it to the common value (`GROUP_GENERATION_PRIOR` for one a group marks
+per generation beyond its family's). A source's timer parameters (`sources`) also
 hold the host its harness ran on (its Python and launch work, its graph replays), and every GPU's
 table was measured on a host of its own: they get a log-deviation per GPU in the fit, with a wider
 prior (`HOST_PRIOR`); a GPU the fit never saw takes the common value.
@@ -35,6 +36,7 @@ from simulator.hardware import HardwareProfile
 
 GENERATION_PRIOR = 0.3  # prior width of a per-generation log-deviation (a factor of e^0.3 = 1.35)
 HOST_PRIOR = 1.0  # prior width of a per-host log-deviation of a timer parameter (hosts differ by factors, not percents)
+GROUP_GENERATION_PRIOR = 1.0  # of the deviation of a parameter a group marks per generation (`Group.per_generation`: its generations differ by factors)
 HOST_RANGE = 5.0  # a host parameter's log-deviation may lower it to e^-5 of its start
 FIT_ROWS_PER_GPU = 600  # rows of each GPU a fit samples (fixed seed); every row is predicted
 LOSS_SCALE = 0.1  # soft-L1 scale of the log residual: residuals beyond ~10% count linearly
@@ -195,8 +197,9 @@ GROUPS: dict[str, Group] = {
     "attention:fa2": Group("attention:fa2", "fa2", ("prefill-attention", "decode-attention"), _is("library", "fa2"), _predict_attention("fa2"), ("c_floor",)),
     # FlashInfer decodes with its decode kernel and prefills with its prefill kernel: a fit each.
     # A prefill's compulsory traffic (Q, O, the new K/V) reaches a fraction of DRAM of each generation's
-    # own: GB200's TensorRT-LLM context kernels reach half what FlashInfer's own kernels do on Ada and
-    # RTX Blackwell. A decode's long K/V stream reaches the same fraction on all three: a common one.
+    # own: GB200's TensorRT-LLM context kernels reach a quarter to a third of what FlashInfer's own
+    # kernels do on Ada and RTX Blackwell. A decode's long K/V stream reaches the same fraction on
+    # all three: a common one.
     **{f"attention:flashinfer-{k}": Group(f"attention:flashinfer-{k}", "flashinfer", (f"{k}-attention",), _is("library", "flashinfer"), _predict_attention("flashinfer"), ("c_floor",),
                                           unidentified=_softmax_unidentified, per_generation=("f_bw",) if k == "prefill" else ())
        for k in ("prefill", "decode")},  # fmt: skip
@@ -501,7 +504,7 @@ def fit_group(group: Group, frame: pd.DataFrame, profiles: dict[str, HardwarePro
     lo += [-HOST_RANGE if spec[n].host else -2.0 for _ in gens for n in per_gen] + [-2.0] * nh
     hi += [0.0 if spec[n].host else 2.0 for _ in gens for n in per_gen] + [2.0] * nh
     x0 = np.clip(np.asarray(x0, dtype=float), lo, hi)
-    width = np.tile([HOST_PRIOR if spec[n].host else GENERATION_PRIOR for n in per_gen], len(gens))
+    width = np.tile([HOST_PRIOR if spec[n].host else GROUP_GENERATION_PRIOR if n in group.per_generation else GENERATION_PRIOR for n in per_gen], len(gens))
     prior_weight = np.concatenate([np.sqrt(len(frame) / max(1, nd)) * 0.05 / width,
                                    np.full(nh, np.sqrt(len(frame) / max(1, nh)) * 0.05 / HOST_PRIOR)])  # fmt: skip
     ncommon = len(names) + len(tnames)

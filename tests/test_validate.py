@@ -203,10 +203,11 @@ def test_a_groups_held_parameters_stay_at_their_start(tmp_path):
     assert held.fitted.common["c_steps"] == start
 
 
-def test_a_group_fits_per_generation_the_family_parameters_it_marks(tmp_path):
+def test_a_group_fits_per_generation_the_family_parameters_it_marks(tmp_path, monkeypatch):
     """A group may fit a family parameter per generation that the family keeps common (FlashInfer's
-    prefill its DRAM share, not its decode): each generation in the fit gets a deviation of it, a
-    generation the fit never saw the common value; unmarked, it stays one common value."""
+    prefill its DRAM share, not its decode): each generation in the fit gets a deviation of it, under
+    a prior of its own width (`GROUP_GENERATION_PRIOR`), a generation the fit never saw the common
+    value; unmarked, it stays one common value."""
     import dataclasses
 
     from simulator import data
@@ -226,6 +227,10 @@ def test_a_group_fits_per_generation_the_family_parameters_it_marks(tmp_path):
     assert set(marked.fitted.generation) == gens and all("c_steps" in marked.fitted.generation[g] for g in gens)
     assert any(abs(marked.fitted.generation[g]["c_steps"]) > 1e-4 for g in gens)  # the rows move it
     assert marked.fitted.for_generation("cdna3")["c_steps"] == marked.fitted.common["c_steps"]
+    monkeypatch.setattr(kf, "GROUP_GENERATION_PRIOR", 1e-4)  # a prior that pins it: every deviation ~0
+    pinned = kf.fit_group(dataclasses.replace(group, per_generation=("c_steps",)), frame, tables.profiles)
+    widest = max(abs(marked.fitted.generation[g]["c_steps"]) for g in gens)
+    assert max(abs(pinned.fitted.generation[g]["c_steps"]) for g in gens) < 0.05 * widest
 
 
 def test_a_pcie_hosts_topology_is_its_own_and_an_unmeasured_host_has_none(tmp_path):
