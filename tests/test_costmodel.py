@@ -1335,7 +1335,9 @@ def test_flashinfer_holds_as_many_programs_per_sm_as_its_shared_memory_fits():
         assert (times[0] == pytest.approx(times[1], rel=1e-9)) == persistent, name
 
 
-def test_trtllm_context_kernels_tile_each_query_head_by_128_tokens():
+def test_trtllm_context_programs_take_256_tokens_of_one_query_head():
+    """TensorRT-LLM's context kernels (GB200) step 256 rows of one query head (two 128-row tiles,
+    stepQ 256) against 128-row K/V tiles: 1 and 4 programs per head for 16 and 1000 tokens."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
 
@@ -1343,7 +1345,7 @@ def test_trtllm_context_kernels_tile_each_query_head_by_128_tokens():
     args = (4 * one, 32 * one, 8 * one, 128 * one, np.array([16.0, 1000.0]), np.array([16.0, 1000.0]), 1.0)
     gb200 = kernels._flashinfer_geometry(Dev.of([load_profile("gb200")] * 2), *args)
     l40s = kernels._flashinfer_geometry(Dev.of([load_profile("l40s")] * 2), *args)
-    assert list(gb200["programs"]) == [4 * 32 * 1, 4 * 32 * 8] and list(gb200["bc"]) == [128.0, 128.0]
+    assert list(gb200["programs"]) == [4 * 32 * 1, 4 * 32 * 4] and list(gb200["bc"]) == [128.0, 128.0] and list(gb200["br"]) == [256.0, 256.0]
     # FlashInfer's own kernels pack the group's 4 query heads into the rows: 64 and 4000 packed rows
     assert list(l40s["programs"]) == [4 * 8 * 1, 4 * 8 * 32] and list(l40s["br"]) == [64.0, 128.0]
 
@@ -1379,8 +1381,9 @@ def test_flashinfer_prefill_on_hopper_over_a_bf16_cache_runs_its_fa3_kernels():
 def test_a_trtllm_context_program_feeds_two_query_tiles_from_each_kv_tile_it_loads(monkeypatch):
     """TensorRT-LLM's context kernels step 256 query rows (two 128-row tiles) per 128-row K/V tile
     (stepQ 256 in their kernel table), so where a program's K/V stream decides, a GB200 prefill takes
-    half the time it would with one tile per K/V load; FlashInfer's own kernels (L40S) keep one, and
-    its decode kernels stream their own step's two K/V tiles whatever the context kernels do."""
+    about half the time it would with one tile per K/V load (causal: a step streams the K/V its last
+    row sees, a little more than its first tile alone would); FlashInfer's own kernels (L40S) keep
+    one, and its decode kernels stream their own step's two K/V tiles whatever the context kernels do."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
     from simulator.gpu_model.params import Fitted
@@ -1394,7 +1397,7 @@ def test_a_trtllm_context_program_feeds_two_query_tiles_from_each_kv_tile_it_loa
     two = {(gpu, n_q): time(gpu, n_q) for gpu in ("gb200", "l40s") for n_q in (8192, 1)}
     monkeypatch.setattr(kernels, "TRTLLM_CONTEXT_TILES_PER_STEP", 1.0)
     one = {(gpu, n_q): time(gpu, n_q) for gpu in ("gb200", "l40s") for n_q in (8192, 1)}
-    assert one["gb200", 8192] / two["gb200", 8192] == pytest.approx(2.0, rel=0.02)
+    assert one["gb200", 8192] / two["gb200", 8192] == pytest.approx(2.0, rel=0.05)
     assert one["gb200", 1] == two["gb200", 1] and one["l40s", 8192] == two["l40s", 8192]
 
 

@@ -500,7 +500,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
 
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
 FLASHINFER_PAGE = 64  # tokens per KV page in the measured tables (vLLM's block size there)
-TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM context program runs per K/V tile it loads (stepQ 256)
+TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM context program runs per K/V tile it loads (stepQ 256): its rows
 TRTLLM_DECODE_STEP_KV = 256.0  # K/V rows a TensorRT-LLM generation CTA takes per step (stepKv of the Q8/Q16 kernels in their table)
 TRTLLM_DECODE_TILE_KV = 128.0  # K/V rows of one of its tiles (tileKv in the same table): a step streams two
 TRTLLM_DECODE_HEADS_PER_CTA = 16.0  # the most query heads of one KV head a generation CTA holds (its largest tileQ, 16)
@@ -552,12 +552,12 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
       stepKv 256 for the generation kernels (their kernel table), a CTA holding up to 16 query
       heads of one KV head (`TRTLLM_DECODE_HEADS_PER_CTA`) and streaming its step's two 128-row K/V
       tiles (tileKv 128 in the same table) at twice a program's rate (`stages`).
-      Their context (prefill) kernels take 128 tokens of one query head per program against 128
-      K/V rows per iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`),
-      and step two such query tiles per K/V tile they load (stepQ 256 for tileQ 128 at head
+      Their context (prefill) kernels tile one query head's tokens by 128 against 128 K/V rows per
+      iteration, unsplit (trtllm-gen's `...CausalP64VarSeqQ128Kv128PersistentContext`), and a
+      program steps two such query tiles per K/V tile it loads (stepQ 256 for tileQ 128 at head
       dimension 128, bf16 and fp8 alike, in the kernel table TensorRT-LLM and FlashInfer ship,
-      `kernelMetaInfo.h`): one K/V stream feeds two tiles' MMAs, so each tile sees it at
-      `TRTLLM_CONTEXT_TILES_PER_STEP` times a program's rate (`stages`, as FA3's two K/V stages).
+      `kernelMetaInfo.h`): a program takes 256 rows of one head (`TRTLLM_CONTEXT_TILES_PER_STEP`
+      tiles), one K/V stream feeding both tiles' MMAs, and walks the K/V its last row sees.
     K/V rows per iteration B_c = 64.
     On Hopper (`FLASHINFER_SM90_GENERATIONS`) a prefill call over a bf16 cache runs FlashInfer's own
     FlashAttention-3 kernels: its backend "auto" picks them on sm90 where the query and the cache
@@ -610,16 +610,16 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     heads = hk
     per_head = context | sm90
     if per_head.any():  # kernels that tile each query head's tokens, unpacked and unsplit: TensorRT-LLM's
-        # context kernels (...Q128Kv128PersistentContext: 128 by 128) and FlashInfer's FlashAttention-3 prefill
+        # context kernels (...Q128Kv128PersistentContext: 128 by 128 tiles, two query tiles a program) and FlashInfer's FlashAttention-3 prefill
         br90, bc90 = _flashinfer_sm90_tiles(d)
-        head_br, head_bc = np.where(context, 128.0, br90), np.where(context, 128.0, bc90)
+        head_br, head_bc = np.where(context, 128.0 * TRTLLM_CONTEXT_TILES_PER_STEP, br90), np.where(context, 128.0, bc90)
         head_q_blocks, head_total, head_most = _causal_blocks(n_q, n_kv, head_br, head_bc)
         br, bc = np.where(per_head, head_br, br), np.where(per_head, head_bc, bc)
         total, most = np.where(per_head, head_total, total), np.where(per_head, head_most, most)
         splits = np.where(per_head, 1.0, splits)
         programs = np.where(per_head, b * h * head_q_blocks, programs)
         heads = np.where(per_head, h, hk)
-    stages = np.select([context, sm90, planner], [TRTLLM_CONTEXT_TILES_PER_STEP, FLASHINFER_SM90_STAGES, TRTLLM_DECODE_STEP_KV / TRTLLM_DECODE_TILE_KV], 1.0)
+    stages = np.select([context, sm90, planner], [1.0, FLASHINFER_SM90_STAGES, TRTLLM_DECODE_STEP_KV / TRTLLM_DECODE_TILE_KV], 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
                 copies=np.zeros(b.shape), persistent=context, specialised=context | planner | sm90, stages=stages)  # fmt: skip
 
