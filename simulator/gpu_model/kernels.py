@@ -472,15 +472,17 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     br = np.where(fa3_decode, br_decode(h / hk), br)
     q_blocks = np.where(packed, np.ceil((h / hk) / br), q_blocks)
     kv_blocks = np.ceil(n_kv / bc)
-    plan_h, plan_hk = h, hk
-    if plan_heads is not None:  # the heads vLLM's builder gave FA3's scheduler (NaN: the call's)
-        given = [np.broadcast_to(np.asarray(x, dtype=float), b.shape) for x in plan_heads]
-        told = np.isfinite(given[0]) & np.isfinite(given[1])
-        plan_h, plan_hk = np.where(told, given[0], h), np.where(told, given[1], hk)
-    plan_group = np.floor(plan_h / plan_hk)
     splits = np.where(swapped, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0)
-    splits = np.where(fa3_decode, fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, br_decode(plan_group), bc), splits)
-    combine = np.where(fa3_decode, (fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks) > 1) | (splits > 1), splits > 1)
+    combine = splits > 1
+    if fa3_decode.any():  # (a fit of the other generations' tables skips this)
+        plan_h, plan_hk = h, hk
+        if plan_heads is not None:  # the heads vLLM's builder gave FA3's scheduler (NaN: the call's)
+            given = [np.broadcast_to(np.asarray(x, dtype=float), b.shape) for x in plan_heads]
+            told = np.isfinite(given[0]) & np.isfinite(given[1])
+            plan_h, plan_hk = np.where(told, given[0], h), np.where(told, given[1], hk)
+        plan_group = np.floor(plan_h / plan_hk)
+        splits = np.where(fa3_decode, fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, br_decode(plan_group), bc), splits)
+        combine = np.where(fa3_decode, (fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks) > 1) | (splits > 1), splits > 1)
     per_split = np.ceil(kv_blocks / splits)
     total = np.where(packed, q_blocks * per_split * splits, total)
     most = np.where(packed, per_split, most)
