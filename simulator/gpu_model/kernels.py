@@ -395,8 +395,9 @@ def fa3_num_splits(total_mblocks, sms, kv_blocks, max_splits: int = 128):
 
 
 def fa3_decode_splits(dev: Dev, b, hk_plan, group_plan, n_kv, br, bc):
-    """K/V splits a FlashAttention-3 decode call runs per sequence, as vLLM runs it (varlen, with scheduler metadata built ahead of the call: `get_scheduler_metadata`
-    from the builder's model-config heads, `hk_plan` KV heads and a group of `group_plan`):
+    """K/V splits a FlashAttention-3 decode call runs per sequence, as vLLM runs it: varlen, with
+    scheduler metadata built ahead of the call (`get_scheduler_metadata`) from the builder's
+    model-config heads, `hk_plan` KV heads and a group of `group_plan`:
       cap    = fa3_num_splits(hk_plan * m, SMs, n)   (m = ceil(group_plan / B_r) query blocks, n = ceil(n_kv / B_c);
                varlen: the batch counts as one sequence), 1 past FA3_MAX_BATCH_DYNAMIC sequences
       per SM = ceil(1.1 * hk_plan * b * m * n / SMs)  K/V blocks (prepare_varlen_num_blocks_kernel)
@@ -502,7 +503,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
 
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
 FLASHINFER_PAGE = 64  # tokens per KV page in the measured tables (vLLM's block size there)
-TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM context program runs per K/V tile it loads (stepQ 256): its rows
+TRTLLM_CONTEXT_TILES_PER_STEP = 2.0  # 128-row query tiles a TensorRT-LLM context program runs per K/V tile it loads (stepQ 256: its 256 rows)
 TRTLLM_DECODE_STEP_KV = 256.0  # K/V rows a TensorRT-LLM generation CTA takes per step (stepKv of the Q8/Q16 kernels in their table)
 TRTLLM_DECODE_TILE_KV = 128.0  # K/V rows of one of its tiles (tileKv in the same table): a step streams two
 TRTLLM_DECODE_HEADS_PER_CTA = 16.0  # the most query heads of one KV head a generation CTA holds (its largest tileQ, 16)
