@@ -856,7 +856,10 @@ def test_fa3_split_heuristic_is_flash_attention_3s_rule_row_by_row(rows, sms):
 
     total, blocks = (np.array(c, dtype=float) for c in zip(*rows, strict=True))
     got = kernels.fa3_num_splits(total, sms, blocks)
-    assert got.tolist() == [_fa3_heuristic_reference(t, sms, n) for t, n in rows]
+    expected = [_fa3_heuristic_reference(t, sms, n) for t, n in rows]
+    assert got.tolist() == expected
+    assert [kernels.fa3_num_splits(np.array([t]), sms, np.array([n]))[0] for t, n in rows] == expected  # one call at a time (remembered)
+    assert kernels._fa3_num_splits_rows(total, np.full(len(rows), float(sms)), blocks, 128).tolist() == expected  # all rows at once
 
 
 def test_fa3_decode_splits_k_v_as_vllms_scheduler_metadata_says():

@@ -59,6 +59,8 @@ clock.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from simulator.gpu_model.device import GEMM_DTYPES, Dev
@@ -384,6 +386,12 @@ def fa3_num_splits(total_mblocks, sms, kv_blocks, max_splits: int = 128):
     within 85% of the best over 1..min(max_splits, sms, kv_blocks). Unlike FA2's it counts one
     program per SM and skips no split count."""
     total, sms, kv_blocks = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(total_mblocks, sms, kv_blocks))
+    if total.size == 1:  # one call (a simulation's step): the same few shapes recur, so remember them
+        return np.full(total.shape, _fa3_num_splits_one(float(total.flat[0]), float(sms.flat[0]), float(kv_blocks.flat[0]), max_splits))
+    return _fa3_num_splits_rows(total, sms, kv_blocks, max_splits)
+
+
+def _fa3_num_splits_rows(total: np.ndarray, sms: np.ndarray, kv_blocks: np.ndarray, max_splits: int) -> np.ndarray:
     need = (total < 0.8 * sms) & (kv_blocks > 4)
     limit = np.minimum(np.minimum(max_splits, sms), kv_blocks)
     top = int(limit[need].max()) if need.any() else 1
@@ -394,8 +402,14 @@ def fa3_num_splits(total_mblocks, sms, kv_blocks, max_splits: int = 128):
     return np.where(need, np.argmax(good, axis=0) + 1, 1).astype(float)
 
 
+@functools.lru_cache(maxsize=4096)
+def _fa3_num_splits_one(total: float, sms: float, kv_blocks: float, max_splits: int) -> float:
+    return float(_fa3_num_splits_rows(*(np.array([x]) for x in (total, sms, kv_blocks)), max_splits)[0])
+
+
 def fa3_decode_splits(dev: Dev, b, hk_plan, group_plan, n_kv, br, bc):
-    """K/V splits a FlashAttention-3 decode call runs per sequence, as vLLM runs it: varlen, with
+    """(K/V splits a FlashAttention-3 decode call runs per sequence, the metadata's static count) as
+    vLLM runs it: varlen, with
     scheduler metadata built ahead of the call (`get_scheduler_metadata`) from the builder's
     model-config heads, `hk_plan` KV heads and a group of `group_plan`:
       cap    = fa3_num_splits(hk_plan * m, SMs, n)   (m = ceil(group_plan / B_r) query blocks, n = ceil(n_kv / B_c);
@@ -407,9 +421,10 @@ def fa3_decode_splits(dev: Dev, b, hk_plan, group_plan, n_kv, br, bc):
     whether the combine kernel is launched."""
     n = np.ceil(n_kv / bc)
     m = np.ceil(group_plan / br)
-    cap = np.where(b > FA3_MAX_BATCH_DYNAMIC, 1.0, fa3_num_splits(hk_plan * m, dev.sm_count, n))
+    static = fa3_num_splits(hk_plan * m, dev.sm_count, n)
+    cap = np.where(b > FA3_MAX_BATCH_DYNAMIC, 1.0, static)
     per_sm = np.maximum(1.0, np.ceil(FA3_DYNAMIC_MARGIN * hk_plan * b * m * n / dev.sm_count))
-    return np.where(cap > 1, np.maximum(1.0, np.minimum(np.ceil(n / per_sm), cap)), 1.0)
+    return np.where(cap > 1, np.maximum(1.0, np.minimum(np.ceil(n / per_sm), cap)), 1.0), static
 
 
 def _causal_blocks(n_q, n_kv, rows, bc, tiles=None):
@@ -473,7 +488,8 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     br = np.where(fa3_decode, br_decode(h / hk), br)
     q_blocks = np.where(packed, np.ceil((h / hk) / br), q_blocks)
     kv_blocks = np.ceil(n_kv / bc)
-    splits = np.where(swapped, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0)
+    fa2_split = swapped & ~fa3_decode
+    splits = np.where(fa2_split, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0) if fa2_split.any() else np.ones(b.shape)
     combine = splits > 1
     if fa3_decode.any():  # (a fit of the other generations' tables skips this)
         plan_h, plan_hk = h, hk
@@ -482,8 +498,12 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
             told = np.isfinite(given[0]) & np.isfinite(given[1])
             plan_h, plan_hk = np.where(told, given[0], h), np.where(told, given[1], hk)
         plan_group = np.floor(plan_h / plan_hk)
-        splits = np.where(fa3_decode, fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, br_decode(plan_group), bc), splits)
-        combine = np.where(fa3_decode, (fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks) > 1) | (splits > 1), splits > 1)
+        planned, static = fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, br_decode(plan_group), bc)
+        splits = np.where(fa3_decode, planned, splits)
+        # the call's own static count (its tensors' heads) launches the combine kernel: the metadata's where the heads agree
+        same = (plan_hk == hk) & (np.ceil(plan_group / br_decode(plan_group)) == q_blocks)
+        own = static if same.all() else np.where(same, static, fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks))
+        combine = np.where(fa3_decode, (own > 1) | (splits > 1), splits > 1)
     per_split = np.ceil(kv_blocks / splits)
     total = np.where(packed, q_blocks * per_split * splits, total)
     most = np.where(packed, per_split, most)
