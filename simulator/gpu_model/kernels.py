@@ -409,9 +409,8 @@ def _fa3_num_splits_one(total: float, sms: float, kv_blocks: float, max_splits: 
 
 def fa3_decode_splits(dev: Dev, b, hk_plan, group_plan, n_kv, br, bc):
     """(K/V splits a FlashAttention-3 decode call runs per sequence, the metadata's static count) as
-    vLLM runs it: varlen, with
-    scheduler metadata built ahead of the call (`get_scheduler_metadata`) from the builder's
-    model-config heads, `hk_plan` KV heads and a group of `group_plan`:
+    vLLM runs it: varlen, with scheduler metadata built ahead of the call (`get_scheduler_metadata`)
+    from the builder's model-config heads, `hk_plan` KV heads and a group of `group_plan`:
       cap    = fa3_num_splits(hk_plan * m, SMs, n)   (m = ceil(group_plan / B_r) query blocks, n = ceil(n_kv / B_c);
                varlen: the batch counts as one sequence), 1 past FA3_MAX_BATCH_DYNAMIC sequences
       per SM = ceil(1.1 * hk_plan * b * m * n / SMs)  K/V blocks (prepare_varlen_num_blocks_kernel)
