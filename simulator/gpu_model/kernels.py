@@ -426,6 +426,16 @@ def fa3_decode_splits(dev: Dev, b, hk_plan, group_plan, n_kv, br, bc):
     return np.where(cap > 1, np.maximum(1.0, np.minimum(np.ceil(n / per_sm), cap)), 1.0), static
 
 
+def _planned_heads(plan_heads, h, hk, where=True):
+    """(query, KV) heads a kernel's plan was laid out for: `plan_heads` (a pair of numbers or arrays,
+    NaN: the call's) where `where` holds and both are given, else the call's `h`, `hk`."""
+    if plan_heads is None:
+        return h, hk
+    given = [np.broadcast_to(np.asarray(x, dtype=float), h.shape) for x in plan_heads]
+    told = where & np.isfinite(given[0]) & np.isfinite(given[1])
+    return np.where(told, given[0], h), np.where(told, given[1], hk)
+
+
 def _causal_blocks(n_q, n_kv, rows, bc, tiles=None):
     """Over the query blocks of `rows` rows of one (sequence, head), bottom-right causal (query i of
     n_q sees keys up to n_kv - n_q + i): (query blocks, K/V blocks visited in all, the most any
@@ -491,16 +501,13 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     splits = np.where(fa2_split, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0) if fa2_split.any() else np.ones(b.shape)
     combine = splits > 1
     if fa3_decode.any():  # (a fit of the other generations' tables skips this)
-        plan_h, plan_hk = h, hk
-        if plan_heads is not None:  # the heads vLLM's builder gave FA3's scheduler (NaN: the call's)
-            given = [np.broadcast_to(np.asarray(x, dtype=float), b.shape) for x in plan_heads]
-            told = np.isfinite(given[0]) & np.isfinite(given[1])
-            plan_h, plan_hk = np.where(told, given[0], h), np.where(told, given[1], hk)
+        plan_h, plan_hk = _planned_heads(plan_heads, h, hk)  # the heads vLLM's builder gave FA3's scheduler
         plan_group = np.floor(plan_h / plan_hk)
-        planned, static = fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, br_decode(plan_group), bc)
+        plan_br = br_decode(plan_group)
+        planned, static = fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, plan_br, bc)
         splits = np.where(fa3_decode, planned, splits)
         # the call's own static count (its tensors' heads) launches the combine kernel: the metadata's where the heads agree
-        same = (plan_hk == hk) & (np.ceil(plan_group / br_decode(plan_group)) == q_blocks)
+        same = (plan_hk == hk) & (np.ceil(plan_group / plan_br) == q_blocks)
         own = static if same.all() else np.where(same, static, fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks))
         combine = np.where(fa3_decode, (own > 1) | (splits > 1), splits > 1)
     per_split = np.ceil(kv_blocks / splits)
@@ -607,11 +614,7 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     sm90 = ~decode & np.isin(dev.generation, FLASHINFER_SM90_GENERATIONS) & (np.asarray(kv_bytes, dtype=float) >= 2)
     # the heads FlashInfer's own planner was given (`plan_heads`, NaN: the call's) pick the query
     # tile, the query blocks and the K/V split; the kernel's grid runs the call's KV heads over them
-    plan_h, plan_hk = h, hk
-    if plan_heads is not None:
-        given = [np.broadcast_to(np.asarray(x, dtype=float), b.shape) for x in plan_heads]
-        told = ~planner & ~context & ~sm90 & np.isfinite(given[0]) & np.isfinite(given[1])
-        plan_h, plan_hk = np.where(told, given[0], h), np.where(told, given[1], hk)
+    plan_h, plan_hk = _planned_heads(plan_heads, h, hk, where=~planner & ~context & ~sm90)
     group = h / hk
     packed = n_q * plan_h / plan_hk
     br = np.where((packed > 64) & (d < 256), 128.0, np.where(packed > 16, 64.0, 16.0))
