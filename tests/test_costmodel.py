@@ -799,10 +799,12 @@ def test_a_benchmark_burst_feels_the_power_limit_by_how_long_it_runs():
 
 
 def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
-    """vLLM's flash-attn build runs FlashAttention-3 on sm90: prefill programs of FA3's bf16 causal
-    tiles (tile_size_fwd_sm90: 192 x 128 for d <= 64, 192 x 144 for d <= 96, 128 x 128 up to 192,
-    128 x 80 up to 256); FA2's 64-row programs everywhere else; decode packs the group into 64 rows
-    at d = 128. With twice the MMAs per streamed K/V byte, a long prefill on H100 runs faster than
+    """vLLM's flash-attn build runs FlashAttention-3 on sm90: prefill programs of FA3's causal tiles
+    for paged K/V without TMA (tile_size_fwd_sm90, bf16: 192 x 128 up to d = 96, 128 x 128 up to
+    128, 128 x 96 up to 192, 128 x 80 up to 256; fp8: 192 x 160, 192 x 128, 128 x 160, 128 x 160,
+    128 x 128); FA2's 64-row programs everywhere else; a bf16 decode packs the group into 64 rows at
+    d = 128 (one MMA warpgroup; fp8 has no such tile), its d <= 64 tile 160 keys wide without the
+    causal mask. With twice the MMAs per streamed K/V byte, a long prefill on H100 runs faster than
     FA2's tiles would let it."""
     from simulator.gpu_model import kernels
     from simulator.gpu_model.device import Dev
@@ -810,17 +812,21 @@ def test_vllms_flash_attn_runs_fa3_tiles_on_hopper_only():
     d = np.array([64.0, 96.0, 128.0, 192.0, 256.0])
     ones = np.ones(len(d))
 
-    def geometry(gpu, n_q, h=32.0, hk=32.0):
+    def geometry(gpu, n_q, h=32.0, hk=32.0, kv_bytes=2.0):
         dev = Dev.of([load_profile(gpu)] * len(d))
-        return kernels._fa2_geometry(dev, ones, h * ones, hk * ones, d, n_q * ones, 4096.0 * ones)
+        return kernels._fa2_geometry(dev, ones, h * ones, hk * ones, d, n_q * ones, 4096.0 * ones, kv_bytes=kv_bytes)
 
     hopper = geometry("h100-sxm", 4096.0)
     assert hopper["br"].tolist() == [192.0, 192.0, 128.0, 128.0, 128.0]
-    assert hopper["bc"].tolist() == [128.0, 144.0, 128.0, 128.0, 80.0]
+    assert hopper["bc"].tolist() == [128.0, 128.0, 128.0, 96.0, 80.0]
+    fp8 = geometry("h100-sxm", 4096.0, kv_bytes=1.0)
+    assert fp8["br"].tolist() == [192.0, 192.0, 128.0, 128.0, 128.0] and fp8["bc"].tolist() == [160.0, 128.0, 160.0, 160.0, 128.0]
+    assert geometry("h100-sxm", 1.0, hk=8.0, kv_bytes=1.0)["br"][2] == 128.0
+    assert geometry("h100-sxm", 1.0, hk=8.0)["bc"].tolist() == [160.0, 128.0, 128.0, 96.0, 80.0]
     for gpu in ("a100", "l40s", "rtx-pro-6000-blackwell-server"):
         assert (geometry(gpu, 4096.0)["br"] == 64.0).all()
     decode_h100, decode_a100 = geometry("h100-sxm", 1.0, hk=8.0), geometry("a100", 1.0, hk=8.0)
-    assert decode_h100["br"][2] == 64.0 and (decode_h100["heads"] == 8.0).all() and (decode_h100["bc"] == hopper["bc"]).all()
+    assert decode_h100["br"][2] == 64.0 and (decode_h100["heads"] == 8.0).all() and (decode_h100["bc"][1:] == hopper["bc"][1:]).all()
     assert (decode_a100["br"] == 64.0).all() and decode_a100["bc"][2] == 128.0
     # FA3's pipeline keeps two K/V tiles in flight (kStages = 2 on sm90), decode too: twice a program's stream
     assert (hopper["stages"] == 2.0).all() and (decode_h100["stages"] == 2.0).all() and (geometry("a100", 4096.0)["stages"] == 1.0).all()
@@ -1453,3 +1459,41 @@ def test_fa2_style_programs_wait_for_the_scores_exp2_where_warp_specialised_ones
     # smooth maximum of two equal times (+12%), where running one after the other would double it
     assert exp2_share("gb200", "flashinfer") == pytest.approx(0.12, abs=0.02)
     assert exp2_share("l40s", "flashinfer") > 0.1  # FlashInfer's own FA2-style kernels: after the MMAs
+
+
+def test_fa3_verify_passes_pack_and_split_like_a_decode_where_fa2s_varlen_call_splits_only_a_decode():
+    """vLLM calls FlashAttention varlen with paged K/V for every batch. On Hopper (FA3) the query
+    group is packed into a program's rows for any number of queries (get_pack_gqa) and the scheduler
+    metadata splits K/V per sequence by the same rule as a decode: a verify pass of 5 tokens with a
+    group of 8 fills one 64-row block (40 rows) and splits as a decode of that shape does, so it
+    costs about what the decode costs. FA2's varlen call applies split-KV to a decode only ("Only
+    apply split-k for decoding"): there the same verify pass runs one program per (sequence, head)
+    over all of K/V. A long GQA prefill on Hopper packs too: a KV head's n_q x group rows in blocks
+    of 128."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import load_fitted
+
+    def geometry(gpu, b, h, hk, n_q, n_kv):
+        dev = Dev.of([load_profile(gpu)])
+        return kernels._fa2_geometry(dev, *(np.array([float(v)]) for v in (b, h, hk, 128, n_q, n_kv)))
+
+    decode, verify = geometry("h100-sxm", 1, 32, 4, 1, 32768), geometry("h100-sxm", 1, 32, 4, 5, 32768)
+    assert verify["br"][0] == 64.0 and verify["heads"][0] == 4.0  # 5 x 8 = 40 packed rows: one warpgroup's block
+    assert verify["splits"][0] == decode["splits"][0] > 1 and verify["programs"][0] == decode["programs"][0]
+    assert verify["most"][0] == decode["most"][0] == math.ceil(256 / decode["splits"][0])
+    assert geometry("h100-sxm", 1, 32, 4, 9, 32768)["br"][0] == 128.0  # 72 rows: the two-warpgroup tile
+    fa2 = geometry("a100", 1, 32, 4, 5, 32768)
+    assert fa2["splits"][0] == 1.0 and fa2["programs"][0] == 32.0 and fa2["most"][0] == 256.0
+    assert geometry("a100", 1, 32, 4, 1, 32768)["splits"][0] > 1  # its decode splits
+    prefill = geometry("h100-sxm", 2, 32, 4, 4096, 4096)
+    assert prefill["heads"][0] == 4.0 and prefill["programs"][0] == 2 * 4 * (4096 * 8 / 128) and prefill["splits"][0] == 1.0
+    # the causal walk over packed blocks: block j holds positions [16 j, 16 j + 16) and sees keys up to its last
+    assert prefill["total"][0] == sum(math.ceil(16 * (j + 1) / 128) for j in range(4096 * 8 // 128))
+
+    fitted = load_fitted()["families"]["attention:fa2"]
+    for gpu, ratio in (("h100-sxm", (1.0, 1.3)), ("a100", (5.0, None))):
+        dev = Dev.of([load_profile(gpu)])
+        P = fitted.values(dev.generation)
+        t1, t5 = (kernels.attention_time(P, dev, "fa2", 1.0, 32.0, 4.0, 128.0, np.array([n_q]), np.array([32768.0]))[0] for n_q in (1.0, 5.0))
+        assert ratio[0] <= t5 / t1 and (ratio[1] is None or t5 / t1 <= ratio[1])

@@ -407,23 +407,41 @@ def _fa3_num_splits_one(total: float, sms: float, kv_blocks: float, max_splits: 
     return float(_fa3_num_splits_rows(*(np.array([x]) for x in (total, sms, kv_blocks)), max_splits)[0])
 
 
-def fa3_decode_splits(dev: Dev, b, hk_plan, group_plan, n_kv, br, bc):
-    """(K/V splits a FlashAttention-3 decode call runs per sequence, the metadata's static count) as
-    vLLM runs it: varlen, with scheduler metadata built ahead of the call (`get_scheduler_metadata`)
-    from the builder's model-config heads, `hk_plan` KV heads and a group of `group_plan`:
-      cap    = fa3_num_splits(hk_plan * m, SMs, n)   (m = ceil(group_plan / B_r) query blocks, n = ceil(n_kv / B_c);
+def fa3_varlen_splits(dev: Dev, b, hk_plan, rows_plan, n_kv, br, bc):
+    """(K/V splits a FlashAttention-3 call runs per sequence, the metadata's static count) as vLLM
+    runs it: varlen, with scheduler metadata built ahead of the call (`get_scheduler_metadata`) from
+    the builder's model-config heads, `hk_plan` KV heads each over `rows_plan` packed query rows
+    (PackGQA: the query positions times the group):
+      cap    = fa3_num_splits(hk_plan * m, SMs, n)   (m = ceil(rows_plan / B_r) query blocks, n = ceil(n_kv / B_c);
                varlen: the batch counts as one sequence), 1 past FA3_MAX_BATCH_DYNAMIC sequences
       per SM = ceil(1.1 * hk_plan * b * m * n / SMs)  K/V blocks (prepare_varlen_num_blocks_kernel)
       splits = max(1, min(ceil(n / per SM), cap))
-    The kernel reads the metadata's per-sequence splits (flash_api.cpp `mha_fwd` skips the prepare
-    kernel when given metadata); the call's own `fa3_num_splits` on its tensors' heads only decides
-    whether the combine kernel is launched."""
+    The same for a decode, a verify pass or a prefill: every call of vLLM's FlashAttention backend
+    on Hopper is one varlen call. The kernel reads the metadata's per-sequence splits (flash_api.cpp
+    `mha_fwd` skips the prepare kernel when given metadata); the call's own `fa3_num_splits` on its
+    tensors' heads only decides whether the combine kernel is launched."""
     n = np.ceil(n_kv / bc)
-    m = np.ceil(group_plan / br)
+    m = np.ceil(rows_plan / br)
     static = fa3_num_splits(hk_plan * m, dev.sm_count, n)
     cap = np.where(b > FA3_MAX_BATCH_DYNAMIC, 1.0, static)
     per_sm = np.maximum(1.0, np.ceil(FA3_DYNAMIC_MARGIN * hk_plan * b * m * n / dev.sm_count))
     return np.where(cap > 1, np.maximum(1.0, np.minimum(np.ceil(n / per_sm), cap)), 1.0), static
+
+
+def fa3_tile(d, packed_rows, n_q, kv_bytes=2.0):
+    """(B_r, B_c) of FlashAttention-3's tile (hopper/tile_size.h `tile_size_fwd_sm90`) as vLLM calls
+    it, for `packed_rows` query rows per (sequence, KV head): paged K/V through the path without
+    TMA (`get_pagedkv_tma` wants pages a multiple of B_c, and vLLM's pages of 16-64 tokens are
+    not), causal for more than one query (FA3 drops the mask for one), fp8 where the cache is (the
+    query quantized too). bf16: 64 x 128 at d = 128 where the packed rows fit one MMA warpgroup
+    (`use_one_mma_wg`), else 192 x 128 (d <= 64, 160 for one query), 192 x 128 (<= 96), 128 x 128
+    (<= 128), 128 x 96 (<= 192), 128 x 80; fp8: 192 x 160, 192 x 128, 128 x 160, 128 x 160, 128 x 128."""
+    fp8 = np.asarray(kv_bytes, dtype=float) < 2
+    one_wg = (d == 128) & (packed_rows <= 64) & ~fp8
+    br = np.where(one_wg, 64.0, np.where(d <= 96, 192.0, 128.0))
+    bc16 = np.where(d <= 64, np.where(n_q > 1, 128.0, 160.0), np.where(d <= 128, 128.0, np.where(d <= 192, 96.0, 80.0)))
+    bc8 = np.where(d <= 64, 160.0, np.where(d <= 96, 128.0, np.where(d <= 192, 160.0, 128.0)))
+    return br, np.where(fp8, bc8, bc16)
 
 
 def _planned_heads(plan_heads, h, hk, where=True):
@@ -468,48 +486,51 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     heuristic; otherwise one program per (sequence, head, 64 query rows), no split.
 
     On Hopper the same build runs FlashAttention-3 (Shah et al. 2024): warp-specialised programs
-    whose two consumer warpgroups share one TMA-fed K/V stream, with the tiles of its
-    `tile_size_fwd_sm90` for bf16, causal: B_r x B_c = 192 x 128 (d <= 64), 192 x 144 (<= 96),
-    128 x 128 (<= 192), 128 x 80 (<= 256). A program then does twice or three times FA2's MMAs
-    per K/V byte it streams, and streams it FA3_KV_STAGES times as fast: its TMA pipeline keeps that
-    many K/V tiles in flight where FA2 keeps one, and a program's stream is latency-bound (bytes in
-    flight over the memory latency). Its decode (one query per sequence) packs a KV head's group
-    into one program's rows (PackGQA: no swap and none of its copies; 64 rows at d = 128) and splits
-    K/V as vLLM's scheduler metadata says (`fa3_decode_splits`), computed for `plan_heads` where a
-    harness built it from other heads than the call's (`sources.COLLECTOR_MODEL_HEADS`)."""
-    swapped = (n_q == 1) & (h > hk)
+    whose two consumer warpgroups share one K/V stream, with the tiles of its `tile_size_fwd_sm90`
+    for paged K/V (`fa3_tile`; bf16, causal: B_r x B_c = 192 x 128 up to d = 96, 128 x 128 up to
+    128, 128 x 96 up to 192, 128 x 80 up to 256). A program then does twice or three times FA2's
+    MMAs per K/V byte it streams, and streams it FA3_KV_STAGES times as fast: its pipeline keeps
+    that many K/V tiles in flight where FA2 keeps one, and a program's stream is latency-bound
+    (bytes in flight over the memory latency). vLLM calls it varlen, with paged K/V, for a decode, a
+    verify pass or a prefill alike: it packs a KV head's group into a program's rows (PackGQA,
+    always on there: hopper/flash_api.cpp `get_pack_gqa`; no swap and none of its copies), 64 rows
+    at d = 128 where the packed rows fit, and splits K/V as vLLM's scheduler metadata says
+    (`fa3_varlen_splits`), computed for `plan_heads` where a harness built it from other heads than
+    the call's (`sources.COLLECTOR_MODEL_HEADS`). A verify pass of a few tokens over a long context
+    therefore splits like a decode on Hopper, where FA2's varlen call splits only a decode."""
+    on_fa3 = np.isin(dev.generation, FA3_GENERATIONS)
+    swapped = (n_q == 1) & (h > hk) & ~on_fa3
     heads = np.where(swapped, hk, h)
     rows_q = np.where(swapped, 1, n_q)  # query positions per (sequence, head)
     bc = np.where(d <= 64, 256, np.where(d <= 128, 128, 64)).astype(float)
     br = np.full(b.shape, 64.0)
-    on_fa3 = np.isin(dev.generation, FA3_GENERATIONS)
-    fa3 = on_fa3 & (n_q > 1)  # FA3's prefill tiles (see above)
-    fa3_decode = on_fa3 & (n_q == 1)
-    br = np.where(fa3, np.where(d <= 96, 192.0, 128.0), br)
-    bc = np.where(on_fa3, np.where(d <= 64, 128.0, np.where(d <= 96, 144.0, np.where(d <= 192, 128.0, 80.0))), bc)
-    # FA3's decode packs the group into one warpgroup's 64 rows at d = 128 (tile_size.h `use_one_mma_wg`)
-    def br_decode(group):
-        return np.where((d == 128) & (group <= 64), 64.0, np.where(d <= 96, 192.0, 128.0))
-
-    q_blocks, total, most = _causal_blocks(rows_q, n_kv, br, bc)
-    packed = swapped | fa3_decode  # one program per (sequence, KV head) over the group's rows
-    heads = np.where(fa3_decode, hk, heads)
-    br = np.where(fa3_decode, br_decode(h / hk), br)
-    q_blocks = np.where(packed, np.ceil((h / hk) / br), q_blocks)
+    if on_fa3.any():  # (a fit of the other generations' tables skips this)
+        # FA3 packs a KV head's query group into its rows (PackGQA: a block of B_r rows holds
+        # B_r / group query positions of every head of the group), whatever the number of queries
+        group = h / hk
+        br3, bc3 = fa3_tile(d, n_q * group, n_q, kv_bytes)
+        br, bc = np.where(on_fa3, br3, br), np.where(on_fa3, bc3, bc)
+        heads = np.where(on_fa3, hk, heads)
+        tiles = np.where(on_fa3, np.ceil(n_q * group / br), np.ceil(rows_q / br))
+        q_blocks, total, most = _causal_blocks(rows_q, n_kv, np.where(on_fa3, br / group, br), bc, tiles)
+    else:
+        q_blocks, total, most = _causal_blocks(rows_q, n_kv, br, bc)
+    q_blocks = np.where(swapped, np.ceil((h / hk) / br), q_blocks)
     kv_blocks = np.ceil(n_kv / bc)
-    fa2_split = swapped & ~fa3_decode
-    splits = np.where(fa2_split, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0) if fa2_split.any() else np.ones(b.shape)
+    splits = np.where(swapped, fa2_num_splits(b * heads * q_blocks, 2 * dev.sm_count, kv_blocks), 1.0) if swapped.any() else np.ones(b.shape)
     combine = splits > 1
-    if fa3_decode.any():  # (a fit of the other generations' tables skips this)
+    packed = swapped  # one program per (sequence, KV head) over the group's rows, its K/V split evenly
+    if on_fa3.any():
         plan_h, plan_hk = _planned_heads(plan_heads, h, hk)  # the heads vLLM's builder gave FA3's scheduler
-        plan_group = np.floor(plan_h / plan_hk)
-        plan_br = br_decode(plan_group)
-        planned, static = fa3_decode_splits(dev, b, plan_hk, plan_group, n_kv, plan_br, bc)
-        splits = np.where(fa3_decode, planned, splits)
+        plan_rows = n_q * np.floor(plan_h / plan_hk)
+        plan_br = fa3_tile(d, plan_rows, n_q, kv_bytes)[0]
+        planned, static = fa3_varlen_splits(dev, b, plan_hk, plan_rows, n_kv, plan_br, bc)
+        splits = np.where(on_fa3, planned, splits)
         # the call's own static count (its tensors' heads) launches the combine kernel: the metadata's where the heads agree
-        same = (plan_hk == hk) & (np.ceil(plan_group / plan_br) == q_blocks)
+        same = (plan_hk == hk) & (np.ceil(plan_rows / plan_br) == q_blocks)
         own = static if same.all() else np.where(same, static, fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks))
-        combine = np.where(fa3_decode, (own > 1) | (splits > 1), splits > 1)
+        combine = np.where(on_fa3, (own > 1) | (splits > 1), combine)
+        packed = swapped | (on_fa3 & (splits > 1))  # a split block walks its share of K/V (FA3 splits each block's own range)
     per_split = np.ceil(kv_blocks / splits)
     total = np.where(packed, q_blocks * per_split * splits, total)
     most = np.where(packed, per_split, most)
@@ -517,11 +538,8 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     # kernels besides the attention kernel that pass over Q/O: Q in and O out transposed by copies
     # with several sequences and KV heads, and one more on every swapped call (the tables of all
     # three FlashAttention GPUs step up by one small kernel from MHA to grouped-query decode of the
-    # same shape: 1.0-1.8 us at one sequence and <= 64 keys)
+    # same shape: 1.0-1.8 us at one sequence and <= 64 keys); FA3 packs inside the kernel, no copies
     copies = 2.0 * (swapped & (b > 1) & (hk > 1)) + swapped
-    # FlashAttention-3 packs a KV group's query heads into its tiles inside the kernel (PackGQA, always
-    # on for paged K/V and split calls: hopper/flash_api.cpp `run_mha_fwd`) and has no swap: no copies
-    copies = np.where(on_fa3, 0.0, copies)
     stages = np.where(on_fa3, FA3_KV_STAGES, 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages, specialised=on_fa3,
                 combine=combine)  # fmt: skip

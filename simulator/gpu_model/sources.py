@@ -39,7 +39,7 @@ of the benchmark. The sources the model knows, from their published harness code
   their work from the call's tensors. FlashAttention-3 on Hopper takes its decode's K/V splits
   from scheduler metadata vLLM's builder computes ahead of the call from the same config's heads
   (`get_scheduler_metadata`; flash_api.cpp `mha_fwd` then skips its own), and the model prices
-  them with those heads (`kernels.fa3_decode_splits`); no Hopper table is in the data to show it.
+  them with those heads (`kernels.fa3_varlen_splits`); no Hopper table is in the data to show it.
 - nccl-tests (collector/collect_nccl.py): the out-of-place time column of `*_perf`, see
   `simulator.gpu_model.collectives`.
 - anything else: the device time of the call, as a kernel-level timer (CUDA events around one
