@@ -1497,3 +1497,37 @@ def test_fa3_verify_passes_pack_and_split_like_a_decode_where_fa2s_varlen_call_s
         P = fitted.values(dev.generation)
         t1, t5 = (kernels.attention_time(P, dev, "fa2", 1.0, 32.0, 4.0, 128.0, np.array([n_q]), np.array([32768.0]))[0] for n_q in (1.0, 5.0))
         assert ratio[0] <= t5 / t1 and (ratio[1] is None or t5 / t1 <= ratio[1])
+
+
+def test_verify_passes_run_on_tensorrt_llms_generation_kernels_where_flashinfer_calls_them():
+    """vLLM's FlashInfer backend counts a speculative verify pass as a decode where TensorRT-LLM's
+    kernels run (datacenter Blackwell): their launcher puts stepQ / group query tokens of one KV
+    group in a CTA's 16 rows and splits K/V as for a decode, so 5 tokens of a group of 8 take 3
+    CTAs per KV head and cost about what the decode costs, where the context kernels (a prefill's)
+    would walk all of K/V in one unsplit program per query head. The GPU device model treats a pass
+    of 2-16 tokens over a cache as a verify pass; a prefill of as many tokens without a cache stays
+    on the context kernels."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.model import SPEC_VERIFY_MAX_QUERY, GpuDeviceModel
+
+    dev = Dev.of([load_profile("gb200")])
+
+    def geometry(n_q, verify):
+        x = [np.array([float(v)]) for v in (1, 32, 4, 128, n_q, 32768)]
+        return kernels._flashinfer_geometry(dev, *x, 1.0, 2.0, None, verify)
+
+    verify, prefill, decode = geometry(5, True), geometry(5, False), geometry(1, False)
+    assert verify["br"][0] == 16.0 and verify["programs"][0] == 4 * 3 * verify["splits"][0] and verify["splits"][0] > 1
+    assert verify["most"][0] == math.ceil(math.ceil(32768 / verify["splits"][0]) / 64)
+    assert prefill["persistent"][0] and prefill["splits"][0] == 1.0 and prefill["programs"][0] == 32.0
+    assert not verify["persistent"][0] and verify["stages"][0] == decode["stages"][0] == 2.0
+    h100 = Dev.of([load_profile("h100-sxm")])  # FA3 ignores the flag: its varlen call is the same for every pass
+    args = [np.array([float(v)]) for v in (1, 32, 4, 128, 5, 32768)]
+    assert kernels._fa2_geometry(h100, *args, 1.0, 2.0, None, True)["splits"][0] == kernels._fa2_geometry(h100, *args)["splits"][0]
+
+    m = GpuDeviceModel.of(load_profile("gb200"))
+    t = {q: m.attention_s(1, q, np.array([32768]), 32, 4, 128, "bf16")[0] for q in (1, 5, SPEC_VERIFY_MAX_QUERY + 1)}
+    assert t[5] < 1.5 * t[1] and t[SPEC_VERIFY_MAX_QUERY + 1] > 5 * t[1]  # past the threshold: the context kernels
+    assert m.attention_s(1, 5, np.array([0]), 32, 4, 128, "bf16")[0] == pytest.approx(
+        float(kernels.attention_time(m._params("attention:flashinfer-prefill"), m.dev, "flashinfer", 1, 32, 4, 128, 5, 5)[0]))

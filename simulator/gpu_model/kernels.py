@@ -479,7 +479,7 @@ FA3_GENERATIONS = ("hopper",)  # where vLLM's flash-attn build runs FlashAttenti
 FA3_KV_STAGES = 2.0  # K/V tiles a FlashAttention-3 program keeps in flight (hopper/flash_fwd_launch_template.h: kStages = 2 on sm90); FA2's loads run one tile ahead
 
 
-def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.0, plan_heads=None):
+def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.0, plan_heads=None, verify=False):
     """vLLM's FlashAttention-2 build (paged K/V, so always its split-KV kernel with B_r = 64 and
     B_c = 256 / 128 / 64 for d <= 64 / 128 / more). A decode call (one query per sequence) with
     grouped heads swaps the group into the rows (seqlenq_ngroups_swapped) and splits K/V by the
@@ -576,7 +576,7 @@ def _flashinfer_sm90_tiles(d):
     return np.where(d <= 64, 192.0, 128.0), np.where(d <= 128, 96.0, 32.0)
 
 
-def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes=2.0, plan_heads=None):
+def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes=2.0, plan_heads=None, verify=False):
     """FlashInfer's batch attention over a paged cache, as its planners lay it out (FlashInfer
     include/flashinfer/attention/scheduler.cuh):
     - the query heads of a KV group packed into a program's rows (packed length n_q h / h_kv);
@@ -624,11 +624,20 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     shared memory per program, its accumulators in tensor memory: the trtllm fmha kernel table
     FlashInfer ships) and are priced at one program per SM (`persistent`), not at FlashInfer's
     occupancy. The TensorRT-LLM kernels, decode and context, are warp-specialised (load, MMA and
-    softmax warps of their own): their scores' exp2 overlaps their MMAs (`specialised`)."""
+    softmax warps of their own): their scores' exp2 overlaps their MMAs (`specialised`).
+    A speculative verify pass (`verify`, a bool or one per row: a few query tokens per sequence)
+    runs on TensorRT-LLM's generation kernels where they run: vLLM's FlashInfer backend counts a
+    request of at most 1 + its speculative tokens as a decode when those kernels can take it
+    (`reorder_batch_threshold`; `use_trtllm_attention`: "Speculative decoding requires TRTLLM
+    attention for decodes"). Their launcher gives a CTA the heads of one KV group and as many of
+    the query tokens as fit its 16 rows (fmhaKernels.cuh, `computeCtaAndClusterConfig`,
+    `mGroupsTokensHeadsQ`: stepQ / group tokens, at least one), and splits each CTA's K/V as it
+    does for a decode. Elsewhere a verify pass is a prefill call."""
     decode = n_q == 1
     trtllm = np.isin(dev.generation, TRTLLM_GENERATIONS)
-    planner = decode & trtllm  # a decode planner of its own; elsewhere the prefill one
-    context = ~decode & trtllm
+    spec = np.broadcast_to(np.asarray(verify, dtype=bool), b.shape) & trtllm & ~decode  # a verify pass on the generation kernels
+    planner = (decode | spec) & trtllm  # a decode planner of its own; elsewhere the prefill one
+    context = ~decode & ~spec & trtllm
     sm90 = ~decode & np.isin(dev.generation, FLASHINFER_SM90_GENERATIONS) & (np.asarray(kv_bytes, dtype=float) >= 2)
     # the heads FlashInfer's own planner was given (`plan_heads`, NaN: the call's) pick the query
     # tile, the query blocks and the K/V split; the kernel's grid runs the call's KV heads over them
@@ -638,10 +647,14 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     br = np.where((packed > 64) & (d < 256), 128.0, np.where(packed > 16, 64.0, 16.0))
     bc = np.full(b.shape, 64.0)
     q_blocks = np.ceil(packed / br)
+    if spec.any():  # the generation kernels' CTAs: tokens x heads of one KV group in 16 rows
+        tokens_per_cta = np.maximum(1.0, np.floor(TRTLLM_DECODE_HEADS_PER_CTA / group))
+        br = np.where(spec, tokens_per_cta * np.minimum(group, TRTLLM_DECODE_HEADS_PER_CTA), br)
+        q_blocks = np.where(spec, np.ceil(n_q / tokens_per_cta) * np.ceil(group / TRTLLM_DECODE_HEADS_PER_CTA), q_blocks)
     pages = np.ceil(n_kv / FLASHINFER_PAGE)
     slots = np.floor(2.0 * dev.sm_count / plan_hk) / np.maximum(b, 1.0)  # PrefillPlan: max_grid_size / num_kv_heads, in integers
     chunk = _chunk_pages(q_blocks, pages, slots)
-    head_ctas = hk * np.ceil(group / TRTLLM_DECODE_HEADS_PER_CTA)
+    head_ctas = hk * np.where(spec, q_blocks, np.ceil(group / TRTLLM_DECODE_HEADS_PER_CTA))
     kv_ctas = np.minimum(np.ceil(n_kv / TRTLLM_DECODE_STEP_KV), np.maximum(1.0, np.floor(dev.sm_count / np.maximum(b * head_ctas, 1.0))))
     splits = np.where(planner, kv_ctas, np.ceil(pages / chunk))
     chunk_tokens = np.where(planner, np.ceil(n_kv / kv_ctas), chunk * FLASHINFER_PAGE)  # each CTA a contiguous share of the K/V
@@ -688,7 +701,8 @@ def fp8_attention(library, generation, kv_bytes) -> np.ndarray:
     return (np.asarray(kv_bytes, dtype=float) < 2) & fp8_kernels
 
 
-def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True, query_quant=True, plan_heads=None):
+def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True, query_quant=True, plan_heads=None,
+                   verify=False):  # fmt: skip
     """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
     `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
     causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
@@ -704,12 +718,13 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     FA2's swapped decode's copies. `plan_heads`: the (query, KV) heads FlashInfer's own planner
     (FA3's scheduler metadata) was given where not the call's (a pair of numbers or of arrays, NaN:
     the call's; a source's `sources.Timer.plan_heads`); FlashAttention-2 takes its work from the
-    call's tensors."""
+    call's tensors. `verify`: the call is a speculative verify pass (a bool or one per row), which
+    FlashInfer runs on TensorRT-LLM's generation kernels where they run (`_flashinfer_geometry`)."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     # programs resident per SM: as many as its shared memory holds (the parameter is per 100 KiB)
     occupancy = P["ctas_per_sm"] * dev.sram_bytes_per_sm / OCCUPANCY_SMEM if "ctas_per_sm" in P else np.ones(b.shape)
-    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy, kv_bytes, plan_heads)
+    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy, kv_bytes, plan_heads, verify)
     occupancy = np.where(g.get("persistent", False), 1.0, occupancy)  # a persistent kernel: one program per SM, looping over its tiles
     S, f = dev.sm_count, dev.clock_hz
     fp8_mma = fp8_attention(library, dev.generation, kv_bytes)
@@ -750,10 +765,10 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     return main + np.where(cache_write, write, 0.0) + combine + copies + quantize_q
 
 
-def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108, generation="ampere"):
+def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108, generation="ampere", verify=False):
     """How many kernels `attention_time` prices for one call (for the per-node cost of a CUDA graph)."""
     dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.zeros(1, dtype=bool), np.full(1, np.nan), {},
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
-    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes)
+    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes, None, verify)
     return 2 + g.get("combine", g["splits"] > 1) + g["copies"]

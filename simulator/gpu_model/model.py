@@ -9,10 +9,11 @@ device time), with the parameters fitted to the measured tables (`fitted.json`):
   matrices, so a weight is L2-resident between steps only if the whole stack fits;
 - attention: `kernels.attention_time` of the library vLLM runs on the generation (FlashInfer, that
   is TensorRT-LLM's kernels, on datacenter Blackwell; vLLM's flash-attn build elsewhere:
-  FlashAttention-3's tiles on Hopper, whose prefill programs take 128-192 query rows against FA2's
-  64 and stream K/V through two pipeline stages, FlashAttention-2's kernels on the rest; FA3's
-  decode is priced as FA2's without the swap's copies, and its per-program rates are FA2's fitted
-  ones);
+  FlashAttention-3's tiles on Hopper, whose programs pack a KV group's query heads into 64-192
+  rows, split K/V by vLLM's scheduler metadata for every pass and stream K/V through two pipeline
+  stages, at FA2's fitted per-program rates; FlashAttention-2's kernels on the rest); a pass of
+  2 to `SPEC_VERIFY_MAX_QUERY` query tokens over a cache is a speculative verify pass, which vLLM
+  runs on TensorRT-LLM's generation kernels where FlashInfer calls them;
 - memory-bound kernels (norms, RoPE, SwiGLU, the embedding gather): their bytes at the
   FlashAttention-2 family's fitted DRAM/L2 rates (fractions of the datasheet, common to every
   generation), scaled by each operator's fitted efficiency (`operators`), which was fitted over
@@ -39,6 +40,10 @@ from simulator.gpu_model.sources import QUANTIZED_OWN
 from simulator.hardware import DTYPE_BYTES, HardwareProfile, load_profile
 from simulator.roofline import KernelCost
 
+# A pass of at most this many query tokens per sequence over a cache is a speculative verify pass
+# (gamma + 1 tokens; vLLM counts a request of at most 1 + num_speculative_tokens tokens as a decode):
+# an assumption of the model, as a pass's caller does not say which it is
+SPEC_VERIFY_MAX_QUERY = 16
 FLASHINFER_GENERATIONS = ("blackwell",)  # vLLM's default attention backend there (trtllm-gen/FlashInfer kernels)
 GEMM_FAMILY = {"fp16": "gemm:bf16", "bf16": "gemm:bf16", "fp32": "gemm:bf16", "fp8": "gemm:fp8"}
 OPERATOR_BYTES = {  # bytes moved per element (bf16/fp16 elements): reads + writes
@@ -144,10 +149,18 @@ class GpuDeviceModel:
 
     def _attention(self, batch, query_tokens, ctx, heads, kv_heads, d_head, dtype) -> np.ndarray:
         library = self.library()
-        group = "attention:fa2" if library == "fa2" else f"attention:flashinfer-{'decode' if query_tokens == 1 else 'prefill'}"
+        verify = (1 < query_tokens <= SPEC_VERIFY_MAX_QUERY) & (ctx > 0)
+        generation_kernels = library == "flashinfer" and np.isin(self.dev.generation, kernels.TRTLLM_GENERATIONS).all()
+        if library == "fa2":
+            group = "attention:fa2"
+        elif query_tokens == 1 or (generation_kernels and verify.all()):
+            group = "attention:flashinfer-decode"
+        else:
+            group = "attention:flashinfer-prefill"
         P = self._params(group)  # one-element arrays: they and the one-row Dev broadcast over the contexts
         kv_bytes = 1.0 if dtype == "fp8" else 2.0
-        return np.asarray(kernels.attention_time(P, self.dev, library, batch, heads, kv_heads, d_head, query_tokens, ctx + query_tokens, kv_bytes))
+        return np.asarray(kernels.attention_time(P, self.dev, library, batch, heads, kv_heads, d_head, query_tokens, ctx + query_tokens, kv_bytes,
+                                                 verify=verify))  # fmt: skip
 
     def attention(self, batch, context_len, query_tokens, heads, kv_heads, d_head, dtype) -> KernelCost:
         e = DTYPE_BYTES[dtype]
