@@ -60,6 +60,7 @@ clock.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -404,7 +405,13 @@ def _fa3_num_splits_rows(total: np.ndarray, sms: np.ndarray, kv_blocks: np.ndarr
 
 @functools.lru_cache(maxsize=4096)
 def _fa3_num_splits_one(total: float, sms: float, kv_blocks: float, max_splits: int) -> float:
-    return float(_fa3_num_splits_rows(*(np.array([x]) for x in (total, sms, kv_blocks)), max_splits)[0])
+    """`_fa3_num_splits_rows` for one call, in plain arithmetic (a simulation prices many)."""
+    if total >= 0.8 * sms or kv_blocks <= 4:
+        return 1.0
+    top = int(min(max_splits, sms, kv_blocks))
+    effs = [(total * s / sms) / math.ceil(total * s / sms) for s in range(1, top + 1)]
+    best = max(effs)
+    return float(next(s for s, e in enumerate(effs, start=1) if e >= 0.85 * best))
 
 
 def fa3_varlen_splits(dev: Dev, b, hk_plan, rows_plan, n_kv, br, bc):
@@ -523,7 +530,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     if on_fa3.any():
         plan_h, plan_hk = _planned_heads(plan_heads, h, hk)  # the heads vLLM's builder gave FA3's scheduler
         plan_rows = n_q * np.floor(plan_h / plan_hk)
-        plan_br = fa3_tile(d, plan_rows, n_q, kv_bytes)[0]
+        plan_br = br if plan_heads is None and (group == np.floor(group)).all() else fa3_tile(d, plan_rows, n_q, kv_bytes)[0]
         planned, static = fa3_varlen_splits(dev, b, plan_hk, plan_rows, n_kv, plan_br, bc)
         splits = np.where(on_fa3, planned, splits)
         # the call's own static count (its tensors' heads) launches the combine kernel: the metadata's where the heads agree
