@@ -1531,3 +1531,16 @@ def test_verify_passes_run_on_tensorrt_llms_generation_kernels_where_flashinfer_
     assert t[5] < 1.5 * t[1] and t[SPEC_VERIFY_MAX_QUERY + 1] > 5 * t[1]  # past the threshold: the context kernels
     assert m.attention_s(1, 5, np.array([0]), 32, 4, 128, "bf16")[0] == pytest.approx(
         float(kernels.attention_time(m._params("attention:flashinfer-prefill"), m.dev, "flashinfer", 1, 32, 4, 128, 5, 5)[0]))
+
+
+def test_contexts_mixing_verify_passes_and_fresh_prefills_price_each_on_its_own_kernels():
+    """On GB200 a pass of 5 query tokens over a cache is a verify pass (the generation kernels and
+    their fitted parameters) and one over no cache a prefill (the context kernels): priced over an
+    array of contexts holding both, each row costs what it costs alone."""
+    from simulator.gpu_model.model import GpuDeviceModel
+
+    m = GpuDeviceModel.of(load_profile("gb200"))
+    ctx = np.array([0, 32768, 0, 4096])
+    together = m.attention_s(2, 5, ctx, 32, 4, 128, "bf16")
+    alone = [m.attention_s(2, 5, np.array([c]), 32, 4, 128, "bf16")[0] for c in ctx]
+    assert together.tolist() == pytest.approx(alone, rel=1e-12)

@@ -151,6 +151,11 @@ class GpuDeviceModel:
         library = self.library()
         verify = (1 < query_tokens <= SPEC_VERIFY_MAX_QUERY) & (ctx > 0)
         generation_kernels = library == "flashinfer" and np.isin(self.dev.generation, kernels.TRTLLM_GENERATIONS).all()
+        if generation_kernels and verify.any() and not verify.all():  # verify passes and prefills: each with its kernels' parameters
+            out = np.empty(ctx.shape)
+            for rows in (verify, ~verify):
+                out[rows] = self._attention(batch, query_tokens, ctx[rows], heads, kv_heads, d_head, dtype)
+            return out
         if library == "fa2":
             group = "attention:fa2"
         elif query_tokens == 1 or (generation_kernels and verify.all()):

@@ -36,8 +36,9 @@ of the benchmark. The sources the model knows, from their published harness code
   tokens takes 43.5, 43.7 and 47.2 us with 1, 2 and 4 KV heads), and the kernel module is the
   one for head dimension 128 (FlashInfer's d = 256 rows on RTX PRO 6000 take their d = 128 twins'
   time, `kernel_fit.head_dim_ignored`). TensorRT-LLM's kernels (GB200) and FlashAttention-2 take
-  their work from the call's tensors. FlashAttention-3 on Hopper takes its decode's K/V splits
-  from scheduler metadata vLLM's builder computes ahead of the call from the same config's heads
+  their work from the call's tensors. FlashAttention-3 on Hopper takes its K/V splits (a
+  decode's, a verify pass's, a prefill's) from scheduler metadata vLLM's builder computes ahead of
+  the call from the same config's heads
   (`get_scheduler_metadata`; flash_api.cpp `mha_fwd` then skips its own), and the model prices
   them with those heads (`kernels.fa3_varlen_splits`); no Hopper table is in the data to show it.
 - nccl-tests (collector/collect_nccl.py): the out-of-place time column of `*_perf`, see
