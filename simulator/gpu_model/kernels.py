@@ -504,7 +504,8 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     at d = 128 where the packed rows fit, and splits K/V as vLLM's scheduler metadata says
     (`fa3_varlen_splits`), computed for `plan_heads` where a harness built it from other heads than
     the call's (`sources.COLLECTOR_MODEL_HEADS`). A verify pass of a few tokens over a long context
-    therefore splits like a decode on Hopper, where FA2's varlen call splits only a decode."""
+    therefore splits like a decode on Hopper, where FA2's varlen call splits only a decode; so
+    `verify` (a speculative verify pass, `attention_time`) changes nothing for either."""
     on_fa3 = np.isin(dev.generation, FA3_GENERATIONS)
     swapped = (n_q == 1) & (h > hk) & ~on_fa3
     heads = np.where(swapped, hk, h)
