@@ -60,7 +60,6 @@ clock.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
@@ -405,13 +404,7 @@ def _fa3_num_splits_rows(total: np.ndarray, sms: np.ndarray, kv_blocks: np.ndarr
 
 @functools.lru_cache(maxsize=4096)
 def _fa3_num_splits_one(total: float, sms: float, kv_blocks: float, max_splits: int) -> float:
-    """`_fa3_num_splits_rows` for one call, in plain arithmetic (a simulation prices many)."""
-    if total >= 0.8 * sms or kv_blocks <= 4:
-        return 1.0
-    top = int(min(max_splits, sms, kv_blocks))
-    effs = [(total * s / sms) / math.ceil(total * s / sms) for s in range(1, top + 1)]
-    best = max(effs)
-    return float(next(s for s, e in enumerate(effs, start=1) if e >= 0.85 * best))
+    return float(_fa3_num_splits_rows(*(np.array([x]) for x in (total, sms, kv_blocks)), max_splits)[0])
 
 
 def fa3_varlen_splits(dev: Dev, b, hk_plan, rows_plan, n_kv, br, bc):
