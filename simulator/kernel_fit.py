@@ -105,18 +105,32 @@ def _predict_gemm(dtype: str):
     return predict
 
 
+def merge_latency(dev: Dev, ctx: dict) -> np.ndarray:
+    """t_merge_ns per row: the FlashAttention family's (its fit in `ctx`, else its start), which
+    TensorRT-LLM's multi-CTA reduction shares with FlashAttention's combine kernel (both walk a
+    row's partials one split after another; `kernels.attention_time`)."""
+    fit = ctx.get("attention:fa2")
+    if fit is None:
+        return np.full(len(dev.generation), family("fa2")["t_merge_ns"].start)
+    return fit.fitted.values(dev.generation)["t_merge_ns"]
+
+
 def _predict_attention(library: str):
     def predict(P, T, dev, f, ctx):
+        if library == "flashinfer":
+            P = {**P, "t_merge_ns": merge_latency(dev, ctx)}
         # one timer per (framework, version) a table names, not per row: this runs at every step of a fit
         write, graph, query = (np.ones(len(f), dtype=bool) for _ in range(3))
-        plan_h, plan_hk = np.full(len(f), np.nan), np.full(len(f), np.nan)
+        plan_h, plan_hk, graph_tokens = (np.full(len(f), np.nan) for _ in range(3))
+        b = f["b"].to_numpy()
         for (framework, version), idx in source_rows(f).items():
             timer = sources.attention_timer(framework, library, version)
             write[idx], graph[idx], query[idx] = timer.cache_write, timer.graph, timer.query_quant
+            graph_tokens[idx] = timer.graph_tokens(b[idx])
             if timer.plan_heads is not None:
                 plan_h[idx], plan_hk[idx] = timer.plan_heads
         t = kernels.attention_time(P, dev, library, *(f[c].to_numpy() for c in ("b", "h", "hk", "d", "n_q", "n_kv", "kv_bytes")), cache_write=write,
-                                   query_quant=query, plan_heads=(plan_h, plan_hk))  # fmt: skip
+                                   query_quant=query, plan_heads=(plan_h, plan_hk), graph_tokens=graph_tokens)  # fmt: skip
         return np.where(graph, sources.timed(t, sources.attention_timer("vllm"), T, dev), t)
 
     return predict
@@ -200,8 +214,10 @@ GROUPS: dict[str, Group] = {
     # own: GB200's TensorRT-LLM context kernels reach a quarter to a third of what FlashInfer's own
     # kernels do on Ada and RTX Blackwell. A decode's long K/V stream reaches the same fraction on
     # all three: a common one.
+    # Decode on TensorRT-LLM's kernels reduces its K/V splits at FlashAttention's per-split latency (`merge_latency`).
     **{f"attention:flashinfer-{k}": Group(f"attention:flashinfer-{k}", "flashinfer", (f"{k}-attention",), _is("library", "flashinfer"), _predict_attention("flashinfer"), ("c_floor",),
-                                          unidentified=_softmax_unidentified, per_generation=("f_bw",) if k == "prefill" else ())
+                                          unidentified=_softmax_unidentified, per_generation=("f_bw",) if k == "prefill" else (),
+                                          needs=("attention:fa2",) if k == "decode" else ())
        for k in ("prefill", "decode")},  # fmt: skip
     "collective": Group("collective", "nccl", ("collective",), lambda f: np.ones(len(f), dtype=bool), _predict_collective),
     "operators": Group("operators", "operators", ("operators",), lambda f: np.ones(len(f), dtype=bool), _predict_operators,

@@ -132,8 +132,9 @@ class _Split:
 _STATE: dict = {}  # what the worker processes read (set before they fork)
 
 
-def _task(name: str, gpu: str, ctx_fits: dict) -> _Split:
-    """Every split of one group on one held-out GPU."""
+def _task(name: str, gpu: str, ctx_fits: dict, fit_only: bool = False) -> _Split:
+    """Every split of one group on one held-out GPU. `fit_only`: the fit leaving it out and no more,
+    for a GPU without rows of the group whose other groups need that fit."""
     st = _STATE
     group, frame, report, profiles = kf.GROUPS[name], st["frames"][name], st["reports"][name], st["profiles"]
     per_gpu, fit_names, few_shot, in_gpu = st["per_gpu"], st["fit_names"], st["few_shot"], st["in_gpu"]
@@ -145,6 +146,8 @@ def _task(name: str, gpu: str, ctx_fits: dict) -> _Split:
     others = frame[~mine & (frame["gpu"].isin(fit_names).to_numpy() if fit_names else True)].reset_index(drop=True)
     ctx = ctx_fits.get("logo", {})
     out.fits["logo"] = _fit(group, others, profiles, ctx, per_gpu)
+    if fit_only:
+        return out
     if len(others) or group.needs:
         out.results["logo"] = (kinds, _predict(group, out.fits["logo"], test, profiles, ctx), measured)
     if not in_gpu:
@@ -212,7 +215,9 @@ def validate(folders: list[Path], fit_gpus: list[str] | None = None, holdout_gpu
     done: dict[tuple[str, str], _Split] = {}
     independent = [t for t in tasks if not kf.GROUPS[t[0]].needs]
     dependent = [t for t in tasks if kf.GROUPS[t[0]].needs]
-    _run_tasks(independent, done, {}, workers, say)
+    # fits a dependent task needs of a group its GPU has no rows of: that group fitted leaving the GPU out
+    helpers = sorted({(g, gpu, True) for name, gpu in dependent for g in kf.GROUPS[name].needs if g in frames and (g, gpu) not in tasks})
+    _run_tasks(independent + helpers, done, {}, workers, say)
     _run_tasks(dependent, done, done, workers, say)
     residuals: dict[str, list] = defaultdict(list)
     logo_pred: dict = {}
@@ -256,20 +261,24 @@ def _run_tasks(tasks, done: dict, earlier: dict, workers: int | None, say) -> No
 
     def ctx_of(name, gpu):
         needs = kf.GROUPS[name].needs
-        return {split: {g: earlier[(g, gpu)].fits.get(split) for g in needs if (g, gpu) in earlier and earlier[(g, gpu)].fits.get(split)}
-                for split in ("logo", "in", "few")}  # fmt: skip
+
+        def fit(g, split):  # a GPU without rows of g has no split of its own but the fit leaving it out
+            found = earlier[(g, gpu)].fits if (g, gpu) in earlier else {}
+            return found.get(split) or (found.get("logo") if split == "few" else None)
+
+        return {split: {g: fit(g, split) for g in needs if fit(g, split)} for split in ("logo", "in", "few")}
 
     n = workers or min(len(tasks), os.cpu_count() or 1)
     if n <= 1 or len(tasks) <= 1:
-        for name, gpu in tasks:
+        for name, gpu, *only in tasks:
             say(f"{name}: {gpu}")
-            done[(name, gpu)] = _task(name, gpu, ctx_of(name, gpu))
+            done[(name, gpu)] = _task(name, gpu, ctx_of(name, gpu), *only)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = {pool.submit(_task, name, gpu, ctx_of(name, gpu)): (name, gpu) for name, gpu in tasks}
+        futures = {pool.submit(_task, name, gpu, ctx_of(name, gpu), *only): (name, gpu) for name, gpu, *only in tasks}
         for future in as_completed(futures):
             name, gpu = futures[future]
             done[(name, gpu)] = future.result()

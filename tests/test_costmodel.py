@@ -1118,7 +1118,7 @@ def test_release_reads_major_and_minor_and_nothing_else():
     assert release("main") == () < (0, 7) and release("") == ()
 
 
-def test_flashinfer_quantizes_the_query_and_runs_fp8_mmas_only_where_vllm_calls_trtllm_kernels():
+def test_flashinfer_quantizes_the_query_and_runs_fp8_mmas_only_where_vllm_calls_trtllm_kernels(monkeypatch):
     """vLLM's FlashInfer backend sets an fp8 query only where TensorRT-LLM's kernels run (compute
     capability 10.x); FlashInfer's own kernels keep a bf16 query and widen fp8 K/V to bf16 MMAs.
     FlashAttention-3 (vLLM's flash-attn build on Hopper) takes Q, K and V in fp8. The attention
@@ -1151,15 +1151,22 @@ def test_flashinfer_quantizes_the_query_and_runs_fp8_mmas_only_where_vllm_calls_
         assert peak[0] == pytest.approx(dev.peak("fp8" if trtllm else "bf16")[0]) and peak[1] == pytest.approx(dev.peak("fp8" if fa3 else "bf16")[0])
         fa_counted = [int(kernels.attention_kernels("fa2", 4, 32, 8, 1, 4096, kv_bytes=e, generation=generation)[0]) for e in (2.0, 1.0)]
         assert fa_counted[1] == fa_counted[0], name
-    # priced: a compute-bound prefill over an fp8 cache is faster than over bf16 at fp8 MMAs only
-    ratios = {}
-    for name in ("gb200", "rtx-pro-6000"):
-        dev = Dev.of([load_profile(name)])
-        P = Fitted.start("flashinfer").values(dev.generation)
-        P["bw_cta"] = np.array([1e6])  # no streaming limit: the MMAs decide
-        t = [kernels.attention_time(P, dev, "flashinfer", 1, 64, 8, 128, 8192, 8192, kv_bytes=e, cache_write=False)[0] for e in (2.0, 1.0)]
-        ratios[name] = t[1] / t[0]
-    assert ratios["gb200"] < 0.7 and ratios["rtx-pro-6000"] == pytest.approx(1.0, rel=0.02)
+    # priced: a compute-bound prefill over an fp8 cache is faster than over bf16 at fp8 MMAs only;
+    # on GB200 the exp2, which TensorRT-LLM's kernels overlap with the MMAs, then bounds it (0.89)
+    def ratios(sfu):
+        monkeypatch.setattr(kernels, "SFU_PER_CLOCK", sfu)
+        out = {}
+        for name in ("gb200", "rtx-pro-6000"):
+            dev = Dev.of([load_profile(name)])
+            P = Fitted.start("flashinfer").values(dev.generation)
+            P["bw_cta"] = np.array([1e6])  # no streaming limit: the MMAs decide
+            t = [kernels.attention_time(P, dev, "flashinfer", 1, 64, 8, 128, 8192, 8192, kv_bytes=e, cache_write=False)[0] for e in (2.0, 1.0)]
+            out[name] = t[1] / t[0]
+        return out
+
+    mma_only, with_exp2 = ratios(1e30), ratios(16.0)
+    assert mma_only["gb200"] < 0.6 and mma_only["rtx-pro-6000"] == pytest.approx(1.0, rel=0.02)
+    assert 0.85 < with_exp2["gb200"] < 0.95 and with_exp2["rtx-pro-6000"] == pytest.approx(1.0, rel=0.02)
 
 
 def test_flashinfer_takes_128_query_rows_only_below_head_dim_256():
@@ -1459,6 +1466,95 @@ def test_fa2_style_programs_wait_for_the_scores_exp2_where_warp_specialised_ones
     # smooth maximum of two equal times (+12%), where running one after the other would double it
     assert exp2_share("gb200", "flashinfer") == pytest.approx(0.12, abs=0.02)
     assert exp2_share("l40s", "flashinfer") > 0.1  # FlashInfer's own FA2-style kernels: after the MMAs
+
+
+def test_a_programs_efficiency_slows_its_softmax_as_it_slows_its_mmas(monkeypatch):
+    """f_cta is the fraction of its pipes' peaks a program's instruction stream reaches (barriers,
+    bubbles and issue slots stall the exp2 as they stall the MMAs), so in a compute-bound prefill the
+    exp2's share of an FA2-style block (a quarter on A100 at d = 128) does not depend on it, and on
+    GB200, where TensorRT-LLM's context kernels overlap a score's exp2 (1/16 clock) with its MMAs
+    (4 x 128 / 8192 clock in bf16, half that in fp8), an fp8 call takes (0.5^6 + 1)^(1/6) / 2^(1/6)
+    = 0.89 of its bf16 twin's time whatever the efficiency: the softmax bounds both."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    def main_kernel(gpu, library, f_cta, sfu=16.0, kv_bytes=2.0):
+        monkeypatch.setattr(kernels, "SFU_PER_CLOCK", sfu)
+        dev = Dev.of([load_profile(gpu)])
+        P = Fitted.start(library if library == "fa2" else "flashinfer").values(dev.generation)
+        P.update(f_cta=np.array([f_cta]), t_prog_us=np.array([0.1]), c_kernel=np.array([100.0]), bw_cta=np.array([1e6]), x_sfu=np.array([1.0]))
+        return kernels.attention_time(P, dev, library, 8, 32, 32, 128, 16384, 16384, kv_bytes=kv_bytes, cache_write=False, query_quant=False)[0]
+
+    for f_cta in (1.0, 0.5):
+        share = main_kernel("a100", "fa2", f_cta) / main_kernel("a100", "fa2", f_cta, sfu=1e30) - 1.0
+        assert share == pytest.approx(0.25, rel=0.02), f_cta
+        fp8 = main_kernel("gb200", "flashinfer", f_cta, kv_bytes=1.0) / main_kernel("gb200", "flashinfer", f_cta)
+        assert fp8 == pytest.approx((0.5**6 + 1.0) ** (1 / 6) / 2.0 ** (1 / 6), rel=0.03), f_cta
+    # and the whole compute-bound call scales as 1 / f_cta
+    assert main_kernel("a100", "fa2", 0.5) / main_kernel("a100", "fa2", 1.0) == pytest.approx(2.0, rel=0.03)
+
+
+def test_fa3_under_vllms_full_cuda_graphs_takes_32_splits_as_its_static_count():
+    """vLLM's FlashAttention builder, under full CUDA graphs (its default from 0.11), gives FA3's
+    scheduler and the call num_splits = 32 for a call of at most the largest capture size in tokens:
+    the per-sequence splits are capped by 32 instead of the heuristic's count, and the combine
+    kernel runs whatever they come to. A decode of 64 sequences over 64 keys on H100, which the
+    heuristic leaves whole (one K/V block), launches the combine kernel; one sequence over 256 keys
+    (two blocks of 128) splits in two; FA2 (A100) takes no such count. The collector's config caps
+    captures at min(2 x its max_num_seqs, 512) tokens with max_num_seqs the call's batch: its
+    decodes of up to 512 sequences and its prefills of one token are graphed."""
+    from simulator.gpu_model import kernels, sources
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import load_fitted
+
+    def geometry(gpu, b, n_kv, graph_tokens, n_q=1):
+        dev = Dev.of([load_profile(gpu)])
+        return kernels._fa2_geometry(dev, *(np.array([float(v)]) for v in (b, 32, 8, 128, n_q, n_kv)), graph_tokens=graph_tokens)
+
+    for graph, combine in ((None, False), (np.nan, False), (512.0, True), (63.0, False)):
+        assert bool(geometry("h100-sxm", 64, 64, graph)["combine"][0]) is combine, graph
+    assert geometry("h100-sxm", 1, 256, None)["splits"][0] == 1.0 and geometry("h100-sxm", 1, 256, 512.0)["splits"][0] == 2.0
+    assert geometry("h100-sxm", 1, 32768, 512.0)["splits"][0] == geometry("h100-sxm", 1, 32768, None)["splits"][0] > 1  # the cap does not bind
+    for graph in (None, 512.0):
+        a100 = geometry("a100", 64, 64, graph)
+        assert not a100["combine"][0] and a100["splits"][0] == 1.0
+    # priced: the combine kernel's launch and drain, and its walk over the one split each row has
+    fitted = load_fitted()["families"]["attention:fa2"]
+    dev = Dev.of([load_profile("h100-sxm")])
+    P = fitted.values(dev.generation)
+    t = [kernels.attention_time(P, dev, "fa2", 64.0, 32.0, 8.0, 128.0, 1.0, 64.0, graph_tokens=g)[0] for g in (None, 512.0)]
+    assert t[1] - t[0] == pytest.approx(P["c_kernel"][0] / dev.clock_hz[0] + P["t_merge_ns"][0] * 1e-9, rel=1e-6)
+    # the collector's timer: graphed up to min(2 b, 512) tokens, from vLLM 0.11 on
+    timer = sources.attention_timer("vllm", "fa2", "0.14.0")
+    assert list(timer.graph_tokens(np.array([1.0, 16.0, 256.0, 1024.0]))) == [2.0, 32.0, 512.0, 512.0]
+    assert np.isnan(sources.attention_timer("vllm", "fa2", "0.10.2").graph_tokens(np.array([4.0]))).all()
+    assert np.isnan(sources.attention_timer("sglang", "fa2").graph_tokens(np.array([4.0]))).all()
+
+
+def test_a_serial_combine_takes_its_per_split_latency_and_flashinfers_own_merge_none():
+    """FlashAttention's combine kernel and TensorRT-LLM's multi-CTA reduction walk a row's partial
+    outputs one split after another: t_merge per split on top of the combine's bytes and launch.
+    FlashInfer's own merge (L40S) pipelines its splits: none."""
+    from simulator.gpu_model import kernels
+    from simulator.gpu_model.device import Dev
+    from simulator.gpu_model.params import Fitted
+
+    def extra(gpu, library, b=1, n_kv=32768):
+        dev = Dev.of([load_profile(gpu)])
+        P = Fitted.start(library).values(dev.generation)
+        args = (1.0 * b, 32.0, 8.0, 128.0, 1.0, float(n_kv))
+        t = [kernels.attention_time({**P, "t_merge_ns": np.array([ns])}, dev, library, *args)[0] for ns in (0.0, 1000.0)]
+        g = kernels.LIBRARIES[library](dev, *(np.array([x]) for x in args), P.get("ctas_per_sm", np.ones(1)))
+        return (t[1] - t[0]) * 1e6, g["splits"][0]
+
+    for gpu, library in (("a100", "fa2"), ("h100-sxm", "fa2"), ("gb200", "flashinfer")):
+        us, splits = extra(gpu, library)
+        assert splits > 1 and us == pytest.approx(splits * 1.0, rel=1e-6), gpu
+    us, splits = extra("l40s", "flashinfer")
+    assert splits > 1 and us == 0.0
+    us, splits = extra("a100", "fa2", b=256, n_kv=1024)  # no split, no combine
+    assert splits == 1 and us == 0.0
 
 
 def test_fa3_verify_passes_pack_and_split_like_a_decode_where_fa2s_varlen_call_splits_only_a_decode():

@@ -483,3 +483,28 @@ def test_the_softmax_rate_is_told_only_by_prefill_kernels_that_overlap_it(tmp_pa
     rows = kf.group_rows(tables.kinds, group, tables.profiles)
     held = kf.fit_group(dataclasses.replace(group, unidentified=lambda f, d: ("c_steps",)), rows, tables.profiles)
     assert held.fitted.common["c_steps"] == family("nccl")["c_steps"].start
+
+
+def test_a_gpu_without_flashattention_rows_reduces_its_splits_at_flashattentions_fitted_latency(tmp_path, monkeypatch):
+    """TensorRT-LLM's multi-CTA reduction (FlashInfer's decode on datacenter Blackwell) is priced at
+    the FlashAttention family's per-split latency (`kernel_fit.merge_latency`). A GPU with FlashInfer
+    decode rows and no FlashAttention rows takes it from FlashAttention fitted on the other GPUs (a
+    fit of that group leaving it out, which nothing reports), and its own rows never enter that fit."""
+    from simulator import kernel_fit as kf
+
+    fa = write_tables(tmp_path / "fa", rows=40, kinds=("decode-attention",), gpus={"a100": 1.0, "l40s": 1.08})
+    fi = write_tables(tmp_path / "fi", rows=40, kinds=("decode-attention:flashinfer",), gpus={"gb200": 1.0, "b200": 1.05})
+    seen = []
+    real = kf.merge_latency
+
+    def spy(dev, ctx):
+        if "blackwell" in set(dev.generation):
+            seen.append(ctx.get("attention:fa2"))
+        return real(dev, ctx)
+
+    monkeypatch.setattr(kf, "merge_latency", spy)
+    out = validate([fa, fi], per_gpu=40, workers=1)
+    for gpu in ("GB200", "B200"):
+        assert set(out["leave_one_gpu_out"][gpu]) == set(out["in_gpu"][gpu]) == {"decode-attention:flashinfer"}  # the helper fits report nothing
+    assert seen and any(fit is not None and fit.rows == 80 for fit in seen)  # FlashAttention on A100 and L40S, 40 rows each
+    assert all(fit is None or fit.rows == 80 for fit in seen)

@@ -46,12 +46,16 @@ resident bytes stream at the L2's rate, never slower than DRAM's (`l2_rate`).
 Attention (FlashAttention-2 as vLLM builds it, FlashInfer): a call runs Q rows against a paged K/V
 cache. The library decides the programs: query rows per program (B_r), K/V rows per iteration (B_c),
 GQA query heads packed into one program's rows, split-KV for decode. Per program:
-    t_prog + sum over its K/V blocks of max(4 B_r B_c d / (f_cta P_mma / S) + B_r B_c / (16 f), 2 B_c d e_kv / bw_cta)
+    t_prog + sum over its K/V blocks of max((4 B_r B_c d / (P_mma / S) + B_r B_c / (16 f)) / f_cta, 2 B_c d e_kv / bw_cta)
 and over the grid: max(longest program, total work / S + gamma x longest), with the compulsory
 traffic (Q, O, the cache) at DRAM or L2 speed as a floor. B_r B_c / (16 f) is the scores' exp2 at
 the SFUs' 16 per clock per SM, after the MMAs in FlashAttention-2-style kernels, overlapped with
 them in warp-specialised ones (FA3, TensorRT-LLM's): an SM of A100 does 2048 dense bf16 FLOP per
-clock, one of Ada or RTX Blackwell 1024, so the exp2 is a larger share of a block on A100. The
+clock, one of Ada or RTX Blackwell 1024, so the exp2 is a larger share of a block on A100. f_cta,
+the fraction of its pipes' peaks a program's instruction stream reaches, slows both alike: the
+barriers, bubbles and issue slots that keep the MMAs from their peak stall the exp2 too. A split
+call's combine reads its partials and, where it walks a row's partials one split after another
+(FlashAttention's combine kernel, TensorRT-LLM's multi-CTA reduction), waits t_merge per split. The
 measured per-program streaming rate bw_cta (~26-30 GB/s) and fixed time (~3-4 us) are the same in
 seconds on A100, L40S and RTX PRO 6000, not in cycles: they are set by memory latency, not by the
 clock.
@@ -377,6 +381,19 @@ def fa2_num_splits(programs, sms2, kv_blocks, max_splits: int = 128):
 
 FA3_MAX_BATCH_DYNAMIC = 992  # sequences one program of FA3's scheduler-prepare kernel covers; beyond them no K/V split (flash_prepare_scheduler.cu)
 FA3_DYNAMIC_MARGIN = 1.1  # the prepare kernel's margin on the blocks each SM takes ("10% margin")
+# vLLM's FlashAttention backend under full CUDA graphs (its default compilation mode from 0.11): for a
+# call of at most the largest capture size in tokens it gives FA3's scheduler metadata and the call
+# num_splits = 32 (`VLLM_FLASH_ATTN_MAX_NUM_SPLITS_FOR_CUDA_GRAPH`, later `attention_config.
+# flash_attn_max_num_splits_for_cuda_graph`), so the buffers for that many splits exist at capture:
+# the static count, which caps the per-sequence splits and launches the combine kernel
+VLLM_GRAPH_FA3_SPLITS = 32.0
+VLLM_MAX_CAPTURE_TOKENS = 512.0  # vLLM's default largest capture size: min(2 x max_num_seqs x decode query length, 512) tokens
+
+
+def vllm_capture_tokens(max_num_seqs, decode_query_len=1.0):
+    """The largest CUDA-graph capture size, in tokens, vLLM's config takes by default
+    (`VllmConfig._set_cudagraph_sizes`): min(2 x max_num_seqs x the decode query length, 512)."""
+    return np.minimum(2.0 * np.asarray(max_num_seqs, dtype=float) * decode_query_len, VLLM_MAX_CAPTURE_TOKENS)
 
 
 def fa3_num_splits(total_mblocks, sms, kv_blocks, max_splits: int = 128):
@@ -407,7 +424,7 @@ def _fa3_num_splits_one(total: float, sms: float, kv_blocks: float, max_splits: 
     return float(_fa3_num_splits_rows(*(np.array([x]) for x in (total, sms, kv_blocks)), max_splits)[0])
 
 
-def fa3_varlen_splits(dev: Dev, b, hk_plan, rows_plan, n_kv, br, bc):
+def fa3_varlen_splits(dev: Dev, b, hk_plan, rows_plan, n_kv, br, bc, graphed=None):
     """(K/V splits a FlashAttention-3 call runs per sequence, the metadata's static count) as vLLM
     runs it: varlen, with scheduler metadata built ahead of the call (`get_scheduler_metadata`) from
     the builder's model-config heads, `hk_plan` KV heads each over `rows_plan` packed query rows
@@ -419,10 +436,14 @@ def fa3_varlen_splits(dev: Dev, b, hk_plan, rows_plan, n_kv, br, bc):
     The same for a decode, a verify pass or a prefill: every call of vLLM's FlashAttention backend
     on Hopper is one varlen call. The kernel reads the metadata's per-sequence splits (flash_api.cpp
     `mha_fwd` skips the prepare kernel when given metadata); the call's own `fa3_num_splits` on its
-    tensors' heads only decides whether the combine kernel is launched."""
+    tensors' heads only decides whether the combine kernel is launched. Where `graphed` (a bool per
+    row: vLLM built the metadata for a call it may replay in a full CUDA graph) the cap is
+    VLLM_GRAPH_FA3_SPLITS instead of the heuristic's count."""
     n = np.ceil(n_kv / bc)
     m = np.ceil(rows_plan / br)
     static = fa3_num_splits(hk_plan * m, dev.sm_count, n)
+    if graphed is not None:
+        static = np.where(graphed, VLLM_GRAPH_FA3_SPLITS, static)
     cap = np.where(b > FA3_MAX_BATCH_DYNAMIC, 1.0, static)
     per_sm = np.maximum(1.0, np.ceil(FA3_DYNAMIC_MARGIN * hk_plan * b * m * n / dev.sm_count))
     return np.where(cap > 1, np.maximum(1.0, np.minimum(np.ceil(n / per_sm), cap)), 1.0), static
@@ -479,7 +500,7 @@ FA3_GENERATIONS = ("hopper",)  # where vLLM's flash-attn build runs FlashAttenti
 FA3_KV_STAGES = 2.0  # K/V tiles a FlashAttention-3 program keeps in flight (hopper/flash_fwd_launch_template.h: kStages = 2 on sm90); FA2's loads run one tile ahead
 
 
-def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.0, plan_heads=None, verify=False):
+def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.0, plan_heads=None, verify=False, graph_tokens=None):
     """vLLM's FlashAttention-2 build (paged K/V, so always its split-KV kernel with B_r = 64 and
     B_c = 256 / 128 / 64 for d <= 64 / 128 / more). A decode call (one query per sequence) with
     grouped heads swaps the group into the rows (seqlenq_ngroups_swapped) and splits K/V by the
@@ -498,7 +519,10 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     (`fa3_varlen_splits`), computed for `plan_heads` where a harness built it from other heads than
     the call's (`sources.COLLECTOR_MODEL_HEADS`). A verify pass of a few tokens over a long context
     therefore splits like a decode on Hopper, where FA2's varlen call splits only a decode; so
-    `verify` (a speculative verify pass, `attention_time`) changes nothing for either."""
+    `verify` (a speculative verify pass, `attention_time`) changes nothing for either. A call of at
+    most `graph_tokens` tokens (b x n_q; None or NaN: none), which vLLM may replay in a full CUDA
+    graph, takes VLLM_GRAPH_FA3_SPLITS as its static split count on Hopper: its K/V splits are capped
+    by it, and its combine kernel always runs (`fa3_varlen_splits`); FA2 takes no such count."""
     on_fa3 = np.isin(dev.generation, FA3_GENERATIONS)
     swapped = (n_q == 1) & (h > hk) & ~on_fa3
     heads = np.where(swapped, hk, h)
@@ -525,11 +549,14 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
         plan_h, plan_hk = _planned_heads(plan_heads, h, hk)  # the heads vLLM's builder gave FA3's scheduler
         plan_rows = n_q * np.floor(plan_h / plan_hk)
         plan_br = br if plan_heads is None and (group == np.floor(group)).all() else fa3_tile(d, plan_rows, n_q, kv_bytes)[0]
-        planned, static = fa3_varlen_splits(dev, b, plan_hk, plan_rows, n_kv, plan_br, bc)
+        graphed = None if graph_tokens is None else on_fa3 & (b * n_q <= np.broadcast_to(np.asarray(graph_tokens, dtype=float), b.shape))
+        planned, static = fa3_varlen_splits(dev, b, plan_hk, plan_rows, n_kv, plan_br, bc, graphed)
         splits = np.where(on_fa3, planned, splits)
         # the call's own static count (its tensors' heads) launches the combine kernel: the metadata's where the heads agree
         same = (plan_hk == hk) & (np.ceil(plan_rows / plan_br) == q_blocks)
         own = static if same.all() else np.where(same, static, fa3_num_splits(hk * q_blocks, dev.sm_count, kv_blocks))
+        if graphed is not None:  # a graphed call is given the graph's count
+            own = np.where(graphed, VLLM_GRAPH_FA3_SPLITS, own)
         combine = np.where(on_fa3, (own > 1) | (splits > 1), combine)
         packed = swapped | (on_fa3 & (splits > 1))  # a split block walks its share of K/V (FA3 splits each block's own range)
     per_split = np.ceil(kv_blocks / splits)
@@ -543,7 +570,7 @@ def _fa2_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm=1.0, kv_bytes=2.
     copies = 2.0 * (swapped & (b > 1) & (hk > 1)) + swapped
     stages = np.where(on_fa3, FA3_KV_STAGES, 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs, copies=copies, stages=stages, specialised=on_fa3,
-                combine=combine)  # fmt: skip
+                combine=combine, serial_merge=np.ones(b.shape, dtype=bool))  # fmt: skip
 
 
 TRTLLM_GENERATIONS = ("blackwell",)  # where vLLM's FlashInfer backend runs TensorRT-LLM's kernels (compute capability 10.x)
@@ -577,7 +604,7 @@ def _flashinfer_sm90_tiles(d):
     return np.where(d <= 64, 192.0, 128.0), np.where(d <= 128, 96.0, 32.0)
 
 
-def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes=2.0, plan_heads=None, verify=False):
+def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes=2.0, plan_heads=None, verify=False, graph_tokens=None):
     """FlashInfer's batch attention over a paged cache, as its planners lay it out (FlashInfer
     include/flashinfer/attention/scheduler.cuh):
     - the query heads of a KV group packed into a program's rows (packed length n_q h / h_kv);
@@ -633,7 +660,8 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
     attention for decodes"). Their launcher gives a CTA the heads of one KV group and as many of
     the query tokens as fit its 16 rows (fmhaKernels.cuh, `computeCtaAndClusterConfig`,
     `mGroupsTokensHeadsQ`: stepQ / group tokens, at least one), and splits each CTA's K/V as it
-    does for a decode. Elsewhere a verify pass is a prefill call."""
+    does for a decode. Elsewhere a verify pass is a prefill call. `graph_tokens` (FlashAttention-3's
+    split count under vLLM's full CUDA graphs, `_fa2_geometry`) changes nothing here."""
     decode = n_q == 1
     trtllm = np.isin(dev.generation, TRTLLM_GENERATIONS)
     spec = np.broadcast_to(np.asarray(verify, dtype=bool), b.shape) & trtllm & ~decode  # a verify pass on the generation kernels
@@ -678,7 +706,7 @@ def _flashinfer_geometry(dev: Dev, b, h, hk, d, n_q, n_kv, ctas_per_sm, kv_bytes
         heads = np.where(per_head, h, hk)
     stages = np.select([context, sm90, planner], [1.0, FLASHINFER_SM90_STAGES, TRTLLM_DECODE_STEP_KV / TRTLLM_DECODE_TILE_KV], 1.0)
     return dict(heads=heads, br=br, bc=bc, splits=splits, total=total, most=most, programs=programs,
-                copies=np.zeros(b.shape), persistent=context, specialised=context | planner | sm90, stages=stages)  # fmt: skip
+                copies=np.zeros(b.shape), persistent=context, specialised=context | planner | sm90, stages=stages, serial_merge=planner)  # fmt: skip
 
 
 LIBRARIES = {"fa2": _fa2_geometry, "flashinfer": _flashinfer_geometry}
@@ -703,7 +731,7 @@ def fp8_attention(library, generation, kv_bytes) -> np.ndarray:
 
 
 def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv_bytes=2.0, cache_write=True, query_quant=True, plan_heads=None,
-                   verify=False):  # fmt: skip
+                   verify=False, graph_tokens=None):  # fmt: skip
     """Device seconds of one attention call of `library` ("fa2" or "flashinfer"): `b` sequences,
     `h` query and `hk` KV heads of dimension `d`, `n_q` new query tokens per sequence attending
     causally to `n_kv` cached keys (the new ones included); the call also writes the new tokens'
@@ -720,12 +748,15 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     (FA3's scheduler metadata) was given where not the call's (a pair of numbers or of arrays, NaN:
     the call's; a source's `sources.Timer.plan_heads`); FlashAttention-2 takes its work from the
     call's tensors. `verify`: the call is a speculative verify pass (a bool or one per row), which
-    FlashInfer runs on TensorRT-LLM's generation kernels where they run (`_flashinfer_geometry`)."""
+    FlashInfer runs on TensorRT-LLM's generation kernels where they run (`_flashinfer_geometry`).
+    `graph_tokens`: the largest call, in tokens, vLLM built the metadata for as one it may replay in
+    a full CUDA graph (a number or one per row; None or NaN: none), which on Hopper fixes FA3's
+    static split count (`_fa2_geometry`)."""
     b, h, hk, d, n_q, n_kv = (np.asarray(x, dtype=float) for x in np.broadcast_arrays(b, h, hk, d, n_q, n_kv))
     kv_bytes = np.broadcast_to(np.asarray(kv_bytes, dtype=float), b.shape)
     # programs resident per SM: as many as its shared memory holds (the parameter is per 100 KiB)
     occupancy = P["ctas_per_sm"] * dev.sram_bytes_per_sm / OCCUPANCY_SMEM if "ctas_per_sm" in P else np.ones(b.shape)
-    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy, kv_bytes, plan_heads, verify)
+    g = LIBRARIES[library](dev, b, h, hk, d, n_q, n_kv, occupancy, kv_bytes, plan_heads, verify, graph_tokens)
     occupancy = np.where(g.get("persistent", False), 1.0, occupancy)  # a persistent kernel: one program per SM, looping over its tiles
     S, f = dev.sm_count, dev.clock_hz
     fp8_mma = fp8_attention(library, dev.generation, kv_bytes)
@@ -739,10 +770,11 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     hit = resident(working_set, dev.l2_bytes * P["u_l2"])
     rate = g.get("stages", 1.0) * P["bw_cta"] * 1e9 / (hit / P["l2_speedup"] + (1.0 - hit))
     keys_per_block = np.minimum(g["bc"], n_kv)
-    # the block's scores: two MMAs, then one exp2 each on the SFUs. A FlashAttention-2-style program's
-    # warps do one after the other; warp-specialised kernels (FA3, TensorRT-LLM's) overlap them
+    # the block's scores: two MMAs, then one exp2 each on the SFUs, both at the program's efficiency
+    # f_cta. A FlashAttention-2-style program's warps do one after the other; warp-specialised
+    # kernels (FA3, TensorRT-LLM's) overlap them
     mma = 4.0 * g["br"] * keys_per_block * d / (P["f_cta"] * peak / S)
-    softmax = g["br"] * keys_per_block * P.get("x_sfu", 1.0) / (SFU_PER_CLOCK * f)  # x_sfu SFU-rate instructions per score
+    softmax = g["br"] * keys_per_block * P.get("x_sfu", 1.0) / (P["f_cta"] * SFU_PER_CLOCK * f)  # x_sfu SFU-rate instructions per score
     scores = np.where(g["specialised"], overlapped(mma, softmax), mma + softmax)
     iteration = np.maximum(scores, 2.0 * keys_per_block * d * kv_bytes / rate)
     t_prog = P["t_prog_us"] * 1e-6
@@ -758,18 +790,21 @@ def attention_time(P: Params, dev: Dev, library: str, b, h, hk, d, n_q, n_kv, kv
     main = np.maximum(schedule, mem(2.0 * q_bytes + cache)) + kernel_s
     write = mem(new_kv + tokens * hk * d * 2.0 * kv_bytes) + kernel_s
     # the combine kernel: launched on a split call (FA3: wherever the call's own count splits, its
-    # programs returning at once on sequences its scheduler left whole), reading the partials
+    # programs returning at once on sequences its scheduler left whole), reading the partials; where
+    # it walks a row's partials one split after another (FlashAttention's combine, TensorRT-LLM's
+    # multi-CTA reduction: `serial_merge`), t_merge per split on top
     partials = np.where(g["splits"] > 1, mem(g["splits"] * b * h * n_q * (d + 1) * 4.0 + q_bytes), 0.0)
-    combine = np.where(g.get("combine", g["splits"] > 1), partials + kernel_s, 0.0)
+    serial = np.where(g["serial_merge"], g["splits"] * P.get("t_merge_ns", 0.0) * 1e-9, 0.0)
+    combine = np.where(g.get("combine", g["splits"] > 1), partials + serial + kernel_s, 0.0)
     copies = g["copies"] * (mem(2.0 * q_bytes) + kernel_s)
     quantize_q = np.where(fp8_mma & np.asarray(query_quant, dtype=bool), mem(q_bytes * 1.5), 0.0)  # fused: bf16 in, fp8 out
     return main + np.where(cache_write, write, 0.0) + combine + copies + quantize_q
 
 
-def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108, generation="ampere", verify=False):
+def attention_kernels(library: str, b, h, hk, n_q, n_kv, d=128, kv_bytes=2.0, sm_count=108, generation="ampere", verify=False, graph_tokens=None):
     """How many kernels `attention_time` prices for one call (for the per-node cost of a CUDA graph)."""
     dev_like = Dev(np.atleast_1d(float(sm_count)), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.ones(1), np.zeros(1, dtype=bool), np.full(1, np.nan), {},
                    np.array([generation], dtype=object))  # fmt: skip
     b, h, hk, d, n_q, n_kv = (np.atleast_1d(np.asarray(x, dtype=float)) for x in (b, h, hk, d, n_q, n_kv))
-    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes, None, verify)
+    g = LIBRARIES[library](dev_like, b, h, hk, d, n_q, n_kv, 1.0, kv_bytes, None, verify, graph_tokens)
     return 2 + g.get("combine", g["splits"] > 1) + g["copies"]

@@ -11,7 +11,9 @@ device time), with the parameters fitted to the measured tables (`fitted.json`):
   is TensorRT-LLM's kernels, on datacenter Blackwell; vLLM's flash-attn build elsewhere:
   FlashAttention-3's tiles on Hopper, whose programs pack a KV group's query heads into 64-192
   rows, split K/V by vLLM's scheduler metadata for every pass and stream K/V through two pipeline
-  stages, at FA2's fitted per-program rates; FlashAttention-2's kernels on the rest); a pass of
+  stages, at FA2's fitted per-program rates, and a call of at most vLLM's largest CUDA-graph capture
+  size, 512 tokens, takes the 32 splits vLLM's full graphs give it as its static count;
+  FlashAttention-2's kernels on the rest); a pass of
   2 to `SPEC_VERIFY_MAX_QUERY` query tokens over a cache is a speculative verify pass, which vLLM
   runs on TensorRT-LLM's generation kernels where FlashInfer calls them;
 - memory-bound kernels (norms, RoPE, SwiGLU, the embedding gather): their bytes at the
@@ -44,7 +46,8 @@ from simulator.roofline import KernelCost
 # (gamma + 1 tokens; vLLM counts a request of at most 1 + num_speculative_tokens tokens as a decode):
 # an assumption of the model, as a pass's caller does not say which it is
 SPEC_VERIFY_MAX_QUERY = 16
-FLASHINFER_GENERATIONS = ("blackwell",)  # vLLM's default attention backend there (trtllm-gen/FlashInfer kernels)
+# vLLM's default attention backend is FlashInfer where FlashInfer runs TensorRT-LLM's kernels (compute capability 10.x)
+FLASHINFER_GENERATIONS = kernels.TRTLLM_GENERATIONS
 GEMM_FAMILY = {"fp16": "gemm:bf16", "bf16": "gemm:bf16", "fp32": "gemm:bf16", "fp8": "gemm:fp8"}
 OPERATOR_BYTES = {  # bytes moved per element (bf16/fp16 elements): reads + writes
     "norm": 2 * 2 + 2,  # residual add: x, residual in, sum out; RMSNorm reads it back in-kernel
@@ -94,7 +97,10 @@ class GpuDeviceModel:
     def _params(self, group: str) -> dict:
         if group not in self._param_memo:
             fam = self.fitted["families"][group]
-            self._param_memo[group] = {k: np.asarray([v]) for k, v in fam.for_generation(self.hw.generation).items()}
+            values = {k: np.asarray([v]) for k, v in fam.for_generation(self.hw.generation).items()}
+            if fam.family == "flashinfer":  # TensorRT-LLM's multi-CTA reduction at FlashAttention's per-split latency (`kernel_fit.merge_latency`)
+                values["t_merge_ns"] = self._params("attention:fa2")["t_merge_ns"]
+            self._param_memo[group] = values
         return self._param_memo[group]
 
     def provenance(self) -> dict:
@@ -165,7 +171,7 @@ class GpuDeviceModel:
         P = self._params(group)  # one-element arrays: they and the one-row Dev broadcast over the contexts
         kv_bytes = 1.0 if dtype == "fp8" else 2.0
         return np.asarray(kernels.attention_time(P, self.dev, library, batch, heads, kv_heads, d_head, query_tokens, ctx + query_tokens, kv_bytes,
-                                                 verify=verify))  # fmt: skip
+                                                 verify=verify, graph_tokens=kernels.VLLM_MAX_CAPTURE_TOKENS))  # fmt: skip
 
     def attention(self, batch, context_len, query_tokens, heads, kv_heads, d_head, dtype) -> KernelCost:
         e = DTYPE_BYTES[dtype]

@@ -89,7 +89,7 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("q_rate", "elements/cycle", 1.0, 0.01, 16.0, "activation elements one SM quantizes per cycle in the activation-quantization kernel (a scale per token: the row's max, then the row scaled and written)"),
     ),
     "fa2": _family(
-        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a 4-warp program reaches", True, mma=True),
+        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a 4-warp program reaches, and of its SFUs' exp2 rate (one instruction stream)", True, mma=True),
         Param("bw_cta", "GB/s", 26.0, 2.0, 512.0, "K/V bytes one program streams per second from DRAM (latency-bound)"),
         Param("l2_speedup", "x", 1.1, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),
         Param("t_prog_us", "us", 3.0, 0.1, 20.0, "fixed time of one program: block-table, Q and first K/V loads, output and statistics"),
@@ -98,9 +98,12 @@ FAMILIES: dict[str, dict[str, Param]] = {
         Param("u_l2", "fraction", 0.9, 0.05, 1.5, "of the L2 that keeps a call's working set between calls"),
         Param("f_l2", "fraction", 0.3, 0.01, 1.0, "of the L2 bandwidth L2-resident compulsory traffic reaches"),
         Param("c_kernel", "cycles", 5000.0, 100.0, 20000.0, "device time of one kernel of the call (launch, ramp, drain)"),
+        Param("t_merge_ns", "ns", 100.0, 1.0, 2000.0, "time per K/V split of a split call's reduction where it walks a row's partial outputs one split "
+              "after another (FlashAttention's combine kernel; TensorRT-LLM's multi-CTA reduction takes the same value, `kernels.attention_time`): "
+              "a memory latency, so in seconds"),
     ),
     "flashinfer": _family(
-        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a program reaches", True, mma=True),
+        Param("f_cta", "fraction", 0.6, 0.05, 1.0, "of one SM's share of the tensor-core peak a program reaches, and of its SFUs' exp2 rate (one instruction stream)", True, mma=True),
         Param("ctas_per_sm", "programs", 2.0, 0.5, 8.0, "programs resident at once per 100 KiB of an SM's shared memory (the kernels' occupancy)"),
         Param("bw_cta", "GB/s", 40.0, 2.0, 1000.0, "K/V bytes one program streams per second from DRAM"),
         Param("l2_speedup", "x", 1.5, 1.0, 20.0, "how much faster a program streams K/V when the call's working set is L2-resident"),

@@ -41,6 +41,12 @@ of the benchmark. The sources the model knows, from their published harness code
   the call from the same config's heads
   (`get_scheduler_metadata`; flash_api.cpp `mha_fwd` then skips its own), and the model prices
   them with those heads (`kernels.fa3_varlen_splits`); no Hopper table is in the data to show it.
+  That config is vLLM's default one from 0.11 on (collector/vllm/utils.py `create_vllm_config`: a
+  `CompilationConfig()`, no eager flag), whose CUDA-graph mode is FULL_AND_PIECEWISE and whose
+  largest capture size is min(2 x max_num_seqs, 512) tokens, max_num_seqs being the call's batch
+  (`Timer.graph_seqs`): its FlashAttention builder gives FA3 32 splits as the static count of any
+  call within that size (`kernels.VLLM_GRAPH_FA3_SPLITS`), every decode row of 512 sequences or
+  fewer and the prefills of one token.
 - nccl-tests (collector/collect_nccl.py): the out-of-place time column of `*_perf`, see
   `simulator.gpu_model.collectives`.
 - anything else: the device time of the call, as a kernel-level timer (CUDA events around one
@@ -69,6 +75,13 @@ class Timer:
     replays: int = 1  # replays run back to back per measurement, warm-up included (how long the GPU works flat out)
     fp8_quant: str = "fused"  # how an fp8 call's activations are quantized (`kernels.quantize_time`'s path)
     plan_heads: tuple[float, float] | None = None  # (query, KV) heads FlashInfer's planner (FA3's scheduler) was given, where not the call's
+    graph_seqs: bool = False  # attention metadata built under vLLM's full CUDA graphs with max_num_seqs the call's sequences (`graph_tokens`)
+
+    def graph_tokens(self, b) -> np.ndarray:
+        """Per call of `b` sequences, the largest call in tokens its metadata treats as one to replay
+        in a full CUDA graph (`kernels.attention_time`'s `graph_tokens`); NaN where none."""
+        b = np.asarray(b, dtype=float)
+        return K.vllm_capture_tokens(b) if self.graph_seqs else np.full(b.shape, np.nan)
 
 
 KERNEL_ONLY = Timer()
@@ -99,12 +112,17 @@ def gemm_timer(framework: str, dtype: str, version: str = "") -> Timer:
 SPLIT_CACHE_WRITE = {"fa2": (0, 16), "flashinfer": (0, 17)}
 
 
+# the first vLLM release whose configs default to full CUDA graphs (cudagraph_mode FULL_AND_PIECEWISE)
+FULL_GRAPH_DEFAULT = (0, 11)
+
+
 def attention_timer(framework: str, library: str = "fa2", version: str = "") -> Timer:
     """What an attention row of `framework` (at `version`, running `library`) timed."""
     if framework != "vllm":
         return KERNEL_ONLY
     split = library in SPLIT_CACHE_WRITE and units.release(version) >= SPLIT_CACHE_WRITE[library]
-    return Timer(graph=True, cache_write=not split, query_quant=False, plan_heads=COLLECTOR_MODEL_HEADS)
+    graphs = units.release(version) >= FULL_GRAPH_DEFAULT
+    return Timer(graph=True, cache_write=not split, query_quant=False, plan_heads=COLLECTOR_MODEL_HEADS, graph_seqs=graphs)
 
 
 # The heads of the model config aiconfigurator's vLLM collector builds its attention metadata from
